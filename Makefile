@@ -1,0 +1,83 @@
+# qmix — plain make. `make` builds build/qmix and build/libqmix.a; `make test` runs the tests;
+# `make SAN=1 test` builds into build-san/ with AddressSanitizer + UBSan.
+CC      ?= cc
+SAN     ?= 0
+WERROR  ?= 0
+OPT     ?= -O2
+
+ifeq ($(SAN),1)
+BUILD   := build-san
+SANFLAGS := -fsanitize=address,undefined -fno-sanitize-recover=undefined -fno-omit-frame-pointer
+OPT     := -O1 -g
+else
+BUILD   := build
+SANFLAGS :=
+endif
+
+PKGS    := jansson
+CFLAGS_BASE := -std=c11 -D_GNU_SOURCE -Wall -Wextra -Wshadow -Wno-unused-parameter \
+               -Wstrict-prototypes -Wmissing-prototypes -pthread $(OPT) -g $(SANFLAGS) \
+               -Iinclude -Isrc $(shell pkg-config --cflags $(PKGS))
+ifeq ($(WERROR),1)
+CFLAGS_BASE += -Werror
+endif
+LDLIBS  := $(shell pkg-config --libs $(PKGS)) -lm -pthread
+LDFLAGS += $(SANFLAGS)
+
+# Kernels compiled for wider SIMD than the baseline; chosen at run time (src/kernels/dispatch.c).
+AVX2_FLAGS   := -mavx2 -mfma -mf16c
+AVX512_FLAGS := -mavx512f -mavx512bw -mavx512vl -mavx512dq -mfma -mf16c
+
+LIB_SRC := $(sort $(wildcard src/util/*.c src/formats/*.c src/kernels/*.c src/model/*.c src/runtime/*.c))
+CLI_SRC := $(sort $(wildcard src/cli/*.c))
+LIB_OBJ := $(LIB_SRC:%.c=$(BUILD)/%.o)
+CLI_OBJ := $(CLI_SRC:%.c=$(BUILD)/%.o)
+
+TEST_SRC := $(sort $(wildcard tests/test_*.c))
+TEST_BIN := $(TEST_SRC:tests/%.c=$(BUILD)/tests/%)
+BENCH_SRC := $(sort $(wildcard bench/*.c))
+BENCH_BIN := $(BENCH_SRC:bench/%.c=$(BUILD)/bench/%)
+
+.PHONY: all test demo clean bench fuzz
+all: $(BUILD)/qmix $(BUILD)/libqmix.a $(BENCH_BIN)
+
+$(BUILD)/%.o: %.c
+	@mkdir -p $(dir $@)
+	$(CC) $(CFLAGS_BASE) $(CFLAGS) -MMD -MP -c $< -o $@
+
+$(BUILD)/src/kernels/%_avx2.o: src/kernels/%_avx2.c
+	@mkdir -p $(dir $@)
+	$(CC) $(CFLAGS_BASE) $(CFLAGS) $(AVX2_FLAGS) -MMD -MP -c $< -o $@
+
+$(BUILD)/src/kernels/%_avx512.o: src/kernels/%_avx512.c
+	@mkdir -p $(dir $@)
+	$(CC) $(CFLAGS_BASE) $(CFLAGS) $(AVX512_FLAGS) -MMD -MP -c $< -o $@
+
+$(BUILD)/libqmix.a: $(LIB_OBJ)
+	@rm -f $@
+	ar rcs $@ $^
+
+$(BUILD)/qmix: $(CLI_OBJ) $(BUILD)/libqmix.a
+	$(CC) $(LDFLAGS) -o $@ $^ $(LDLIBS)
+
+$(BUILD)/tests/%: tests/%.c tests/testutil.h $(BUILD)/libqmix.a
+	@mkdir -p $(dir $@)
+	$(CC) $(CFLAGS_BASE) $(CFLAGS) $(shell pkg-config --cflags check) -o $@ $< $(BUILD)/libqmix.a \
+	    $(LDFLAGS) $(shell pkg-config --libs check) $(LDLIBS)
+
+$(BUILD)/bench/%: bench/%.c $(BUILD)/libqmix.a
+	@mkdir -p $(dir $@)
+	$(CC) $(CFLAGS_BASE) $(CFLAGS) -o $@ $< $(BUILD)/libqmix.a $(LDFLAGS) $(LDLIBS)
+
+# Tests run from the repo root so they find testdata/; QMIX_BIN lets CLI tests run the binary.
+test: $(BUILD)/qmix $(TEST_BIN)
+	@QMIX_BIN=$(BUILD)/qmix tools/run-tests.sh $(TEST_BIN)
+
+demo: $(BUILD)/qmix
+	$(BUILD)/qmix info testdata/fixtures/tiny-a
+	$(BUILD)/qmix generate testdata/fixtures/tiny-a --tokens "$$(cat testdata/fixtures/tiny-a/golden/tokens.txt)" -n 24
+
+clean:
+	rm -rf build build-san build-fuzz
+
+-include $(LIB_OBJ:.o=.d) $(CLI_OBJ:.o=.d)

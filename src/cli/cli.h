@@ -1,0 +1,20 @@
+/* Small helpers shared by the subcommands: flag values, token lists, opening a model. */
+#ifndef QMIX_CLI_CLI_H
+#define QMIX_CLI_CLI_H
+
+#include <stdint.h>
+
+#include "qmix.h"
+
+/* Parses an integer flag value in [lo, hi]; prints "qmix CMD: --flag ..." and returns -1 on error. */
+int cli_int(const char *cmd, const char *flag, const char *value, long lo, long hi, long *out);
+int cli_double(const char *cmd, const char *flag, const char *value, double *out);
+/* Token ids separated by spaces, commas or newlines; "@FILE" reads them from a file. */
+int cli_tokens(const char *cmd, const char *spec, int32_t **tokens, int *n);
+/* Fetches the value after argv[*i] for flag, advancing *i; prints an error if missing. */
+const char *cli_value(const char *cmd, int argc, char **argv, int *i);
+double cli_now(void);
+/* Peak resident set size of this process, in bytes. */
+uint64_t cli_peak_rss(void);
+
+#endif

@@ -1,0 +1,102 @@
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "cli/cli.h"
+#include "cli/commands.h"
+
+static void usage(FILE *out)
+{
+    fprintf(out,
+            "usage: qmix logits MODEL --tokens \"IDS\" --out FILE [options]\n\n"
+            "Writes raw little-endian float32 logits [n_tokens, vocab], row-major: row i holds the\n"
+            "logits after token i.\n\n"
+            "  --tokens IDS        token ids separated by spaces or commas, or @FILE\n"
+            "  --out FILE          output file\n"
+            "  --mode MODE         prefill: one batched pass (default); decode: one token per step\n"
+            "  --threads N         worker threads (default: all cores)\n");
+}
+
+int qmix_cmd_logits(int argc, char **argv)
+{
+    const char *model_path = NULL, *tokens_spec = NULL, *out_path = NULL, *mode = "prefill";
+    long threads = 0;
+    for (int i = 1; i < argc; i++) {
+        const char *a = argv[i], *v;
+        if (!strcmp(a, "--help") || !strcmp(a, "-h")) {
+            usage(stdout);
+            return 0;
+        } else if (!strcmp(a, "--tokens")) {
+            if (!(tokens_spec = cli_value("logits", argc, argv, &i))) return 2;
+        } else if (!strcmp(a, "--out") || !strcmp(a, "-o")) {
+            if (!(out_path = cli_value("logits", argc, argv, &i))) return 2;
+        } else if (!strcmp(a, "--mode")) {
+            if (!(mode = cli_value("logits", argc, argv, &i))) return 2;
+        } else if (!strcmp(a, "--threads")) {
+            if (!(v = cli_value("logits", argc, argv, &i)) ||
+                cli_int("logits", a, v, 0, 1024, &threads))
+                return 2;
+        } else if (a[0] == '-') {
+            fprintf(stderr, "qmix logits: unknown option '%s' (see --help)\n", a);
+            return 2;
+        } else if (!model_path) {
+            model_path = a;
+        } else {
+            fprintf(stderr, "qmix logits: unexpected argument '%s'\n", a);
+            return 2;
+        }
+    }
+    if (!model_path || !tokens_spec || !out_path) {
+        usage(stderr);
+        return 2;
+    }
+    if (strcmp(mode, "prefill") && strcmp(mode, "decode")) {
+        fprintf(stderr, "qmix logits: --mode must be prefill or decode, not '%s'\n", mode);
+        return 2;
+    }
+    int32_t *tokens;
+    int n;
+    if (cli_tokens("logits", tokens_spec, &tokens, &n)) return 2;
+
+    qmix_err err;
+    qmix_model *model = NULL;
+    qmix_session *sess = NULL;
+    float *logits = NULL;
+    FILE *f = NULL;
+    int rc = 1;
+    if (qmix_model_open(model_path, &model, &err)) goto fail;
+    int64_t V = qmix_model_config(model)->vocab_size;
+    qmix_session_opts opts = {.max_ctx = n, .n_threads = (int)threads};
+    if (qmix_session_new(model, &opts, &sess, &err)) goto fail;
+    logits = malloc((size_t)n * V * sizeof *logits);
+    if (!logits) {
+        snprintf(err.msg, sizeof err.msg, "out of memory for %d x %lld logits", n, (long long)V);
+        goto fail;
+    }
+    if (!strcmp(mode, "prefill")) {
+        if (qmix_session_prefill(sess, tokens, n, logits, &err)) goto fail;
+    } else {
+        for (int i = 0; i < n; i++) {
+            if (qmix_session_decode(sess, tokens[i], &err)) goto fail;
+            memcpy(logits + (int64_t)i * V, qmix_session_logits(sess), V * sizeof *logits);
+        }
+    }
+    f = fopen(out_path, "wb");
+    if (!f || fwrite(logits, sizeof *logits, (size_t)n * V, f) != (size_t)n * V || fclose(f)) {
+        f = NULL;
+        snprintf(err.msg, sizeof err.msg, "%s: write failed", out_path);
+        goto fail;
+    }
+    f = NULL;
+    rc = 0;
+    goto done;
+fail:
+    fprintf(stderr, "qmix logits: %s\n", err.msg);
+    if (f) fclose(f);
+done:
+    free(logits);
+    free(tokens);
+    qmix_session_free(sess);
+    qmix_model_close(model);
+    return rc;
+}

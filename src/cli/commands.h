@@ -1,0 +1,11 @@
+/* One entry point per subcommand; each parses its own flags, prints --help, returns the exit code. */
+#ifndef QMIX_CLI_COMMANDS_H
+#define QMIX_CLI_COMMANDS_H
+
+int qmix_cmd_info(int argc, char **argv);
+int qmix_cmd_generate(int argc, char **argv);
+int qmix_cmd_logits(int argc, char **argv);
+int qmix_cmd_synth(int argc, char **argv);
+int qmix_cmd_bench(int argc, char **argv);
+
+#endif

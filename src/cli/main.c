@@ -1,0 +1,41 @@
+#include <stdio.h>
+#include <string.h>
+
+#include "cli/commands.h"
+
+static const struct {
+    const char *name;
+    int (*run)(int argc, char **argv);
+    const char *summary;
+} commands[] = {
+    {"info", qmix_cmd_info, "architecture, layer pattern, parameters and bytes by tensor role"},
+    {"generate", qmix_cmd_generate, "continue a token sequence (greedy or sampled), print ids and tok/s"},
+    {"logits", qmix_cmd_logits, "write raw float32 logits [n_tokens, vocab] for a token sequence"},
+    {"synth", qmix_cmd_synth, "write a random checkpoint in the real HF layout and geometry"},
+};
+
+static void usage(FILE *out)
+{
+    fprintf(out, "qmix — quantize and run Qwen3.5 hybrid MoE models on the CPU\n\n"
+                 "usage: qmix COMMAND [options]   (qmix COMMAND --help for its options)\n\n"
+                 "commands:\n");
+    for (size_t i = 0; i < sizeof commands / sizeof commands[0]; i++)
+        fprintf(out, "  %-10s %s\n", commands[i].name, commands[i].summary);
+}
+
+int main(int argc, char **argv)
+{
+    if (argc < 2) {
+        usage(stderr);
+        return 2;
+    }
+    if (!strcmp(argv[1], "--help") || !strcmp(argv[1], "-h") || !strcmp(argv[1], "help")) {
+        usage(stdout);
+        return 0;
+    }
+    for (size_t i = 0; i < sizeof commands / sizeof commands[0]; i++)
+        if (!strcmp(argv[1], commands[i].name)) return commands[i].run(argc - 1, argv + 1);
+    fprintf(stderr, "qmix: unknown command '%s'\n\n", argv[1]);
+    usage(stderr);
+    return 2;
+}

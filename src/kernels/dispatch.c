@@ -1,0 +1,73 @@
+#include <stdlib.h>
+#include <string.h>
+
+#include "kernels/kernels_impl.h"
+
+static const char *isa_names[QK_ISA_COUNT] = {"scalar", "avx2", "avx512"};
+
+const char *qk_isa_name(qk_isa isa) { return (unsigned)isa < QK_ISA_COUNT ? isa_names[isa] : "?"; }
+
+int qk_isa_supported(qk_isa isa)
+{
+#if defined(__x86_64__) || defined(__i386__)
+    __builtin_cpu_init();
+    switch (isa) {
+    case QK_ISA_SCALAR: return 1;
+    case QK_ISA_AVX2:
+        return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+               __builtin_cpu_supports("f16c");
+    case QK_ISA_AVX512:
+        return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+               __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
+    default: return 0;
+    }
+#else
+    return isa == QK_ISA_SCALAR;
+#endif
+}
+
+qk_matmul_fn qk_matmul_for(qk_isa isa)
+{
+    switch (isa) {
+    case QK_ISA_SCALAR: return qk_matmul_scalar;
+    case QK_ISA_AVX2: return qk_matmul_avx2;
+    case QK_ISA_AVX512: return qk_matmul_avx512;
+    default: return NULL;
+    }
+}
+
+static qk_isa detect(void)
+{
+    qk_isa best = QK_ISA_SCALAR;
+    for (int i = QK_ISA_COUNT - 1; i > 0; i--)
+        if (qk_isa_supported((qk_isa)i)) {
+            best = (qk_isa)i;
+            break;
+        }
+    const char *want = getenv("QMIX_ISA");
+    if (want)
+        for (int i = 0; i < QK_ISA_COUNT; i++)
+            if (!strcmp(want, isa_names[i]) && i <= (int)best) return (qk_isa)i;
+    return best;
+}
+
+static qk_isa active = QK_ISA_COUNT;
+static qk_matmul_fn active_matmul;
+
+qk_isa qk_isa_active(void)
+{
+    /* Racy but idempotent: every thread computes the same answer. */
+    if (active == QK_ISA_COUNT) {
+        qk_isa isa = detect();
+        active_matmul = qk_matmul_for(isa);
+        __atomic_store_n(&active, isa, __ATOMIC_RELEASE);
+    }
+    return active;
+}
+
+void qk_matmul(const qk_mat *w, int64_t row_begin, int64_t row_end, const float *x, int n,
+               int64_t ldx, float *y, int64_t ldy)
+{
+    if (__atomic_load_n(&active, __ATOMIC_ACQUIRE) == QK_ISA_COUNT) qk_isa_active();
+    active_matmul(w, row_begin, row_end, x, n, ldx, y, ldy);
+}

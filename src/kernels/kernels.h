@@ -1,0 +1,56 @@
+/* Compute kernels. They know dtypes and shapes, never models. Every kernel has a scalar
+ * reference; SIMD versions are picked at run time from the CPU's features and tested against it. */
+#ifndef QMIX_KERNELS_H
+#define QMIX_KERNELS_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "qmix.h"
+
+/* A row-major weight matrix [rows, cols] of dtype F32, F16 or BF16, rows row_bytes apart. The
+ * data may be unaligned (it sits where the checkpoint put it). */
+typedef struct qk_mat {
+    qmix_dtype dtype;
+    int64_t rows, cols;
+    size_t row_bytes;
+    const void *data;
+} qk_mat;
+
+/* Y[t][o] = Σ_i W[o][i]·X[t][i] for rows o in [row_begin, row_end) and tokens t in [0, n).
+ * X rows are ldx floats apart, Y rows ldy. Each output is accumulated in the same order whatever
+ * n or the row range, so splitting rows across threads or tokens across calls changes nothing. */
+typedef void (*qk_matmul_fn)(const qk_mat *w, int64_t row_begin, int64_t row_end, const float *x,
+                             int n, int64_t ldx, float *y, int64_t ldy);
+
+void qk_matmul(const qk_mat *w, int64_t row_begin, int64_t row_end, const float *x, int n,
+               int64_t ldx, float *y, int64_t ldy);
+
+/* Widen row r of w into out[cols] as float32. */
+void qk_mat_row_f32(const qk_mat *w, int64_t r, float *out);
+
+typedef enum qk_isa { QK_ISA_SCALAR = 0, QK_ISA_AVX2, QK_ISA_AVX512, QK_ISA_COUNT } qk_isa;
+
+/* The best the CPU supports, unless QMIX_ISA=scalar|avx2|avx512 asks for less. */
+qk_isa qk_isa_active(void);
+const char *qk_isa_name(qk_isa isa);
+int qk_isa_supported(qk_isa isa);
+/* The matmul of one ISA, for tests and benchmarks; NULL if not compiled in. */
+qk_matmul_fn qk_matmul_for(qk_isa isa);
+
+/* Scalar conversions. */
+float qk_bf16_to_f32(uint16_t h);
+uint16_t qk_f32_to_bf16(float f); /* round to nearest even */
+float qk_f16_to_f32(uint16_t h);
+uint16_t qk_f32_to_f16(float f);  /* round to nearest even */
+
+/* Elementwise and reduction ops on float32 vectors (scalar; the compiler vectorises them). */
+float qk_dot(const float *a, const float *b, int64_t n);
+void qk_rmsnorm(float *out, const float *x, const float *weight, int64_t n, float eps);
+void qk_l2norm(float *x, int64_t n, float eps);
+void qk_softmax(float *x, int64_t n);
+float qk_silu(float x);
+float qk_sigmoid(float x);
+float qk_softplus(float x);
+
+#endif

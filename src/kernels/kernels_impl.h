@@ -1,0 +1,18 @@
+/* Per-ISA entry points, seen only by the dispatcher and the kernel tests. */
+#ifndef QMIX_KERNELS_IMPL_H
+#define QMIX_KERNELS_IMPL_H
+
+#include "kernels/kernels.h"
+
+void qk_matmul_scalar(const qk_mat *w, int64_t row_begin, int64_t row_end, const float *x, int n,
+                      int64_t ldx, float *y, int64_t ldy);
+void qk_matmul_avx2(const qk_mat *w, int64_t row_begin, int64_t row_end, const float *x, int n,
+                    int64_t ldx, float *y, int64_t ldy);
+void qk_matmul_avx512(const qk_mat *w, int64_t row_begin, int64_t row_end, const float *x, int n,
+                      int64_t ldx, float *y, int64_t ldy);
+
+/* Tokens are processed in chunks of this many so a chunk of X stays in L2 while the weight rows
+ * stream past it; the weights are read once per chunk. */
+#define QK_TOKEN_CHUNK 64
+
+#endif

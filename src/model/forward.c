@@ -1,0 +1,311 @@
+/* The Qwen3.5-MoE forward pass, in the order of spec/architecture.md. Every step works on a batch
+ * of n tokens: matmuls stream each weight once per batch (qmix_run_matmuls), the recurrences run
+ * token by token inside the batch. */
+#include "model/forward.h"
+
+#include <math.h>
+#include <string.h>
+
+typedef struct gdn_ctx { qmix_session *s; const qmix_layer *ly; qmix_layer_state *st; int n; } gdn_ctx;
+typedef struct attn_ctx { qmix_session *s; qmix_layer_state *st; int n; } attn_ctx;
+
+static void rmsnorm_rows(float *out, const float *x, const float *w, int n, int64_t dim, float eps)
+{
+    for (int t = 0; t < n; t++) qk_rmsnorm(out + t * dim, x + t * dim, w, dim, eps);
+}
+
+static void add_rows(float *x, const float *y, int64_t count)
+{
+    for (int64_t i = 0; i < count; i++) x[i] += y[i];
+}
+
+static qmix_mm_job job(const qk_mat *w, const float *x, int n, int64_t ldx, float *y, int64_t ldy)
+{
+    return (qmix_mm_job){.w = w, .x = x, .n = n, .ldx = ldx, .y = y, .ldy = ldy};
+}
+
+/* ---- Gated DeltaNet ---------------------------------------------------------------------- */
+
+/* Causal depthwise convolution over time with the carried last Kc-1 inputs, then SiLU, in place
+ * on qkv[n][C]. */
+static void causal_conv_silu(float *qkv, float *conv_state, const float *w, int n, int64_t C, int Kc)
+{
+    for (int t = 0; t < n; t++) {
+        float *u = qkv + t * C;
+        for (int64_t ch = 0; ch < C; ch++) {
+            const float *wc = w + ch * Kc;
+            float acc = wc[Kc - 1] * u[ch];
+            for (int j = 0; j < Kc - 1; j++) acc += wc[j] * conv_state[j * C + ch];
+            for (int j = 0; j + 1 < Kc - 1; j++) conv_state[j * C + ch] = conv_state[(j + 1) * C + ch];
+            conv_state[(Kc - 2) * C + ch] = u[ch];
+            u[ch] = qk_silu(acc);
+        }
+    }
+}
+
+/* One value head over all tokens of the batch: the delta-rule recurrence and the gated norm. */
+static void gdn_head(void *arg, int j, int thread)
+{
+    gdn_ctx *g = arg;
+    qmix_session *s = g->s;
+    const qmix_config *c = &s->model->cfg;
+    const qmix_layer *ly = g->ly;
+    int64_t nk = c->lin_n_k_heads, nv = c->lin_n_v_heads, dk = c->lin_k_head_dim,
+            dv = c->lin_v_head_dim;
+    int64_t C = 2 * nk * dk + nv * dv;
+    int64_t key_head = j / (nv / nk); /* value heads are grouped by key head (HF order) */
+    float *S = g->st->ssm + j * dk * dv;
+    float *kv = s->scores + (int64_t)thread * s->max_ctx; /* [dv] scratch */
+    for (int t = 0; t < g->n; t++) {
+        const float *q = s->qkv + t * C + key_head * dk;
+        const float *k = s->qkv + t * C + nk * dk + key_head * dk;
+        const float *v = s->qkv + t * C + 2 * nk * dk + j * dv;
+        float decay = expf(ly->neg_exp_A[j] * qk_softplus(s->gdn_a[t * nv + j] + ly->dt_bias[j]));
+        float beta = qk_sigmoid(s->gdn_b[t * nv + j]);
+        /* err = v - (decay·S)ᵀk */
+        for (int64_t d = 0; d < dv; d++) kv[d] = 0;
+        for (int64_t i = 0; i < dk; i++)
+            for (int64_t d = 0; d < dv; d++) kv[d] += S[i * dv + d] * k[i];
+        for (int64_t d = 0; d < dv; d++) kv[d] = beta * (v[d] - decay * kv[d]);
+        /* S = decay·S + k ⊗ beta·err;  o = Sᵀq */
+        float *o = s->gdn_o + t * nv * dv + j * dv;
+        for (int64_t d = 0; d < dv; d++) o[d] = 0;
+        for (int64_t i = 0; i < dk; i++) {
+            float *Si = S + i * dv;
+            for (int64_t d = 0; d < dv; d++) {
+                Si[d] = decay * Si[d] + k[i] * kv[d];
+                o[d] += Si[d] * q[i];
+            }
+        }
+        /* gated RMSNorm: rmsnorm(o, w) · silu(z) */
+        qk_rmsnorm(o, o, ly->gdn_norm, dv, c->rms_eps);
+        const float *z = s->z + t * nv * dv + j * dv;
+        for (int64_t d = 0; d < dv; d++) o[d] *= qk_silu(z[d]);
+    }
+}
+
+static void linear_attention(qmix_session *s, const qmix_layer *ly, qmix_layer_state *st, int n)
+{
+    const qmix_config *c = &s->model->cfg;
+    int64_t D = c->hidden_size, nk = c->lin_n_k_heads, nv = c->lin_n_v_heads,
+            dk = c->lin_k_head_dim, dv = c->lin_v_head_dim;
+    int64_t C = 2 * nk * dk + nv * dv;
+    qmix_mm_job in[4] = {job(&ly->in_qkv, s->h, n, D, s->qkv, C),
+                         job(&ly->in_z, s->h, n, D, s->z, nv * dv),
+                         job(&ly->in_b, s->h, n, D, s->gdn_b, nv),
+                         job(&ly->in_a, s->h, n, D, s->gdn_a, nv)};
+    qmix_run_matmuls(s, in, 4);
+
+    causal_conv_silu(s->qkv, st->conv, ly->conv_w, n, C, c->conv_kernel);
+    float q_scale = 1.0f / sqrtf((float)dk);
+    for (int t = 0; t < n; t++)
+        for (int64_t hd = 0; hd < nk; hd++) {
+            float *q = s->qkv + t * C + hd * dk, *k = s->qkv + t * C + nk * dk + hd * dk;
+            qk_l2norm(q, dk, 1e-6f);
+            qk_l2norm(k, dk, 1e-6f);
+            for (int64_t i = 0; i < dk; i++) q[i] *= q_scale;
+        }
+    gdn_ctx g = {s, ly, st, n};
+    qmix_pool_run(s->pool, gdn_head, &g, (int)nv);
+
+    qmix_mm_job out = job(&ly->out_proj, s->gdn_o, n, nv * dv, s->out, D);
+    qmix_run_matmuls(s, &out, 1);
+}
+
+/* ---- gated full attention ---------------------------------------------------------------- */
+
+/* NeoX-style rotation of the first rot dims: pairs (i, i + rot/2). */
+static void rope(float *x, int rot, int64_t pos, double theta)
+{
+    int half = rot / 2;
+    for (int i = 0; i < half; i++) {
+        double f = (double)pos * pow(theta, -2.0 * i / rot);
+        float cs = (float)cos(f), sn = (float)sin(f);
+        float a = x[i], b = x[i + half];
+        x[i] = a * cs - b * sn;
+        x[i + half] = b * cs + a * sn;
+    }
+}
+
+/* Task = (token, query head): softmax over the cached keys up to the token's position. */
+static void attn_head(void *arg, int task, int thread)
+{
+    attn_ctx *a = arg;
+    qmix_session *s = a->s;
+    const qmix_config *c = &s->model->cfg;
+    int64_t H = c->n_heads, KV = c->n_kv_heads, hd = c->head_dim;
+    int t = task / (int)H;
+    int64_t h = task % H, g = h / (H / KV);
+    int64_t p = s->pos + t;
+    const float *q = s->q + t * H * 2 * hd + h * 2 * hd, *gate = q + hd;
+    float *scores = s->scores + (int64_t)thread * s->max_ctx;
+    float scale = 1.0f / sqrtf((float)hd);
+    for (int64_t j = 0; j <= p; j++)
+        scores[j] = qk_dot(q, a->st->k_cache + j * KV * hd + g * hd, hd) * scale;
+    qk_softmax(scores, p + 1);
+    float *o = s->attn + t * H * hd + h * hd;
+    for (int64_t d = 0; d < hd; d++) o[d] = 0;
+    for (int64_t j = 0; j <= p; j++) {
+        const float *vj = a->st->v_cache + j * KV * hd + g * hd;
+        for (int64_t d = 0; d < hd; d++) o[d] += scores[j] * vj[d];
+    }
+    for (int64_t d = 0; d < hd; d++) o[d] *= qk_sigmoid(gate[d]);
+}
+
+static void full_attention(qmix_session *s, const qmix_layer *ly, qmix_layer_state *st, int n)
+{
+    const qmix_config *c = &s->model->cfg;
+    int64_t D = c->hidden_size, H = c->n_heads, KV = c->n_kv_heads, hd = c->head_dim;
+    qmix_mm_job in[3] = {job(&ly->q_proj, s->h, n, D, s->q, H * 2 * hd),
+                         job(&ly->k_proj, s->h, n, D, s->k, KV * hd),
+                         job(&ly->v_proj, s->h, n, D, s->v, KV * hd)};
+    qmix_run_matmuls(s, in, 3);
+
+    for (int t = 0; t < n; t++) {
+        int64_t p = s->pos + t;
+        for (int64_t h = 0; h < H; h++) { /* q and gate interleave per head: [q(hd); gate(hd)] */
+            float *q = s->q + t * H * 2 * hd + h * 2 * hd;
+            qk_rmsnorm(q, q, ly->q_norm, hd, c->rms_eps);
+            rope(q, c->rot_dim, p, c->rope_theta);
+        }
+        for (int64_t g = 0; g < KV; g++) {
+            float *k = s->k + t * KV * hd + g * hd;
+            qk_rmsnorm(k, k, ly->k_norm, hd, c->rms_eps);
+            rope(k, c->rot_dim, p, c->rope_theta);
+        }
+        memcpy(st->k_cache + p * KV * hd, s->k + t * KV * hd, KV * hd * sizeof(float));
+        memcpy(st->v_cache + p * KV * hd, s->v + t * KV * hd, KV * hd * sizeof(float));
+    }
+    attn_ctx a = {s, st, n};
+    qmix_pool_run(s->pool, attn_head, &a, (int)(n * H));
+
+    qmix_mm_job out = job(&ly->o_proj, s->attn, n, H * hd, s->out, D);
+    qmix_run_matmuls(s, &out, 1);
+}
+
+/* ---- MoE with shared expert -------------------------------------------------------------- */
+
+/* softmax over all experts, top-k (ties: lower index), renormalised. */
+static void route(float *probs, int E, int k, int *top, float *weight)
+{
+    qk_softmax(probs, E);
+    float sum = 0;
+    for (int j = 0; j < k; j++) {
+        int best = -1;
+        for (int e = 0; e < E; e++) {
+            int taken = 0;
+            for (int i = 0; i < j; i++) taken |= top[i] == e;
+            if (!taken && (best < 0 || probs[e] > probs[best])) best = e;
+        }
+        top[j] = best;
+        weight[j] = probs[best];
+        sum += probs[best];
+    }
+    for (int j = 0; j < k; j++) weight[j] /= sum;
+}
+
+static void swiglu(float *gate, const float *up, int64_t count)
+{
+    for (int64_t i = 0; i < count; i++) gate[i] = qk_silu(gate[i]) * up[i];
+}
+
+static void moe(qmix_session *s, const qmix_layer *ly, int n)
+{
+    const qmix_config *c = &s->model->cfg;
+    int64_t D = c->hidden_size, F = c->moe_ffn, Fs = c->shared_ffn;
+    int E = c->n_experts, k = c->n_experts_used;
+
+    qmix_mm_job first[4] = {job(&ly->router, s->h, n, D, s->router, E),
+                            job(&ly->shared_gate, s->h, n, D, s->sh_gate, Fs),
+                            job(&ly->shared_up, s->h, n, D, s->sh_up, Fs),
+                            job(&ly->shared_expert_gate, s->h, n, D, s->sh_g, 1)};
+    qmix_run_matmuls(s, first, 4);
+
+    /* Group the (token, choice) slots by expert so each expert runs once on all its tokens. */
+    memset(s->expert_count, 0, (size_t)E * sizeof(int));
+    for (int t = 0; t < n; t++) {
+        route(s->router + (int64_t)t * E, E, k, s->top_expert + t * k, s->top_weight + t * k);
+        for (int j = 0; j < k; j++) s->expert_count[s->top_expert[t * k + j]]++;
+    }
+    for (int e = 0, at = 0; e < E; e++) {
+        s->expert_start[e] = at;
+        at += s->expert_count[e];
+        s->expert_count[e] = 0; /* refilled below as a cursor */
+    }
+    for (int t = 0; t < n; t++)
+        for (int j = 0; j < k; j++) {
+            int e = s->top_expert[t * k + j];
+            int slot = s->expert_start[e] + s->expert_count[e]++;
+            s->slot_token[slot] = t;
+            s->token_slot[t * k + j] = slot;
+            memcpy(s->moe_x + slot * D, s->h + t * D, D * sizeof(float));
+        }
+
+    int n_jobs = 0;
+    for (int e = 0; e < E; e++) {
+        int cnt = s->expert_count[e];
+        if (!cnt) continue;
+        int64_t at = s->expert_start[e];
+        s->jobs[n_jobs++] = job(&ly->experts[e].gate, s->moe_x + at * D, cnt, D, s->moe_gate + at * F, F);
+        s->jobs[n_jobs++] = job(&ly->experts[e].up, s->moe_x + at * D, cnt, D, s->moe_up + at * F, F);
+    }
+    qmix_run_matmuls(s, s->jobs, n_jobs);
+    swiglu(s->moe_gate, s->moe_up, (int64_t)n * k * F);
+    swiglu(s->sh_gate, s->sh_up, n * Fs);
+
+    n_jobs = 0;
+    for (int e = 0; e < E; e++) {
+        int cnt = s->expert_count[e];
+        if (!cnt) continue;
+        int64_t at = s->expert_start[e];
+        s->jobs[n_jobs++] = job(&ly->experts[e].down, s->moe_gate + at * F, cnt, F, s->moe_y + at * D, D);
+    }
+    s->jobs[n_jobs++] = job(&ly->shared_down, s->sh_gate, n, Fs, s->sh_y, D);
+    qmix_run_matmuls(s, s->jobs, n_jobs);
+
+    for (int t = 0; t < n; t++) {
+        float *o = s->out + t * D;
+        float sg = qk_sigmoid(s->sh_g[t]);
+        const float *sy = s->sh_y + t * D;
+        for (int64_t d = 0; d < D; d++) o[d] = sg * sy[d];
+        for (int j = 0; j < k; j++) {
+            float w = s->top_weight[t * k + j];
+            const float *y = s->moe_y + (int64_t)s->token_slot[t * k + j] * D;
+            for (int64_t d = 0; d < D; d++) o[d] += w * y[d];
+        }
+    }
+}
+
+/* ---- top level --------------------------------------------------------------------------- */
+
+void qmix_forward(qmix_session *s, const int32_t *tokens, int n, float *all_logits)
+{
+    const qmix_model *m = s->model;
+    const qmix_config *c = &m->cfg;
+    int64_t D = c->hidden_size, V = c->vocab_size;
+
+    for (int t = 0; t < n; t++) qk_mat_row_f32(&m->embed, tokens[t], s->x + t * D);
+
+    for (int i = 0; i < c->n_layers; i++) {
+        const qmix_layer *ly = &m->layers[i];
+        rmsnorm_rows(s->h, s->x, ly->input_norm, n, D, c->rms_eps);
+        if (ly->is_full) full_attention(s, ly, &s->state[i], n);
+        else linear_attention(s, ly, &s->state[i], n);
+        add_rows(s->x, s->out, n * D);
+        rmsnorm_rows(s->h, s->x, ly->post_norm, n, D, c->rms_eps);
+        moe(s, ly, n);
+        add_rows(s->x, s->out, n * D);
+    }
+
+    if (all_logits) {
+        rmsnorm_rows(s->h, s->x, m->final_norm, n, D, c->rms_eps);
+        qmix_mm_job head = job(&m->lm_head, s->h, n, D, all_logits, V);
+        qmix_run_matmuls(s, &head, 1);
+        memcpy(s->logits, all_logits + (int64_t)(n - 1) * V, V * sizeof(float));
+    } else {
+        qk_rmsnorm(s->norm_last, s->x + (int64_t)(n - 1) * D, m->final_norm, D, c->rms_eps);
+        qmix_mm_job head = job(&m->lm_head, s->norm_last, 1, D, s->logits, V);
+        qmix_run_matmuls(s, &head, 1);
+    }
+    s->pos += n;
+}

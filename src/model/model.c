@@ -1,0 +1,309 @@
+/* Binds every text-model tensor by its real name, checking shape and dtype, to views into the
+ * mapped checkpoint. */
+#include "model/model.h"
+
+#include <limits.h>
+#include <math.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+
+#include "formats/config.h"
+#include "util/err.h"
+
+typedef struct binder {
+    qmix_model *m;
+    qmix_err *err;
+    float *f32_next;         /* bump allocator inside m->f32_pool */
+    char name[512];
+} binder;
+
+static const qmix_tensor *find(binder *b, const char *fmt, ...)
+    __attribute__((format(printf, 2, 3)));
+
+static const qmix_tensor *find(binder *b, const char *fmt, ...)
+{
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(b->name, sizeof b->name, fmt, ap);
+    va_end(ap);
+    return qmix_st_find(b->m->store, b->name);
+}
+
+static int is_float_dtype(qmix_dtype dt) { return dt == QMIX_F32 || dt == QMIX_F16 || dt == QMIX_BF16; }
+
+static void shape_str(const qmix_tensor *t, char *buf, size_t len)
+{
+    size_t off = (size_t)snprintf(buf, len, "[");
+    for (int d = 0; d < t->ndim && off < len; d++)
+        off += (size_t)snprintf(buf + off, len - off, "%s%lld", d ? ", " : "",
+                                (long long)t->shape[d]);
+    if (off < len) snprintf(buf + off, len - off, "]");
+}
+
+/* Checks t (already looked up as b->name) has exactly the expected dims. */
+static int check_shape(binder *b, const qmix_tensor *t, int ndim, const int64_t *dims)
+{
+    if (!t) return qmix_errf(b->err, "missing tensor '%s'", b->name);
+    if (!is_float_dtype(t->dtype))
+        return qmix_errf(b->err, "tensor '%s': dtype %s not supported here (expected BF16, F16 "
+                         "or F32)", b->name, qmix_dtype_st_name(t->dtype));
+    int ok = t->ndim == ndim;
+    for (int d = 0; ok && d < ndim; d++) ok = t->shape[d] == dims[d];
+    if (!ok) {
+        char got[128], want[128];
+        qmix_tensor fake = {.ndim = ndim};
+        memcpy(fake.shape, dims, sizeof(int64_t) * (size_t)ndim);
+        shape_str(t, got, sizeof got);
+        shape_str(&fake, want, sizeof want);
+        return qmix_errf(b->err, "tensor '%s' has shape %s, expected %s", b->name, got, want);
+    }
+    return 0;
+}
+
+static qk_mat mat_view(const qmix_tensor *t, int64_t rows, int64_t cols, uint64_t byte_offset)
+{
+    size_t esz = qmix_dtype_size(t->dtype);
+    return (qk_mat){.dtype = t->dtype, .rows = rows, .cols = cols, .row_bytes = (size_t)cols * esz,
+                    .data = (const uint8_t *)t->data + byte_offset};
+}
+
+static int bind_mat(binder *b, qk_mat *out, int64_t rows, int64_t cols, const char *fmt, ...)
+    __attribute__((format(printf, 5, 6)));
+
+static int bind_mat(binder *b, qk_mat *out, int64_t rows, int64_t cols, const char *fmt, ...)
+{
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(b->name, sizeof b->name, fmt, ap);
+    va_end(ap);
+    const qmix_tensor *t = qmix_st_find(b->m->store, b->name);
+    int64_t dims[2] = {rows, cols};
+    if (check_shape(b, t, 2, dims)) return -1;
+    *out = mat_view(t, rows, cols, 0);
+    return 0;
+}
+
+enum { AS_IS, ONE_PLUS, NEG_EXP };
+
+/* Widens a small parameter of n elements (any of the accepted shapes) to float32. */
+static int bind_vec(binder *b, float **out, int64_t n, int transform, int ndim, const int64_t *dims)
+{
+    const qmix_tensor *t = qmix_st_find(b->m->store, b->name);
+    if (check_shape(b, t, ndim, dims)) return -1;
+    qk_mat row = {.dtype = t->dtype, .rows = 1, .cols = n, .row_bytes = t->nbytes, .data = t->data};
+    float *v = b->f32_next;
+    b->f32_next += n;
+    qk_mat_row_f32(&row, 0, v);
+    for (int64_t i = 0; i < n; i++) {
+        if (transform == ONE_PLUS) v[i] = 1.0f + v[i];
+        else if (transform == NEG_EXP) v[i] = -expf(v[i]);
+    }
+    *out = v;
+    return 0;
+}
+
+static int bind_1d(binder *b, float **out, int64_t n, int transform, const char *fmt, ...)
+    __attribute__((format(printf, 5, 6)));
+
+static int bind_1d(binder *b, float **out, int64_t n, int transform, const char *fmt, ...)
+{
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(b->name, sizeof b->name, fmt, ap);
+    va_end(ap);
+    return bind_vec(b, out, n, transform, 1, &n);
+}
+
+/* Float32 elements needed for all widened parameters, so they share one allocation. */
+static size_t f32_pool_size(const qmix_config *c)
+{
+    size_t C = (size_t)2 * c->lin_n_k_heads * c->lin_k_head_dim +
+               (size_t)c->lin_n_v_heads * c->lin_v_head_dim;
+    size_t per_linear = C * c->conv_kernel + 2 * (size_t)c->lin_n_v_heads + c->lin_v_head_dim;
+    size_t per_full = 2 * (size_t)c->head_dim;
+    size_t total = c->hidden_size;
+    for (int i = 0; i < c->n_layers; i++)
+        total += 2 * (size_t)c->hidden_size + (c->layer_is_full[i] ? per_full : per_linear);
+    return total;
+}
+
+static int bind_experts(binder *b, qmix_layer *ly, int i, qmix_expert *experts)
+{
+    const qmix_config *c = &b->m->cfg;
+    const char *p = b->m->prefix;
+    int64_t E = c->n_experts, F = c->moe_ffn, D = c->hidden_size;
+    ly->experts = experts;
+    if (b->m->experts_fused) {
+        const qmix_tensor *gu = find(b, "%slayers.%d.mlp.experts.gate_up_proj", p, i);
+        int64_t gu_dims[3] = {E, 2 * F, D};
+        if (check_shape(b, gu, 3, gu_dims)) return -1;
+        const qmix_tensor *dn = find(b, "%slayers.%d.mlp.experts.down_proj", p, i);
+        int64_t dn_dims[3] = {E, D, F};
+        if (check_shape(b, dn, 3, dn_dims)) return -1;
+        size_t gesz = qmix_dtype_size(gu->dtype), desz = qmix_dtype_size(dn->dtype);
+        for (int64_t e = 0; e < E; e++) {
+            uint64_t base = (uint64_t)(e * 2 * F * D) * gesz;
+            experts[e].gate = mat_view(gu, F, D, base);
+            experts[e].up = mat_view(gu, F, D, base + (uint64_t)(F * D) * gesz);
+            experts[e].down = mat_view(dn, D, F, (uint64_t)(e * D * F) * desz);
+        }
+        return 0;
+    }
+    for (int64_t e = 0; e < E; e++) {
+        if (bind_mat(b, &experts[e].gate, F, D, "%slayers.%d.mlp.experts.%lld.gate_proj.weight", p,
+                     i, (long long)e) ||
+            bind_mat(b, &experts[e].up, F, D, "%slayers.%d.mlp.experts.%lld.up_proj.weight", p, i,
+                     (long long)e) ||
+            bind_mat(b, &experts[e].down, D, F, "%slayers.%d.mlp.experts.%lld.down_proj.weight", p,
+                     i, (long long)e))
+            return -1;
+    }
+    return 0;
+}
+
+static int bind_layer(binder *b, int i)
+{
+    qmix_model *m = b->m;
+    const qmix_config *c = &m->cfg;
+    qmix_layer *ly = &m->layers[i];
+    const char *p = m->prefix;
+    int64_t D = c->hidden_size;
+    ly->is_full = c->layer_is_full[i];
+    if (bind_1d(b, &ly->input_norm, D, ONE_PLUS, "%slayers.%d.input_layernorm.weight", p, i) ||
+        bind_1d(b, &ly->post_norm, D, ONE_PLUS, "%slayers.%d.post_attention_layernorm.weight", p, i))
+        return -1;
+    if (ly->is_full) {
+        int64_t H = c->n_heads, KV = c->n_kv_heads, hd = c->head_dim;
+        if (bind_mat(b, &ly->q_proj, H * hd * 2, D, "%slayers.%d.self_attn.q_proj.weight", p, i) ||
+            bind_mat(b, &ly->k_proj, KV * hd, D, "%slayers.%d.self_attn.k_proj.weight", p, i) ||
+            bind_mat(b, &ly->v_proj, KV * hd, D, "%slayers.%d.self_attn.v_proj.weight", p, i) ||
+            bind_mat(b, &ly->o_proj, D, H * hd, "%slayers.%d.self_attn.o_proj.weight", p, i) ||
+            bind_1d(b, &ly->q_norm, hd, ONE_PLUS, "%slayers.%d.self_attn.q_norm.weight", p, i) ||
+            bind_1d(b, &ly->k_norm, hd, ONE_PLUS, "%slayers.%d.self_attn.k_norm.weight", p, i))
+            return -1;
+    } else {
+        int64_t nk = c->lin_n_k_heads, nv = c->lin_n_v_heads, dk = c->lin_k_head_dim,
+                dv = c->lin_v_head_dim, Kc = c->conv_kernel;
+        int64_t C = 2 * nk * dk + nv * dv;
+        if (bind_mat(b, &ly->in_qkv, C, D, "%slayers.%d.linear_attn.in_proj_qkv.weight", p, i) ||
+            bind_mat(b, &ly->in_z, nv * dv, D, "%slayers.%d.linear_attn.in_proj_z.weight", p, i) ||
+            bind_mat(b, &ly->in_b, nv, D, "%slayers.%d.linear_attn.in_proj_b.weight", p, i) ||
+            bind_mat(b, &ly->in_a, nv, D, "%slayers.%d.linear_attn.in_proj_a.weight", p, i) ||
+            bind_mat(b, &ly->out_proj, D, nv * dv, "%slayers.%d.linear_attn.out_proj.weight", p,
+                     i) ||
+            bind_1d(b, &ly->neg_exp_A, nv, NEG_EXP, "%slayers.%d.linear_attn.A_log", p, i) ||
+            bind_1d(b, &ly->dt_bias, nv, AS_IS, "%slayers.%d.linear_attn.dt_bias", p, i) ||
+            bind_1d(b, &ly->gdn_norm, dv, AS_IS, "%slayers.%d.linear_attn.norm.weight", p, i))
+            return -1;
+        /* conv1d is [C, 1, Kc] in HF checkpoints; accept the squeezed [C, Kc] too */
+        const qmix_tensor *cw = find(b, "%slayers.%d.linear_attn.conv1d.weight", p, i);
+        int64_t d3[3] = {C, 1, Kc}, d2[2] = {C, Kc};
+        if (cw && cw->ndim == 2 ? bind_vec(b, &ly->conv_w, C * Kc, AS_IS, 2, d2)
+                                : bind_vec(b, &ly->conv_w, C * Kc, AS_IS, 3, d3))
+            return -1;
+    }
+    int64_t E = c->n_experts, Fs = c->shared_ffn;
+    if (bind_mat(b, &ly->router, E, D, "%slayers.%d.mlp.gate.weight", p, i) ||
+        bind_mat(b, &ly->shared_gate, Fs, D, "%slayers.%d.mlp.shared_expert.gate_proj.weight", p,
+                 i) ||
+        bind_mat(b, &ly->shared_up, Fs, D, "%slayers.%d.mlp.shared_expert.up_proj.weight", p, i) ||
+        bind_mat(b, &ly->shared_down, D, Fs, "%slayers.%d.mlp.shared_expert.down_proj.weight", p,
+                 i) ||
+        bind_mat(b, &ly->shared_expert_gate, 1, D, "%slayers.%d.mlp.shared_expert_gate.weight", p,
+                 i))
+        return -1;
+    return bind_experts(b, ly, i, m->expert_pool + (size_t)i * E);
+}
+
+static int bind_model(qmix_model *m, qmix_err *err)
+{
+    const qmix_config *c = &m->cfg;
+    binder b = {.m = m, .err = err};
+    m->prefix = qmix_st_find(m->store, "model.language_model.embed_tokens.weight")
+                    ? "model.language_model."
+                    : "model.";
+    char probe[256];
+    snprintf(probe, sizeof probe, "%slayers.0.mlp.experts.gate_up_proj", m->prefix);
+    m->experts_fused = qmix_st_find(m->store, probe) != NULL;
+
+    m->layers = calloc((size_t)c->n_layers, sizeof *m->layers);
+    m->expert_pool = calloc((size_t)c->n_layers * c->n_experts, sizeof *m->expert_pool);
+    m->f32_pool = malloc(f32_pool_size(c) * sizeof(float));
+    if (!m->layers || !m->expert_pool || !m->f32_pool) return qmix_errf(err, "out of memory");
+    b.f32_next = m->f32_pool;
+
+    int64_t V = c->vocab_size, D = c->hidden_size;
+    if (bind_mat(&b, &m->embed, V, D, "%sembed_tokens.weight", m->prefix) ||
+        bind_1d(&b, &m->final_norm, D, ONE_PLUS, "%snorm.weight", m->prefix))
+        return -1;
+    if (c->tie_embeddings && !qmix_st_find(m->store, "lm_head.weight")) m->lm_head = m->embed;
+    else if (bind_mat(&b, &m->lm_head, V, D, "lm_head.weight")) return -1;
+    for (int i = 0; i < c->n_layers; i++)
+        if (bind_layer(&b, i)) return -1;
+    return 0;
+}
+
+void qmix_model_close(qmix_model *m)
+{
+    if (!m) return;
+    qmix_st_close(m->store);
+    free(m->layers);
+    free(m->expert_pool);
+    free(m->f32_pool);
+    free(m->dir);
+    free(m);
+}
+
+int qmix_model_open(const char *path, qmix_model **out, qmix_err *err)
+{
+    *out = NULL;
+    struct stat sb;
+    if (stat(path, &sb)) return qmix_errf(err, "%s: no such file or directory", path);
+    qmix_model *m = calloc(1, sizeof *m);
+    if (!m) return qmix_errf(err, "out of memory");
+    /* config.json sits in the checkpoint directory, or beside a single weights file */
+    m->dir = strdup(path);
+    if (!S_ISDIR(sb.st_mode)) {
+        char *slash = strrchr(m->dir, '/');
+        if (slash) *slash = 0;
+        else strcpy(m->dir, ".");
+    }
+    char cfg_path[PATH_MAX];
+    snprintf(cfg_path, sizeof cfg_path, "%s/config.json", m->dir);
+    if (qmix_config_load(cfg_path, &m->cfg, err) || qmix_st_open(path, &m->store, err) ||
+        bind_model(m, err)) {
+        qmix_err_prefix(err, "loading %s", path);
+        qmix_model_close(m);
+        return -1;
+    }
+    *out = m;
+    return 0;
+}
+
+const qmix_config *qmix_model_config(const qmix_model *m) { return &m->cfg; }
+
+static uint64_t mat_bytes(const qk_mat *w) { return (uint64_t)w->rows * w->row_bytes; }
+
+uint64_t qmix_model_decode_bytes(const qmix_model *m)
+{
+    const qmix_config *c = &m->cfg;
+    uint64_t bytes = m->embed.row_bytes + mat_bytes(&m->lm_head);
+    for (int i = 0; i < c->n_layers; i++) {
+        const qmix_layer *ly = &m->layers[i];
+        if (ly->is_full)
+            bytes += mat_bytes(&ly->q_proj) + mat_bytes(&ly->k_proj) + mat_bytes(&ly->v_proj) +
+                     mat_bytes(&ly->o_proj);
+        else
+            bytes += mat_bytes(&ly->in_qkv) + mat_bytes(&ly->in_z) + mat_bytes(&ly->in_a) +
+                     mat_bytes(&ly->in_b) + mat_bytes(&ly->out_proj);
+        bytes += mat_bytes(&ly->router) + mat_bytes(&ly->shared_gate) + mat_bytes(&ly->shared_up) +
+                 mat_bytes(&ly->shared_down) + mat_bytes(&ly->shared_expert_gate);
+        const qmix_expert *e = &ly->experts[0];
+        bytes += (uint64_t)c->n_experts_used *
+                 (mat_bytes(&e->gate) + mat_bytes(&e->up) + mat_bytes(&e->down));
+    }
+    return bytes;
+}

@@ -1,0 +1,48 @@
+/* The bound text model: every weight the forward pass reads, as views into the mapped
+ * checkpoint. Only small 1-D parameters (norms, A_log, dt_bias, conv1d) are widened to float32
+ * copies, with the per-tensor transforms (1 + w, -exp) applied once at load. */
+#ifndef QMIX_MODEL_MODEL_H
+#define QMIX_MODEL_MODEL_H
+
+#include "formats/safetensors.h"
+#include "kernels/kernels.h"
+#include "qmix.h"
+
+typedef struct qmix_expert { qk_mat gate, up, down; } qmix_expert;
+
+typedef struct qmix_layer {
+    int is_full;
+    float *input_norm, *post_norm;       /* [D], stored as 1 + w */
+    /* Gated DeltaNet */
+    qk_mat in_qkv, in_z, in_b, in_a, out_proj;
+    float *conv_w;                       /* [C][Kc] */
+    float *neg_exp_A;                    /* [nv], -exp(A_log) */
+    float *dt_bias;                      /* [nv] */
+    float *gdn_norm;                     /* [dv], plain weight */
+    /* gated full attention */
+    qk_mat q_proj, k_proj, v_proj, o_proj;
+    float *q_norm, *k_norm;              /* [hd], 1 + w */
+    /* MoE */
+    qk_mat router;                       /* [E, D] */
+    qmix_expert *experts;                /* [E] */
+    qk_mat shared_gate, shared_up, shared_down, shared_expert_gate; /* last: [1, D] */
+} qmix_layer;
+
+struct qmix_model {
+    qmix_config cfg;
+    char *dir;
+    qmix_st_store *store;
+    qk_mat embed, lm_head;
+    float *final_norm;                   /* [D], 1 + w */
+    qmix_layer *layers;
+    qmix_expert *expert_pool;            /* all layers' expert views */
+    float *f32_pool;                     /* all widened small parameters */
+    int experts_fused;                   /* 1: 3-D gate_up_proj/down_proj; 0: per-expert */
+    const char *prefix;                  /* "model.language_model." or "model." */
+};
+
+/* Bytes of weights one decoded token reads: everything but the unused experts (and only one
+ * embedding row). */
+uint64_t qmix_model_decode_bytes(const qmix_model *m);
+
+#endif
