@@ -1,0 +1,74 @@
+/* Shared by the Check test suites: each test_*.c defines its suite and ends with TU_MAIN(). Tests
+ * run from the repository root (testdata/ relative paths); QMIX_BIN names the built CLI. */
+#ifndef QMIX_TESTUTIL_H
+#define QMIX_TESTUTIL_H
+
+#include <check.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+/* Reads a whole binary file; returns a malloc'd buffer (NUL-terminated) and its size. */
+static inline void *tu_read(const char *path, size_t *size)
+{
+    FILE *f = fopen(path, "rb");
+    ck_assert_msg(f != NULL, "cannot open %s", path);
+    fseek(f, 0, SEEK_END);
+    long n = ftell(f);
+    fseek(f, 0, SEEK_SET);
+    char *buf = malloc((size_t)n + 1);
+    ck_assert_ptr_nonnull(buf);
+    ck_assert_int_eq(fread(buf, 1, (size_t)n, f), (size_t)n);
+    buf[n] = 0;
+    fclose(f);
+    if (size) *size = (size_t)n;
+    return buf;
+}
+
+static inline void tu_write(const char *path, const void *data, size_t size)
+{
+    FILE *f = fopen(path, "wb");
+    ck_assert_msg(f != NULL, "cannot create %s", path);
+    ck_assert_int_eq(fwrite(data, 1, size, f), size);
+    ck_assert_int_eq(fclose(f), 0);
+}
+
+/* A fresh directory under $TMPDIR (or /tmp); the caller removes it with tu_rmdir. */
+static inline char *tu_tmpdir(void)
+{
+    const char *base = getenv("TMPDIR");
+    char tmpl[512];
+    snprintf(tmpl, sizeof tmpl, "%s/qmix-test-XXXXXX", base && *base ? base : "/tmp");
+    char *dir = mkdtemp(tmpl);
+    ck_assert_ptr_nonnull(dir);
+    return strdup(dir);
+}
+
+static inline void tu_rmdir(char *dir)
+{
+    char cmd[1024];
+    snprintf(cmd, sizeof cmd, "rm -rf '%s'", dir);
+    ck_assert_int_eq(system(cmd), 0);
+    free(dir);
+}
+
+/* The CLI binary to run (QMIX_BIN, default build/qmix). */
+static inline const char *tu_qmix_bin(void)
+{
+    const char *bin = getenv("QMIX_BIN");
+    return bin && *bin ? bin : "build/qmix";
+}
+
+#define TU_MAIN(make_suite)                                                                      \
+    int main(void)                                                                               \
+    {                                                                                            \
+        SRunner *runner = srunner_create(make_suite());                                          \
+        srunner_run_all(runner, CK_NORMAL);                                                      \
+        int failed = srunner_ntests_failed(runner);                                              \
+        srunner_free(runner);                                                                    \
+        return failed ? EXIT_FAILURE : EXIT_SUCCESS;                                             \
+    }
+
+#endif
