@@ -28,7 +28,7 @@ LDFLAGS += $(SANFLAGS)
 AVX2_FLAGS   := -mavx2 -mfma -mf16c
 AVX512_FLAGS := -mavx512f -mavx512bw -mavx512vl -mavx512dq -mfma -mf16c
 
-LIB_SRC := $(sort $(wildcard src/util/*.c src/formats/*.c src/kernels/*.c src/model/*.c src/runtime/*.c))
+LIB_SRC := $(sort $(wildcard src/util/*.c src/formats/*.c src/kernels/*.c src/model/*.c src/runtime/*.c src/eval/*.c))
 CLI_SRC := $(sort $(wildcard src/cli/*.c))
 LIB_OBJ := $(LIB_SRC:%.c=$(BUILD)/%.o)
 CLI_OBJ := $(CLI_SRC:%.c=$(BUILD)/%.o)
