@@ -44,6 +44,18 @@ uint16_t qk_f32_to_bf16(float f); /* round to nearest even */
 float qk_f16_to_f32(uint16_t h);
 uint16_t qk_f32_to_f16(float f);  /* round to nearest even */
 
+/* The gated delta rule for one head over n tokens (see deltanet.c): state S[dk][dv] is updated in
+ * place; q, k rows are ld_qk floats apart, v rows ld_v, outputs o rows ld_o; log_decay[t] (≤ 0)
+ * and beta[t] per token. The recurrent form needs scratch of dv floats, the chunked form
+ * qk_delta_rule_chunked_scratch() floats; both give the same result within float32 rounding. */
+void qk_delta_rule_recurrent(float *S, int dk, int dv, int n, const float *q, const float *k,
+                             const float *v, int64_t ld_qk, int64_t ld_v, const float *log_decay,
+                             const float *beta, float *o, int64_t ld_o, float *scratch);
+void qk_delta_rule_chunked(float *S, int dk, int dv, int n, const float *q, const float *k,
+                           const float *v, int64_t ld_qk, int64_t ld_v, const float *log_decay,
+                           const float *beta, float *o, int64_t ld_o, int chunk, float *scratch);
+size_t qk_delta_rule_chunked_scratch(int dk, int dv, int chunk);
+
 /* Elementwise and reduction ops on float32 vectors (scalar; the compiler vectorises them). */
 float qk_dot(const float *a, const float *b, int64_t n);
 void qk_rmsnorm(float *out, const float *x, const float *weight, int64_t n, float eps);

@@ -43,7 +43,8 @@ static void causal_conv_silu(float *qkv, float *conv_state, const float *w, int 
     }
 }
 
-/* One value head over all tokens of the batch: the delta-rule recurrence and the gated norm. */
+/* One value head over all tokens of the batch: the delta-rule recurrence (chunked for prefill,
+ * token by token for short batches) and the gated norm. */
 static void gdn_head(void *arg, int j, int thread)
 {
     gdn_ctx *g = arg;
@@ -54,33 +55,26 @@ static void gdn_head(void *arg, int j, int thread)
             dv = c->lin_v_head_dim;
     int64_t C = 2 * nk * dk + nv * dv;
     int64_t key_head = j / (nv / nk); /* value heads are grouped by key head (HF order) */
-    float *S = g->st->ssm + j * dk * dv;
-    float *kv = s->scores + (int64_t)thread * s->max_ctx; /* [dv] scratch */
+    float *log_decay = s->gdn_scratch + (int64_t)thread * s->gdn_scratch_per_thread;
+    float *beta = log_decay + s->max_batch, *scratch = beta + s->max_batch;
     for (int t = 0; t < g->n; t++) {
-        const float *q = s->qkv + t * C + key_head * dk;
-        const float *k = s->qkv + t * C + nk * dk + key_head * dk;
-        const float *v = s->qkv + t * C + 2 * nk * dk + j * dv;
-        float decay = expf(ly->neg_exp_A[j] * qk_softplus(s->gdn_a[t * nv + j] + ly->dt_bias[j]));
-        float beta = qk_sigmoid(s->gdn_b[t * nv + j]);
-        /* err = v - (decay·S)ᵀk */
-        for (int64_t d = 0; d < dv; d++) kv[d] = 0;
-        for (int64_t i = 0; i < dk; i++)
-            for (int64_t d = 0; d < dv; d++) kv[d] += S[i * dv + d] * k[i];
-        for (int64_t d = 0; d < dv; d++) kv[d] = beta * (v[d] - decay * kv[d]);
-        /* S = decay·S + k ⊗ beta·err;  o = Sᵀq */
-        float *o = s->gdn_o + t * nv * dv + j * dv;
-        for (int64_t d = 0; d < dv; d++) o[d] = 0;
-        for (int64_t i = 0; i < dk; i++) {
-            float *Si = S + i * dv;
-            for (int64_t d = 0; d < dv; d++) {
-                Si[d] = decay * Si[d] + k[i] * kv[d];
-                o[d] += Si[d] * q[i];
-            }
-        }
-        /* gated RMSNorm: rmsnorm(o, w) · silu(z) */
-        qk_rmsnorm(o, o, ly->gdn_norm, dv, c->rms_eps);
+        log_decay[t] = ly->neg_exp_A[j] * qk_softplus(s->gdn_a[t * nv + j] + ly->dt_bias[j]);
+        beta[t] = qk_sigmoid(s->gdn_b[t * nv + j]);
+    }
+    const float *q = s->qkv + key_head * dk, *k = s->qkv + nk * dk + key_head * dk,
+                *v = s->qkv + 2 * nk * dk + j * dv;
+    float *o = s->gdn_o + j * dv, *S = g->st->ssm + j * dk * dv;
+    if (g->n >= QMIX_GDN_CHUNK_MIN)
+        qk_delta_rule_chunked(S, (int)dk, (int)dv, g->n, q, k, v, C, C, log_decay, beta, o,
+                              nv * dv, QMIX_GDN_CHUNK, scratch);
+    else
+        qk_delta_rule_recurrent(S, (int)dk, (int)dv, g->n, q, k, v, C, C, log_decay, beta, o,
+                                nv * dv, scratch);
+    for (int t = 0; t < g->n; t++) { /* gated RMSNorm: rmsnorm(o, w) · silu(z) */
+        float *ot = o + t * nv * dv;
         const float *z = s->z + t * nv * dv + j * dv;
-        for (int64_t d = 0; d < dv; d++) o[d] *= qk_silu(z[d]);
+        qk_rmsnorm(ot, ot, ly->gdn_norm, dv, c->rms_eps);
+        for (int64_t d = 0; d < dv; d++) ot[d] *= qk_silu(z[d]);
     }
 }
 

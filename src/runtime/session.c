@@ -59,7 +59,7 @@ static void carve_all(qmix_session *s, sizer *z)
            dv = c->lin_v_head_dim, C = 2 * nk * dk + nv * dv, Kc = c->conv_kernel;
     size_t H = c->n_heads, KV = c->n_kv_heads, hd = c->head_dim, ctx = (size_t)s->max_ctx;
     size_t threads = (size_t)qmix_pool_threads(s->pool);
-    size_t per_thread = ctx > dv ? ctx : dv;
+    size_t per_thread = ctx;
 
     for (int i = 0; i < c->n_layers; i++) {
         qmix_layer_state *st = &s->state[i];
@@ -84,6 +84,9 @@ static void carve_all(qmix_session *s, sizer *z)
     s->v = carve(z, B * KV * hd);
     s->attn = carve(z, B * H * hd);
     s->scores = carve(z, threads * per_thread);
+    s->gdn_scratch_per_thread = (int64_t)(2 * B + qk_delta_rule_chunked_scratch(
+                                          (int)dk, (int)dv, QMIX_GDN_CHUNK) + dv + 15) & ~(int64_t)15;
+    s->gdn_scratch = carve(z, threads * (size_t)s->gdn_scratch_per_thread);
     s->router = carve(z, B * E);
     s->top_weight = carve(z, B * k);
     s->moe_x = carve(z, B * k * D);

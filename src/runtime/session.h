@@ -8,6 +8,10 @@
 
 /* Longest batch one forward call processes; longer prefills are split into batches this size. */
 #define QMIX_MAX_BATCH 512
+/* Gated DeltaNet prefill runs the chunked delta rule on blocks of this many tokens, for batches
+ * of at least QMIX_GDN_CHUNK_MIN tokens (shorter ones go token by token). */
+#define QMIX_GDN_CHUNK 64
+#define QMIX_GDN_CHUNK_MIN 8
 
 typedef struct qmix_layer_state {
     float *conv;      /* linear: [Kc-1][C], oldest first */
@@ -39,6 +43,8 @@ struct qmix_session {
     float *qkv, *z, *gdn_a, *gdn_b, *gdn_o;  /* linear attention */
     float *q, *k, *v, *attn;             /* full attention */
     float *scores;                       /* [threads][max_ctx] */
+    float *gdn_scratch;                  /* [threads][gdn_scratch_per_thread] */
+    int64_t gdn_scratch_per_thread;
     float *router;                       /* [B][E] */
     int *top_expert;                     /* [B][k] */
     float *top_weight;                   /* [B][k] */
