@@ -56,6 +56,11 @@ void qk_delta_rule_chunked(float *S, int dk, int dv, int n, const float *q, cons
                            const float *beta, float *o, int64_t ld_o, int chunk, float *scratch);
 size_t qk_delta_rule_chunked_scratch(int dk, int dv, int chunk);
 
+/* out[dim] = Σ_j softmax_j(scale·q·k_j)·v_j over n keys/values whose rows are ld_kv floats apart;
+ * scores needs n floats. */
+void qk_attend(const float *q, const float *keys, const float *values, int64_t ld_kv, int64_t n,
+               int64_t dim, float scale, float *scores, float *out);
+
 /* Elementwise and reduction ops on float32 vectors (scalar; the compiler vectorises them). */
 float qk_dot(const float *a, const float *b, int64_t n);
 void qk_rmsnorm(float *out, const float *x, const float *weight, int64_t n, float eps);

@@ -23,10 +23,17 @@ static inline __attribute__((always_inline)) void tile(int R, int T, qmix_dtype 
     __m512 acc[8][4];
     for (int r = 0; r < R; r++)
         for (int t = 0; t < T; t++) acc[r][t] = _mm512_setzero_ps();
+    const size_t esz = dt == QMIX_F32 ? 4 : 2;
     int64_t k = 0;
     for (; k < cols; k += LANES) {
         __mmask16 m = cols - k >= LANES ? (__mmask16)0xffff
                                         : (__mmask16)((1u << (cols - k)) - 1);
+        /* Decode streams each row once: fetch the next block of rows while this one computes,
+         * because the hardware prefetcher restarts at every page and rows are often one page. */
+        if (T == 1 && ((size_t)k * esz) % 64 == 0)
+            for (int r = 0; r < R; r++)
+                _mm_prefetch((const char *)(w + (size_t)(R + r) * row_bytes + (size_t)k * esz),
+                             _MM_HINT_T0);
         __m512 wv[8];
         for (int r = 0; r < R; r++) wv[r] = load_w(w + (size_t)r * row_bytes, k, m, dt);
         for (int t = 0; t < T; t++) {

@@ -133,16 +133,9 @@ static void attn_head(void *arg, int task, int thread)
     int64_t p = s->pos + t;
     const float *q = s->q + t * H * 2 * hd + h * 2 * hd, *gate = q + hd;
     float *scores = s->scores + (int64_t)thread * s->max_ctx;
-    float scale = 1.0f / sqrtf((float)hd);
-    for (int64_t j = 0; j <= p; j++)
-        scores[j] = qk_dot(q, a->st->k_cache + j * KV * hd + g * hd, hd) * scale;
-    qk_softmax(scores, p + 1);
     float *o = s->attn + t * H * hd + h * hd;
-    for (int64_t d = 0; d < hd; d++) o[d] = 0;
-    for (int64_t j = 0; j <= p; j++) {
-        const float *vj = a->st->v_cache + j * KV * hd + g * hd;
-        for (int64_t d = 0; d < hd; d++) o[d] += scores[j] * vj[d];
-    }
+    qk_attend(q, a->st->k_cache + g * hd, a->st->v_cache + g * hd, KV * hd, p + 1, hd,
+              1.0f / sqrtf((float)hd), scores, o);
     for (int64_t d = 0; d < hd; d++) o[d] *= qk_sigmoid(gate[d]);
 }
 

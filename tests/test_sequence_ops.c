@@ -1,4 +1,5 @@
-/* The chunked delta rule (prefill) against the token-by-token recurrence (decode). */
+/* Sequence-mixing kernels: the chunked delta rule (prefill) against the token-by-token recurrence
+ * (decode), and attention over a cache against a double-precision reference. */
 #include <math.h>
 
 #include "kernels/kernels.h"
@@ -88,13 +89,47 @@ START_TEST(strong_decay_stays_finite)
 }
 END_TEST
 
+START_TEST(attend_matches_reference)
+{
+    static const int dims[] = {1, 15, 16, 17, 64, 256};
+    static const int lens[] = {1, 2, 33, 300};
+    for (size_t di = 0; di < sizeof dims / sizeof dims[0]; di++)
+        for (size_t li = 0; li < sizeof lens / sizeof lens[0]; li++) {
+            int dim = dims[di], n = lens[li];
+            int64_t ld = dim + 5;
+            float *kv = malloc(sizeof(float) * (size_t)(2 * n * ld)), *q = malloc(sizeof(float) * dim);
+            float *scores = malloc(sizeof(float) * n), *out = malloc(sizeof(float) * dim);
+            double *ref = calloc((size_t)dim, sizeof(double)), *w = malloc(sizeof(double) * n);
+            for (int64_t i = 0; i < 2 * n * ld; i++) kv[i] = frand() * 3;
+            for (int i = 0; i < dim; i++) q[i] = frand() * 3;
+            float *keys = kv, *values = kv + n * ld, scale = 0.37f;
+            double mx = -1e300, sum = 0;
+            for (int j = 0; j < n; j++) {
+                double dot = 0;
+                for (int i = 0; i < dim; i++) dot += (double)q[i] * keys[j * ld + i];
+                w[j] = dot * scale;
+                mx = fmax(mx, w[j]);
+            }
+            for (int j = 0; j < n; j++) sum += w[j] = exp(w[j] - mx);
+            for (int j = 0; j < n; j++)
+                for (int i = 0; i < dim; i++) ref[i] += w[j] / sum * values[j * ld + i];
+            qk_attend(q, keys, values, ld, n, dim, scale, scores, out);
+            for (int i = 0; i < dim; i++)
+                ck_assert_msg(fabs(out[i] - ref[i]) < 1e-5 * (1 + fabs(ref[i])),
+                              "dim %d n %d: out[%d] = %.7g, reference %.7g", dim, n, i, out[i], ref[i]);
+            free(kv), free(q), free(scores), free(out), free(ref), free(w);
+        }
+}
+END_TEST
+
 static Suite *make_suite(void)
 {
-    Suite *s = suite_create("deltanet");
+    Suite *s = suite_create("sequence_ops");
     TCase *tc = tcase_create("forms");
     tcase_set_timeout(tc, 60);
     tcase_add_test(tc, chunked_matches_recurrent);
     tcase_add_test(tc, strong_decay_stays_finite);
+    tcase_add_test(tc, attend_matches_reference);
     suite_add_tcase(s, tc);
     return s;
 }
