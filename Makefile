@@ -43,20 +43,20 @@ all: $(BUILD)/qmix $(BUILD)/libqmix.a $(BENCH_BIN)
 
 $(BUILD)/%.o: %.c
 	@mkdir -p $(dir $@)
-	$(CC) $(CFLAGS_BASE) $(CFLAGS) -MMD -MP -c $< -o $@
+	$(CC) $(CFLAGS_BASE) $(KERNEL_OPT) $(CFLAGS) -MMD -MP -c $< -o $@
 
 # Kernels are hot loops written for the auto-vectoriser; -O3 lets it unroll and vectorise them.
 ifeq ($(SAN),0)
-$(BUILD)/src/kernels/%.o: OPT := -O3
+$(BUILD)/src/kernels/%.o: KERNEL_OPT := -O3
 endif
 
 $(BUILD)/src/kernels/%_avx2.o: src/kernels/%_avx2.c
 	@mkdir -p $(dir $@)
-	$(CC) $(CFLAGS_BASE) $(CFLAGS) $(AVX2_FLAGS) -MMD -MP -c $< -o $@
+	$(CC) $(CFLAGS_BASE) $(KERNEL_OPT) $(CFLAGS) $(AVX2_FLAGS) -MMD -MP -c $< -o $@
 
 $(BUILD)/src/kernels/%_avx512.o: src/kernels/%_avx512.c
 	@mkdir -p $(dir $@)
-	$(CC) $(CFLAGS_BASE) $(CFLAGS) $(AVX512_FLAGS) -MMD -MP -c $< -o $@
+	$(CC) $(CFLAGS_BASE) $(KERNEL_OPT) $(CFLAGS) $(AVX512_FLAGS) -MMD -MP -c $< -o $@
 
 $(BUILD)/libqmix.a: $(LIB_OBJ)
 	@rm -f $@

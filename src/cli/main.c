@@ -11,6 +11,7 @@ static const struct {
     {"info", qmix_cmd_info, "architecture, layer pattern, parameters and bytes by tensor role"},
     {"generate", qmix_cmd_generate, "continue a token sequence (greedy or sampled), print ids and tok/s"},
     {"logits", qmix_cmd_logits, "write raw float32 logits [n_tokens, vocab] for a token sequence"},
+    {"bench", qmix_cmd_bench, "prefill/decode tok/s, peak RSS and memory-bandwidth fraction"},
     {"synth", qmix_cmd_synth, "write a random checkpoint in the real HF layout and geometry"},
 };
 

@@ -68,7 +68,7 @@ struct qmix_st_store {
     qmix_tensor *tensors;
     uint64_t n_tensors, cap_tensors;
     char **name_blocks;     /* names are owned here (jansson strings die with their document) */
-    int n_name_blocks;
+    uint64_t n_name_blocks, cap_name_blocks;
     uint64_t *slots;        /* open-addressing table of tensor index + 1; 0 = empty */
     uint64_t n_slots;
 };
@@ -180,15 +180,17 @@ static int parse_offsets(json_t *offs, uint64_t *begin, uint64_t *end)
 static int keep_name(qmix_st_store *st, const char *name, const char **out)
 {
     size_t len = strlen(name) + 1;
+    if (st->n_name_blocks == st->cap_name_blocks) {
+        /* geometric growth: growing by one each time is quadratic where realloc copies */
+        uint64_t cap = st->cap_name_blocks ? st->cap_name_blocks * 2 : 256;
+        char **grown = realloc(st->name_blocks, cap * sizeof *grown);
+        if (!grown) return -1;
+        st->name_blocks = grown;
+        st->cap_name_blocks = cap;
+    }
     char *copy = malloc(len);
     if (!copy) return -1;
-    char **grown = realloc(st->name_blocks, (st->n_name_blocks + 1) * sizeof *grown);
-    if (!grown) {
-        free(copy);
-        return -1;
-    }
     memcpy(copy, name, len);
-    st->name_blocks = grown;
     st->name_blocks[st->n_name_blocks++] = copy;
     *out = copy;
     return 0;
@@ -279,7 +281,12 @@ static int parse_file(qmix_st_store *st, int fi, const uint8_t *image, uint64_t 
                            (unsigned long long)data_size);
             break;
         }
-        if (expected_bytes(t, &want) || want != end - begin) {
+        if (expected_bytes(t, &want)) {
+            rc = qmix_errf(err, "%s: tensor '%s': size of shape x dtype %s overflows 64 bits",
+                           path, key, qmix_dtype_st_name(t->dtype));
+            break;
+        }
+        if (want != end - begin) {
             rc = qmix_errf(err, "%s: tensor '%s': %llu bytes stored but shape and dtype %s need "
                            "%llu", path, key, (unsigned long long)(end - begin),
                            qmix_dtype_st_name(t->dtype), (unsigned long long)want);
@@ -291,15 +298,17 @@ static int parse_file(qmix_st_store *st, int fi, const uint8_t *image, uint64_t 
     json_decref(root);
     if (rc) return rc;
 
-    /* Overlapping tensors would alias: reject them (sort by offset, compare neighbours). */
-    uint64_t n = st->n_tensors - first;
-    if (n > 1) {
-        span *spans = malloc(n * sizeof *spans);
+    /* Overlapping tensors would alias: reject them (sort by offset, compare neighbours).
+     * Zero-size tensors hold no bytes and alias nothing, wherever they point. */
+    uint64_t n_all = st->n_tensors - first, n = 0;
+    if (n_all > 1) {
+        span *spans = malloc(n_all * sizeof *spans);
         if (!spans) return qmix_errf(err, "%s: out of memory", path);
-        for (uint64_t i = 0; i < n; i++) {
+        for (uint64_t i = 0; i < n_all; i++) {
             const qmix_tensor *t = &st->tensors[first + i];
+            if (!t->nbytes) continue;
             uint64_t b = (uint64_t)((const uint8_t *)t->data - data);
-            spans[i] = (span){b, b + t->nbytes, first + i};
+            spans[n++] = (span){b, b + t->nbytes, first + i};
         }
         qsort(spans, n, sizeof *spans, cmp_span);
         for (uint64_t i = 1; i < n && !rc; i++)
@@ -351,7 +360,7 @@ void qmix_st_close(qmix_st_store *st)
         if (f->metadata) json_decref(f->metadata);
         free(f->path);
     }
-    for (int i = 0; i < st->n_name_blocks; i++) free(st->name_blocks[i]);
+    for (uint64_t i = 0; i < st->n_name_blocks; i++) free(st->name_blocks[i]);
     free(st->name_blocks);
     free(st->files);
     free(st->tensors);
