@@ -5,7 +5,7 @@ set -u
 passed=0; failed=0; bad_bins=()
 for bin in "$@"; do
     out=$("$bin" 2>&1); rc=$?
-    printf '%s\n' "$out" | grep -E '^[0-9]+%: Checks' | sed "s|^|$(basename "$bin"): |"
+    printf '%s\n' "$out" | grep -E '^([0-9]+%: Checks|info: )' | sed "s|^|$(basename "$bin"): |"
     # Check prints "P%: Checks: C, Failures: F, Errors: E"
     summary=$(printf '%s\n' "$out" | grep -E '^[0-9]+%: Checks' | tail -n 1)
     if [ -z "$summary" ]; then

@@ -1,5 +1,8 @@
 #include <stdlib.h>
 #include <string.h>
+#if defined(__x86_64__) || defined(__i386__)
+#include <cpuid.h>
+#endif
 
 #include "kernels/kernels_impl.h"
 
@@ -13,9 +16,12 @@ int qk_isa_supported(qk_isa isa)
     __builtin_cpu_init();
     switch (isa) {
     case QK_ISA_SCALAR: return 1;
-    case QK_ISA_AVX2:
-        return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
-               __builtin_cpu_supports("f16c");
+    case QK_ISA_AVX2: {
+        /* F16C straight from CPUID leaf 1 (ECX bit 29): clang's builtin does not know it */
+        unsigned a, b, c, d;
+        int f16c = __get_cpuid(1, &a, &b, &c, &d) && (c & (1u << 29));
+        return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && f16c;
+    }
     case QK_ISA_AVX512:
         return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
                __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
