@@ -82,6 +82,11 @@ demo: $(BUILD)/qmix
 	$(BUILD)/qmix info testdata/fixtures/tiny-a
 	$(BUILD)/qmix generate testdata/fixtures/tiny-a --tokens "$$(cat testdata/fixtures/tiny-a/golden/tokens.txt)" -n 24
 
+# libFuzzer harnesses (clang, ASan + UBSan, into build-fuzz/), FUZZ_TIME seconds per fuzzer.
+FUZZ_TIME ?= 30
+fuzz:
+	fuzz/run.sh $(FUZZ_TIME)
+
 clean:
 	rm -rf build build-san build-fuzz
 

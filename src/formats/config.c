@@ -70,10 +70,9 @@ static int read_layer_types(json_t *text, qmix_config *c, const char *label, qmi
         return 0;
     }
     int interval;
-    if (get_int(text, "full_attention_interval", 1, 0, &interval, label, err)) {
-        return qmix_err_prefix(err, "%s: neither layer_types nor full_attention_interval given",
-                               label);
-    }
+    if (!json_object_get(text, "full_attention_interval"))
+        return qmix_errf(err, "%s: neither layer_types nor full_attention_interval given", label);
+    if (get_int(text, "full_attention_interval", 1, 0, &interval, label, err)) return -1;
     if (interval < 1) return qmix_errf(err, "%s: full_attention_interval must be >= 1", label);
     for (int i = 0; i < c->n_layers; i++) c->layer_is_full[i] = (i + 1) % interval == 0;
     return 0;
@@ -132,12 +131,14 @@ static int read_text_config(json_t *root, json_t *text, qmix_config *c, const ch
         return qmix_errf(err, "%s: partial_rotary_factor %g must be in (0, 1]", label, partial);
     if (theta <= 0) return qmix_errf(err, "%s: rope_theta must be positive", label);
     c->rot_dim = (int)lround(c->head_dim * partial);
-    if (c->rot_dim % 2)
-        return qmix_errf(err, "%s: rotary dimension %d (head_dim x partial_rotary_factor) is odd",
-                         label, c->rot_dim);
+    if (c->rot_dim % 2 || c->rot_dim == 0)
+        return qmix_errf(err, "%s: rotary dimension %d (head_dim x partial_rotary_factor) is %s",
+                         label, c->rot_dim, c->rot_dim ? "odd" : "zero");
     c->rope_theta = theta;
     if (get_num(text, "rms_norm_eps", 1e-6, &eps, label, err)) return -1;
-    if (eps <= 0) return qmix_errf(err, "%s: rms_norm_eps must be positive", label);
+    /* checked as the float it is used as: 1e-50 would become 0, 1e300 infinity */
+    if (!(eps > 0) || !((float)eps > 0) || !isfinite((float)eps))
+        return qmix_errf(err, "%s: rms_norm_eps %g must be a positive float", label, eps);
     c->rms_eps = (float)eps;
 
     c->tie_embeddings = 0;

@@ -196,6 +196,29 @@ static int keep_name(qmix_st_store *st, const char *name, const char **out)
     return 0;
 }
 
+/* jansson names a duplicate key in its message only when the key is short; tensor names are long.
+ * The error position is just past the repeated key: decode the JSON string that ends there. */
+static int duplicate_key_at(const char *text, size_t len, int position, char *out, size_t cap)
+{
+    if (position <= 0 || (size_t)position > len) return -1;
+    size_t close = (size_t)position - 1;
+    while (close > 0 && text[close] && strchr(" \t\r\n", text[close])) close--;
+    if (text[close] != '"') return -1;
+    size_t open = close;
+    for (;;) { /* the nearest quote before it not escaped by an odd run of backslashes */
+        if (open == 0) return -1;
+        if (text[--open] != '"') continue;
+        size_t bs = 0;
+        while (bs < open && text[open - 1 - bs] == '\\') bs++;
+        if (bs % 2 == 0) break;
+    }
+    json_t *key = json_loadb(text + open, close + 1 - open, JSON_DECODE_ANY, NULL);
+    int rc = json_is_string(key) ? 0 : -1;
+    if (!rc) snprintf(out, cap, "%s", json_string_value(key));
+    json_decref(key);
+    return rc;
+}
+
 /* Parses and validates the header of files[fi], whose bytes are image[0..size). */
 static int parse_file(qmix_st_store *st, int fi, const uint8_t *image, uint64_t size,
                       qmix_err *err)
@@ -220,8 +243,15 @@ static int parse_file(qmix_st_store *st, int fi, const uint8_t *image, uint64_t 
 
     json_error_t jerr;
     json_t *root = json_loadb((const char *)image + 8, hlen, JSON_REJECT_DUPLICATES, &jerr);
-    if (!root) return qmix_errf(err, "%s: bad header JSON at byte %d: %s", path, jerr.position,
-                                jerr.text);
+    if (!root) {
+        char dup[512];
+        if (json_error_code(&jerr) == json_error_duplicate_key &&
+            !duplicate_key_at((const char *)image + 8, hlen, jerr.position, dup, sizeof dup))
+            return qmix_errf(err, "%s: bad header JSON at byte %d: duplicate key '%s'", path,
+                             jerr.position, dup);
+        return qmix_errf(err, "%s: bad header JSON at byte %d: %s", path, jerr.position,
+                         jerr.text);
+    }
     if (!json_is_object(root)) {
         json_decref(root);
         return qmix_errf(err, "%s: header is not a JSON object", path);

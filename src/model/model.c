@@ -229,6 +229,22 @@ static int bind_model(qmix_model *m, qmix_err *err)
     snprintf(probe, sizeof probe, "%slayers.0.mlp.experts.gate_up_proj", m->prefix);
     m->experts_fused = qmix_st_find(m->store, probe) != NULL;
 
+    /* The config sizes the allocations below: check it against the checkpoint first, so a
+     * hostile config cannot ask for terabytes before any tensor is looked at. */
+    int64_t dims_embed[2] = {c->vocab_size, c->hidden_size};
+    int64_t dims_router[2] = {c->n_experts, c->hidden_size};
+    int64_t dims_norm[1] = {c->hidden_size};
+    if (check_shape(&b, find(&b, "%sembed_tokens.weight", m->prefix), 2, dims_embed) ||
+        check_shape(&b, find(&b, "%slayers.0.mlp.gate.weight", m->prefix), 2, dims_router) ||
+        check_shape(&b, find(&b, "%slayers.%d.input_layernorm.weight", m->prefix,
+                             c->n_layers - 1), 1, dims_norm))
+        return -1;
+    char beyond[256];
+    snprintf(beyond, sizeof beyond, "%slayers.%d.input_layernorm.weight", m->prefix, c->n_layers);
+    if (qmix_st_find(m->store, beyond))
+        return qmix_errf(err, "config says %d layers but the checkpoint has '%s'", c->n_layers,
+                         beyond);
+
     m->layers = calloc((size_t)c->n_layers, sizeof *m->layers);
     m->expert_pool = calloc((size_t)c->n_layers * c->n_experts, sizeof *m->expert_pool);
     m->f32_pool = malloc(f32_pool_size(c) * sizeof(float));
