@@ -511,6 +511,9 @@ START_TEST(inconsistent_geometry)
               "num_experts 8");
     /* too many layers */
     FAIL_WITH(base, "num_hidden_layers", json_integer(QMIX_MAX_LAYERS + 1), "513 layers");
+    /* a causal conv of width 1 carries no state */
+    FAIL_WITH(base, "linear_conv_kernel_dim", json_integer(1), "linear_conv_kernel_dim 1",
+              "at least 2");
     json_decref(base);
 }
 END_TEST

@@ -107,6 +107,9 @@ static int read_text_config(json_t *root, json_t *text, qmix_config *c, const ch
     if (c->n_layers > QMIX_MAX_LAYERS)
         return qmix_errf(err, "%s: %d layers (at most %d supported)", label, c->n_layers,
                          QMIX_MAX_LAYERS);
+    if (c->conv_kernel < 2)
+        return qmix_errf(err, "%s: linear_conv_kernel_dim %d must be at least 2", label,
+                         c->conv_kernel);
     if (c->n_heads % c->n_kv_heads)
         return qmix_errf(err, "%s: num_attention_heads %d is not a multiple of "
                          "num_key_value_heads %d", label, c->n_heads, c->n_kv_heads);
