@@ -812,7 +812,7 @@ START_TEST(cli_help)
 {
     EXPECT_EXIT("--help", 0, "usage", "info", "generate", "logits");
     EXPECT_EXIT("-h", 0, "usage");
-    const char *cmds[] = {"info", "generate", "logits", "synth"};
+    const char *cmds[] = {"info", "generate", "logits", "synth", "bench"};
     for (size_t i = 0; i < sizeof cmds / sizeof cmds[0]; i++) {
         char args[64];
         snprintf(args, sizeof args, "%s --help", cmds[i]);

@@ -1,0 +1,460 @@
+/* qmix bench: prefill and decode throughput, peak RSS, and decode as a fraction of the
+ * machine's measured memory read bandwidth (decode of a MoE model is memory-bound: every token
+ * streams the dense weights plus its top-k experts). */
+#include <errno.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include "cli/cli.h"
+#include "cli/commands.h"
+#include "eval/membw.h"
+#include "kernels/kernels.h"
+#include "model/model.h"
+
+#define MAX_RUNS 64
+
+#ifndef MADV_POPULATE_READ
+#define MADV_POPULATE_READ 22
+#endif
+
+static void usage(FILE *out)
+{
+    fprintf(out,
+            "usage: qmix bench MODEL [--prompt N] [--gen N] [--threads LIST] [--ctx N] [--no-membw]\n"
+            "                  [--json]\n\n"
+            "For each thread count: opens a session, prefills N pseudo-random token ids in one call\n"
+            "(prefill tok/s), then decodes greedily (argmax) timing every step (decode tok/s = steps /\n"
+            "total time; the median step time is shown too). Decode reads the weights of every dense\n"
+            "matrix plus the top-k experts per token, so its GB/s = (bytes of weights per token) x\n"
+            "(tok/s) is compared with the machine's read bandwidth, measured with the same number of\n"
+            "threads on a 1 GiB buffer just before and just after the row (in a child process, so\n"
+            "it stays out of the RSS; '!' marks a row where the two differ by more than 15%%).\n"
+            "Peak RSS is the whole process's peak so far (getrusage), including the pages of the\n"
+            "memory-mapped checkpoint that were touched.\n\n"
+            "  --prompt N        prompt tokens to prefill (default 512)\n"
+            "  --gen N           decode steps to time (default 64)\n"
+            "  --threads LIST    comma-separated thread counts, e.g. 1,2 (default: 1,2)\n"
+            "  --ctx N           session context size (default: prompt + gen)\n"
+            "  --seed S          seed of the pseudo-random prompt ids (default 1)\n"
+            "  --no-prefault     do not map in the weights before the first run (by default every\n"
+            "                    matrix the forward pass can read is prefaulted, untimed, so the\n"
+            "                    first row does not pay page faults / disk reads the others skip)\n"
+            "  --no-membw        skip the memory-bandwidth measurement (and the %% column)\n"
+            "  --json            print one JSON object instead of the table\n");
+}
+
+typedef struct bench_run {
+    int threads;
+    double prefill_s, decode_s, median_step_s;
+    double bw_before, bw_after, membw_gbs; /* read GB/s around the row; < 0: not measured */
+    int bw_unstable;
+    int decode_steps;
+    uint64_t peak_rss;
+} bench_run;
+
+static int parse_threads(const char *spec, int *out, int *n)
+{
+    *n = 0;
+    const char *p = spec;
+    while (*p) {
+        char *end;
+        long v = strtol(p, &end, 10);
+        if (end == p || v < 1 || v > 1024 || (*end && *end != ',') || *n == MAX_RUNS) {
+            fprintf(stderr, "qmix bench: --threads expects a comma-separated list of counts in "
+                            "[1, 1024], got '%s'\n", spec);
+            return -1;
+        }
+        out[(*n)++] = (int)v;
+        p = *end ? end + 1 : end;
+    }
+    if (!*n) {
+        fprintf(stderr, "qmix bench: --threads: no thread counts given\n");
+        return -1;
+    }
+    return 0;
+}
+
+static int cmp_double(const void *a, const void *b)
+{
+    double x = *(const double *)a, y = *(const double *)b;
+    return x < y ? -1 : x > y;
+}
+
+static int32_t argmax(const float *v, int n)
+{
+    int32_t best = 0;
+    for (int i = 1; i < n; i++)
+        if (v[i] > v[best]) best = i;
+    return best;
+}
+
+static void human(double bytes, char *buf, size_t len)
+{
+    const char *units[] = {"B", "KiB", "MiB", "GiB", "TiB"};
+    int u = 0;
+    while (bytes >= 1024 && u < 4) {
+        bytes /= 1024;
+        u++;
+    }
+    snprintf(buf, len, u ? "%.2f %s" : "%.0f %s", bytes, units[u]);
+}
+
+static void json_str(const char *s)
+{
+    putchar('"');
+    for (; *s; s++) {
+        unsigned char ch = (unsigned char)*s;
+        if (ch == '"' || ch == '\\')
+            printf("\\%c", ch);
+        else if (ch < 0x20)
+            printf("\\u%04x", ch);
+        else
+            putchar(ch);
+    }
+    putchar('"');
+}
+
+static volatile uint8_t prefault_sink;
+
+/* Populates the page tables of one weight matrix (reading it from disk if it is not cached). */
+static uint64_t prefault_mat(const qk_mat *m, long page)
+{
+    if (!m->data || m->rows <= 0) return 0;
+    uintptr_t begin = (uintptr_t)m->data, end = begin + (uintptr_t)m->rows * m->row_bytes;
+    uintptr_t a = begin & ~(uintptr_t)(page - 1);
+    if (madvise((void *)a, end - a, MADV_POPULATE_READ)) {
+        /* older kernels: touch one byte per page */
+        for (uintptr_t p = a; p < end; p += (uintptr_t)page)
+            prefault_sink += *(const volatile uint8_t *)(p < begin ? begin : p);
+    }
+    return end - begin;
+}
+
+/* Every matrix a forward pass may read except the embedding table (one row per token is read;
+ * with tied embeddings it is the lm_head and so included). Returns the bytes covered. */
+static uint64_t prefault_weights(const qmix_model *m)
+{
+    long page = sysconf(_SC_PAGESIZE);
+    if (page <= 0) page = 4096;
+    const qmix_config *c = &m->cfg;
+    uint64_t bytes = prefault_mat(&m->lm_head, page);
+    for (int i = 0; i < c->n_layers; i++) {
+        const qmix_layer *ly = &m->layers[i];
+        const qk_mat *mats[] = {&ly->in_qkv, &ly->in_z, &ly->in_b, &ly->in_a, &ly->out_proj,
+                                &ly->q_proj, &ly->k_proj, &ly->v_proj, &ly->o_proj, &ly->router,
+                                &ly->shared_gate, &ly->shared_up, &ly->shared_down,
+                                &ly->shared_expert_gate};
+        for (size_t k = 0; k < sizeof mats / sizeof mats[0]; k++)
+            bytes += prefault_mat(mats[k], page);
+        for (int e = 0; ly->experts && e < c->n_experts; e++) {
+            bytes += prefault_mat(&ly->experts[e].gate, page);
+            bytes += prefault_mat(&ly->experts[e].up, page);
+            bytes += prefault_mat(&ly->experts[e].down, page);
+        }
+    }
+    return bytes;
+}
+
+static void json_num(const char *key, double v, int decimals)
+{
+    if (v < 0)
+        printf("\"%s\": null, ", key);
+    else
+        printf("\"%s\": %.*f, ", key, decimals, v);
+}
+
+/* Read bandwidth with n threads, measured in a child process so that its 1 GiB buffer never
+ * counts in this process's peak RSS (falls back to measuring here if fork fails). */
+static double probe_membw(int threads)
+{
+    int fds[2];
+    if (pipe(fds)) return qmix_membw_read_gbs(threads, QMIX_MEMBW_DEFAULT_BYTES, 3);
+    fflush(stdout);
+    fflush(stderr);
+    pid_t pid = fork();
+    if (pid < 0) {
+        close(fds[0]);
+        close(fds[1]);
+        return qmix_membw_read_gbs(threads, QMIX_MEMBW_DEFAULT_BYTES, 3);
+    }
+    if (pid == 0) {
+        close(fds[0]);
+        double gbs = qmix_membw_read_gbs(threads, QMIX_MEMBW_DEFAULT_BYTES, 3);
+        ssize_t w = write(fds[1], &gbs, sizeof gbs);
+        _exit(w == (ssize_t)sizeof gbs ? 0 : 1);
+    }
+    close(fds[1]);
+    double gbs = -1;
+    size_t got = 0;
+    while (got < sizeof gbs) {
+        ssize_t n = read(fds[0], (char *)&gbs + got, sizeof gbs - got);
+        if (n < 0 && errno == EINTR) continue;
+        if (n <= 0) break;
+        got += (size_t)n;
+    }
+    close(fds[0]);
+    int status;
+    while (waitpid(pid, &status, 0) < 0 && errno == EINTR) {
+    }
+    return got == sizeof gbs ? gbs : -1;
+}
+
+static int run_one(qmix_model *model, int threads, int ctx, const int32_t *prompt, int n_prompt,
+                   int n_gen, double *steps, bench_run *r, qmix_err *err)
+{
+    const qmix_config *cfg = qmix_model_config(model);
+    qmix_session *sess = NULL;
+    qmix_session_opts opts = {.max_ctx = ctx, .n_threads = threads};
+    if (qmix_session_new(model, &opts, &sess, err)) return -1;
+    r->threads = qmix_session_threads(sess);
+    double t0 = cli_now();
+    if (qmix_session_prefill(sess, prompt, n_prompt, NULL, err)) goto fail;
+    r->prefill_s = cli_now() - t0;
+    int32_t next = argmax(qmix_session_logits(sess), cfg->vocab_size);
+    double total = 0;
+    for (int i = 0; i < n_gen; i++) {
+        double s0 = cli_now();
+        if (qmix_session_decode(sess, next, err)) goto fail;
+        next = argmax(qmix_session_logits(sess), cfg->vocab_size);
+        steps[i] = cli_now() - s0;
+        total += steps[i];
+    }
+    r->decode_s = total;
+    r->decode_steps = n_gen;
+    qsort(steps, (size_t)n_gen, sizeof *steps, cmp_double);
+    r->median_step_s = !n_gen ? 0
+                       : n_gen % 2 ? steps[n_gen / 2]
+                                   : 0.5 * (steps[n_gen / 2 - 1] + steps[n_gen / 2]);
+    qmix_session_free(sess);
+    r->peak_rss = cli_peak_rss();
+    return 0;
+fail:
+    qmix_session_free(sess);
+    return -1;
+}
+
+int qmix_cmd_bench(int argc, char **argv)
+{
+    const char *model_path = NULL;
+    long n_prompt = 512, n_gen = 64, ctx = 0, seed = 1;
+    int thread_list[MAX_RUNS] = {1, 2}, n_runs = 2, do_membw = 1, json = 0, prefault = 1;
+    for (int i = 1; i < argc; i++) {
+        const char *a = argv[i], *v;
+        if (!strcmp(a, "--help") || !strcmp(a, "-h")) {
+            usage(stdout);
+            return 0;
+        } else if (!strcmp(a, "--prompt")) {
+            if (!(v = cli_value("bench", argc, argv, &i)) ||
+                cli_int("bench", a, v, 1, 1 << 24, &n_prompt))
+                return 2;
+        } else if (!strcmp(a, "--gen")) {
+            if (!(v = cli_value("bench", argc, argv, &i)) ||
+                cli_int("bench", a, v, 0, 1 << 24, &n_gen))
+                return 2;
+        } else if (!strcmp(a, "--ctx")) {
+            if (!(v = cli_value("bench", argc, argv, &i)) ||
+                cli_int("bench", a, v, 1, 1 << 24, &ctx))
+                return 2;
+        } else if (!strcmp(a, "--seed")) {
+            if (!(v = cli_value("bench", argc, argv, &i)) ||
+                cli_int("bench", a, v, 0, 0x7fffffffL, &seed))
+                return 2;
+        } else if (!strcmp(a, "--threads")) {
+            if (!(v = cli_value("bench", argc, argv, &i)) ||
+                parse_threads(v, thread_list, &n_runs))
+                return 2;
+        } else if (!strcmp(a, "--no-prefault")) {
+            prefault = 0;
+        } else if (!strcmp(a, "--no-membw")) {
+            do_membw = 0;
+        } else if (!strcmp(a, "--json")) {
+            json = 1;
+        } else if (a[0] == '-') {
+            fprintf(stderr, "qmix bench: unknown option '%s' (see --help)\n", a);
+            return 2;
+        } else if (!model_path) {
+            model_path = a;
+        } else {
+            fprintf(stderr, "qmix bench: unexpected argument '%s'\n", a);
+            return 2;
+        }
+    }
+    if (!model_path) {
+        usage(stderr);
+        return 2;
+    }
+    if (!ctx) ctx = n_prompt + n_gen;
+    if (ctx < n_prompt + n_gen) {
+        fprintf(stderr, "qmix bench: --ctx %ld is smaller than prompt + gen = %ld\n", ctx,
+                n_prompt + n_gen);
+        return 2;
+    }
+
+    qmix_err err;
+    qmix_model *model = NULL;
+    if (qmix_model_open(model_path, &model, &err)) {
+        fprintf(stderr, "qmix bench: %s\n", err.msg);
+        return 1;
+    }
+    const qmix_config *c = qmix_model_config(model);
+    int32_t *prompt = malloc((size_t)n_prompt * sizeof *prompt);
+    double *steps = malloc(((size_t)n_gen + 1) * sizeof *steps);
+    bench_run runs[MAX_RUNS];
+    memset(runs, 0, sizeof runs);
+    int rc = 1;
+    if (!prompt || !steps) {
+        fprintf(stderr, "qmix bench: out of memory\n");
+        goto done;
+    }
+    uint64_t state = 0x9e3779b97f4a7c15ull ^ (uint64_t)seed * 0xbf58476d1ce4e5b9ull;
+    for (long i = 0; i < n_prompt; i++) {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        prompt[i] = (int32_t)(state % (uint64_t)c->vocab_size);
+    }
+
+    int n_full = 0;
+    for (int i = 0; i < c->n_layers; i++) n_full += c->layer_is_full[i];
+    uint64_t file_bytes = 0;
+    for (uint64_t i = 0; i < qmix_st_count(model->store); i++)
+        file_bytes += qmix_st_at(model->store, i)->nbytes;
+    uint64_t tok_bytes = qmix_model_decode_bytes(model);
+    const char *isa = qk_isa_name(qk_isa_active());
+
+    if (!json) {
+        char hf[32], ht[32];
+        human((double)file_bytes, hf, sizeof hf);
+        human((double)tok_bytes, ht, sizeof ht);
+        printf("model   %s\n", model_path);
+        printf("geometry %d layers (%d Gated DeltaNet + %d full attention), hidden %d, vocab %d, "
+               "%d experts top-%d (ffn %d, shared %d), attention %d/%d heads x %d; tensors %s, "
+               "read per decoded token %s\n",
+               c->n_layers, c->n_layers - n_full, n_full, c->hidden_size, c->vocab_size,
+               c->n_experts, c->n_experts_used, c->moe_ffn, c->shared_ffn, c->n_heads,
+               c->n_kv_heads, c->head_dim, hf, ht);
+        printf("kernels %s; prompt %ld pseudo-random tokens in one prefill call, %ld greedy decode "
+               "steps, ctx %ld\n",
+               isa, n_prompt, n_gen, ctx);
+        fflush(stdout);
+    }
+
+    uint64_t prefault_bytes = 0;
+    double prefault_s = 0;
+    if (prefault) {
+        double t0 = cli_now();
+        prefault_bytes = prefault_weights(model);
+        prefault_s = cli_now() - t0;
+        if (!json) {
+            char hb[32];
+            human((double)prefault_bytes, hb, sizeof hb);
+            printf("prefaulted %s of weights in %.2f s (untimed)\n\n", hb, prefault_s);
+            fflush(stdout);
+        }
+    }
+
+    for (int r = 0; r < n_runs; r++) {
+        bench_run *b = &runs[r];
+        b->bw_before = b->bw_after = -1;
+        /* the probe brackets the row: the bandwidth a VM gets can change from minute to minute */
+        if (do_membw) b->bw_before = probe_membw(thread_list[r]);
+        if (run_one(model, thread_list[r], (int)ctx, prompt, (int)n_prompt, (int)n_gen, steps, b,
+                    &err)) {
+            fprintf(stderr, "qmix bench: %d threads: %s\n", thread_list[r], err.msg);
+            goto done;
+        }
+        if (do_membw) b->bw_after = probe_membw(b->threads);
+        b->membw_gbs = b->bw_before > 0 && b->bw_after > 0 ? 0.5 * (b->bw_before + b->bw_after)
+                       : b->bw_before > 0                  ? b->bw_before
+                                                           : b->bw_after;
+        b->bw_unstable = b->bw_before > 0 && b->bw_after > 0 &&
+                         (b->bw_before > 1.15 * b->bw_after || b->bw_after > 1.15 * b->bw_before);
+    }
+
+    int any_unstable = 0;
+    if (json) {
+        printf("{\"model\": ");
+        json_str(model_path);
+        printf(", \"isa\": \"%s\", \"n_layers\": %d, \"n_full_attention\": %d, \"hidden_size\": %d, "
+               "\"vocab_size\": %d, \"n_experts\": %d, \"n_experts_used\": %d, \"moe_ffn\": %d, "
+               "\"shared_ffn\": %d, \"tensor_bytes\": %llu, \"decode_weight_bytes_per_token\": "
+               "%llu, \"prompt_tokens\": %ld, \"decode_steps\": %ld, \"ctx\": %ld, "
+               "\"prefaulted_bytes\": %llu, \"prefault_s\": %.3f, "
+               "\"peak_rss_is_process_peak\": true, \"runs\": [",
+               isa, c->n_layers, n_full, c->hidden_size, c->vocab_size, c->n_experts,
+               c->n_experts_used, c->moe_ffn, c->shared_ffn, (unsigned long long)file_bytes,
+               (unsigned long long)tok_bytes, n_prompt, n_gen, ctx,
+               (unsigned long long)prefault_bytes, prefault_s);
+        for (int r = 0; r < n_runs; r++) {
+            const bench_run *b = &runs[r];
+            double dec = b->decode_s > 0 ? b->decode_steps / b->decode_s : 0;
+            double gbs = dec * (double)tok_bytes / 1e9;
+            printf("%s{\"threads\": %d, \"prefill_s\": %.6f, \"prefill_tok_s\": %.3f, ",
+                   r ? ", " : "", b->threads, b->prefill_s, n_prompt / b->prefill_s);
+            if (b->decode_steps)
+                printf("\"decode_s\": %.6f, \"decode_tok_s\": %.3f, \"decode_median_step_ms\": "
+                       "%.4f, \"decode_gb_s\": %.3f, ",
+                       b->decode_s, dec, b->median_step_s * 1e3, gbs);
+            else
+                printf("\"decode_s\": null, \"decode_tok_s\": null, \"decode_median_step_ms\": "
+                       "null, \"decode_gb_s\": null, ");
+            json_num("read_bw_before_gb_s", b->bw_before, 3);
+            json_num("read_bw_after_gb_s", b->bw_after, 3);
+            json_num("read_bw_gb_s", b->membw_gbs, 3);
+            json_num("decode_pct_of_read_bw",
+                     b->membw_gbs > 0 && b->decode_steps ? 100 * gbs / b->membw_gbs : -1, 2);
+            printf("\"read_bw_unstable\": %s, \"peak_rss_bytes\": %llu}",
+                   b->bw_unstable ? "true" : "false", (unsigned long long)b->peak_rss);
+        }
+        printf("]}\n");
+    } else {
+        char ht[32];
+        human((double)tok_bytes, ht, sizeof ht);
+        printf("| Threads | Prefill (tok/s) | Decode (tok/s) | Median step | Weights/token | "
+               "Decode GB/s | %% of read BW | Peak RSS* |\n");
+        printf("|---|---|---|---|---|---|---|---|\n");
+        for (int r = 0; r < n_runs; r++) {
+            const bench_run *b = &runs[r];
+            double dec = b->decode_s > 0 ? b->decode_steps / b->decode_s : 0;
+            double gbs = dec * (double)tok_bytes / 1e9;
+            char pct[96], rss[32];
+            if (b->membw_gbs > 0 && b->decode_steps && b->bw_unstable) {
+                snprintf(pct, sizeof pct, "%.1f%%! (read BW %.1f -> %.1f GB/s)",
+                         100 * gbs / b->membw_gbs, b->bw_before, b->bw_after);
+                any_unstable = 1;
+            } else if (b->membw_gbs > 0 && b->decode_steps) {
+                snprintf(pct, sizeof pct, "%.1f%% (of %.1f GB/s)", 100 * gbs / b->membw_gbs,
+                         b->membw_gbs);
+            } else {
+                snprintf(pct, sizeof pct, "-");
+            }
+            human((double)b->peak_rss, rss, sizeof rss);
+            if (b->decode_steps)
+                printf("| %d | %.1f | %.2f | %.2f ms | %s | %.2f | %s | %s |\n", b->threads,
+                       n_prompt / b->prefill_s, dec, b->median_step_s * 1e3, ht, gbs, pct, rss);
+            else
+                printf("| %d | %.1f | - | - | %s | - | - | %s |\n", b->threads,
+                       n_prompt / b->prefill_s, ht, rss);
+        }
+        printf("\n* Peak RSS is this process's peak so far (getrusage ru_maxrss), cumulative over the "
+               "rows above;\n  it includes the pages of the memory-mapped checkpoint that were "
+               "touched, plus the session buffers.\n");
+        if (do_membw)
+            printf("  Read BW: best of 3 passes over a 1 GiB buffer with the row's thread count "
+                   "(%s loop, in a child\n  process so it stays out of the RSS), measured before "
+                   "and after the row and averaged;\n  GB/s = 1e9 B/s.\n", qmix_membw_isa());
+        if (any_unstable)
+            printf("  !: the read bandwidth changed by more than 15%% during the row (a shared "
+                   "or virtual machine);\n  rerun it.\n");
+    }
+    rc = 0;
+done:
+    free(prompt);
+    free(steps);
+    qmix_model_close(model);
+    return rc;
+}
