@@ -2,6 +2,7 @@
 #ifndef QMIX_CLI_CLI_H
 #define QMIX_CLI_CLI_H
 
+#include <stddef.h>
 #include <stdint.h>
 
 #include "qmix.h"
@@ -14,6 +15,8 @@ int cli_tokens(const char *cmd, const char *spec, int32_t **tokens, int *n);
 /* Fetches the value after argv[*i] for flag, advancing *i; prints an error if missing. */
 const char *cli_value(const char *cmd, int argc, char **argv, int *i);
 double cli_now(void);
+/* "1.50 GiB": bytes in binary units. */
+void cli_human_bytes(double bytes, char *buf, size_t len);
 /* Peak resident set size of this process, in bytes. */
 uint64_t cli_peak_rss(void);
 

@@ -11,6 +11,7 @@
 
 #include "cli/cli.h"
 #include "cli/commands.h"
+#include "runtime/sampler.h"
 #include "eval/membw.h"
 #include "kernels/kernels.h"
 #include "model/model.h"
@@ -82,25 +83,6 @@ static int cmp_double(const void *a, const void *b)
 {
     double x = *(const double *)a, y = *(const double *)b;
     return x < y ? -1 : x > y;
-}
-
-static int32_t argmax(const float *v, int n)
-{
-    int32_t best = 0;
-    for (int i = 1; i < n; i++)
-        if (v[i] > v[best]) best = i;
-    return best;
-}
-
-static void human(double bytes, char *buf, size_t len)
-{
-    const char *units[] = {"B", "KiB", "MiB", "GiB", "TiB"};
-    int u = 0;
-    while (bytes >= 1024 && u < 4) {
-        bytes /= 1024;
-        u++;
-    }
-    snprintf(buf, len, u ? "%.2f %s" : "%.0f %s", bytes, units[u]);
 }
 
 static void json_str(const char *s)
@@ -214,12 +196,12 @@ static int run_one(qmix_model *model, int threads, int ctx, const int32_t *promp
     double t0 = cli_now();
     if (qmix_session_prefill(sess, prompt, n_prompt, NULL, err)) goto fail;
     r->prefill_s = cli_now() - t0;
-    int32_t next = argmax(qmix_session_logits(sess), cfg->vocab_size);
+    int32_t next = qmix_argmax(qmix_session_logits(sess), cfg->vocab_size);
     double total = 0;
     for (int i = 0; i < n_gen; i++) {
         double s0 = cli_now();
         if (qmix_session_decode(sess, next, err)) goto fail;
-        next = argmax(qmix_session_logits(sess), cfg->vocab_size);
+        next = qmix_argmax(qmix_session_logits(sess), cfg->vocab_size);
         steps[i] = cli_now() - s0;
         total += steps[i];
     }
@@ -328,8 +310,8 @@ int qmix_cmd_bench(int argc, char **argv)
 
     if (!json) {
         char hf[32], ht[32];
-        human((double)file_bytes, hf, sizeof hf);
-        human((double)tok_bytes, ht, sizeof ht);
+        cli_human_bytes((double)file_bytes, hf, sizeof hf);
+        cli_human_bytes((double)tok_bytes, ht, sizeof ht);
         printf("model   %s\n", model_path);
         printf("geometry %d layers (%d Gated DeltaNet + %d full attention), hidden %d, vocab %d, "
                "%d experts top-%d (ffn %d, shared %d), attention %d/%d heads x %d; tensors %s, "
@@ -351,7 +333,7 @@ int qmix_cmd_bench(int argc, char **argv)
         prefault_s = cli_now() - t0;
         if (!json) {
             char hb[32];
-            human((double)prefault_bytes, hb, sizeof hb);
+            cli_human_bytes((double)prefault_bytes, hb, sizeof hb);
             printf("prefaulted %s of weights in %.2f s (untimed)\n\n", hb, prefault_s);
             fflush(stdout);
         }
@@ -413,7 +395,7 @@ int qmix_cmd_bench(int argc, char **argv)
         printf("]}\n");
     } else {
         char ht[32];
-        human((double)tok_bytes, ht, sizeof ht);
+        cli_human_bytes((double)tok_bytes, ht, sizeof ht);
         printf("| Threads | Prefill (tok/s) | Decode (tok/s) | Median step | Weights/token | "
                "Decode GB/s | %% of read BW | Peak RSS* |\n");
         printf("|---|---|---|---|---|---|---|---|\n");
@@ -432,7 +414,7 @@ int qmix_cmd_bench(int argc, char **argv)
             } else {
                 snprintf(pct, sizeof pct, "-");
             }
-            human((double)b->peak_rss, rss, sizeof rss);
+            cli_human_bytes((double)b->peak_rss, rss, sizeof rss);
             if (b->decode_steps)
                 printf("| %d | %.1f | %.2f | %.2f ms | %s | %.2f | %s | %s |\n", b->threads,
                        n_prompt / b->prefill_s, dec, b->median_step_s * 1e3, ht, gbs, pct, rss);

@@ -13,17 +13,6 @@ static void usage(FILE *out)
                  "role (every tensor in the checkpoint, vision and MTP included).\n");
 }
 
-static void human(double bytes, char *buf, size_t len)
-{
-    const char *units[] = {"B", "KiB", "MiB", "GiB", "TiB"};
-    int u = 0;
-    while (bytes >= 1024 && u < 4) {
-        bytes /= 1024;
-        u++;
-    }
-    snprintf(buf, len, u ? "%.2f %s" : "%.0f %s", bytes, units[u]);
-}
-
 int qmix_cmd_info(int argc, char **argv)
 {
     const char *model_path = NULL;
@@ -97,7 +86,7 @@ int qmix_cmd_info(int argc, char **argv)
     for (int r = 0; r < QMIX_ROLE_COUNT; r++) {
         if (!tensors[r]) continue;
         char hb[32], dt[64] = "";
-        human((double)bytes[r], hb, sizeof hb);
+        cli_human_bytes((double)bytes[r], hb, sizeof hb);
         for (int d = 0; d < QMIX_DTYPE_COUNT; d++)
             if (dtypes[r][d]) {
                 if (dt[0]) strcat(dt, ",");
@@ -107,10 +96,10 @@ int qmix_cmd_info(int argc, char **argv)
                (unsigned long long)tensors[r], (unsigned long long)params[r], hb, dt);
     }
     char hb[32], hd[32];
-    human((double)total_b, hb, sizeof hb);
+    cli_human_bytes((double)total_b, hb, sizeof hb);
     printf("%-20s %8llu %16llu %12s\n", "total", (unsigned long long)qmix_st_count(m->store),
            (unsigned long long)total_p, hb);
-    human((double)qmix_model_decode_bytes(m), hd, sizeof hd);
+    cli_human_bytes((double)qmix_model_decode_bytes(m), hd, sizeof hd);
     printf("\nweights read per decoded token: %s (top-%d of %d experts)\n", hd, c->n_experts_used,
            c->n_experts);
     qmix_model_close(m);
