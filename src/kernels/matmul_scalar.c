@@ -5,28 +5,38 @@
 
 #include "kernels/kernels_impl.h"
 
-static float weight_at(const uint8_t *row, qmix_dtype dtype, int64_t i)
+/* Widens cols [k, k + n) of a row into out. */
+static void widen(const uint8_t *row, qmix_dtype dtype, int64_t k, int n, float *out)
 {
-    uint16_t h;
-    float f;
-    switch (dtype) {
-    case QMIX_F32: memcpy(&f, row + 4 * i, 4); return f;
-    case QMIX_BF16: memcpy(&h, row + 2 * i, 2); return qk_bf16_to_f32(h);
-    case QMIX_F16: memcpy(&h, row + 2 * i, 2); return qk_f16_to_f32(h);
-    default: return NAN;
+    for (int i = 0; i < n; i++) {
+        uint16_t h;
+        switch (dtype) {
+        case QMIX_F32: memcpy(&out[i], row + 4 * (k + i), 4); break;
+        case QMIX_BF16: memcpy(&h, row + 2 * (k + i), 2); out[i] = qk_bf16_to_f32(h); break;
+        case QMIX_F16: memcpy(&h, row + 2 * (k + i), 2); out[i] = qk_f16_to_f32(h); break;
+        default: out[i] = NAN; break;
+        }
     }
 }
+
+#define BLOCK 256 /* columns widened at a time, on the stack */
 
 void qk_matmul_scalar(const qk_mat *w, int64_t row_begin, int64_t row_end, const float *x, int n,
                       int64_t ldx, float *y, int64_t ldy)
 {
+    float buf[BLOCK];
     for (int64_t o = row_begin; o < row_end; o++) {
         const uint8_t *row = (const uint8_t *)w->data + (size_t)o * w->row_bytes;
-        for (int t = 0; t < n; t++) {
-            const float *xt = x + (int64_t)t * ldx;
-            float acc = 0;
-            for (int64_t i = 0; i < w->cols; i++) acc += weight_at(row, w->dtype, i) * xt[i];
-            y[(int64_t)t * ldy + o] = acc;
+        for (int t = 0; t < n; t++) y[(int64_t)t * ldy + o] = 0;
+        for (int64_t k = 0; k < w->cols; k += BLOCK) {
+            int len = w->cols - k < BLOCK ? (int)(w->cols - k) : BLOCK;
+            widen(row, w->dtype, k, len, buf);
+            for (int t = 0; t < n; t++) {
+                const float *xt = x + (int64_t)t * ldx + k;
+                float acc = y[(int64_t)t * ldy + o];
+                for (int i = 0; i < len; i++) acc += buf[i] * xt[i];
+                y[(int64_t)t * ldy + o] = acc;
+            }
         }
     }
 }
