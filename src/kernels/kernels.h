@@ -8,13 +8,20 @@
 
 #include "qmix.h"
 
-/* A row-major weight matrix [rows, cols] of dtype F32, F16 or BF16, rows row_bytes apart. The
- * data may be unaligned (it sits where the checkpoint put it). */
+/* A row-major weight matrix [rows, cols], rows row_bytes apart. dtype F32, F16 or BF16: plain
+ * values. dtype U32: MLX affine codes (bits, group_size; see src/quant/affine.h), one packed row
+ * of cols·bits/32 words per row, with per-group scales and biases [rows][cols/group_size] of
+ * scale_dtype (BF16, F16 or F32), scale rows scale_row_bytes apart. The data may be unaligned
+ * (it sits where the checkpoint put it). */
 typedef struct qk_mat {
     qmix_dtype dtype;
     int64_t rows, cols;
     size_t row_bytes;
     const void *data;
+    int bits, group_size;
+    qmix_dtype scale_dtype;
+    const void *scales, *biases;
+    size_t scale_row_bytes;
 } qk_mat;
 
 /* Y[t][o] = Σ_i W[o][i]·X[t][i] for rows o in [row_begin, row_end) and tokens t in [0, n).
