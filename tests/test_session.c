@@ -396,6 +396,16 @@ END_TEST
 
 /* ---- sampler ------------------------------------------------------------------------------ */
 
+static qmix_sampler *make_sampler(float temp, uint64_t seed, int n_vocab)
+{
+    qmix_sampling p = qmix_sampling_greedy();
+    p.temperature = temp;
+    p.seed = seed;
+    qmix_sampler *s = qmix_sampler_new(&p, n_vocab);
+    ck_assert_ptr_nonnull(s);
+    return s;
+}
+
 START_TEST(sampler_greedy)
 {
     float ties[] = {1.0f, 3.0f, 3.0f, 2.0f, 3.0f};
@@ -406,23 +416,23 @@ START_TEST(sampler_greedy)
     ck_assert_int_eq(qmix_argmax(last, 3), 2);
     ck_assert_int_eq(qmix_argmax(last, 1), 0);
     for (uint64_t seed = 0; seed < 50; seed++) {
-        qmix_sampler s;
-        qmix_sampler_init(&s, 0.0f, seed);
+        qmix_sampler *s = make_sampler(0.0f, seed, 5);
         for (int i = 0; i < 20; i++)
-            CHECK(qmix_sample(&s, ties, 5) == 1, "temperature 0, seed %llu: not the lowest argmax",
+            CHECK(qmix_sampler_sample(s, ties) == 1, "temperature 0, seed %llu: not the lowest argmax",
                   (unsigned long long)seed);
+        qmix_sampler_free(s);
     }
 }
 END_TEST
 
 static void draw(uint64_t seed, float temp, const float *logits, int n, int32_t *out, int count)
 {
-    qmix_sampler s;
-    qmix_sampler_init(&s, temp, seed);
+    qmix_sampler *s = make_sampler(temp, seed, n);
     for (int i = 0; i < count; i++) {
-        out[i] = qmix_sample(&s, logits, n);
+        out[i] = qmix_sampler_sample(s, logits);
         CHECK(out[i] >= 0 && out[i] < n, "sample %d out of [0, %d): %d", i, n, out[i]);
     }
+    qmix_sampler_free(s);
 }
 
 START_TEST(sampler_seeds)
