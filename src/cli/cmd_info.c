@@ -5,6 +5,7 @@
 #include "cli/commands.h"
 #include "model/model.h"
 #include "model/roles.h"
+#include "quant/quantize.h"
 
 static void usage(FILE *out)
 {
@@ -99,6 +100,11 @@ int qmix_cmd_info(int argc, char **argv)
     cli_human_bytes((double)total_b, hb, sizeof hb);
     printf("%-20s %8llu %16llu %12s\n", "total", (unsigned long long)qmix_st_count(m->store),
            (unsigned long long)total_p, hb);
+    double bpw;
+    uint64_t bpw_params, bpw_bytes;
+    if (!qmix_store_bpw(m->store, m->qconfig, &bpw, &bpw_params, &bpw_bytes, &err))
+        printf("bits per weight %.3f (mlx-lm's count: %llu bytes over %llu parameters)\n", bpw,
+               (unsigned long long)bpw_bytes, (unsigned long long)bpw_params);
     cli_human_bytes((double)qmix_model_decode_bytes(m), hd, sizeof hd);
     printf("\nweights read per decoded token: %s (top-%d of %d experts)\n", hd, c->n_experts_used,
            c->n_experts);

@@ -7,5 +7,9 @@ int qmix_cmd_generate(int argc, char **argv);
 int qmix_cmd_logits(int argc, char **argv);
 int qmix_cmd_synth(int argc, char **argv);
 int qmix_cmd_bench(int argc, char **argv);
+int qmix_cmd_quantize(int argc, char **argv);
+int qmix_cmd_presets(int argc, char **argv);
+int qmix_cmd_template(int argc, char **argv);
+int qmix_cmd_tokenize(int argc, char **argv);
 
 #endif

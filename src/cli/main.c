@@ -12,6 +12,10 @@ static const struct {
     {"generate", qmix_cmd_generate, "continue a token sequence (greedy or sampled), print ids and tok/s"},
     {"logits", qmix_cmd_logits, "write raw float32 logits [n_tokens, vocab] for a token sequence"},
     {"bench", qmix_cmd_bench, "prefill/decode tok/s, peak RSS and memory-bandwidth fraction"},
+    {"tokenize", qmix_cmd_tokenize, "text to token ids and back with the model's tokenizer.json"},
+    {"template", qmix_cmd_template, "render a conversation with the model's chat template"},
+    {"quantize", qmix_cmd_quantize, "quantize a bf16 checkpoint with a role recipe into an MLX checkpoint"},
+    {"presets", qmix_cmd_presets, "the built-in quantization recipes with their bits per weight"},
     {"synth", qmix_cmd_synth, "write a random checkpoint in the real HF layout and geometry"},
 };
 

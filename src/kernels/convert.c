@@ -2,6 +2,7 @@
 #include <string.h>
 
 #include "kernels/kernels.h"
+#include "kernels/kernels_impl.h"
 
 float qk_bf16_to_f32(uint16_t h)
 {
@@ -53,8 +54,37 @@ uint16_t qk_f32_to_f16(float f)
     return sign | (uint16_t)((mant - 0x38000000u) >> 13);
 }
 
+/* Row r of an MLX affine U32 matrix (a quantized embedding): w = s·q + β per group, codes read
+ * from the LSB-first bit stream of the row (spec/quant-formats.md §1.4). */
+static void qrow_f32(const qk_mat *w, int64_t r, float *out)
+{
+    const uint8_t *row = (const uint8_t *)w->data + (size_t)r * w->row_bytes;
+    if (!qk_qmat_valid(w)) {
+        for (int64_t i = 0; i < w->cols; i++) out[i] = NAN;
+        return;
+    }
+    const uint8_t *srow = (const uint8_t *)w->scales + (size_t)r * w->scale_row_bytes;
+    const uint8_t *brow = (const uint8_t *)w->biases + (size_t)r * w->scale_row_bytes;
+    size_t sesz = w->scale_dtype == QMIX_F32 ? 4 : 2;
+    const int bits = w->bits;
+    for (int64_t k = 0; k < w->cols; k++) {
+        int64_t g = k / w->group_size;
+        float s = qk_qmat_scale(srow + (size_t)g * sesz, w->scale_dtype);
+        float b = qk_qmat_scale(brow + (size_t)g * sesz, w->scale_dtype);
+        uint64_t o = (uint64_t)k * (uint64_t)bits;
+        unsigned sh = (unsigned)(o & 7);
+        uint32_t v = row[o >> 3];
+        if (sh + (unsigned)bits > 8) v |= (uint32_t)row[(o >> 3) + 1] << 8;
+        out[k] = s * (float)((v >> sh) & ((1u << bits) - 1)) + b;
+    }
+}
+
 void qk_mat_row_f32(const qk_mat *w, int64_t r, float *out)
 {
+    if (w->dtype == QMIX_U32) {
+        qrow_f32(w, r, out);
+        return;
+    }
     const uint8_t *row = (const uint8_t *)w->data + (size_t)r * w->row_bytes;
     for (int64_t i = 0; i < w->cols; i++) {
         uint16_t h;

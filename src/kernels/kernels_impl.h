@@ -11,6 +11,18 @@ void qk_matmul_avx2(const qk_mat *w, int64_t row_begin, int64_t row_end, const f
 void qk_matmul_avx512(const qk_mat *w, int64_t row_begin, int64_t row_end, const float *x, int n,
                       int64_t ldx, float *y, int64_t ldy);
 
+/* The quantized matmuls (dtype QMIX_U32, MLX affine codes): the dense entry points above call
+ * them for a U32 matrix. qk_qmat_valid: bits, group size, scale dtype and cols usable (outputs are
+ * NaN otherwise); qk_qmat_scale reads one scale or bias of dtype dt. */
+void qk_qmatmul_scalar(const qk_mat *w, int64_t row_begin, int64_t row_end, const float *x, int n,
+                       int64_t ldx, float *y, int64_t ldy);
+void qk_qmatmul_avx2(const qk_mat *w, int64_t row_begin, int64_t row_end, const float *x, int n,
+                     int64_t ldx, float *y, int64_t ldy);
+void qk_qmatmul_avx512(const qk_mat *w, int64_t row_begin, int64_t row_end, const float *x,
+                       int n, int64_t ldx, float *y, int64_t ldy);
+int qk_qmat_valid(const qk_mat *w);
+float qk_qmat_scale(const void *p, qmix_dtype dt);
+
 /* Tokens are processed in chunks of this many so a chunk of X stays in L2 while the weight rows
  * stream past it; the weights are read once per chunk. */
 #define QK_TOKEN_CHUNK 64

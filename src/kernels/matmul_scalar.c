@@ -24,6 +24,10 @@ static void widen(const uint8_t *row, qmix_dtype dtype, int64_t k, int n, float 
 void qk_matmul_scalar(const qk_mat *w, int64_t row_begin, int64_t row_end, const float *x, int n,
                       int64_t ldx, float *y, int64_t ldy)
 {
+    if (w->dtype == QMIX_U32) {
+        qk_qmatmul_scalar(w, row_begin, row_end, x, n, ldx, y, ldy);
+        return;
+    }
     float buf[BLOCK];
     for (int64_t o = row_begin; o < row_end; o++) {
         const uint8_t *row = (const uint8_t *)w->data + (size_t)o * w->row_bytes;

@@ -11,11 +11,13 @@
 #include <sys/stat.h>
 
 #include "formats/config.h"
+#include "quant/quantize.h"
 #include "util/err.h"
 
 typedef struct binder {
     qmix_model *m;
     qmix_err *err;
+    qmix_qconfig *q;         /* MLX quantization block, or NULL */
     float *f32_next;         /* bump allocator inside m->f32_pool */
     char name[512];
 } binder;
@@ -70,6 +72,89 @@ static qk_mat mat_view(const qmix_tensor *t, int64_t rows, int64_t cols, uint64_
                     .data = (const uint8_t *)t->data + byte_offset};
 }
 
+/* Binds b->name (a module's ".weight"): nmat stacked [rows, cols] matrices (nmat 0: a plain 2-D
+ * tensor) into out[max(nmat, 1)]. A U32 weight is MLX affine codes: bits and group size come from
+ * the config's quantization block (§1.6 rule) and are cross-checked against the packed widths. */
+static int bind_any(binder *b, int64_t nmat, int64_t rows, int64_t cols, qk_mat *out)
+{
+    const qmix_tensor *t = qmix_st_find(b->m->store, b->name);
+    int nd = nmat ? 3 : 2;
+    int64_t dims[3], *dp = dims;
+    if (nmat) *dp++ = nmat;
+    dp[0] = rows;
+    dp[1] = cols;
+    char module[512];
+    size_t nl = strlen(b->name);
+    int is_weight = nl > 7 && !strcmp(b->name + nl - 7, ".weight");
+    snprintf(module, sizeof module, "%.*s", (int)(is_weight ? nl - 7 : nl), b->name);
+    if (!t || t->dtype != QMIX_U32) {
+        if (check_shape(b, t, nd, dims)) return -1;
+        if (b->q && is_weight) {
+            int bits, group;
+            int r = qmix_qconfig_module(b->q, module, 0, &bits, &group, b->err);
+            if (r < 0) return -1;
+            if (r)
+                return qmix_errf(b->err, "module '%s': config.json says it is quantized (bits=%d, "
+                                 "group_size=%d) but its weight is %s", module, bits, group,
+                                 qmix_dtype_st_name(t->dtype));
+        }
+        size_t esz = qmix_dtype_size(t->dtype);
+        for (int64_t e = 0; e < (nmat ? nmat : 1); e++)
+            out[e] = mat_view(t, rows, cols, (uint64_t)(e * rows * cols) * esz);
+        return 0;
+    }
+    char sn[530], bn[530];
+    snprintf(sn, sizeof sn, "%s.scales", module);
+    snprintf(bn, sizeof bn, "%s.biases", module);
+    const qmix_tensor *sc = qmix_st_find(b->m->store, sn), *bi = qmix_st_find(b->m->store, bn);
+    int bits = 0, group = 0;
+    int r = is_weight ? qmix_qconfig_module(b->q, module, sc != NULL, &bits, &group, b->err) : 0;
+    if (r < 0) return -1;
+    if (!r)
+        return qmix_errf(b->err, "module '%s': weight is U32 (packed codes) but config.json does "
+                         "not say it is quantized", module);
+    if (!sc || !bi)
+        return qmix_errf(b->err, "module '%s': quantized weight without %s", module,
+                         sc ? "biases" : "scales");
+    if (!is_float_dtype(sc->dtype) || sc->dtype != bi->dtype)
+        return qmix_errf(b->err, "module '%s': scales/biases must both be BF16, F16 or F32",
+                         module);
+    int ok = t->ndim == nd && sc->ndim == nd && bi->ndim == nd;
+    for (int d = 0; ok && d < nd - 1; d++)
+        ok = t->shape[d] == dims[d] && sc->shape[d] == dims[d] && bi->shape[d] == dims[d];
+    if (!ok || sc->shape[nd - 1] != bi->shape[nd - 1]) {
+        char want[128];
+        qmix_tensor fake = {.ndim = nd};
+        memcpy(fake.shape, dims, sizeof dims);
+        shape_str(&fake, want, sizeof want);
+        return qmix_errf(b->err, "module '%s': quantized weight/scales/biases do not match the "
+                         "logical shape %s", module, want);
+    }
+    int64_t W = t->shape[nd - 1], S = sc->shape[nd - 1];
+    if (W * 32 != cols * bits || S * group != cols) {
+        char bits_s[32], group_s[32];
+        if ((W * 32) % cols) snprintf(bits_s, sizeof bits_s, "%.3g", (double)W * 32 / (double)cols);
+        else snprintf(bits_s, sizeof bits_s, "%lld", (long long)(W * 32 / cols));
+        if (!S || cols % S) snprintf(group_s, sizeof group_s, "%.3g", S ? (double)cols / (double)S : 0.0);
+        else snprintf(group_s, sizeof group_s, "%lld", (long long)(cols / S));
+        return qmix_errf(b->err, "module '%s': config.json says bits=%d group_size=%d, but the "
+                         "packed weight has %lld words per row and the scales %lld groups for %lld "
+                         "inputs (bits=%s, group_size=%s)", module, bits, group, (long long)W,
+                         (long long)S, (long long)cols, bits_s, group_s);
+    }
+    size_t ssz = qmix_dtype_size(sc->dtype);
+    for (int64_t e = 0; e < (nmat ? nmat : 1); e++) {
+        out[e] = (qk_mat){.dtype = QMIX_U32, .rows = rows, .cols = cols,
+                          .row_bytes = (size_t)W * 4,
+                          .data = (const uint8_t *)t->data + (size_t)(e * rows * W) * 4,
+                          .bits = bits, .group_size = group, .scale_dtype = sc->dtype,
+                          .scales = (const uint8_t *)sc->data + (size_t)(e * rows * S) * ssz,
+                          .biases = (const uint8_t *)bi->data + (size_t)(e * rows * S) * ssz,
+                          .scale_row_bytes = (size_t)S * ssz};
+    }
+    return 0;
+}
+
 static int bind_mat(binder *b, qk_mat *out, int64_t rows, int64_t cols, const char *fmt, ...)
     __attribute__((format(printf, 5, 6)));
 
@@ -79,11 +164,7 @@ static int bind_mat(binder *b, qk_mat *out, int64_t rows, int64_t cols, const ch
     va_start(ap, fmt);
     vsnprintf(b->name, sizeof b->name, fmt, ap);
     va_end(ap);
-    const qmix_tensor *t = qmix_st_find(b->m->store, b->name);
-    int64_t dims[2] = {rows, cols};
-    if (check_shape(b, t, 2, dims)) return -1;
-    *out = mat_view(t, rows, cols, 0);
-    return 0;
+    return bind_any(b, 0, rows, cols, out);
 }
 
 enum { AS_IS, ONE_PLUS, NEG_EXP };
@@ -136,6 +217,26 @@ static int bind_experts(binder *b, qmix_layer *ly, int i, qmix_expert *experts)
     const char *p = b->m->prefix;
     int64_t E = c->n_experts, F = c->moe_ffn, D = c->hidden_size;
     ly->experts = experts;
+    if (b->m->experts_switch) {
+        static const char *proj[3] = {"gate_proj", "up_proj", "down_proj"};
+        qk_mat *tmp = malloc((size_t)E * sizeof *tmp);
+        if (!tmp) return qmix_errf(b->err, "out of memory");
+        for (int k = 0; k < 3; k++) {
+            snprintf(b->name, sizeof b->name, "%slayers.%d.mlp.switch_mlp.%s.weight", p, i,
+                     proj[k]);
+            if (bind_any(b, E, k == 2 ? D : F, k == 2 ? F : D, tmp)) {
+                free(tmp);
+                return -1;
+            }
+            for (int64_t e = 0; e < E; e++) {
+                if (k == 0) experts[e].gate = tmp[e];
+                else if (k == 1) experts[e].up = tmp[e];
+                else experts[e].down = tmp[e];
+            }
+        }
+        free(tmp);
+        return 0;
+    }
     if (b->m->experts_fused) {
         const qmix_tensor *gu = find(b, "%slayers.%d.mlp.experts.gate_up_proj", p, i);
         int64_t gu_dims[3] = {E, 2 * F, D};
@@ -167,13 +268,14 @@ static int bind_experts(binder *b, qmix_layer *ly, int i, qmix_expert *experts)
 static int bind_layer(binder *b, int i)
 {
     qmix_model *m = b->m;
+    const int ONE_PLUS_ = m->norms_shifted ? AS_IS : ONE_PLUS;
     const qmix_config *c = &m->cfg;
     qmix_layer *ly = &m->layers[i];
     const char *p = m->prefix;
     int64_t D = c->hidden_size;
     ly->is_full = c->layer_is_full[i];
-    if (bind_1d(b, &ly->input_norm, D, ONE_PLUS, "%slayers.%d.input_layernorm.weight", p, i) ||
-        bind_1d(b, &ly->post_norm, D, ONE_PLUS, "%slayers.%d.post_attention_layernorm.weight", p, i))
+    if (bind_1d(b, &ly->input_norm, D, ONE_PLUS_, "%slayers.%d.input_layernorm.weight", p, i) ||
+        bind_1d(b, &ly->post_norm, D, ONE_PLUS_, "%slayers.%d.post_attention_layernorm.weight", p, i))
         return -1;
     if (ly->is_full) {
         int64_t H = c->n_heads, KV = c->n_kv_heads, hd = c->head_dim;
@@ -181,8 +283,8 @@ static int bind_layer(binder *b, int i)
             bind_mat(b, &ly->k_proj, KV * hd, D, "%slayers.%d.self_attn.k_proj.weight", p, i) ||
             bind_mat(b, &ly->v_proj, KV * hd, D, "%slayers.%d.self_attn.v_proj.weight", p, i) ||
             bind_mat(b, &ly->o_proj, D, H * hd, "%slayers.%d.self_attn.o_proj.weight", p, i) ||
-            bind_1d(b, &ly->q_norm, hd, ONE_PLUS, "%slayers.%d.self_attn.q_norm.weight", p, i) ||
-            bind_1d(b, &ly->k_norm, hd, ONE_PLUS, "%slayers.%d.self_attn.k_norm.weight", p, i))
+            bind_1d(b, &ly->q_norm, hd, ONE_PLUS_, "%slayers.%d.self_attn.q_norm.weight", p, i) ||
+            bind_1d(b, &ly->k_norm, hd, ONE_PLUS_, "%slayers.%d.self_attn.k_norm.weight", p, i))
             return -1;
     } else {
         int64_t nk = c->lin_n_k_heads, nv = c->lin_n_v_heads, dk = c->lin_k_head_dim,
@@ -198,10 +300,13 @@ static int bind_layer(binder *b, int i)
             bind_1d(b, &ly->dt_bias, nv, AS_IS, "%slayers.%d.linear_attn.dt_bias", p, i) ||
             bind_1d(b, &ly->gdn_norm, dv, AS_IS, "%slayers.%d.linear_attn.norm.weight", p, i))
             return -1;
-        /* conv1d is [C, 1, Kc] in HF checkpoints; accept the squeezed [C, Kc] too */
+        /* conv1d is [C, 1, Kc] in HF checkpoints, [C, Kc, 1] in MLX ones (the same bytes);
+         * accept the squeezed [C, Kc] too */
         const qmix_tensor *cw = find(b, "%slayers.%d.linear_attn.conv1d.weight", p, i);
-        int64_t d3[3] = {C, 1, Kc}, d2[2] = {C, Kc};
+        int64_t d3[3] = {C, 1, Kc}, d2[2] = {C, Kc}, dm[3] = {C, Kc, 1};
+        int mlx_conv = m->mlx_layout && cw && cw->ndim == 3 && cw->shape[2] == 1 && Kc != 1;
         if (cw && cw->ndim == 2 ? bind_vec(b, &ly->conv_w, C * Kc, AS_IS, 2, d2)
+            : mlx_conv          ? bind_vec(b, &ly->conv_w, C * Kc, AS_IS, 3, dm)
                                 : bind_vec(b, &ly->conv_w, C * Kc, AS_IS, 3, d3))
             return -1;
     }
@@ -221,22 +326,52 @@ static int bind_layer(binder *b, int i)
 static int bind_model(qmix_model *m, qmix_err *err)
 {
     const qmix_config *c = &m->cfg;
-    binder b = {.m = m, .err = err};
-    m->prefix = qmix_st_find(m->store, "model.language_model.embed_tokens.weight")
-                    ? "model.language_model."
-                    : "model.";
+    binder b = {.m = m, .err = err, .q = m->qconfig};
+    const char *lm_head = "lm_head.weight";
+    if (qmix_st_find(m->store, "model.language_model.embed_tokens.weight")) {
+        m->prefix = "model.language_model.";
+    } else if (qmix_st_find(m->store, "language_model.model.embed_tokens.weight")) {
+        m->prefix = "language_model.model.";   /* mlx-vlm */
+        lm_head = "language_model.lm_head.weight";
+        m->mlx_layout = 1;
+    } else {
+        m->prefix = "model.";
+    }
     char probe[256];
     snprintf(probe, sizeof probe, "%slayers.0.mlp.experts.gate_up_proj", m->prefix);
     m->experts_fused = qmix_st_find(m->store, probe) != NULL;
+    snprintf(probe, sizeof probe, "%slayers.0.mlp.switch_mlp.gate_proj.weight", m->prefix);
+    m->experts_switch = qmix_st_find(m->store, probe) != NULL;
+    if (m->experts_switch || m->qconfig) m->mlx_layout = 1;
+    /* MLX stores the (1 + w) norms already shifted (§1.5); it recognises an unconverted HF
+     * checkpoint by MTP tensors or an HF-shaped conv1d, and so does this. */
+    m->norms_shifted = m->mlx_layout;
+    for (int i = 0; m->norms_shifted && i < c->n_layers; i++) {
+        if (c->layer_is_full[i]) continue;
+        snprintf(probe, sizeof probe, "%slayers.%d.linear_attn.conv1d.weight", m->prefix, i);
+        const qmix_tensor *cw = qmix_st_find(m->store, probe);
+        if (cw && !(cw->ndim == 3 && cw->shape[2] == 1)) m->norms_shifted = 0;
+        break;
+    }
 
     /* The config sizes the allocations below: check it against the checkpoint first, so a
      * hostile config cannot ask for terabytes before any tensor is looked at. */
     int64_t dims_embed[2] = {c->vocab_size, c->hidden_size};
     int64_t dims_router[2] = {c->n_experts, c->hidden_size};
     int64_t dims_norm[1] = {c->hidden_size};
-    if (check_shape(&b, find(&b, "%sembed_tokens.weight", m->prefix), 2, dims_embed) ||
-        check_shape(&b, find(&b, "%slayers.0.mlp.gate.weight", m->prefix), 2, dims_router) ||
-        check_shape(&b, find(&b, "%slayers.%d.input_layernorm.weight", m->prefix,
+    static const char *const first_rows[2] = {"%sembed_tokens.weight", "%slayers.0.mlp.gate.weight"};
+    const int64_t *dims_first[2] = {dims_embed, dims_router};
+    for (int k = 0; k < 2; k++) {
+        const qmix_tensor *t = find(&b, first_rows[k], m->prefix);
+        if (t && t->dtype == QMIX_U32) { /* packed: the row count must still match */
+            if (t->ndim != 2 || t->shape[0] != dims_first[k][0])
+                return qmix_errf(err, "tensor '%s' does not have %lld rows", b.name,
+                                 (long long)dims_first[k][0]);
+        } else if (check_shape(&b, t, 2, dims_first[k])) {
+            return -1;
+        }
+    }
+    if (check_shape(&b, find(&b, "%slayers.%d.input_layernorm.weight", m->prefix,
                              c->n_layers - 1), 1, dims_norm))
         return -1;
     char beyond[256];
@@ -253,10 +388,11 @@ static int bind_model(qmix_model *m, qmix_err *err)
 
     int64_t V = c->vocab_size, D = c->hidden_size;
     if (bind_mat(&b, &m->embed, V, D, "%sembed_tokens.weight", m->prefix) ||
-        bind_1d(&b, &m->final_norm, D, ONE_PLUS, "%snorm.weight", m->prefix))
+        bind_1d(&b, &m->final_norm, D, m->norms_shifted ? AS_IS : ONE_PLUS, "%snorm.weight",
+                m->prefix))
         return -1;
-    if (c->tie_embeddings && !qmix_st_find(m->store, "lm_head.weight")) m->lm_head = m->embed;
-    else if (bind_mat(&b, &m->lm_head, V, D, "lm_head.weight")) return -1;
+    if (c->tie_embeddings && !qmix_st_find(m->store, lm_head)) m->lm_head = m->embed;
+    else if (bind_mat(&b, &m->lm_head, V, D, "%s", lm_head)) return -1;
     for (int i = 0; i < c->n_layers; i++)
         if (bind_layer(&b, i)) return -1;
     return 0;
@@ -266,6 +402,7 @@ void qmix_model_close(qmix_model *m)
 {
     if (!m) return;
     qmix_st_close(m->store);
+    qmix_qconfig_free(m->qconfig);
     free(m->layers);
     free(m->expert_pool);
     free(m->f32_pool);
@@ -289,7 +426,8 @@ int qmix_model_open(const char *path, qmix_model **out, qmix_err *err)
     }
     char cfg_path[PATH_MAX];
     snprintf(cfg_path, sizeof cfg_path, "%s/config.json", m->dir);
-    if (qmix_config_load(cfg_path, &m->cfg, err) || qmix_st_open(path, &m->store, err) ||
+    if (qmix_config_load(cfg_path, &m->cfg, err) || qmix_qconfig_load(cfg_path, &m->qconfig, err) ||
+        qmix_st_open(path, &m->store, err) ||
         bind_model(m, err)) {
         qmix_err_prefix(err, "loading %s", path);
         qmix_model_close(m);
@@ -301,12 +439,17 @@ int qmix_model_open(const char *path, qmix_model **out, qmix_err *err)
 
 const qmix_config *qmix_model_config(const qmix_model *m) { return &m->cfg; }
 
-static uint64_t mat_bytes(const qk_mat *w) { return (uint64_t)w->rows * w->row_bytes; }
+static uint64_t mat_bytes(const qk_mat *w)
+{
+    uint64_t scale_bytes = w->dtype == QMIX_U32 ? 2 * (uint64_t)w->scale_row_bytes : 0;
+    return (uint64_t)w->rows * (w->row_bytes + scale_bytes);
+}
 
 uint64_t qmix_model_decode_bytes(const qmix_model *m)
 {
     const qmix_config *c = &m->cfg;
-    uint64_t bytes = m->embed.row_bytes + mat_bytes(&m->lm_head);
+    uint64_t bytes = m->embed.row_bytes + mat_bytes(&m->lm_head) +
+                     (m->embed.dtype == QMIX_U32 ? 2 * (uint64_t)m->embed.scale_row_bytes : 0);
     for (int i = 0; i < c->n_layers; i++) {
         const qmix_layer *ly = &m->layers[i];
         if (ly->is_full)

@@ -38,7 +38,11 @@ struct qmix_model {
     qmix_expert *expert_pool;            /* all layers' expert views */
     float *f32_pool;                     /* all widened small parameters */
     int experts_fused;                   /* 1: 3-D gate_up_proj/down_proj; 0: per-expert */
-    const char *prefix;                  /* "model.language_model." or "model." */
+    int experts_switch;                  /* 1: MLX stacked switch_mlp.{gate,up,down}_proj */
+    int mlx_layout;                      /* MLX checkpoint (names, quantization block) */
+    int norms_shifted;                   /* norms stored as 1 + w (MLX) */
+    struct qmix_qconfig *qconfig;        /* MLX quantization block of config.json, or NULL */
+    const char *prefix;                  /* "model.language_model.", "language_model.model." or "model." */
 };
 
 /* Bytes of weights one decoded token reads: everything but the unused experts (and only one

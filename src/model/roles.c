@@ -18,9 +18,9 @@ static int has(const char *s, const char *part) { return strstr(s, part) != NULL
 qmix_role qmix_role_of(const char *n)
 {
     if (!strncmp(n, "mtp.", 4)) return QMIX_ROLE_MTP;
-    if (has(n, "visual.")) return QMIX_ROLE_VISION;
+    if (has(n, "visual.") || !strncmp(n, "vision_tower.", 13)) return QMIX_ROLE_VISION;
     if (has(n, "embed_tokens")) return QMIX_ROLE_EMBED;
-    if (!strncmp(n, "lm_head", 7)) return QMIX_ROLE_LM_HEAD;
+    if (!strncmp(n, "lm_head", 7) || has(n, ".lm_head.")) return QMIX_ROLE_LM_HEAD;
     if (has(n, "linear_attn.")) {
         if (has(n, ".in_proj_qkv")) return QMIX_ROLE_GDN_QKV;
         if (has(n, ".in_proj_z")) return QMIX_ROLE_GDN_Z;
@@ -40,7 +40,7 @@ qmix_role qmix_role_of(const char *n)
     if (has(n, "mlp.shared_expert_gate")) return QMIX_ROLE_SHARED_EXPERT_GATE;
     if (has(n, "mlp.shared_expert.")) return QMIX_ROLE_SHARED_EXPERT;
     if (has(n, "mlp.gate.")) return QMIX_ROLE_ROUTER;
-    if (has(n, "mlp.experts.")) {
+    if (has(n, "mlp.experts.") || has(n, "mlp.switch_mlp.")) {
         if (has(n, "down_proj")) return QMIX_ROLE_EXPERTS_DOWN;
         if (has(n, "gate_up_proj") || has(n, "gate_proj") || has(n, "up_proj"))
             return QMIX_ROLE_EXPERTS_GATE_UP;

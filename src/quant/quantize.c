@@ -1,0 +1,1001 @@
+/* HF → MLX mixed-precision quantization, streamed (see quantize.h). */
+#include "quant/quantize.h"
+
+#include <dirent.h>
+#include <errno.h>
+#include <jansson.h>
+#include <limits.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "formats/config.h"
+#include "formats/safetensors_write.h"
+#include "kernels/kernels.h"
+#include "quant/affine.h"
+#include "runtime/threadpool.h"
+#include "util/err.h"
+
+/* ---- the quantization block of config.json ------------------------------------------------ */
+
+struct qmix_qconfig {
+    json_t *q;
+    int bits, group;
+};
+
+int qmix_qconfig_load(const char *config_path, qmix_qconfig **out, qmix_err *err)
+{
+    *out = NULL;
+    json_error_t je;
+    json_t *root = json_load_file(config_path, JSON_REJECT_DUPLICATES, &je);
+    if (!root) return qmix_errf(err, "%s: bad JSON at line %d: %s", config_path, je.line, je.text);
+    json_t *q = json_object_get(root, "quantization");
+    if (!q) q = json_object_get(root, "quantization_config");
+    int rc = 0;
+    if (q && json_is_object(q) && (json_object_get(q, "bits") || json_object_get(q, "group_size"))) {
+        const char *mode = json_string_value(json_object_get(q, "mode"));
+        json_t *b = json_object_get(q, "bits"), *g = json_object_get(q, "group_size");
+        int bits = json_is_integer(b) ? (int)json_integer_value(b) : 4;
+        int group = json_is_integer(g) ? (int)json_integer_value(g) : 64;
+        if (mode && strcmp(mode, "affine"))
+            rc = qmix_errf(err, "%s: quantization mode '%s' is not supported (only affine)",
+                           config_path, mode);
+        else if (!qmix_affine_valid(bits, group))
+            rc = qmix_errf(err, "%s: quantization defaults bits=%d group_size=%d are not valid "
+                           "(bits 2,3,4,5,6,8; group 32,64,128)", config_path, bits, group);
+        else if (!(*out = calloc(1, sizeof **out)))
+            rc = qmix_errf(err, "out of memory");
+        else {
+            (*out)->q = json_incref(q);
+            (*out)->bits = bits;
+            (*out)->group = group;
+        }
+    } else if (q && !json_is_object(q)) {
+        rc = qmix_errf(err, "%s: 'quantization' is not an object", config_path);
+    }
+    json_decref(root);
+    return rc;
+}
+
+void qmix_qconfig_free(qmix_qconfig *q)
+{
+    if (!q) return;
+    json_decref(q->q);
+    free(q);
+}
+
+int qmix_qconfig_module(const qmix_qconfig *q, const char *module, int has_scales, int *bits,
+                        int *group, qmix_err *err)
+{
+    if (!q) return has_scales ? qmix_errf(err, "module '%s' has scales but config.json has no "
+                                          "quantization block", module) : 0;
+    json_t *e = json_object_get(q->q, module);
+    *bits = q->bits;
+    *group = q->group;
+    if (!e) return has_scales;
+    if (json_is_boolean(e)) return json_is_true(e);
+    if (!json_is_object(e))
+        return qmix_errf(err, "config.json quantization entry '%s' is not an object or boolean",
+                         module);
+    json_t *b = json_object_get(e, "bits"), *g = json_object_get(e, "group_size");
+    const char *mode = json_string_value(json_object_get(e, "mode"));
+    if (mode && strcmp(mode, "affine"))
+        return qmix_errf(err, "module '%s': quantization mode '%s' is not supported", module, mode);
+    if (json_is_integer(b)) *bits = (int)json_integer_value(b);
+    if (json_is_integer(g)) *group = (int)json_integer_value(g);
+    else if (json_is_null(g)) *group = 64;
+    if (!qmix_affine_valid(*bits, *group))
+        return qmix_errf(err, "module '%s': bits=%d group_size=%d not valid", module, *bits,
+                         *group);
+    return 1;
+}
+
+static uint64_t n_elems(int ndim, const int64_t *shape)
+{
+    uint64_t n = 1;
+    for (int d = 0; d < ndim; d++) n *= (uint64_t)shape[d];
+    return n;
+}
+
+static int module_of(const char *name, char *buf, size_t len)
+{
+    size_t n = strlen(name);
+    if (n < 7 || strcmp(name + n - 7, ".weight") || n - 7 >= len) return -1;
+    memcpy(buf, name, n - 7);
+    buf[n - 7] = 0;
+    return 0;
+}
+
+int qmix_store_bpw(const qmix_st_store *s, const qmix_qconfig *q, double *bpw, uint64_t *params,
+                   uint64_t *bytes, qmix_err *err)
+{
+    uint64_t P = 0, B = 0;
+    for (uint64_t i = 0; i < qmix_st_count(s); i++) {
+        const qmix_tensor *t = qmix_st_at(s, i);
+        B += t->nbytes;
+        size_t n = strlen(t->name);
+        if (n > 7 && (!strcmp(t->name + n - 7, ".scales") || !strcmp(t->name + n - 7, ".biases"))) {
+            char mod[512], w[520];
+            snprintf(mod, sizeof mod, "%.*s", (int)(n - 7), t->name);
+            snprintf(w, sizeof w, "%s.weight", mod);
+            const qmix_tensor *wt = qmix_st_find(s, w);
+            if (wt && wt->dtype == QMIX_U32) continue; /* scales and biases: bytes, no params */
+        }
+        uint64_t e = n_elems(t->ndim, t->shape);
+        char mod[512], sc[520];
+        if (t->dtype == QMIX_U32 && !module_of(t->name, mod, sizeof mod)) {
+            snprintf(sc, sizeof sc, "%s.scales", mod);
+            int bits, group;
+            int r = qmix_qconfig_module(q, mod, qmix_st_find(s, sc) != NULL, &bits, &group, err);
+            if (r < 0) return -1;
+            if (r) e = e * 32 / (uint64_t)bits;
+        }
+        P += e;
+    }
+    *params = P;
+    *bytes = B;
+    *bpw = P ? 8.0 * (double)B / (double)P : 0;
+    return 0;
+}
+
+/* ---- the plan: every output tensor, known before anything is written ----------------------- */
+
+enum { K_PLAIN, K_QWEIGHT, K_SCALES, K_BIASES };
+
+typedef struct src_t {
+    const char *name;
+    qmix_dtype dtype;
+    int ndim;
+    int64_t shape[QMIX_MAX_DIMS];
+    const void *data;
+    /* an MLX-quantized source (dequantized row by row when --allow-requant) */
+    int qbits, qgroup;
+    const qmix_tensor *scales, *biases;
+    /* per-expert HF tensors stacked into one [E, N, K] switch_mlp tensor: part e is expert e */
+    const void **parts;
+    struct src_t *next_owned;
+} src_t;
+
+typedef struct item {
+    char name[320];
+    qmix_dtype dtype;
+    int ndim;
+    int64_t shape[QMIX_MAX_DIMS];
+    int kind;
+    int one_plus;
+    const src_t *src;
+    int64_t nmat, rows, cols;      /* logical matrices, rows and cols (K) of each */
+    int64_t src_row0, src_rows;    /* first row inside each source matrix, rows per matrix */
+    int bits, group;
+    qmix_role role;
+    int shard;
+    uint64_t nbytes;
+} item;
+
+typedef struct plan {
+    item *it;
+    size_t n, cap;
+} plan;
+
+static item *plan_add(plan *p)
+{
+    if (p->n == p->cap) {
+        size_t cap = p->cap ? 2 * p->cap : 256;
+        item *g = realloc(p->it, cap * sizeof *g);
+        if (!g) return NULL;
+        p->it = g;
+        p->cap = cap;
+    }
+    item *t = &p->it[p->n++];
+    memset(t, 0, sizeof *t);
+    return t;
+}
+
+static int ends_with(const char *s, const char *suf)
+{
+    size_t a = strlen(s), b = strlen(suf);
+    return a >= b && !strcmp(s + a - b, suf);
+}
+
+static int is_shifted_norm(const char *n)
+{
+    return ends_with(n, "input_layernorm.weight") || ends_with(n, "post_attention_layernorm.weight") ||
+           ends_with(n, "self_attn.q_norm.weight") || ends_with(n, "self_attn.k_norm.weight") ||
+           ends_with(n, "model.norm.weight");
+}
+
+/* HF name → MLX (mlx-vlm) name; returns 0 to drop. */
+static int mlx_name(const char *n, int tied, char *out, size_t len)
+{
+    if (!strncmp(n, "mtp.", 4)) return 0;
+    if (!strcmp(n, "lm_head.weight")) {
+        if (tied) return 0;
+        snprintf(out, len, "language_model.lm_head.weight");
+    } else if (!strncmp(n, "model.language_model.", 21)) {
+        snprintf(out, len, "language_model.model.%s", n + 21);
+    } else if (!strncmp(n, "model.visual.", 13)) {
+        snprintf(out, len, "vision_tower.%s", n + 13);
+    } else if (!strncmp(n, "model.", 6)) {
+        snprintf(out, len, "language_model.model.%s", n + 6);
+    } else {
+        snprintf(out, len, "%s", n);
+    }
+    return 1;
+}
+
+typedef struct pctx {
+    const qmix_config *cfg;
+    const qmix_recipe *recipe;
+    qmix_dtype dtype;
+    plan *p;
+    qmix_err *err;
+    const qmix_st_store *st;   /* for stacking per-expert tensors; NULL in estimates */
+    src_t *owned;              /* stacked sources made here, freed with the plan */
+} pctx;
+
+static int add_module(pctx *c, const char *out_name, const src_t *s, int64_t nmat, int64_t rows,
+                      int64_t cols, int64_t src_row0, int64_t src_rows, int one_plus,
+                      int out_ndim, const int64_t *out_shape, qmix_dtype out_dtype);
+
+static void free_owned(src_t *s)
+{
+    while (s) {
+        src_t *n = s->next_owned;
+        free(s->parts);
+        free((void *)s->name);
+        free(s);
+        s = n;
+    }
+}
+
+/* "…layers.L.mlp.experts.E.gate_proj.weight" (HF per-expert layout): stacks experts 0…n-1 into
+ * "…layers.L.mlp.switch_mlp.gate_proj.weight" when E is 0; other experts are skipped. */
+static int plan_per_expert(pctx *c, const src_t *s, const char *out)
+{
+    const char *e = strstr(out, "mlp.experts.");
+    char *end;
+    long idx = strtol(e + 12, &end, 10);
+    if (end == e + 12 || *end != '.') return qmix_errf(c->err, "%s: unexpected expert tensor", s->name);
+    if (idx != 0) return 0;
+    if (!c->st || s->ndim != 2)
+        return qmix_errf(c->err, "%s: per-expert tensors must be 2-D", s->name);
+    int64_t E = c->cfg->n_experts;
+    src_t *st = calloc(1, sizeof *st);
+    if (!st) return qmix_errf(c->err, "out of memory");
+    st->next_owned = c->owned;
+    c->owned = st;
+    st->parts = calloc((size_t)E, sizeof *st->parts);
+    size_t prefix = (size_t)(e + 12 - out), sprefix = strstr(s->name, "mlp.experts.") + 12 - s->name;
+    char *nm = malloc(strlen(s->name) + 32);
+    if (!st->parts || !nm) {
+        free(nm);
+        return qmix_errf(c->err, "out of memory");
+    }
+    st->name = nm;
+    st->dtype = s->dtype;
+    st->ndim = 3;
+    st->shape[0] = E;
+    st->shape[1] = s->shape[0];
+    st->shape[2] = s->shape[1];
+    for (int64_t x = 0; x < E; x++) {
+        sprintf(nm, "%.*s%lld%s", (int)sprefix, s->name, (long long)x, end);
+        const qmix_tensor *t = qmix_st_find(c->st, nm);
+        if (!t || t->dtype != s->dtype || t->ndim != 2 || t->shape[0] != s->shape[0] ||
+            t->shape[1] != s->shape[1])
+            return qmix_errf(c->err, "%s: missing, or its dtype/shape differs from expert 0's",
+                             nm);
+        st->parts[x] = t->data;
+    }
+    sprintf(nm, "%s", s->name);
+    char name[320];
+    if (snprintf(name, sizeof name, "%.*s", (int)(prefix - 12), out) >= (int)sizeof name ||
+        snprintf(name + strlen(name), sizeof name - strlen(name), "mlp.switch_mlp%s", end) >=
+            (int)(sizeof name - strlen(name)))
+        return qmix_errf(c->err, "%s: name too long", s->name);
+    int64_t shp[3] = {E, s->shape[0], s->shape[1]};
+    return add_module(c, name, st, E, s->shape[0], s->shape[1], 0, s->shape[0], 0, 3, shp,
+                      c->dtype);
+}
+
+/* One logical module (or plain tensor): out_name is the tensor name ending ".weight" for
+ * matrices; rows/cols per matrix, nmat matrices. */
+static int add_module(pctx *c, const char *out_name, const src_t *s, int64_t nmat, int64_t rows,
+                      int64_t cols, int64_t src_row0, int64_t src_rows, int one_plus,
+                      int out_ndim, const int64_t *out_shape, qmix_dtype out_dtype)
+{
+    int layer = qmix_layer_of(out_name);
+    int is_full = layer >= 0 && layer < c->cfg->n_layers ? c->cfg->layer_is_full[layer] : 0;
+    qmix_qdecision d = qmix_recipe_resolve(c->recipe, out_name, out_ndim, out_shape, is_full,
+                                           c->cfg->n_layers);
+    if (d.bits) {
+        char mod[320];
+        if (module_of(out_name, mod, sizeof mod)) d.bits = 0; /* not a .weight: keep */
+        else {
+            const char *suffix[3] = {"weight", "scales", "biases"};
+            int kinds[3] = {K_QWEIGHT, K_SCALES, K_BIASES};
+            for (int k = 0; k < 3; k++) {
+                item *t = plan_add(c->p);
+                if (!t) return qmix_errf(c->err, "out of memory");
+                if (snprintf(t->name, sizeof t->name, "%s.%s", mod, suffix[k]) >= (int)sizeof t->name)
+                    return qmix_errf(c->err, "%s: name too long", out_name);
+                t->kind = kinds[k];
+                t->dtype = k ? c->dtype : QMIX_U32;
+                t->ndim = out_ndim;
+                memcpy(t->shape, out_shape, sizeof(int64_t) * (size_t)out_ndim);
+                t->shape[out_ndim - 1] = k ? cols / d.group : qmix_affine_row_words(cols, d.bits);
+                t->src = s;
+                t->nmat = nmat; t->rows = rows; t->cols = cols;
+                t->src_row0 = src_row0; t->src_rows = src_rows;
+                t->bits = d.bits; t->group = d.group; t->role = d.role;
+                t->nbytes = n_elems(t->ndim, t->shape) * qmix_dtype_size(t->dtype);
+            }
+            return 0;
+        }
+    }
+    item *t = plan_add(c->p);
+    if (!t) return qmix_errf(c->err, "out of memory");
+    snprintf(t->name, sizeof t->name, "%s", out_name);
+    t->kind = K_PLAIN;
+    t->dtype = out_dtype;
+    t->ndim = out_ndim;
+    memcpy(t->shape, out_shape, sizeof(int64_t) * (size_t)out_ndim);
+    t->src = s;
+    t->nmat = nmat; t->rows = rows; t->cols = cols;
+    t->src_row0 = src_row0; t->src_rows = src_rows;
+    t->one_plus = one_plus;
+    t->role = d.role;
+    t->nbytes = n_elems(t->ndim, t->shape) * qmix_dtype_size(t->dtype);
+    return 0;
+}
+
+static int plan_source(pctx *c, const src_t *s, int hf)
+{
+    char out[320];
+    if (hf) {
+        if (!mlx_name(s->name, c->cfg->tie_embeddings, out, sizeof out)) return 0;
+    } else {
+        if (!strncmp(s->name, "mtp.", 4)) return 0;
+        snprintf(out, sizeof out, "%s", s->name);
+        size_t n = strlen(out);
+        if (s->qbits && (ends_with(out, ".scales") || ends_with(out, ".biases"))) return 0;
+        (void)n;
+    }
+    int64_t K = s->ndim ? s->shape[s->ndim - 1] : 1;
+    if (s->qbits) K = K * 32 / s->qbits;
+    if (hf && ends_with(out, "mlp.experts.gate_up_proj") && s->ndim == 3) {
+        int64_t E = s->shape[0], I2 = s->shape[1], I = I2 / 2;
+        char base[320];
+        snprintf(base, sizeof base, "%.*s", (int)(strlen(out) - strlen("experts.gate_up_proj")),
+                 out);
+        int64_t shp[3] = {E, I, K};
+        if (snprintf(out, sizeof out, "%sswitch_mlp.gate_proj.weight", base) >= (int)sizeof out)
+            return qmix_errf(c->err, "%s: name too long", s->name);
+        if (add_module(c, out, s, E, I, K, 0, I2, 0, 3, shp, c->dtype)) return -1;
+        if (snprintf(out, sizeof out, "%sswitch_mlp.up_proj.weight", base) >= (int)sizeof out)
+            return qmix_errf(c->err, "%s: name too long", s->name);
+        return add_module(c, out, s, E, I, K, I, I2, 0, 3, shp, c->dtype);
+    }
+    if (hf && ends_with(out, "mlp.experts.down_proj") && s->ndim == 3) {
+        char base[320];
+        snprintf(base, sizeof base, "%.*s", (int)(strlen(out) - strlen("experts.down_proj")), out);
+        if (snprintf(out, sizeof out, "%sswitch_mlp.down_proj.weight", base) >= (int)sizeof out)
+            return qmix_errf(c->err, "%s: name too long", s->name);
+        int64_t shp[3] = {s->shape[0], s->shape[1], K};
+        return add_module(c, out, s, s->shape[0], s->shape[1], K, 0, s->shape[1], 0, 3, shp,
+                          c->dtype);
+    }
+    if (hf && strstr(out, "mlp.experts.") && qmix_layer_of(out) >= 0)
+        return plan_per_expert(c, s, out);
+    int64_t shp[QMIX_MAX_DIMS];
+    int nd = s->ndim;
+    memcpy(shp, s->shape, sizeof(int64_t) * (size_t)nd);
+    if (nd) shp[nd - 1] = K;
+    if (hf && ends_with(out, "conv1d.weight") && nd == 3 && shp[1] == 1) {
+        shp[1] = shp[2]; /* [C, 1, K] → [C, K, 1]: the same bytes */
+        shp[2] = 1;
+    }
+    int64_t rows = nd > 1 ? (int64_t)(n_elems(nd, s->shape) / (uint64_t)s->shape[nd - 1]) : 1;
+    qmix_dtype odt = c->dtype;
+    if (ends_with(out, "A_log")) odt = QMIX_F32;
+    int one_plus = hf && is_shifted_norm(out);
+    if (hf && ends_with(out, "conv1d.weight")) return add_module(c, out, s, 1, rows, K, 0, rows, 0,
+                                                                  nd, shp, odt);
+    if (nd == 3 && !strstr(out, "switch_mlp"))
+        return add_module(c, out, s, 1, rows, K, 0, rows, one_plus, nd, shp, odt);
+    if (nd == 3) return add_module(c, out, s, shp[0], shp[1], K, 0, shp[1], 0, 3, shp, odt);
+    return add_module(c, out, s, 1, rows, K, 0, rows, one_plus, nd, shp, odt);
+}
+
+static void stats_of(const plan *p, qmix_quant_report *rep)
+{
+    for (size_t i = 0; i < p->n; i++) {
+        const item *t = &p->it[i];
+        qmix_quant_role_stat *r = &rep->roles[t->role];
+        uint64_t params = 0;
+        if (t->kind == K_QWEIGHT) {
+            params = (uint64_t)t->nmat * (uint64_t)t->rows * (uint64_t)t->cols;
+            r->bits_mask |= 1u << t->bits;
+            r->tensors++;
+        } else if (t->kind == K_PLAIN) {
+            params = n_elems(t->ndim, t->shape);
+            r->bits_mask |= 1u << 16;
+            r->tensors++;
+        }
+        r->params += params;
+        r->bytes += t->nbytes;
+        rep->params += params;
+        rep->bytes += t->nbytes;
+    }
+    rep->bpw = rep->params ? 8.0 * (double)rep->bytes / (double)rep->params : 0;
+    rep->n_tensors = (int)p->n;
+}
+
+/* Defaults of the quantization block: the recipe's last all-roles quantizing rule, else the most
+ * common (by parameters) bits/group of the plan, else 4/64. */
+static void choose_defaults(const qmix_recipe *r, const plan *p, int *bits, int *group)
+{
+    *bits = 0;
+    for (int i = 0; i < r->n_rules; i++)
+        if (r->rules[i].roles == (1u << QMIX_ROLE_COUNT) - 1 && r->rules[i].lo < 0 &&
+            !r->rules[i].first && !r->rules[i].last && !r->rules[i].type && !r->rules[i].match[0]) {
+            *bits = r->rules[i].bits;
+            *group = r->rules[i].group;
+        }
+    if (*bits) return;
+    uint64_t best = 0;
+    *bits = 4;
+    *group = 64;
+    for (size_t i = 0; i < p->n; i++) {
+        if (p->it[i].kind != K_QWEIGHT) continue;
+        uint64_t n = 0;
+        for (size_t j = 0; j < p->n; j++)
+            if (p->it[j].kind == K_QWEIGHT && p->it[j].bits == p->it[i].bits &&
+                p->it[j].group == p->it[i].group)
+                n += (uint64_t)p->it[j].nmat * (uint64_t)p->it[j].rows * (uint64_t)p->it[j].cols;
+        if (n > best) {
+            best = n;
+            *bits = p->it[i].bits;
+            *group = p->it[i].group;
+        }
+    }
+}
+
+/* ---- estimate from a config ---------------------------------------------------------------- */
+
+int qmix_quant_estimate(const qmix_config *cfg, const qmix_recipe *r, qmix_quant_report *rep,
+                        qmix_err *err)
+{
+    memset(rep, 0, sizeof *rep);
+    int64_t D = cfg->hidden_size, V = cfg->vocab_size;
+    int64_t C = 2 * (int64_t)cfg->lin_n_k_heads * cfg->lin_k_head_dim +
+                (int64_t)cfg->lin_n_v_heads * cfg->lin_v_head_dim;
+    int64_t nv = cfg->lin_n_v_heads, dv = cfg->lin_v_head_dim;
+    int64_t H = cfg->n_heads, KV = cfg->n_kv_heads, hd = cfg->head_dim;
+    int64_t E = cfg->n_experts, F = cfg->moe_ffn, Fs = cfg->shared_ffn;
+    size_t cap = 4 + (size_t)cfg->n_layers * 24;
+    src_t *srcs = calloc(cap, sizeof *srcs);
+    char (*names)[160] = calloc(cap, sizeof *names);
+    plan p = {0};
+    int rc = -1;
+    if (!srcs || !names) {
+        qmix_errf(err, "out of memory");
+        goto done;
+    }
+    size_t n = 0;
+#define ADD(ND, ...)                                                                            \
+    do {                                                                                        \
+        int64_t sh_[] = {__VA_ARGS__};                                                          \
+        srcs[n].name = names[n];                                                                \
+        srcs[n].dtype = QMIX_BF16;                                                              \
+        srcs[n].ndim = ND;                                                                      \
+        memcpy(srcs[n].shape, sh_, sizeof sh_);                                                 \
+        n++;                                                                                    \
+    } while (0)
+#define NAME(...) snprintf(names[n], sizeof names[n], __VA_ARGS__)
+    NAME("model.language_model.embed_tokens.weight"); ADD(2, V, D);
+    NAME("model.language_model.norm.weight"); ADD(1, D);
+    if (!cfg->tie_embeddings) { NAME("lm_head.weight"); ADD(2, V, D); }
+    for (int i = 0; i < cfg->n_layers; i++) {
+        const char *pf = "model.language_model.layers";
+        NAME("%s.%d.input_layernorm.weight", pf, i); ADD(1, D);
+        NAME("%s.%d.post_attention_layernorm.weight", pf, i); ADD(1, D);
+        if (cfg->layer_is_full[i]) {
+            NAME("%s.%d.self_attn.q_proj.weight", pf, i); ADD(2, 2 * H * hd, D);
+            NAME("%s.%d.self_attn.k_proj.weight", pf, i); ADD(2, KV * hd, D);
+            NAME("%s.%d.self_attn.v_proj.weight", pf, i); ADD(2, KV * hd, D);
+            NAME("%s.%d.self_attn.o_proj.weight", pf, i); ADD(2, D, H * hd);
+            NAME("%s.%d.self_attn.q_norm.weight", pf, i); ADD(1, hd);
+            NAME("%s.%d.self_attn.k_norm.weight", pf, i); ADD(1, hd);
+        } else {
+            NAME("%s.%d.linear_attn.in_proj_qkv.weight", pf, i); ADD(2, C, D);
+            NAME("%s.%d.linear_attn.in_proj_z.weight", pf, i); ADD(2, nv * dv, D);
+            NAME("%s.%d.linear_attn.in_proj_a.weight", pf, i); ADD(2, nv, D);
+            NAME("%s.%d.linear_attn.in_proj_b.weight", pf, i); ADD(2, nv, D);
+            NAME("%s.%d.linear_attn.out_proj.weight", pf, i); ADD(2, D, nv * dv);
+            NAME("%s.%d.linear_attn.conv1d.weight", pf, i); ADD(3, C, 1, cfg->conv_kernel);
+            NAME("%s.%d.linear_attn.A_log", pf, i); ADD(1, nv);
+            NAME("%s.%d.linear_attn.dt_bias", pf, i); ADD(1, nv);
+            NAME("%s.%d.linear_attn.norm.weight", pf, i); ADD(1, dv);
+        }
+        NAME("%s.%d.mlp.gate.weight", pf, i); ADD(2, E, D);
+        NAME("%s.%d.mlp.shared_expert_gate.weight", pf, i); ADD(2, 1, D);
+        NAME("%s.%d.mlp.shared_expert.gate_proj.weight", pf, i); ADD(2, Fs, D);
+        NAME("%s.%d.mlp.shared_expert.up_proj.weight", pf, i); ADD(2, Fs, D);
+        NAME("%s.%d.mlp.shared_expert.down_proj.weight", pf, i); ADD(2, D, Fs);
+        NAME("%s.%d.mlp.experts.gate_up_proj", pf, i); ADD(3, E, 2 * F, D);
+        NAME("%s.%d.mlp.experts.down_proj", pf, i); ADD(3, E, D, F);
+    }
+#undef ADD
+#undef NAME
+    pctx c = {.cfg = cfg, .recipe = r, .dtype = QMIX_BF16, .p = &p, .err = err};
+    for (size_t i = 0; i < n; i++)
+        if (plan_source(&c, &srcs[i], 1)) goto done;
+    stats_of(&p, rep);
+    choose_defaults(r, &p, &rep->default_bits, &rep->default_group);
+    rc = 0;
+done:
+    free(p.it);
+    free(srcs);
+    free(names);
+    return rc;
+}
+
+/* ---- writing ------------------------------------------------------------------------------- */
+
+static char *path_join(const char *a, const char *b)
+{
+    size_t n = strlen(a) + strlen(b) + 2;
+    char *s = malloc(n);
+    if (s) snprintf(s, n, "%s/%s", a, b);
+    return s;
+}
+
+static int copy_file(const char *from, const char *to, qmix_err *err)
+{
+    FILE *in = fopen(from, "rb");
+    if (!in) return 0; /* absent side files are fine */
+    FILE *out = fopen(to, "wb");
+    if (!out) {
+        fclose(in);
+        return qmix_errf(err, "%s: cannot create: %s", to, strerror(errno));
+    }
+    char buf[65536];
+    size_t k;
+    int rc = 0;
+    while ((k = fread(buf, 1, sizeof buf, in)) > 0)
+        if (fwrite(buf, 1, k, out) != k) rc = qmix_errf(err, "%s: write failed", to);
+    fclose(in);
+    if (fclose(out) && !rc) rc = qmix_errf(err, "%s: write failed", to);
+    return rc;
+}
+
+/* Rows are converted in chunks of up to CHUNK_ELEMS elements, one row per pool task, then the
+ * chunk is written in order: memory is a chunk plus the module's scales and biases. */
+#define CHUNK_ELEMS ((size_t)1 << 21)
+
+typedef struct wctx {
+    const qmix_quant_opts *o;
+    qmix_err *err;
+    qmix_pool *pool;
+    int n_threads;
+    float *rows;           /* [n_threads][max cols] source rows, float32 */
+    float *scr;            /* [n_threads][2 · max cols] scales, biases of one row */
+    size_t max_cols;
+    uint8_t *chunk;        /* CHUNK_ELEMS · 4 bytes of output rows */
+    uint16_t *sbuf, *bbuf; /* the current module's scales and biases in the output dtype */
+    size_t sbuf_cap;
+    uint64_t done_bytes, total_bytes;
+    double t0, last;
+    /* the current chunk */
+    const item *t;
+    int64_t g0;
+} wctx;
+
+static double now_s(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
+}
+
+static void progress(wctx *w, int final)
+{
+    if (!w->o->progress) return;
+    double t = now_s();
+    if (!final && t - w->last < 0.5) return;
+    w->last = t;
+    double f = w->total_bytes ? (double)w->done_bytes / (double)w->total_bytes : 1;
+    double el = t - w->t0, eta = f > 0 ? el / f - el : 0;
+    fprintf(stderr, "\rquantize: %5.1f%%  %.0f MiB of %.0f MiB  %.1f s elapsed, ETA %.1f s   %s",
+            100 * f, (double)w->done_bytes / 1048576.0, (double)w->total_bytes / 1048576.0, el,
+            eta, final ? "\n" : "");
+}
+
+static uint16_t to16(float f, qmix_dtype dt) { return dt == QMIX_F16 ? qk_f32_to_f16(f) : qk_f32_to_bf16(f); }
+
+/* Row r of logical matrix m of t's source, as float32 into row[cols]. */
+static void source_row(float *row, const item *t, int64_t m, int64_t r)
+{
+    const src_t *s = t->src;
+    int64_t srow = m * t->src_rows + t->src_row0 + r;
+    if (s->qbits) {
+        int64_t words = qmix_affine_row_words(t->cols, s->qbits);
+        int64_t ng = t->cols / s->qgroup;
+        size_t ssz = qmix_dtype_size(s->scales->dtype);
+        qmix_affine_dequantize_row((const uint32_t *)s->data + srow * words,
+                                   (const uint8_t *)s->scales->data + (size_t)(srow * ng) * ssz,
+                                   (const uint8_t *)s->biases->data + (size_t)(srow * ng) * ssz,
+                                   s->scales->dtype, t->cols, s->qbits, s->qgroup, row);
+        return;
+    }
+    size_t esz = qmix_dtype_size(s->dtype);
+    const void *base = s->data;
+    if (s->parts) {
+        base = s->parts[m];
+        srow = r;
+    }
+    qk_mat v = {.dtype = s->dtype, .rows = 1, .cols = t->cols, .row_bytes = (size_t)t->cols * esz,
+                .data = (const uint8_t *)base + (size_t)srow * (size_t)t->cols * esz};
+    qk_mat_row_f32(&v, 0, row);
+}
+
+static void row_task(void *ctx, int task, int thread)
+{
+    wctx *w = ctx;
+    const item *t = w->t;
+    int64_t g = w->g0 + task, m = g / t->rows, r = g % t->rows;
+    float *row = w->rows + (size_t)thread * w->max_cols;
+    source_row(row, t, m, r);
+    if (t->kind == K_QWEIGHT) {
+        int64_t words = qmix_affine_row_words(t->cols, t->bits);
+        size_t ng = (size_t)(t->cols / t->group);
+        float *sc = w->scr + (size_t)thread * 2 * w->max_cols, *bi = sc + w->max_cols;
+        qmix_affine_quantize_row(row, t->cols, t->bits, t->group,
+                                 (uint32_t *)w->chunk + (size_t)task * (size_t)words, sc, bi);
+        for (size_t k = 0; k < ng; k++) {
+            w->sbuf[(size_t)g * ng + k] = to16(sc[k], w->o->dtype);
+            w->bbuf[(size_t)g * ng + k] = to16(bi[k], w->o->dtype);
+        }
+        return;
+    }
+    if (t->one_plus)
+        for (int64_t i = 0; i < t->cols; i++) row[i] += 1.0f;
+    if (t->dtype == QMIX_F32) {
+        memcpy((float *)w->chunk + (size_t)task * (size_t)t->cols, row, (size_t)t->cols * 4);
+    } else {
+        uint16_t *o = (uint16_t *)w->chunk + (size_t)task * (size_t)t->cols;
+        for (int64_t i = 0; i < t->cols; i++) o[i] = to16(row[i], t->dtype);
+    }
+}
+
+/* Gives back the page cache pages of a source tensor once read: a file-backed read-only mapping,
+ * so they are simply re-read if touched again. Keeps RSS at a chunk, not at the model. */
+static void release_source(const src_t *s, uint64_t nbytes)
+{
+    long pg = sysconf(_SC_PAGESIZE);
+    if (pg <= 0 || !s->data) return;
+    uintptr_t a = (uintptr_t)s->data & ~(uintptr_t)(pg - 1);
+    uintptr_t e = (uintptr_t)s->data + nbytes;
+    madvise((void *)a, e - a, MADV_DONTNEED);
+}
+
+static int write_item(wctx *w, qmix_stw *f, const item *t)
+{
+    qmix_err *err = w->err;
+    if (qmix_stw_begin(f, t->name, err)) return -1;
+    if (t->kind == K_SCALES || t->kind == K_BIASES) {
+        const uint16_t *b = t->kind == K_SCALES ? w->sbuf : w->bbuf;
+        return qmix_stw_write(f, b, t->nbytes, err);
+    }
+    int64_t total = t->nmat * t->rows;
+    size_t row_out;
+    if (t->kind == K_QWEIGHT) {
+        size_t ng = (size_t)(t->cols / t->group);
+        size_t need = (size_t)total * ng;
+        if (need > w->sbuf_cap) {
+            uint16_t *a = realloc(w->sbuf, need * 2);
+            if (a) w->sbuf = a;
+            uint16_t *b = a ? realloc(w->bbuf, need * 2) : NULL;
+            if (b) w->bbuf = b;
+            if (!a || !b) return qmix_errf(err, "out of memory");
+            w->sbuf_cap = need;
+        }
+        row_out = (size_t)qmix_affine_row_words(t->cols, t->bits) * 4;
+    } else {
+        row_out = (size_t)t->cols * qmix_dtype_size(t->dtype);
+    }
+    int64_t per_chunk = (int64_t)(CHUNK_ELEMS / (size_t)t->cols);
+    if (per_chunk < 1) per_chunk = 1;
+    size_t esz_src = t->src->qbits ? 0 : qmix_dtype_size(t->src->dtype);
+    w->t = t;
+    for (int64_t g0 = 0; g0 < total; g0 += per_chunk) {
+        int64_t n = total - g0 < per_chunk ? total - g0 : per_chunk;
+        w->g0 = g0;
+        qmix_pool_run(w->pool, row_task, w, (int)n);
+        if (qmix_stw_write(f, w->chunk, (size_t)n * row_out, err)) return -1;
+        w->done_bytes += (uint64_t)n * (uint64_t)t->cols * esz_src;
+        if (esz_src && !t->src->parts) { /* give back the source rows just read (re-faulted from the page cache
+                        * if a later item, like up_proj after gate_proj, needs them) */
+            int64_t a = g0, b = g0 + n - 1;
+            int64_t sa = (a / t->rows) * t->src_rows + t->src_row0 + a % t->rows;
+            int64_t sb = (b / t->rows) * t->src_rows + t->src_row0 + b % t->rows;
+            src_t part = *t->src;
+            part.data = (const uint8_t *)t->src->data + (size_t)sa * (size_t)t->cols * esz_src;
+            release_source(&part, (uint64_t)(sb - sa + 1) * (uint64_t)t->cols * esz_src);
+        }
+        progress(w, 0);
+    }
+    return 0;
+}
+
+static int is_mlx_input(const qmix_st_store *s)
+{
+    if (qmix_st_find(s, "language_model.model.embed_tokens.weight")) return 1;
+    for (uint64_t i = 0; i < qmix_st_count(s); i++)
+        if (strstr(qmix_st_at(s, i)->name, "switch_mlp.")) return 1;
+    return 0;
+}
+
+static int dir_nonempty(const char *d)
+{
+    DIR *dp = opendir(d);
+    if (!dp) return 0;
+    struct dirent *e;
+    int n = 0;
+    while ((e = readdir(dp)))
+        if (strcmp(e->d_name, ".") && strcmp(e->d_name, "..")) n++;
+    closedir(dp);
+    return n > 0;
+}
+
+static int write_config(const char *in_dir, const char *out_dir, const plan *p, int dbits,
+                        int dgroup, qmix_err *err)
+{
+    char *src = path_join(in_dir, "config.json"), *dst = path_join(out_dir, "config.json");
+    int rc = -1;
+    json_error_t je;
+    json_t *root = src ? json_load_file(src, JSON_REJECT_DUPLICATES, &je) : NULL;
+    if (!root || !json_is_object(root)) {
+        qmix_errf(err, "%s: cannot read config.json", in_dir);
+        goto out;
+    }
+    json_object_del(root, "quantization");
+    json_object_del(root, "quantization_config");
+    json_t *q = json_object();
+    json_object_set_new(q, "group_size", json_integer(dgroup));
+    json_object_set_new(q, "bits", json_integer(dbits));
+    json_object_set_new(q, "mode", json_string("affine"));
+    for (size_t i = 0; i < p->n; i++) {
+        const item *t = &p->it[i];
+        if (t->kind != K_QWEIGHT || (t->bits == dbits && t->group == dgroup)) continue;
+        char mod[320];
+        module_of(t->name, mod, sizeof mod);
+        json_t *e = json_object();
+        json_object_set_new(e, "group_size", json_integer(t->group));
+        json_object_set_new(e, "bits", json_integer(t->bits));
+        json_object_set_new(q, mod, e);
+    }
+    json_object_set_new(root, "quantization_config", json_deep_copy(q));
+    json_object_set_new(root, "quantization", q);
+    if (json_dump_file(root, dst, JSON_INDENT(4) | JSON_SORT_KEYS))
+        qmix_errf(err, "%s: cannot write", dst);
+    else rc = 0;
+out:
+    json_decref(root);
+    free(src);
+    free(dst);
+    return rc;
+}
+
+int qmix_quantize(const char *in, const char *out_dir, const qmix_quant_opts *o,
+                  qmix_quant_report *rep, qmix_err *err)
+{
+    memset(rep, 0, sizeof *rep);
+    double t0 = now_s();
+    struct stat sb;
+    if (stat(in, &sb) || !S_ISDIR(sb.st_mode))
+        return qmix_errf(err, "%s: not a checkpoint directory", in);
+    if (o->dtype != QMIX_BF16 && o->dtype != QMIX_F16)
+        return qmix_errf(err, "--dtype must be bf16 or f16");
+    if (dir_nonempty(out_dir) && !o->force)
+        return qmix_errf(err, "%s: exists and is not empty (pass --force to write into it)",
+                         out_dir);
+    if (mkdir(out_dir, 0777) && errno != EEXIST)
+        return qmix_errf(err, "%s: cannot create: %s", out_dir, strerror(errno));
+
+    qmix_config cfg;
+    qmix_st_store *st = NULL;
+    qmix_qconfig *qin = NULL;
+    src_t *srcs = NULL;
+    plan p = {0};
+    pctx c = {0};
+    wctx w = {.o = o, .err = err};
+    int rc = -1;
+    char *cfg_path = path_join(in, "config.json");
+    if (!cfg_path || qmix_config_load(cfg_path, &cfg, err) || qmix_qconfig_load(cfg_path, &qin, err) ||
+        qmix_st_open(in, &st, err))
+        goto done;
+    int hf = !is_mlx_input(st);
+    uint64_t n = qmix_st_count(st);
+    srcs = calloc(n ? n : 1, sizeof *srcs);
+    if (!srcs) {
+        qmix_errf(err, "out of memory");
+        goto done;
+    }
+    c = (pctx){.cfg = &cfg, .recipe = o->recipe, .dtype = o->dtype, .p = &p, .err = err, .st = st};
+    for (uint64_t i = 0; i < n; i++) {
+        const qmix_tensor *t = qmix_st_at(st, i);
+        src_t *s = &srcs[i];
+        s->name = t->name;
+        s->dtype = t->dtype;
+        s->ndim = t->ndim;
+        memcpy(s->shape, t->shape, sizeof s->shape);
+        s->data = t->data;
+        if (t->dtype == QMIX_U32) {
+            char mod[512], nm[530];
+            if (module_of(t->name, mod, sizeof mod)) {
+                qmix_errf(err, "%s: U32 tensor that is not a module weight", t->name);
+                goto done;
+            }
+            snprintf(nm, sizeof nm, "%s.scales", mod);
+            s->scales = qmix_st_find(st, nm);
+            snprintf(nm, sizeof nm, "%s.biases", mod);
+            s->biases = qmix_st_find(st, nm);
+            int r = qmix_qconfig_module(qin, mod, s->scales != NULL, &s->qbits, &s->qgroup, err);
+            if (r < 0) goto done;
+            if (!r || !s->scales || !s->biases || t->ndim < 2) {
+                qmix_errf(err, "%s: U32 weight without usable scales/biases", t->name);
+                goto done;
+            }
+            if (!o->allow_requant) {
+                qmix_errf(err, "%s is already quantized (module '%s' at %d bits): re-quantizing "
+                          "from a quantized checkpoint compounds the error; quantize the bf16 "
+                          "original, or pass --allow-requant", in, mod, s->qbits);
+                goto done;
+            }
+            int64_t K = t->shape[t->ndim - 1] * 32 / s->qbits;
+            if (K % s->qgroup || s->scales->shape[s->scales->ndim - 1] != K / s->qgroup ||
+                !qmix_affine_valid(s->qbits, s->qgroup)) {
+                qmix_errf(err, "%s: packed width disagrees with bits=%d group=%d", t->name,
+                          s->qbits, s->qgroup);
+                goto done;
+            }
+        } else if (t->dtype != QMIX_BF16 && t->dtype != QMIX_F16 && t->dtype != QMIX_F32) {
+            qmix_errf(err, "%s: dtype %s cannot be quantized or converted", t->name,
+                      qmix_dtype_st_name(t->dtype));
+            goto done;
+        }
+    }
+    for (uint64_t i = 0; i < n; i++) {
+        if (srcs[i].dtype != QMIX_U32 && !hf && (ends_with(srcs[i].name, ".scales") ||
+                                                 ends_with(srcs[i].name, ".biases"))) {
+            char mod[512], nm[530];
+            snprintf(mod, sizeof mod, "%.*s", (int)(strlen(srcs[i].name) - 7), srcs[i].name);
+            snprintf(nm, sizeof nm, "%s.weight", mod);
+            const qmix_tensor *wt = qmix_st_find(st, nm);
+            if (wt && wt->dtype == QMIX_U32) continue;
+        }
+        if (plan_source(&c, &srcs[i], hf)) goto done;
+    }
+    stats_of(&p, rep);
+    choose_defaults(o->recipe, &p, &rep->default_bits, &rep->default_group);
+
+    /* shards: greedy in declaration order */
+    uint64_t limit = o->shard_bytes ? o->shard_bytes : (uint64_t)5 << 30, cur = 0;
+    int shard = 0;
+    size_t max_cols = 1;
+    for (size_t i = 0; i < p.n; i++) {
+        if (cur && cur + p.it[i].nbytes > limit) {
+            shard++;
+            cur = 0;
+        }
+        cur += p.it[i].nbytes;
+        p.it[i].shard = shard;
+        if ((size_t)p.it[i].cols > max_cols) max_cols = (size_t)p.it[i].cols;
+        if (p.it[i].kind == K_QWEIGHT || p.it[i].kind == K_PLAIN)
+            w.total_bytes += (uint64_t)p.it[i].nmat * (uint64_t)p.it[i].rows *
+                             (uint64_t)p.it[i].cols * (p.it[i].src->qbits ? 0 : qmix_dtype_size(p.it[i].src->dtype));
+    }
+    int n_shards = p.n ? shard + 1 : 0;
+    rep->n_shards = n_shards;
+    w.pool = qmix_pool_new(o->n_threads);
+    w.n_threads = w.pool ? qmix_pool_threads(w.pool) : 1;
+    w.max_cols = max_cols;
+    w.rows = malloc((size_t)w.n_threads * max_cols * sizeof *w.rows);
+    w.scr = malloc((size_t)w.n_threads * 2 * max_cols * sizeof *w.scr);
+    size_t chunk_elems = max_cols > CHUNK_ELEMS ? max_cols : CHUNK_ELEMS;
+    w.chunk = malloc(chunk_elems * 4);
+    const char **names = calloc(p.n + 1, sizeof *names), **files = calloc(p.n + 1, sizeof *files);
+    char (*fnames)[64] = calloc((size_t)n_shards + 1, sizeof *fnames);
+    qmix_stw_tensor *specs = calloc(p.n + 1, sizeof *specs);
+    if (!w.pool || !w.rows || !w.scr || !w.chunk || !names || !files || !fnames || !specs) {
+        qmix_errf(err, "out of memory");
+        goto done2;
+    }
+    w.t0 = w.last = now_s();
+    qmix_stw_kv meta[1] = {{"format", "mlx"}};
+    size_t j = 0;
+    for (int sh = 0; sh < n_shards; sh++) {
+        if (n_shards == 1) snprintf(fnames[sh], sizeof fnames[sh], "model.safetensors");
+        else snprintf(fnames[sh], sizeof fnames[sh], "model-%05d-of-%05d.safetensors", sh + 1,
+                      n_shards);
+        size_t k0 = j;
+        while (j < p.n && p.it[j].shard == sh) {
+            specs[j - k0] = (qmix_stw_tensor){.name = p.it[j].name, .dtype = p.it[j].dtype,
+                                              .ndim = p.it[j].ndim};
+            memcpy(specs[j - k0].shape, p.it[j].shape, sizeof specs[0].shape);
+            names[j] = p.it[j].name;
+            files[j] = fnames[sh];
+            j++;
+        }
+        char *path = path_join(out_dir, fnames[sh]);
+        qmix_stw *f = NULL;
+        if (!path || qmix_stw_open(path, specs, j - k0, meta, 1, &f, err)) {
+            free(path);
+            goto done2;
+        }
+        free(path);
+        for (size_t k = k0; k < j; k++) {
+            if (write_item(&w, f, &p.it[k])) {
+                qmix_stw_discard(f);
+                goto done2;
+            }
+            /* the source is done when its last output item is */
+            if ((k + 1 == p.n || p.it[k + 1].src != p.it[k].src) && !p.it[k].src->qbits &&
+                !p.it[k].src->parts) {
+                uint64_t nb = n_elems(p.it[k].src->ndim, p.it[k].src->shape) *
+                              qmix_dtype_size(p.it[k].src->dtype);
+                release_source(p.it[k].src, nb);
+            }
+        }
+        if (qmix_stw_close(f, err)) goto done2;
+    }
+    progress(&w, 1);
+    {
+        char *ip = path_join(out_dir, "model.safetensors.index.json");
+        int irc = !ip || qmix_st_write_index(ip, rep->bytes, rep->params, names, files, p.n, err);
+        free(ip);
+        if (irc) goto done2;
+    }
+    if (write_config(in, out_dir, &p, rep->default_bits, rep->default_group, err)) goto done2;
+    static const char *side[] = {"tokenizer.json", "tokenizer_config.json",
+                                 "generation_config.json", "chat_template.jinja",
+                                 "chat_template.json", "vocab.json", "merges.txt",
+                                 "special_tokens_map.json", "added_tokens.json",
+                                 "preprocessor_config.json", "processor_config.json",
+                                 "video_preprocessor_config.json"};
+    for (size_t i = 0; i < sizeof side / sizeof side[0]; i++) {
+        char *a = path_join(in, side[i]), *b = path_join(out_dir, side[i]);
+        int crc = !a || !b || copy_file(a, b, err);
+        free(a);
+        free(b);
+        if (crc) goto done2;
+    }
+    rep->input_bytes = w.total_bytes;
+    rep->seconds = now_s() - t0;
+    rc = 0;
+done2:
+    free(names);
+    free(files);
+    free(fnames);
+    free(specs);
+done:
+    qmix_pool_free(w.pool);
+    free(w.rows);
+    free(w.scr);
+    free(w.chunk);
+    free(w.sbuf);
+    free(w.bbuf);
+    free(p.it);
+    free(srcs);
+    free_owned(c.owned);
+    free(cfg_path);
+    qmix_qconfig_free(qin);
+    qmix_st_close(st);
+    if (rc) qmix_err_prefix(err, "quantize %s", in);
+    return rc;
+}
