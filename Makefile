@@ -21,7 +21,7 @@ CFLAGS_BASE := -std=c11 -D_GNU_SOURCE -Wall -Wextra -Wshadow -Wno-unused-paramet
 ifeq ($(WERROR),1)
 CFLAGS_BASE += -Werror
 endif
-LDLIBS  := $(shell pkg-config --libs $(PKGS)) -lm -pthread
+LDLIBS  := $(shell pkg-config --libs $(PKGS)) -lutil -lm -pthread
 LDFLAGS += $(SANFLAGS)
 
 # Kernels compiled for wider SIMD than the baseline; chosen at run time (src/kernels/dispatch.c).

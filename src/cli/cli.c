@@ -5,8 +5,10 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/resource.h>
+#include <sys/stat.h>
 #include <time.h>
 
+#include "runtime/sampler.h"
 #include "util/fileio.h"
 
 int cli_int(const char *cmd, const char *flag, const char *value, long lo, long hi, long *out)
@@ -126,4 +128,69 @@ void cli_human_bytes(double bytes, char *buf, size_t len)
         u++;
     }
     snprintf(buf, len, u ? "%.2f %s" : "%.0f %s", bytes, units[u]);
+}
+
+const char cli_sampling_help[] =
+    "  --temp T            sampling temperature; 0 = greedy\n"
+    "  --top-k K           keep the K most likely tokens (0 = off)\n"
+    "  --top-p P           keep the smallest set of mass >= P (1 = off)\n"
+    "  --min-p P           drop tokens below P x the top probability (0 = off)\n"
+    "  --presence-penalty X, --frequency-penalty X\n"
+    "                      subtract X once / per occurrence from generated tokens' logits\n"
+    "  --repetition-penalty X  divide positive (multiply negative) logits of prompt and\n"
+    "                      generated tokens by X (1 = off)\n"
+    "  --profile NAME      Qwen's recommended settings: instruct-general,\n"
+    "                      instruct-reasoning, thinking-general, thinking-coding\n";
+
+int cli_sampling_option(const char *cmd, int argc, char **argv, int *i, qmix_sampling *sp)
+{
+    static const char *const floats[] = {"--temp", "--top-p", "--min-p", "--presence-penalty",
+                                         "--frequency-penalty", "--repetition-penalty"};
+    const char *flag = argv[*i], *v;
+    if (!strcmp(flag, "--profile")) {
+        if (!(v = cli_value(cmd, argc, argv, i))) return -1;
+        if (qmix_sampling_profile(v, sp, NULL, NULL)) {
+            fprintf(stderr, "qmix %s: unknown --profile '%s' (see --help)\n", cmd, v);
+            return -1;
+        }
+        return 1;
+    }
+    if (!strcmp(flag, "--top-k")) {
+        long k;
+        if (!(v = cli_value(cmd, argc, argv, i)) || cli_int(cmd, flag, v, 0, 1 << 24, &k)) return -1;
+        sp->top_k = (int)k;
+        return 1;
+    }
+    size_t which = 0;
+    while (which < sizeof floats / sizeof floats[0] && strcmp(flag, floats[which])) which++;
+    if (which == sizeof floats / sizeof floats[0]) return 0;
+    double x;
+    if (!(v = cli_value(cmd, argc, argv, i)) || cli_double(cmd, flag, v, &x)) return -1;
+    int ok = 1;
+    switch (which) {
+    case 0: ok = x >= 0, sp->temperature = (float)x; break;
+    case 1: ok = x > 0 && x <= 1, sp->top_p = (float)x; break;
+    case 2: ok = x >= 0 && x <= 1, sp->min_p = (float)x; break;
+    case 3: sp->presence_penalty = (float)x; break;
+    case 4: sp->frequency_penalty = (float)x; break;
+    default: ok = x > 0, sp->repetition_penalty = (float)x; break;
+    }
+    if (!ok) fprintf(stderr, "qmix %s: %s %g is out of range\n", cmd, flag, x);
+    return ok ? 1 : -1;
+}
+
+int cli_model_dir(const char *model_path, char *dir, size_t len)
+{
+    struct stat sb;
+    if (stat(model_path, &sb)) {
+        fprintf(stderr, "qmix: %s: %s\n", model_path, strerror(errno));
+        return -1;
+    }
+    snprintf(dir, len, "%s", model_path);
+    if (!S_ISDIR(sb.st_mode)) {
+        char *slash = strrchr(dir, '/');
+        if (slash) *slash = 0;
+        else snprintf(dir, len, ".");
+    }
+    return 0;
 }

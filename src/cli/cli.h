@@ -14,6 +14,14 @@ int cli_double(const char *cmd, const char *flag, const char *value, double *out
 int cli_tokens(const char *cmd, const char *spec, int32_t **tokens, int *n);
 /* Fetches the value after argv[*i] for flag, advancing *i; prints an error if missing. */
 const char *cli_value(const char *cmd, int argc, char **argv, int *i);
+/* Sampling flags shared by generate and chat (--temp, --top-k, --top-p, --min-p, penalties,
+ * --profile): 1 if argv[*i] was one (value consumed), 0 if not, -1 after printing an error. */
+struct qmix_sampling;
+int cli_sampling_option(const char *cmd, int argc, char **argv, int *i, struct qmix_sampling *sp);
+extern const char cli_sampling_help[];
+/* The checkpoint directory of a model path (the path itself, or a weights file's directory);
+ * prints an error and returns -1 if it does not exist. */
+int cli_model_dir(const char *model_path, char *dir, size_t len);
 double cli_now(void);
 /* "1.50 GiB": bytes in binary units. */
 void cli_human_bytes(double bytes, char *buf, size_t len);

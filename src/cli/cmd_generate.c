@@ -5,63 +5,116 @@
 #include "cli/cli.h"
 #include "cli/commands.h"
 #include "kernels/kernels.h"
+#include "formats/config.h"
+#include "runtime/generate.h"
 #include "runtime/sampler.h"
+#include "text/tokenizer.h"
+#include "util/fileio.h"
 
 static void usage(FILE *out)
 {
     fprintf(out,
-            "usage: qmix generate MODEL --tokens \"IDS\" [-n N] [options]\n\n"
-            "Continues a token sequence and prints the new token ids, then prefill and decode tok/s.\n\n"
+            "usage: qmix generate MODEL (--tokens \"IDS\" | -p TEXT) [-n N] [options]\n\n"
+            "Continues a token sequence and prints the new token ids (--tokens), or continues a\n"
+            "text with the model's tokenizer and streams the new text (-p); then prefill and decode\n"
+            "tok/s on stderr.\n\n"
             "  --tokens IDS        prompt token ids separated by spaces or commas, or @FILE\n"
+            "  -p TEXT             prompt text (raw: no chat template; see qmix chat), or @FILE\n"
+            "  --stop STR          with -p: stop before this text (repeatable)\n"
             "  -n N                tokens to generate (default 16)\n"
-            "  --temp T            sampling temperature; 0 = greedy (default 0)\n"
-            "  --top-k K           keep the K most likely tokens (default 0 = off)\n"
-            "  --top-p P           keep the smallest set of mass >= P (default 1 = off)\n"
-            "  --min-p P           drop tokens below P x the top probability (default 0 = off)\n"
-            "  --presence-penalty X, --frequency-penalty X\n"
-            "                      subtract X once / per occurrence from generated tokens' logits\n"
-            "  --repetition-penalty X  divide positive (multiply negative) logits of prompt and\n"
-            "                      generated tokens by X (default 1 = off)\n"
-            "  --profile NAME      Qwen's recommended settings: instruct-general,\n"
-            "                      instruct-reasoning, thinking-general, thinking-coding\n"
-            "  --seed S            random seed for sampling (default 0)\n"
+            "%s"            "  --seed S            random seed for sampling (default 0)\n"
             "  --threads N         worker threads (default: all cores)\n"
             "  --ctx N             context size (default: prompt + n)\n"
-            "  --stop-at-eos       stop at the model's eos_token_id\n");
+            "  --stop-at-eos       stop at the model's end-of-generation tokens (always with -p)\n",
+            cli_sampling_help);
 }
 
-static const char *const float_flags[] = {"--temp", "--top-p", "--min-p", "--presence-penalty",
-                                          "--frequency-penalty", "--repetition-penalty", NULL};
-
-static int sampling_flag(const char *a)
+static void print_text(void *user, const char *text, size_t len)
 {
-    for (int i = 0; float_flags[i]; i++)
-        if (!strcmp(a, float_flags[i])) return 1;
-    return 0;
+    (void)user;
+    fwrite(text, 1, len, stdout);
+    fflush(stdout);
 }
 
-/* Sets and range-checks one float sampling parameter; prints the error. */
-static int set_sampling(qmix_sampling *sp, const char *flag, double x)
+/* -p: text in, streamed text out, stopping at the model's end-of-generation tokens. */
+static int generate_text(const char *model_path, const char *text, const char *const *stops,
+                         int n_stops, qmix_sampling sp, long n_gen, long seed, long threads,
+                         long ctx)
 {
-    int ok = 1;
-    if (!strcmp(flag, "--temp")) ok = x >= 0, sp->temperature = (float)x;
-    else if (!strcmp(flag, "--top-p")) ok = x > 0 && x <= 1, sp->top_p = (float)x;
-    else if (!strcmp(flag, "--min-p")) ok = x >= 0 && x <= 1, sp->min_p = (float)x;
-    else if (!strcmp(flag, "--presence-penalty")) sp->presence_penalty = (float)x;
-    else if (!strcmp(flag, "--frequency-penalty")) sp->frequency_penalty = (float)x;
-    else ok = x > 0, sp->repetition_penalty = (float)x;
-    if (!ok) fprintf(stderr, "qmix generate: %s %g is out of range\n", flag, x);
-    return ok ? 0 : -1;
+    qmix_err err;
+    qmix_model *model = NULL;
+    qmix_session *sess = NULL;
+    qmix_sampler *sampler = NULL;
+    qmix_tokenizer *tok = NULL;
+    char *owned = NULL, dir[4096];
+    int32_t *prompt = NULL, *history = NULL;
+    size_t n_prompt = 0;
+    int rc = 1;
+    qmix_generation_config gen;
+    if (cli_model_dir(model_path, dir, sizeof dir)) goto usage_fail;
+    if (text[0] == '@') {
+        if (qmix_read_file(text + 1, 64u << 20, &owned, NULL, &err)) goto fail;
+        text = owned;
+    }
+    if (qmix_model_open(model_path, &model, &err) || qmix_tok_load(dir, &tok, &err) ||
+        qmix_generation_config_load(dir, &gen, &err) ||
+        qmix_tok_encode(tok, text, strlen(text), 1, &prompt, &n_prompt, &err))
+        goto fail;
+    if (!n_prompt) {
+        snprintf(err.msg, sizeof err.msg, "the prompt encodes to no tokens");
+        goto fail;
+    }
+    if (!ctx) ctx = (long)n_prompt + n_gen;
+    qmix_session_opts opts = {.max_ctx = (int)ctx, .n_threads = (int)threads};
+    sp.seed = (uint64_t)seed;
+    if (qmix_session_new(model, &opts, &sess, &err)) goto fail;
+    sampler = qmix_sampler_new(&sp, qmix_model_config(model)->vocab_size);
+    history = malloc(sizeof *history * (size_t)ctx);
+    if (!sampler || !history) {
+        snprintf(err.msg, sizeof err.msg, "out of memory");
+        goto fail;
+    }
+    int n_history = 0;
+    qmix_gen_opts go = {.max_tokens = (int)n_gen, .stop_ids = gen.eos, .n_stop_ids = gen.n_eos,
+                        .stop_strings = stops, .n_stop_strings = n_stops};
+    qmix_gen_result res;
+    if (qmix_generate(sess, sampler, tok, prompt, (int)n_prompt, history, &n_history, &go,
+                      print_text, NULL, &res, &err))
+        goto fail;
+    static const char *finish[] = {"stop", "length", "cancelled"};
+    fprintf(stderr, "\n[%s] prefill: %d tokens in %.3f s (%.1f tok/s); decode: %d tokens in "
+            "%.3f s (%.1f tok/s)\n", finish[res.finish], res.n_prompt, res.prefill_s,
+            res.n_prompt / res.prefill_s, res.n_generated, res.decode_s,
+            res.decode_s > 0 ? res.n_generated / res.decode_s : 0.0);
+    rc = 0;
+    goto done;
+usage_fail:
+    rc = 2;
+    goto done;
+fail:
+    fprintf(stderr, "qmix generate: %s\n", err.msg);
+done:
+    free(owned);
+    free(prompt);
+    free(history);
+    qmix_tok_free(tok);
+    qmix_sampler_free(sampler);
+    qmix_session_free(sess);
+    qmix_model_close(model);
+    return rc;
 }
 
 int qmix_cmd_generate(int argc, char **argv)
 {
-    const char *model_path = NULL, *tokens_spec = NULL;
+    const char *model_path = NULL, *tokens_spec = NULL, *prompt_text = NULL;
+    const char *stops[16];
+    int n_stops = 0;
     long n_gen = 16, threads = 0, seed = 0, ctx = 0;
     qmix_sampling sp = qmix_sampling_greedy();
     int stop_at_eos = 0;
     for (int i = 1; i < argc; i++) {
         const char *a = argv[i], *v;
+        int handled;
         if (!strcmp(a, "--help") || !strcmp(a, "-h")) {
             usage(stdout);
             return 0;
@@ -83,23 +136,17 @@ int qmix_cmd_generate(int argc, char **argv)
             if (!(v = cli_value("generate", argc, argv, &i)) ||
                 cli_int("generate", a, v, 1, 1 << 24, &ctx))
                 return 2;
-        } else if (!strcmp(a, "--profile")) {
+        } else if ((handled = cli_sampling_option("generate", argc, argv, &i, &sp)) != 0) {
+            if (handled < 0) return 2;
+        } else if (!strcmp(a, "-p") || !strcmp(a, "--prompt")) {
+            if (!(prompt_text = cli_value("generate", argc, argv, &i))) return 2;
+        } else if (!strcmp(a, "--stop")) {
             if (!(v = cli_value("generate", argc, argv, &i))) return 2;
-            if (qmix_sampling_profile(v, &sp, NULL, NULL)) {
-                fprintf(stderr, "qmix generate: unknown --profile '%s' (see --help)\n", v);
+            if (n_stops == 16) {
+                fprintf(stderr, "qmix generate: at most 16 --stop strings\n");
                 return 2;
             }
-        } else if (!strcmp(a, "--top-k")) {
-            long k;
-            if (!(v = cli_value("generate", argc, argv, &i)) ||
-                cli_int("generate", a, v, 0, 1 << 24, &k))
-                return 2;
-            sp.top_k = (int)k;
-        } else if (sampling_flag(a)) {
-            double x;
-            if (!(v = cli_value("generate", argc, argv, &i)) || cli_double("generate", a, v, &x) ||
-                set_sampling(&sp, a, x))
-                return 2;
+            stops[n_stops++] = v;
         } else if (!strcmp(a, "--stop-at-eos")) {
             stop_at_eos = 1;
         } else if (a[0] == '-') {
@@ -112,10 +159,12 @@ int qmix_cmd_generate(int argc, char **argv)
             return 2;
         }
     }
-    if (!model_path || !tokens_spec) {
+    if (!model_path || !tokens_spec == !prompt_text) {
         usage(stderr);
         return 2;
     }
+    if (prompt_text) return generate_text(model_path, prompt_text, stops, n_stops, sp, n_gen,
+                                          seed, threads, ctx);
     int32_t *prompt;
     int n_prompt;
     if (cli_tokens("generate", tokens_spec, &prompt, &n_prompt)) return 2;

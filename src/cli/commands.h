@@ -4,6 +4,7 @@
 
 int qmix_cmd_info(int argc, char **argv);
 int qmix_cmd_generate(int argc, char **argv);
+int qmix_cmd_chat(int argc, char **argv);
 int qmix_cmd_logits(int argc, char **argv);
 int qmix_cmd_synth(int argc, char **argv);
 int qmix_cmd_bench(int argc, char **argv);

@@ -10,6 +10,7 @@ static const struct {
 } commands[] = {
     {"info", qmix_cmd_info, "architecture, layer pattern, parameters and bytes by tensor role"},
     {"generate", qmix_cmd_generate, "continue a token sequence (greedy or sampled), print ids and tok/s"},
+    {"chat", qmix_cmd_chat, "talk to the model: streaming, thinking on/off, Ctrl-C stops the answer"},
     {"logits", qmix_cmd_logits, "write raw float32 logits [n_tokens, vocab] for a token sequence"},
     {"bench", qmix_cmd_bench, "prefill/decode tok/s, peak RSS and memory-bandwidth fraction"},
     {"tokenize", qmix_cmd_tokenize, "text to token ids and back with the model's tokenizer.json"},

@@ -2,6 +2,7 @@
 
 #include <jansson.h>
 #include <math.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -186,4 +187,41 @@ int qmix_config_load(const char *path, qmix_config *cfg, qmix_err *err)
     int rc = qmix_config_parse(text, len, path, cfg, err);
     free(text);
     return rc;
+}
+
+int qmix_generation_config_load(const char *model_dir, qmix_generation_config *out,
+                                qmix_err *err)
+{
+    memset(out, 0, sizeof *out);
+    char path[4096];
+    snprintf(path, sizeof path, "%s/generation_config.json", model_dir);
+    FILE *f = fopen(path, "rb");
+    if (!f) return 0;
+    fclose(f);
+    char *text;
+    size_t len;
+    if (qmix_read_file(path, 16u << 20, &text, &len, err)) return -1;
+    json_error_t jerr;
+    json_t *root = json_loadb(text, len, 0, &jerr);
+    free(text);
+    if (!json_is_object(root)) {
+        json_decref(root);
+        return qmix_errf(err, "%s: not a JSON object (%s)", path, jerr.text);
+    }
+    json_t *eos = json_object_get(root, "eos_token_id"), *v;
+    if (json_is_integer(eos)) {
+        out->eos[out->n_eos++] = (int)json_integer_value(eos);
+    } else if (json_is_array(eos)) {
+        size_t i;
+        json_array_foreach(eos, i, v) if (json_is_integer(v) && out->n_eos < QMIX_MAX_EOS)
+            out->eos[out->n_eos++] = (int)json_integer_value(v);
+    }
+    if (json_is_number(v = json_object_get(root, "temperature")))
+        out->has_temperature = 1, out->temperature = json_number_value(v);
+    if (json_is_number(v = json_object_get(root, "top_p")))
+        out->has_top_p = 1, out->top_p = json_number_value(v);
+    if (json_is_integer(v = json_object_get(root, "top_k")))
+        out->has_top_k = 1, out->top_k = (int)json_integer_value(v);
+    json_decref(root);
+    return 0;
 }

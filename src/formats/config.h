@@ -12,4 +12,18 @@ int qmix_config_load(const char *path, qmix_config *cfg, qmix_err *err);
 int qmix_config_parse(const char *text, size_t len, const char *label, qmix_config *cfg,
                       qmix_err *err);
 
+/* generation_config.json: end-of-generation ids and the sampling defaults the model ships. */
+#define QMIX_MAX_EOS 8
+typedef struct qmix_generation_config {
+    int n_eos;
+    int eos[QMIX_MAX_EOS];
+    int has_temperature, has_top_p, has_top_k;
+    double temperature, top_p;
+    int top_k;
+} qmix_generation_config;
+
+/* A missing file is not an error (everything stays unset); a malformed one is. */
+int qmix_generation_config_load(const char *model_dir, qmix_generation_config *out,
+                                qmix_err *err);
+
 #endif

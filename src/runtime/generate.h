@@ -1,0 +1,42 @@
+/* One generation: prefill a prompt (reusing what the session already holds of it), then sample,
+ * decode and stream text until a stop token, a stop string, max_tokens, the context end or a
+ * cancel request. Shared by `qmix generate -p`, `qmix chat` and (later) the server. */
+#ifndef QMIX_RUNTIME_GENERATE_H
+#define QMIX_RUNTIME_GENERATE_H
+
+#include <signal.h>
+#include <stdint.h>
+
+#include "qmix.h"
+#include "runtime/sampler.h"
+#include "text/tokenizer.h"
+
+typedef struct qmix_gen_opts {
+    int max_tokens;
+    const int32_t *stop_ids;          /* end-of-generation tokens (not emitted) */
+    int n_stop_ids;
+    const char *const *stop_strings;  /* the text stops before any of these (not emitted) */
+    int n_stop_strings;
+    volatile sig_atomic_t *cancel;    /* set (e.g. by SIGINT) to stop after the current token */
+} qmix_gen_opts;
+
+typedef enum qmix_finish { QMIX_FINISH_STOP, QMIX_FINISH_LENGTH, QMIX_FINISH_CANCEL } qmix_finish;
+
+typedef struct qmix_gen_result {
+    qmix_finish finish;
+    int n_prompt, n_prompt_reused, n_generated;
+    double prefill_s, decode_s;
+} qmix_gen_result;
+
+/* Receives text as soon as it is complete UTF-8 and known not to start a stop string. */
+typedef void (*qmix_gen_text_fn)(void *user, const char *text, size_t len);
+
+/* history/n_history: the token ids the session holds (in/out; capacity max_ctx): the prompt's
+ * common prefix with them is not recomputed, and on return they are the prompt plus the
+ * generated tokens fed back. */
+int qmix_generate(qmix_session *session, qmix_sampler *sampler, const qmix_tokenizer *tok,
+                  const int32_t *prompt, int n_prompt, int32_t *history, int *n_history,
+                  const qmix_gen_opts *opts, qmix_gen_text_fn on_text, void *user,
+                  qmix_gen_result *result, qmix_err *err);
+
+#endif
