@@ -3,6 +3,7 @@
 #include "formats/config.h"
 #include "quant/quantize.h"
 #include "quant/recipe.h"
+#include "model/geometry.h"
 #include "testutil.h"
 
 #define P "model.language_model.layers."
@@ -166,26 +167,10 @@ START_TEST(presets_on_fixture_names)
 }
 END_TEST
 
-/* Qwen3.5-35B-A3B text model (§0.2). */
+/* Qwen3.5-35B-A3B text geometry. */
 static void geometry_35b(qmix_config *c)
 {
-    memset(c, 0, sizeof *c);
-    c->hidden_size = 2048;
-    c->n_layers = 40;
-    c->vocab_size = 248320;
-    c->n_heads = 16;
-    c->n_kv_heads = 2;
-    c->head_dim = 256;
-    c->lin_n_k_heads = 16;
-    c->lin_n_v_heads = 32;
-    c->lin_k_head_dim = 128;
-    c->lin_v_head_dim = 128;
-    c->conv_kernel = 4;
-    c->n_experts = 256;
-    c->n_experts_used = 8;
-    c->moe_ffn = 512;
-    c->shared_ffn = 512;
-    for (int i = 0; i < 40; i++) c->layer_is_full[i] = (i + 1) % 4 == 0;
+    qmix_geometry_config(qmix_geometry_find("35b-a3b"), c);
 }
 
 START_TEST(preset_bpw_on_35b)

@@ -23,51 +23,13 @@
 #include "cli/commands.h"
 #include "formats/safetensors.h"
 #include "formats/safetensors_write.h"
+#include "model/geometry.h"
 #include "util/err.h"
-
-/* ---- geometries ------------------------------------------------------------------------- */
-
-typedef struct geom {
-    const char *like;
-    int D, L, V;
-    int H, KV, hd;
-    int nk, nv, dk, dv, Kc;
-    int E, topk, F, Fs;
-    int eos, image_tok, video_tok, vis_start, vis_end;
-    double theta;
-} geom;
-
-/* 35b-a3b: the released model's config (spec table; matches the REAP derivative's config.json
- *   except for its pruned expert count).
- * 122b-a10b: D 3072, L 48, H 32, KV 2, hd 256, nk 16, nv 64, dk=dv 128, E 256, top-8, F=Fs 1024.
- *   L 48, E 256 and top-8 are in the seeds (GPTQ card: "48 layers, 36 linear + 12 full",
- *   "8 of 256 experts"; MLX card: "256 total, 8 active"). D, heads and F are the official model
- *   card's values as best recalled; they are consistent with the name: experts 48·256·3·3072·1024
- *   ≈ 116B of ~122B total, and ≈ 10B active per token.
- * 397b-a17b: D 4096, L 60, H 32, KV 2, hd 256, nk 16, nv 64, dk=dv 128, E 512, top-10,
- *   F=Fs 1024. D, L, nv 64 / nk 16 and E 512 are in the seeds and the spec; H 32 / KV 2 and E 512
- *   from llama.cpp's 397B GGUF snapshot header (n_head 32, n_head_kv 2); top-10 and F=Fs 1024 from
- *   a public Megatron recipe for this model (slime scripts/models/qwen3.5-397B-A17B.sh, which also
- *   says 32 heads / 2 query groups). The MLX card's "16 heads, 4 KV, 8 active" disagrees with both
- *   and is taken to be wrong. Check: experts 60·512·3·4096·1024 ≈ 386B of ~397B, ≈ 17B active.
- * tiny: fixture-sized, every row length a multiple of 32 so every quantizer accepts it. Token ids
- *   for eos / vision follow the real ones' position near the top of the vocabulary. */
-static const geom geoms[] = {
-    {"35b-a3b", 2048, 40, 248320, 16, 2, 256, 16, 32, 128, 128, 4, 256, 8, 512, 512,
-     248044, 248056, 248057, 248053, 248054, 1e7},
-    {"122b-a10b", 3072, 48, 248320, 32, 2, 256, 16, 64, 128, 128, 4, 256, 8, 1024, 1024,
-     248044, 248056, 248057, 248053, 248054, 1e7},
-    {"397b-a17b", 4096, 60, 248320, 32, 2, 256, 16, 64, 128, 128, 4, 512, 10, 1024, 1024,
-     248044, 248056, 248057, 248053, 248054, 1e7},
-    {"tiny", 64, 4, 512, 4, 2, 64, 2, 4, 32, 32, 4, 8, 2, 32, 32,
-     500, 508, 509, 510, 511, 1e7},
-};
-#define N_GEOMS (sizeof geoms / sizeof geoms[0])
 
 /* ---- options ---------------------------------------------------------------------------- */
 
 typedef struct opts {
-    geom g;
+    qmix_geometry g;
     uint64_t seed;
     qmix_dtype dtype;
     int per_expert;
@@ -242,9 +204,7 @@ static int parse_args(int argc, char **argv, opts *o, int *done)
         }
     }
     if (!like) return bad_usage("--like is required (35b-a3b, 122b-a10b, 397b-a17b or tiny)");
-    const geom *g = NULL;
-    for (size_t k = 0; k < N_GEOMS; k++)
-        if (!strcmp(like, geoms[k].like)) g = &geoms[k];
+    const qmix_geometry *g = qmix_geometry_find(like);
     if (!g) return bad_usage("--like wants 35b-a3b, 122b-a10b, 397b-a17b or tiny, not '%s'", like);
     if (!o->out_dir || !*o->out_dir) return bad_usage("missing OUT_DIR");
     o->g = *g;
@@ -346,7 +306,7 @@ static int add(plan *p, uint64_t seed, const char *stream, uint64_t base, dist_k
 #define NORM(p, seed, n, ...) \
     add(p, seed, NULL, 0, DIST_NORMAL, 0.0, 0.1, 1, (const int64_t[]){n}, __VA_ARGS__)
 
-static int add_full_attn(plan *p, const geom *g, uint64_t seed, const char *pre)
+static int add_full_attn(plan *p, const qmix_geometry *g, uint64_t seed, const char *pre)
 {
     int64_t D = g->D, H = g->H, KV = g->KV, hd = g->hd;
     return LIN(p, seed, H * hd * 2, D, "%sself_attn.q_proj.weight", pre) ||
@@ -357,7 +317,7 @@ static int add_full_attn(plan *p, const geom *g, uint64_t seed, const char *pre)
            NORM(p, seed, hd, "%sself_attn.k_norm.weight", pre);
 }
 
-static int add_linear_attn(plan *p, const geom *g, uint64_t seed, const char *pre)
+static int add_linear_attn(plan *p, const qmix_geometry *g, uint64_t seed, const char *pre)
 {
     int64_t D = g->D, nv = g->nv, C = 2 * (int64_t)g->nk * g->dk + (int64_t)g->nv * g->dv;
     return LIN(p, seed, C, D, "%slinear_attn.in_proj_qkv.weight", pre) ||
@@ -378,7 +338,7 @@ static int add_linear_attn(plan *p, const geom *g, uint64_t seed, const char *pr
            LIN(p, seed, D, nv * g->dv, "%slinear_attn.out_proj.weight", pre);
 }
 
-static int add_moe(plan *p, const geom *g, uint64_t seed, const char *pre, int per_expert)
+static int add_moe(plan *p, const qmix_geometry *g, uint64_t seed, const char *pre, int per_expert)
 {
     int64_t D = g->D, E = g->E, F = g->F, Fs = g->Fs;
     if (LIN(p, seed, E, D, "%smlp.gate.weight", pre)) return -1;
@@ -415,7 +375,7 @@ static int layer_is_full(int i) { return (i + 1) % 4 == 0; }
 
 static int build_plan(const opts *o, plan *p)
 {
-    const geom *g = &o->g;
+    const qmix_geometry *g = &o->g;
     uint64_t s = o->seed;
     int64_t D = g->D, V = g->V;
     const char *lm = "model.language_model.";
@@ -789,7 +749,7 @@ static int set_int(json_t *o, const char *k, long long v)
  * settings are the 35B's so the file parses as the real thing; no vision tensors exist. */
 static json_t *make_config(const opts *o)
 {
-    const geom *g = &o->g;
+    const qmix_geometry *g = &o->g;
     json_t *root = json_object(), *tc = json_object(), *rope = json_object(),
            *types = json_array(), *sect = json_array(), *vis = json_object(),
            *syn = json_object();
