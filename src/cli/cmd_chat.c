@@ -232,7 +232,7 @@ int qmix_cmd_chat(int argc, char **argv)
         int32_t *prompt = NULL;
         size_t n_prompt = 0;
         if (qmix_chat_render(messages, NULL, &co, &prompt_text, &prompt_len, &err) ||
-            qmix_tok_encode(tok, prompt_text, prompt_len, 1, &prompt, &n_prompt, &err)) {
+            qmix_chat_encode(tok, prompt_text, prompt_len, messages, &prompt, &n_prompt, &err)) {
             free(prompt_text);
             goto fail;
         }

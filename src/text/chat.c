@@ -3,6 +3,7 @@
  * `|trim` is str.strip() (Unicode whitespace), `|string` and `{{ }}` are str() (True, None, 1.5),
  * `|tojson` is json.dumps(ensure_ascii=False). */
 #include "text/chat.h"
+#include "text/tokenizer.h"
 
 #include <errno.h>
 #include <math.h>
@@ -886,5 +887,68 @@ int qmix_chat_template_load(const char *model_dir, bool with_tools, char **text,
     if (len) *len = n;
     if (source) snprintf(source, source_len, "%s (chat_template)", path);
     json_decref(cfg);
+    return 0;
+}
+
+/* Encodes a rendered conversation with special-token strings recognised in the template's text
+ * but not inside what users and tools wrote: each user/tool message's text is found in the
+ * rendered prompt (in order, as the template wrote it, whitespace-trimmed) and encoded as plain
+ * text. Its neighbours ("\n" before, <|im_end|> after) are token boundaries either way, so the
+ * pieces concatenate to what one encode would give where no special-token string occurs. */
+int qmix_chat_encode(qmix_tokenizer *tok, const char *text, size_t len,
+                               const json_t *messages, int32_t **ids, size_t *n_ids, qmix_err *err)
+{
+    size_t n = 0, cap = 256, at = 0;
+    int32_t *out = malloc(cap * sizeof *out);
+    const json_t *msg;
+    int rc = out ? 0 : qmix_errf(err, "out of memory");
+    for (size_t m = 0; m <= json_array_size(messages) && !rc; m++) {
+        const char *content = NULL;
+        size_t clen = 0;
+        msg = json_array_get(messages, m);
+        const char *role = json_string_value(json_object_get(msg, "role"));
+        json_t *c = json_object_get(msg, "content");
+        if (role && (!strcmp(role, "user") || !strcmp(role, "tool")) && json_is_string(c)) {
+            content = json_string_value(c);
+            clen = json_string_length(c);
+            while (clen && strchr(" \t\r\n", content[0])) content++, clen--;
+            while (clen && strchr(" \t\r\n", content[clen - 1])) clen--;
+        }
+        const char *found = NULL;
+        if (clen)
+            found = memmem(text + at, len - at, content, clen);
+        size_t upto = m == json_array_size(messages) ? len : found ? (size_t)(found - text) : at;
+        /* template text up to the content, specials allowed; then the content, plain */
+        for (int piece = 0; piece < 2 && !rc; piece++) {
+            size_t from = piece ? upto : at, to = piece ? (found ? upto + clen : upto) : upto;
+            if (to <= from) continue;
+            int32_t *part;
+            size_t np;
+            if (qmix_tok_encode(tok, text + from, to - from, !piece, &part, &np, err)) {
+                rc = -1;
+                break;
+            }
+            if (n + np > cap) {
+                while (n + np > cap) cap *= 2;
+                int32_t *grown = realloc(out, cap * sizeof *out);
+                if (!grown) {
+                    free(part);
+                    rc = qmix_errf(err, "out of memory");
+                    break;
+                }
+                out = grown;
+            }
+            if (np) memcpy(out + n, part, np * sizeof *out);
+            n += np;
+            free(part);
+        }
+        at = found ? upto + clen : upto;
+    }
+    if (rc) {
+        free(out);
+        return -1;
+    }
+    *ids = out;
+    *n_ids = n;
     return 0;
 }

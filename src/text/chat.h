@@ -12,6 +12,7 @@
 #include <jansson.h>
 #include <stdbool.h>
 #include <stddef.h>
+#include <stdint.h>
 
 #include "qmix.h"
 
@@ -51,5 +52,12 @@ int qmix_chat_json_dumps(const json_t *v, char **out, size_t *len);
 
 /* Python's str() of a JSON scalar (None, True, 1, 1.5, text); containers return -1. */
 int qmix_chat_py_str(const json_t *v, char **out, size_t *len);
+
+/* Token ids of a rendered conversation: special-token strings count as special tokens in the
+ * template's own text but not inside what users and tools wrote (their message text is encoded as
+ * plain text). *ids is malloc'd. */
+struct qmix_tokenizer;
+int qmix_chat_encode(struct qmix_tokenizer *tok, const char *text, size_t len,
+                     const json_t *messages, int32_t **ids, size_t *n_ids, qmix_err *err);
 
 #endif
