@@ -19,7 +19,9 @@ static void usage(FILE *out)
             "text with the model's tokenizer and streams the new text (-p); then prefill and decode\n"
             "tok/s on stderr.\n\n"
             "  --tokens IDS        prompt token ids separated by spaces or commas, or @FILE\n"
-            "  -p TEXT             prompt text (raw: no chat template; see qmix chat), or @FILE\n"
+            "  -p TEXT             prompt text (raw: no chat template; see qmix chat), or @FILE;\n"
+            "                      sampling then defaults to the model's generation_config.json\n"
+            "                      (--tokens: greedy)\n"
             "  --stop STR          with -p: stop before this text (repeatable)\n"
             "  -n N                tokens to generate (default 16)\n"
             "%s"            "  --seed S            random seed for sampling (default 0)\n"
@@ -38,8 +40,8 @@ static void print_text(void *user, const char *text, size_t len)
 
 /* -p: text in, streamed text out, stopping at the model's end-of-generation tokens. */
 static int generate_text(const char *model_path, const char *text, const char *const *stops,
-                         int n_stops, qmix_sampling sp, long n_gen, long seed, long threads,
-                         long ctx)
+                         int n_stops, qmix_sampling sp, int sampling_given, long n_gen, long seed,
+                         long threads, long ctx)
 {
     qmix_err err;
     qmix_model *model = NULL;
@@ -66,6 +68,11 @@ static int generate_text(const char *model_path, const char *text, const char *c
     }
     if (!ctx) ctx = (long)n_prompt + n_gen;
     qmix_session_opts opts = {.max_ctx = (int)ctx, .n_threads = (int)threads};
+    if (!sampling_given) { /* the model's own defaults */
+        if (gen.has_temperature) sp.temperature = (float)gen.temperature;
+        if (gen.has_top_p) sp.top_p = (float)gen.top_p;
+        if (gen.has_top_k) sp.top_k = gen.top_k;
+    }
     sp.seed = (uint64_t)seed;
     if (qmix_session_new(model, &opts, &sess, &err)) goto fail;
     sampler = qmix_sampler_new(&sp, qmix_model_config(model)->vocab_size);
@@ -111,7 +118,7 @@ int qmix_cmd_generate(int argc, char **argv)
     int n_stops = 0;
     long n_gen = 16, threads = 0, seed = 0, ctx = 0;
     qmix_sampling sp = qmix_sampling_greedy();
-    int stop_at_eos = 0;
+    int stop_at_eos = 0, sampling_given = 0;
     for (int i = 1; i < argc; i++) {
         const char *a = argv[i], *v;
         int handled;
@@ -138,6 +145,7 @@ int qmix_cmd_generate(int argc, char **argv)
                 return 2;
         } else if ((handled = cli_sampling_option("generate", argc, argv, &i, &sp)) != 0) {
             if (handled < 0) return 2;
+            sampling_given = 1;
         } else if (!strcmp(a, "-p") || !strcmp(a, "--prompt")) {
             if (!(prompt_text = cli_value("generate", argc, argv, &i))) return 2;
         } else if (!strcmp(a, "--stop")) {
@@ -163,8 +171,9 @@ int qmix_cmd_generate(int argc, char **argv)
         usage(stderr);
         return 2;
     }
-    if (prompt_text) return generate_text(model_path, prompt_text, stops, n_stops, sp, n_gen,
-                                          seed, threads, ctx);
+    if (prompt_text)
+        return generate_text(model_path, prompt_text, stops, n_stops, sp, sampling_given, n_gen,
+                             seed, threads, ctx);
     int32_t *prompt;
     int n_prompt;
     if (cli_tokens("generate", tokens_spec, &prompt, &n_prompt)) return 2;
