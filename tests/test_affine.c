@@ -13,18 +13,6 @@
         if (!(cond)) ck_abort_msg(__VA_ARGS__);                                                    \
     } while (0)
 
-static uint64_t rng_state;
-static uint64_t rng_u64(void)
-{
-    uint64_t z = (rng_state += 0x9e3779b97f4a7c15ull);
-    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
-    z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
-    return z ^ (z >> 31);
-}
-static float frand(void) /* uniform in [-1, 1) */
-{
-    return (float)((double)(rng_u64() >> 40) / (double)(1ull << 24) * 2.0 - 1.0);
-}
 
 static const int BITS[] = {2, 3, 4, 5, 6, 8};
 #define NBITS 6
@@ -124,14 +112,14 @@ END_TEST
  * its neighbours untouched, and the byte-wise reading algorithm of §1.4 agrees. */
 START_TEST(set_get_round_trip)
 {
-    rng_state = 7;
+    tu_rng_state = 7;
     enum { K = 128 };
     for (int bi = 0; bi < NBITS; bi++) {
         int bits = BITS[bi];
         uint32_t maxq = (1u << bits) - 1, codes[K], row[K * 8 / 32 + 1];
         for (int rep = 0; rep < 4; rep++) {
             memset(row, 0xa5, sizeof row); /* set_code must clear what it overwrites */
-            for (int k = 0; k < K; k++) codes[k] = (uint32_t)rng_u64() & maxq;
+            for (int k = 0; k < K; k++) codes[k] = (uint32_t)tu_rng_u64() & maxq;
             uint32_t guard = row[K * bits / 32];
             for (int j = 0; j < K; j++) {
                 int k = (j * 37 + rep) % K; /* 37 is coprime with 128: a permutation */
@@ -149,7 +137,7 @@ START_TEST(set_get_round_trip)
                 CHECK(v == codes[k], "bits %d code %d byte-wise: %u", bits, k, v);
             }
             for (int k = 0; k < K; k++) {
-                uint32_t nv = (codes[k] + 1 + (uint32_t)(rng_u64() % maxq)) & maxq;
+                uint32_t nv = (codes[k] + 1 + (uint32_t)(tu_rng_u64() % maxq)) & maxq;
                 qmix_affine_set_code(row, k, bits, nv);
                 codes[k] = nv;
                 for (int j = k > 2 ? k - 2 : 0; j < K && j <= k + 2; j++)
@@ -248,7 +236,7 @@ END_TEST
  * ones (the far edge, §1.2) within |s|; with scale and bias widened from float32 exactly. */
 START_TEST(error_bounds)
 {
-    rng_state = 11;
+    tu_rng_state = 11;
     enum { COLS = 256 };
     static const int GROUPS[] = {32, 64, 128};
     float w[COLS], out[COLS], s[COLS / 32], b[COLS / 32];
@@ -258,7 +246,7 @@ START_TEST(error_bounds)
             for (int rep = 0; rep < 20; rep++) {
                 int bits = BITS[bi], gs = GROUPS[gi];
                 float amp = rep % 2 ? 0.02f : 3.0f;
-                for (int k = 0; k < COLS; k++) w[k] = frand() * amp + (rep % 3) * 0.3f * amp;
+                for (int k = 0; k < COLS; k++) w[k] = tu_frand() * amp + (rep % 3) * 0.3f * amp;
                 for (int g = 0; g < COLS / gs; g++) { /* force mixed signs */
                     w[g * gs] = -amp * 0.5f;
                     w[g * gs + 1] = amp * 0.5f;
@@ -290,13 +278,13 @@ END_TEST
 /* Scales and biases stored as bf16 / f16: dequantize_row widens them exactly, w = s·q + β. */
 START_TEST(dequant_scale_dtypes)
 {
-    rng_state = 5;
+    tu_rng_state = 5;
     enum { COLS = 128, GS = 32, NG = COLS / GS };
     float w[COLS], s[NG], b[NG], out[COLS];
     uint32_t packed[COLS * 8 / 32];
     for (int bi = 0; bi < NBITS; bi++) {
         int bits = BITS[bi];
-        for (int k = 0; k < COLS; k++) w[k] = frand();
+        for (int k = 0; k < COLS; k++) w[k] = tu_frand();
         qmix_affine_quantize_row(w, COLS, bits, GS, packed, s, b);
         for (int d = 0; d < 2; d++) {
             uint16_t sh[NG], bh[NG];

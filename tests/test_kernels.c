@@ -13,38 +13,8 @@
         if (!(cond)) ck_abort_msg(__VA_ARGS__);                                                    \
     } while (0)
 
-/* ---- fixed-seed PRNG (splitmix64) ---------------------------------------------------------- */
 
-static uint64_t rng_state;
 
-static void rng_seed(uint64_t seed) { rng_state = seed; }
-
-static uint64_t rng_u64(void)
-{
-    uint64_t z = (rng_state += 0x9e3779b97f4a7c15ull);
-    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
-    z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
-    return z ^ (z >> 31);
-}
-
-static float frand(void) /* uniform in [-1, 1) */
-{
-    return (float)((double)(rng_u64() >> 40) / (double)(1ull << 24) * 2.0 - 1.0);
-}
-
-static uint32_t f2u(float f)
-{
-    uint32_t u;
-    memcpy(&u, &f, 4);
-    return u;
-}
-
-static float u2f(uint32_t u)
-{
-    float f;
-    memcpy(&f, &u, 4);
-    return f;
-}
 
 /* ---- independent references for the 16-bit formats --------------------------------------- */
 
@@ -102,7 +72,7 @@ static void tmat_make(tmat *t, qmix_dtype dt, int64_t rows, int64_t cols)
     uint8_t *data = t->block + offset;
     for (int64_t r = 0; r < rows; r++)
         for (int64_t i = 0; i < cols; i++) {
-            float v = frand();
+            float v = tu_frand();
             uint8_t *p = data + (size_t)r * row_bytes + (size_t)i * esz;
             if (dt == QMIX_F32) {
                 memcpy(p, &v, 4);
@@ -126,7 +96,7 @@ static float *new_y(int n, int64_t ldy)
 {
     float *y = malloc(sizeof(float) * (size_t)(n * ldy));
     ck_assert_ptr_nonnull(y);
-    for (int64_t i = 0; i < n * ldy; i++) y[i] = u2f(SENTINEL);
+    for (int64_t i = 0; i < n * ldy; i++) y[i] = tu_u2f(SENTINEL);
     return y;
 }
 
@@ -157,11 +127,11 @@ static void check_y(const mm_case *c, const char *what, const float *y, const fl
         for (int64_t o = 0; o < c->ldy; o++) {
             float v = y[t * c->ldy + o];
             if (o < rb || o >= re) {
-                CHECK(f2u(v) == SENTINEL,
+                CHECK(tu_f2u(v) == SENTINEL,
                       "%s, %s, rows [%lld, %lld): y[t=%d][o=%lld] outside the range was "
                       "written (0x%08x, sentinel 0x%08x)",
                       case_str(c, cs, sizeof cs), what, (long long)rb, (long long)re, t,
-                      (long long)o, f2u(v), SENTINEL);
+                      (long long)o, tu_f2u(v), SENTINEL);
                 continue;
             }
             double ref = ref_f ? ref_f[t * c->ldy + o] : ref_d[t * c->rows + o];
@@ -181,11 +151,11 @@ static void check_same(const mm_case *c, const char *what, const float *a, const
     char cs[160];
     for (int t = 0; t < c->n; t++)
         for (int64_t o = rb; o < re; o++) {
-            uint32_t ua = f2u(a[t * c->ldy + o]), ub = f2u(b[t * c->ldy + o]);
+            uint32_t ua = tu_f2u(a[t * c->ldy + o]), ub = tu_f2u(b[t * c->ldy + o]);
             CHECK(ua == ub,
                   "%s: %s differs from one full call at y[t=%d][o=%lld]: %.9g (0x%08x) vs "
                   "%.9g (0x%08x)",
-                  case_str(c, cs, sizeof cs), what, t, (long long)o, u2f(ua), ua, u2f(ub), ub);
+                  case_str(c, cs, sizeof cs), what, t, (long long)o, tu_u2f(ua), ua, tu_u2f(ub), ub);
         }
 }
 
@@ -200,9 +170,9 @@ static void case_make(mm_case *c, qmix_dtype dt, int64_t rows, int64_t cols, int
     tmat_make(&c->w, dt, rows, cols);
     c->x = malloc(sizeof(float) * (size_t)(n * c->ldx));
     ck_assert_ptr_nonnull(c->x);
-    for (int64_t i = 0; i < n * c->ldx; i++) c->x[i] = u2f(0x7fc00000u | 0x1234); /* NaN padding */
+    for (int64_t i = 0; i < n * c->ldx; i++) c->x[i] = tu_u2f(0x7fc00000u | 0x1234); /* NaN padding */
     for (int t = 0; t < n; t++)
-        for (int64_t i = 0; i < cols; i++) c->x[t * c->ldx + i] = frand();
+        for (int64_t i = 0; i < cols; i++) c->x[t * c->ldx + i] = tu_frand();
     c->exact = malloc(sizeof(double) * (size_t)(n * rows));
     c->bound = malloc(sizeof(double) * (size_t)(n * rows));
     ck_assert(c->exact && c->bound);
@@ -340,7 +310,7 @@ static void run_shape(qmix_dtype dt, int64_t rows, int64_t cols, int n, const qk
 START_TEST(matmul_simd_vs_scalar)
 {
     qmix_dtype dt = DTYPES[_i];
-    rng_seed(0x5eed0000u + (uint64_t)_i);
+    tu_rng_seed(0x5eed0000u + (uint64_t)_i);
     qk_isa isas[2];
     int n_isas = simd_isas(isas);
     int shapes = 0;
@@ -408,7 +378,7 @@ START_TEST(matmul_dispatch)
             CHECK(qk_matmul_for((qk_isa)i) != NULL, "%s supported but no matmul",
                   qk_isa_name((qk_isa)i));
     /* qk_matmul is the active ISA's kernel: bitwise the same result */
-    rng_seed(99);
+    tu_rng_seed(99);
     mm_case c;
     case_make(&c, QMIX_BF16, 13, 100, 5);
     float *a = new_y(c.n, c.ldy), *b = new_y(c.n, c.ldy);
@@ -424,7 +394,7 @@ END_TEST
 
 START_TEST(mat_row_f32)
 {
-    rng_seed(7);
+    tu_rng_seed(7);
     for (size_t d = 0; d < COUNT(DTYPES); d++) {
         tmat t;
         tmat_make(&t, DTYPES[d], 5, 33);
@@ -448,7 +418,7 @@ START_TEST(bf16_all_patterns)
     int nans = 0;
     for (uint32_t h = 0; h < 65536; h++) {
         float f = qk_bf16_to_f32((uint16_t)h);
-        CHECK(f2u(f) == h << 16, "bf16 0x%04x widened to 0x%08x, expected 0x%08x", h, f2u(f),
+        CHECK(tu_f2u(f) == h << 16, "bf16 0x%04x widened to 0x%08x, expected 0x%08x", h, tu_f2u(f),
               h << 16);
         uint16_t back = qk_f32_to_bf16(f);
         if (isnan(f)) {
@@ -519,15 +489,15 @@ START_TEST(bf16_rounding)
         {0x80000000u, 0x8000},
     };
     for (size_t i = 0; i < COUNT(cases); i++) {
-        uint16_t got = qk_f32_to_bf16(u2f(cases[i].f));
+        uint16_t got = qk_f32_to_bf16(tu_u2f(cases[i].f));
         CHECK(got == cases[i].want, "qk_f32_to_bf16(0x%08x = %g) = 0x%04x, expected 0x%04x",
-              cases[i].f, u2f(cases[i].f), got, cases[i].want);
+              cases[i].f, tu_u2f(cases[i].f), got, cases[i].want);
     }
     /* NaNs with payloads only in the low 16 bits must stay NaN (not become inf) */
     static const uint32_t nans[] = {0x7f800001u, 0xff800001u, 0x7fc00000u, 0x7f80ffffu,
                                     0x7fffffffu};
     for (size_t i = 0; i < COUNT(nans); i++) {
-        uint16_t got = qk_f32_to_bf16(u2f(nans[i]));
+        uint16_t got = qk_f32_to_bf16(tu_u2f(nans[i]));
         CHECK(isnan(qk_bf16_to_f32(got)), "qk_f32_to_bf16(NaN 0x%08x) = 0x%04x, not a NaN", nans[i],
               got);
     }
@@ -596,12 +566,12 @@ START_TEST(f16_rounding)
               cases[i].want);
     }
     /* random float32 in the f16 range: the result is the nearest f16 (float64 check) */
-    rng_seed(1234);
+    tu_rng_seed(1234);
     for (int i = 0; i < 200000; i++) {
-        uint32_t bits = (uint32_t)rng_u64();
-        int e = 100 + (int)(rng_u64() % 45); /* exponents 2^-27 .. 2^17 */
+        uint32_t bits = (uint32_t)tu_rng_u64();
+        int e = 100 + (int)(tu_rng_u64() % 45); /* exponents 2^-27 .. 2^17 */
         bits = (bits & 0x807fffffu) | ((uint32_t)e << 23);
-        float f = u2f(bits);
+        float f = tu_u2f(bits);
         uint16_t h = qk_f32_to_f16(f);
         double v = ref_f16(h), a = fabs((double)f);
         if (a >= 65520.0) {
@@ -622,12 +592,12 @@ END_TEST
 
 START_TEST(op_dot)
 {
-    rng_seed(42);
+    tu_rng_seed(42);
     static const int ns[] = {0, 1, 2, 7, 8, 9, 15, 16, 17, 31, 33, 64, 100, 256, 1000, 4099};
     float a[4099], b[4099];
     for (size_t k = 0; k < COUNT(ns); k++) {
         int n = ns[k];
-        for (int i = 0; i < n; i++) a[i] = frand() * 3, b[i] = frand();
+        for (int i = 0; i < n; i++) a[i] = tu_frand() * 3, b[i] = tu_frand();
         double s = 0, bound = 0;
         for (int i = 0; i < n; i++) s += (double)a[i] * b[i], bound += fabs((double)a[i] * b[i]);
         float got = qk_dot(a, b, n);
@@ -639,14 +609,14 @@ END_TEST
 
 START_TEST(op_rmsnorm)
 {
-    rng_seed(43);
+    tu_rng_seed(43);
     static const int ns[] = {1, 3, 64, 257};
     static const float scales[] = {1e-3f, 1.0f, 300.0f, 1e15f};
     float x[257], w[257], out[257];
     for (size_t k = 0; k < COUNT(ns); k++)
         for (size_t sc = 0; sc < COUNT(scales); sc++) {
             int n = ns[k];
-            for (int i = 0; i < n; i++) x[i] = frand() * scales[sc], w[i] = 1.0f + frand() * 0.5f;
+            for (int i = 0; i < n; i++) x[i] = tu_frand() * scales[sc], w[i] = 1.0f + tu_frand() * 0.5f;
             float eps = 1e-6f;
             double ss = 0;
             for (int i = 0; i < n; i++) ss += (double)x[i] * x[i];
@@ -675,12 +645,12 @@ END_TEST
 
 START_TEST(op_l2norm)
 {
-    rng_seed(44);
+    tu_rng_seed(44);
     static const int ns[] = {1, 5, 32, 128, 1000};
     float x[1000];
     for (size_t k = 0; k < COUNT(ns); k++) {
         int n = ns[k];
-        for (int i = 0; i < n; i++) x[i] = frand() * 10;
+        for (int i = 0; i < n; i++) x[i] = tu_frand() * 10;
         double ss = 0;
         for (int i = 0; i < n; i++) ss += (double)x[i] * x[i];
         double norm = sqrt(ss);
@@ -702,14 +672,14 @@ END_TEST
 
 START_TEST(op_softmax)
 {
-    rng_seed(45);
+    tu_rng_seed(45);
     static const int ns[] = {1, 2, 8, 100, 1024};
     static const float scales[] = {1.0f, 30.0f, 1e4f};
     float x[1024], orig[1024];
     for (size_t k = 0; k < COUNT(ns); k++)
         for (size_t sc = 0; sc < COUNT(scales); sc++) {
             int n = ns[k];
-            for (int i = 0; i < n; i++) orig[i] = x[i] = frand() * scales[sc];
+            for (int i = 0; i < n; i++) orig[i] = x[i] = tu_frand() * scales[sc];
             qk_softmax(x, n);
             double mx = -INFINITY, tot = 0, sum = 0;
             for (int i = 0; i < n; i++) mx = fmax(mx, orig[i]);

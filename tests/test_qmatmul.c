@@ -15,30 +15,6 @@
     } while (0)
 #define COUNT(a) (sizeof(a) / sizeof((a)[0]))
 
-static uint64_t rng_state;
-static uint64_t rng_u64(void)
-{
-    uint64_t z = (rng_state += 0x9e3779b97f4a7c15ull);
-    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
-    z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
-    return z ^ (z >> 31);
-}
-static float frand(void) /* uniform in [-1, 1) */
-{
-    return (float)((double)(rng_u64() >> 40) / (double)(1ull << 24) * 2.0 - 1.0);
-}
-static float u2f(uint32_t u)
-{
-    float f;
-    memcpy(&f, &u, 4);
-    return f;
-}
-static uint32_t f2u(float f)
-{
-    uint32_t u;
-    memcpy(&u, &f, 4);
-    return u;
-}
 
 static const uint32_t SENTINEL = 0x7fa1b2c3u; /* a NaN no kernel produces */
 static const int BITS[] = {2, 3, 4, 5, 6, 8};
@@ -77,7 +53,7 @@ static void qmat_make(qmat *t, int bits, int gs, qmix_dtype sdt, int64_t rows, i
     uint8_t *data = t->cblock + 1;
     for (int64_t r = 0; r < rows; r++)
         for (size_t i = 0; i < code_bytes; i++)
-            data[(size_t)r * row_bytes + i] = (uint8_t)rng_u64();
+            data[(size_t)r * row_bytes + i] = (uint8_t)tu_rng_u64();
     int64_t ng = cols / gs;
     size_t esz = sdt == QMIX_F32 ? 4 : 2, srb = (size_t)(ng + 1) * esz;
     size_t ssize = 2 + (size_t)rows * srb;
@@ -89,9 +65,9 @@ static void qmat_make(qmat *t, int bits, int gs, qmix_dtype sdt, int64_t rows, i
     float nb = (float)((1 << bits) - 1);
     for (int64_t r = 0; r < rows; r++)
         for (int64_t g = 0; g < ng; g++) {
-            float s = (0.002f + 0.05f * fabsf(frand())) * (frand() < 0 ? -1.0f : 1.0f);
+            float s = (0.002f + 0.05f * fabsf(tu_frand())) * (tu_frand() < 0 ? -1.0f : 1.0f);
             /* mostly a zero point inside the range (mixed-sign groups), sometimes anything */
-            float b = g % 5 == 4 ? frand() : -s * nearbyintf(nb * 0.5f * (1.0f + frand()));
+            float b = g % 5 == 4 ? tu_frand() : -s * nearbyintf(nb * 0.5f * (1.0f + tu_frand()));
             put_scale(t->sblock + 2 + (size_t)r * srb + (size_t)g * esz, sdt, s);
             put_scale(t->bblock + 2 + (size_t)r * srb + (size_t)g * esz, sdt, b);
         }
@@ -130,7 +106,7 @@ static float *new_y(int n, int64_t ldy)
 {
     float *y = malloc(sizeof(float) * (size_t)(n * ldy));
     ck_assert_ptr_nonnull(y);
-    for (int64_t i = 0; i < n * ldy; i++) y[i] = u2f(SENTINEL);
+    for (int64_t i = 0; i < n * ldy; i++) y[i] = tu_u2f(SENTINEL);
     return y;
 }
 
@@ -141,7 +117,7 @@ static void check_sentinels(const float *y, int n, int64_t ldy, int64_t rb, int6
     for (int t = 0; t < n; t++)
         for (int64_t o = 0; o < ldy; o++) {
             int inside = o >= rb && o < re;
-            uint32_t u = f2u(y[t * ldy + o]);
+            uint32_t u = tu_f2u(y[t * ldy + o]);
             CHECK(inside ? u != SENTINEL : u == SENTINEL, "%s: output t %d o %ld %s", what, t,
                   (long)o, inside ? "not written" : "overwritten");
         }
@@ -161,7 +137,7 @@ static void run_case(int bits, int gs, qmix_dtype sdt, int64_t rows, int64_t col
     float *x = malloc(sizeof(float) * (size_t)(n * ldx));
     ck_assert_ptr_nonnull(x);
     for (int t = 0; t < n; t++)
-        for (int64_t k = 0; k < ldx; k++) x[t * ldx + k] = k < cols ? frand() : NAN;
+        for (int64_t k = 0; k < ldx; k++) x[t * ldx + k] = k < cols ? tu_frand() : NAN;
 
     char what[160];
     snprintf(what, sizeof what, "bits %d g %d sdt %s rows %ld cols %ld n %d pad %d", bits, gs,
@@ -219,7 +195,7 @@ static void run_case(int bits, int gs, qmix_dtype sdt, int64_t rows, int64_t col
         }
         for (int t = 0; t < n; t++)
             for (int64_t o = rb; o < re; o++)
-                CHECK(f2u(yp[t * ldy + o]) == f2u(y[t * ldy + o]),
+                CHECK(tu_f2u(yp[t * ldy + o]) == tu_f2u(y[t * ldy + o]),
                       "%s: %s split t %d o %ld: %.9g vs whole %.9g", what, qk_isa_name((qk_isa)isa),
                       t, (long)o, yp[t * ldy + o], y[t * ldy + o]);
         free(yp);
@@ -237,7 +213,7 @@ static void run_case(int bits, int gs, qmix_dtype sdt, int64_t rows, int64_t col
 START_TEST(qmatmul_all)
 {
     int bits = BITS[_i / 3], gs = GROUPS[_i % 3];
-    rng_state = 1000 + (uint64_t)_i;
+    tu_rng_state = 1000 + (uint64_t)_i;
     cases_run = 0;
     int j = 0; /* 16 cases: j·5 mod 13 takes every row count 1..13 */
     for (size_t ni = 0; ni < COUNT(NS); ni++)
@@ -255,7 +231,7 @@ END_TEST
  * 2048 columns (many whole groups between the padded tail ones). */
 START_TEST(qmatmul_wide)
 {
-    rng_state = 77;
+    tu_rng_state = 77;
     for (size_t b = 0; b < COUNT(BITS); b++) run_case(BITS[b], 64, QMIX_BF16, 29, 2048, 1, 0);
     run_case(4, 128, QMIX_F16, 21, 2048, 6, 0);
     run_case(3, 32, QMIX_F32, 21, 1024, 9, 0);
@@ -265,11 +241,11 @@ END_TEST
 /* qk_matmul (the run-time dispatch) takes the active ISA's quantized path, bit for bit. */
 START_TEST(qmatmul_dispatch)
 {
-    rng_state = 3;
+    tu_rng_state = 3;
     qmat w;
     qmat_make(&w, 4, 64, QMIX_BF16, 11, 256, 0);
     float x[3 * 256], y1[3 * 11], y2[3 * 11];
-    for (int i = 0; i < 3 * 256; i++) x[i] = frand();
+    for (int i = 0; i < 3 * 256; i++) x[i] = tu_frand();
     qk_matmul(&w.m, 0, 11, x, 3, 256, y1, 11);
     qk_matmul_for(qk_isa_active())(&w.m, 0, 11, x, 3, 256, y2, 11);
     ck_assert_int_eq(memcmp(y1, y2, sizeof y1), 0);
@@ -280,11 +256,11 @@ END_TEST
 /* Unsupported parameters (bits 7, group 16, a U8 scale dtype) give NaN rather than garbage. */
 START_TEST(qmatmul_invalid)
 {
-    rng_state = 4;
+    tu_rng_state = 4;
     qmat w;
     qmat_make(&w, 4, 32, QMIX_BF16, 4, 64, 0);
     float x[64], y[4];
-    for (int i = 0; i < 64; i++) x[i] = frand();
+    for (int i = 0; i < 64; i++) x[i] = tu_frand();
     for (int v = 0; v < 3; v++) {
         qk_mat m = w.m;
         if (v == 0) m.bits = 7;

@@ -61,6 +61,38 @@ static inline const char *tu_qmix_bin(void)
     return bin && *bin ? bin : "build/qmix";
 }
 
+/* A fixed-seed PRNG (splitmix64) for test data: same inputs on every run. */
+static uint64_t tu_rng_state;
+
+static inline void tu_rng_seed(uint64_t seed) { tu_rng_state = seed; }
+
+static inline uint64_t tu_rng_u64(void)
+{
+    uint64_t z = (tu_rng_state += 0x9e3779b97f4a7c15ull);
+    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
+    z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
+    return z ^ (z >> 31);
+}
+
+static inline float tu_frand(void) /* uniform in [-1, 1) */
+{
+    return (float)((double)(tu_rng_u64() >> 40) / (double)(1ull << 24) * 2.0 - 1.0);
+}
+
+static inline uint32_t tu_f2u(float f)
+{
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    return u;
+}
+
+static inline float tu_u2f(uint32_t u)
+{
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+
 #define TU_MAIN(make_suite)                                                                      \
     int main(void)                                                                               \
     {                                                                                            \
