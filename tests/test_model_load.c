@@ -753,36 +753,9 @@ END_TEST
 
 /* ---- the CLI ------------------------------------------------------------------------------- */
 
-typedef struct run_result {
-    int status; /* exit code, or -1 if it did not exit normally */
-    char *out, *err;
-} run_result;
-
-/* Runs `$QMIX_BIN args` through the shell (args are trusted test strings), capturing output. */
-static run_result run_qmix(const char *args)
-{
-    char *dir = tu_tmpdir();
-    char cmd[4096], out_path[1024], err_path[1024];
-    path_in(out_path, sizeof out_path, dir, "stdout");
-    path_in(err_path, sizeof err_path, dir, "stderr");
-    snprintf(cmd, sizeof cmd, "'%s' %s >'%s' 2>'%s'", tu_qmix_bin(), args, out_path, err_path);
-    int rc = system(cmd);
-    run_result r = {.status = rc != -1 && WIFEXITED(rc) ? WEXITSTATUS(rc) : -1};
-    r.out = tu_read(out_path, NULL);
-    r.err = tu_read(err_path, NULL);
-    tu_rmdir(dir);
-    return r;
-}
-
-static void run_free(run_result *r)
-{
-    free(r->out);
-    free(r->err);
-}
-
 static void expect_exit(const char *args, int status, const char *const *needles)
 {
-    run_result r = run_qmix(args);
+    tu_run_result r = tu_run(args);
     ck_assert_msg(r.status == status, "qmix %s: exit %d, expected %d\nstdout: %s\nstderr: %s",
                   args, r.status, status, r.out, r.err);
     if (needles[0]) {
@@ -791,7 +764,7 @@ static void expect_exit(const char *args, int status, const char *const *needles
         assert_mentions(both, needles);
         free(both);
     }
-    run_free(&r);
+    tu_run_free(&r);
 }
 
 #define EXPECT_EXIT(args, status, ...)                                                            \
@@ -816,11 +789,11 @@ START_TEST(cli_help)
     for (size_t i = 0; i < sizeof cmds / sizeof cmds[0]; i++) {
         char args[64];
         snprintf(args, sizeof args, "%s --help", cmds[i]);
-        run_result r = run_qmix(args);
+        tu_run_result r = tu_run(args);
         ck_assert_msg(r.status == 0, "qmix %s: exit %d\n%s", args, r.status, r.err);
         ck_assert_msg(strstr(r.out, "usage") != NULL, "qmix %s printed no usage: %s", args, r.out);
         ck_assert_msg(strstr(r.out, cmds[i]) != NULL, "qmix %s: usage does not name it", args);
-        run_free(&r);
+        tu_run_free(&r);
         snprintf(args, sizeof args, "%s -h", cmds[i]);
         EXPECT_EXIT(args, 0, "usage");
     }

@@ -8,6 +8,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/wait.h>
 #include <unistd.h>
 
 /* Reads a whole binary file; returns a malloc'd buffer (NUL-terminated) and its size. */
@@ -59,6 +60,34 @@ static inline const char *tu_qmix_bin(void)
 {
     const char *bin = getenv("QMIX_BIN");
     return bin && *bin ? bin : "build/qmix";
+}
+
+/* What a CLI run printed and how it ended. */
+typedef struct tu_run_result {
+    int status; /* exit code, or -1 if it did not exit normally */
+    char *out, *err;
+} tu_run_result;
+
+/* Runs `$QMIX_BIN args` through the shell (args are trusted test strings), capturing output. */
+static inline tu_run_result tu_run(const char *args)
+{
+    char *dir = tu_tmpdir();
+    char cmd[8192], out_path[1024], err_path[1024];
+    snprintf(out_path, sizeof out_path, "%s/stdout", dir);
+    snprintf(err_path, sizeof err_path, "%s/stderr", dir);
+    snprintf(cmd, sizeof cmd, "'%s' %s >'%s' 2>'%s'", tu_qmix_bin(), args, out_path, err_path);
+    int rc = system(cmd);
+    tu_run_result r = {.status = rc != -1 && WIFEXITED(rc) ? WEXITSTATUS(rc) : -1};
+    r.out = tu_read(out_path, NULL);
+    r.err = tu_read(err_path, NULL);
+    tu_rmdir(dir);
+    return r;
+}
+
+static inline void tu_run_free(tu_run_result *r)
+{
+    free(r->out);
+    free(r->err);
 }
 
 /* A fixed-seed PRNG (splitmix64) for test data: same inputs on every run. */

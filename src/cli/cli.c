@@ -7,8 +7,10 @@
 #include <sys/resource.h>
 #include <sys/stat.h>
 #include <time.h>
+#include <unistd.h>
 
 #include "runtime/sampler.h"
+#include "text/tokenizer.h"
 #include "util/fileio.h"
 
 int cli_int(const char *cmd, const char *flag, const char *value, long lo, long hi, long *out)
@@ -193,4 +195,86 @@ int cli_model_dir(const char *model_path, char *dir, size_t len)
         else snprintf(dir, len, ".");
     }
     return 0;
+}
+
+int cli_eval_tokens(const char *cmd, const char *model_path, const char *text_path,
+                    const char *token_path, int32_t **tokens, int64_t *n)
+{
+    *tokens = NULL;
+    *n = 0;
+    if (token_path) {
+        char spec[4096];
+        snprintf(spec, sizeof spec, "@%s", token_path);
+        int count;
+        if (cli_tokens(cmd, spec, tokens, &count)) return -1;
+        *n = count;
+        return 0;
+    }
+    char dir[4096];
+    if (cli_model_dir(model_path, dir, sizeof dir)) return -1;
+    qmix_err err;
+    qmix_tokenizer *tok = NULL;
+    char *text = NULL;
+    size_t len = 0, n_ids = 0;
+    int rc = -1;
+    if (qmix_tok_load(dir, &tok, &err)) {
+        fprintf(stderr, "qmix %s: %s (pass --tokens FILE to give token ids instead)\n", cmd,
+                err.msg);
+        return -1;
+    }
+    if (qmix_read_file(text_path, (size_t)1 << 31, &text, &len, &err)) {
+        fprintf(stderr, "qmix %s: %s\n", cmd, err.msg);
+    } else if (qmix_tok_encode(tok, text, len, 0, tokens, &n_ids, &err)) {
+        fprintf(stderr, "qmix %s: tokenizing %s: %s\n", cmd, text_path, err.msg);
+    } else {
+        *n = (int64_t)n_ids;
+        rc = 0;
+    }
+    free(text);
+    qmix_tok_free(tok);
+    return rc;
+}
+
+volatile sig_atomic_t cli_stop;
+
+static void on_sigint(int sig)
+{
+    (void)sig;
+    if (cli_stop) _exit(130); /* a second Ctrl-C: the user really wants out */
+    cli_stop = 1;
+}
+
+void cli_catch_sigint(void)
+{
+    struct sigaction sa = {.sa_handler = on_sigint};
+    sigemptyset(&sa.sa_mask);
+    sigaction(SIGINT, &sa, NULL);
+}
+
+static int progress_shown;
+
+void cli_progress(const char *label, int64_t done, int64_t total, double t_start)
+{
+    if (!isatty(STDERR_FILENO)) return;
+    double elapsed = cli_now() - t_start, frac = total > 0 ? (double)done / (double)total : 1;
+    char eta[32] = "--:--";
+    if (done > 0 && done < total) {
+        long s = (long)(elapsed / frac * (1 - frac) + 0.5);
+        snprintf(eta, sizeof eta, "%ld:%02ld", s / 60, s % 60);
+    } else if (done >= total) {
+        snprintf(eta, sizeof eta, "done");
+    }
+    int width = 30, fill = (int)(frac * width + 0.5);
+    char bar[64];
+    for (int i = 0; i < width; i++) bar[i] = i < fill ? '#' : '.';
+    bar[width] = 0;
+    fprintf(stderr, "\r%s [%s] %lld/%lld  %.0fs elapsed, ETA %s  ", label, bar, (long long)done,
+            (long long)total, elapsed, eta);
+    progress_shown = 1;
+}
+
+void cli_progress_end(void)
+{
+    if (progress_shown) fputc('\n', stderr);
+    progress_shown = 0;
 }

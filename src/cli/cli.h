@@ -2,6 +2,7 @@
 #ifndef QMIX_CLI_CLI_H
 #define QMIX_CLI_CLI_H
 
+#include <signal.h>
 #include <stddef.h>
 #include <stdint.h>
 
@@ -22,6 +23,19 @@ extern const char cli_sampling_help[];
 /* The checkpoint directory of a model path (the path itself, or a weights file's directory);
  * prints an error and returns -1 if it does not exist. */
 int cli_model_dir(const char *model_path, char *dir, size_t len);
+/* The token stream a measuring command evaluates: text_path tokenized with the model's own
+ * tokenizer.json (no special tokens parsed), or token_path (whitespace-separated ids) when given.
+ * Prints an error and returns -1 on failure; *tokens is malloc'd. */
+int cli_eval_tokens(const char *cmd, const char *model_path, const char *text_path,
+                    const char *token_path, int32_t **tokens, int64_t *n);
+/* Ctrl-C during a long measurement: the first SIGINT sets cli_stop (the command prints what it
+ * has so far); a second one ends the process. */
+extern volatile sig_atomic_t cli_stop;
+void cli_catch_sigint(void);
+/* A one-line progress bar with ETA on stderr (only when stderr is a terminal);
+ * cli_progress_end finishes the line. */
+void cli_progress(const char *label, int64_t done, int64_t total, double t_start);
+void cli_progress_end(void);
 double cli_now(void);
 /* "1.50 GiB": bytes in binary units. */
 void cli_human_bytes(double bytes, char *buf, size_t len);

@@ -12,5 +12,7 @@ int qmix_cmd_quantize(int argc, char **argv);
 int qmix_cmd_presets(int argc, char **argv);
 int qmix_cmd_template(int argc, char **argv);
 int qmix_cmd_tokenize(int argc, char **argv);
+int qmix_cmd_ppl(int argc, char **argv);
+int qmix_cmd_kld(int argc, char **argv);
 
 #endif

@@ -1,0 +1,27 @@
+/* Perplexity by the WikiText-2-raw protocol: non-overlapping windows of ctx tokens, each a fresh
+ * sequence, loss on every token but the first of each window. */
+#ifndef QMIX_EVAL_PPL_H
+#define QMIX_EVAL_PPL_H
+
+#include <signal.h>
+#include <stdint.h>
+
+#include "qmix.h"
+
+typedef struct qmix_ppl_result {
+    int ctx;
+    int windows;             /* windows completed */
+    int64_t tokens_scored;   /* windows · (ctx − 1) */
+    double nll_sum;          /* Σ −log p(next token), nats */
+    double *window_nll;      /* [windows]: mean loss of each window */
+} qmix_ppl_result;
+
+/* Runs n_windows windows of tokens (n_windows·ctx of them) through session. progress as in
+ * qmix_eval_windows. Returns 0 when all ran, 1 when *stop ended it early (the result holds the
+ * complete windows), -1 on error. Free the result with qmix_ppl_result_free. */
+int qmix_ppl(qmix_session *session, const int32_t *tokens, int ctx, int n_windows,
+             void (*progress)(void *user, int done, int total), void *user,
+             const volatile sig_atomic_t *stop, qmix_ppl_result *out, qmix_err *err);
+void qmix_ppl_result_free(qmix_ppl_result *r);
+
+#endif
