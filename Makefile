@@ -58,6 +58,10 @@ $(BUILD)/src/kernels/%_avx512.o: src/kernels/%_avx512.c
 	@mkdir -p $(dir $@)
 	$(CC) $(CFLAGS_BASE) $(KERNEL_OPT) $(CFLAGS) $(AVX512_FLAGS) -MMD -MP -c $< -o $@
 
+$(BUILD)/src/kernels/%_vnni.o: src/kernels/%_vnni.c
+	@mkdir -p $(dir $@)
+	$(CC) $(CFLAGS_BASE) $(KERNEL_OPT) $(CFLAGS) $(AVX512_FLAGS) -mavx512vnni -MMD -MP -c $< -o $@
+
 $(BUILD)/libqmix.a: $(LIB_OBJ)
 	@rm -f $@
 	ar rcs $@ $^

@@ -276,10 +276,86 @@ START_TEST(qmatmul_invalid)
 }
 END_TEST
 
+/* Int8-activation decode: the scalar reference within the exact bound that rounding x to int8
+ * allows (|x − d·xq| ≤ d/2 per element) of the float result, and the VNNI kernel equal to the
+ * reference up to float summation order, over every width/group it takes, partial 64-byte spans,
+ * padded rows, an all-zero block of x and row ranges not starting at 0. */
+START_TEST(q8_decode)
+{
+    static const int q8_bits[] = {2, 4, 8};
+    int cases = 0;
+    for (size_t bi = 0; bi < COUNT(q8_bits); bi++)
+        for (size_t gi = 0; gi < COUNT(GROUPS); gi++)
+            for (int shape = 0; shape < 3; shape++) {
+                int bits = q8_bits[bi], gs = GROUPS[gi];
+                tu_rng_state = 500 + (uint64_t)(bi * 31 + gi * 7 + shape);
+                int64_t rows = shape == 0 ? 1 : shape == 1 ? 7 : 13;
+                int64_t cols = shape == 0 ? gs : shape == 1 ? 3 * gs : 2048 + gs;
+                qmat w;
+                qmat_make(&w, bits, gs, SDT[(bi + gi + shape) % 3], rows, cols, shape == 1 ? 4 : 0);
+                ck_assert(qk_q8_supported(&w.m));
+                float *x = malloc(sizeof(float) * (size_t)cols);
+                for (int64_t k = 0; k < cols; k++) x[k] = k >= 32 && k < 64 ? 0 : tu_frand();
+                float *yr = new_y(1, rows), *yv = new_y(1, rows);
+                int64_t rb = rows > 1 ? 1 : 0;
+                qk_qmatvec_q8_scalar(&w.m, rb, rows, x, yr);
+                check_sentinels(yr, 1, rows, rb, rows, "q8 scalar");
+                for (int64_t o = rb; o < rows; o++) {
+                    double exact = 0, bound = 0, mag = 0;
+                    for (int64_t b = 0; b < cols / 32; b++) {
+                        float amax = 0;
+                        for (int i = 0; i < 32; i++) amax = fmaxf(amax, fabsf(x[b * 32 + i]));
+                        for (int i = 0; i < 32; i++) {
+                            int64_t k = b * 32 + i;
+                            exact += (double)w.deq[o * cols + k] * x[k];
+                            bound += fabs(w.deq[o * cols + k]) * amax / 127.0 / 2;
+                            mag += (double)w.mag[o * cols + k] * fabs(x[k]);
+                        }
+                    }
+                    CHECK(fabs(yr[o] - exact) <= bound * 1.0001 + 1e-5 * mag + 1e-6,
+                          "q8 ref b%d g%d cols %ld row %ld: %g vs %g (bound %g)", bits, gs,
+                          (long)cols, (long)o, yr[o], exact, bound);
+                    CHECK(bound > 0, "the bound is not vacuous");
+                }
+                if (qk_isa_supported(QK_ISA_AVX512) && __builtin_cpu_supports("avx512vnni")) {
+                    qk_qmatvec_q8_vnni(&w.m, rb, rows, x, yv);
+                    check_sentinels(yv, 1, rows, rb, rows, "q8 vnni");
+                    for (int64_t o = rb; o < rows; o++) {
+                        double mag = 0;
+                        for (int64_t k = 0; k < cols; k++) mag += (double)w.mag[o * cols + k] * fabs(x[k]);
+                        CHECK(fabs(yv[o] - yr[o]) <= 1e-5 * mag + 1e-6,
+                              "q8 vnni b%d g%d cols %ld row %ld: %g vs reference %g", bits, gs,
+                              (long)cols, (long)o, yv[o], yr[o]);
+                    }
+                    /* the dispatcher takes this path for n = 1 when int8 activations are on */
+                    qk_set_act_int8(1);
+                    float *yd = new_y(1, rows);
+                    qk_matmul_for(QK_ISA_AVX512)(&w.m, rb, rows, x, 1, cols, yd, rows);
+                    ck_assert_int_eq(memcmp(yd + rb, yv + rb, sizeof(float) * (size_t)(rows - rb)), 0);
+                    free(yd);
+                }
+                free(yr);
+                free(yv);
+                free(x);
+                qmat_free(&w);
+                cases++;
+            }
+    ck_assert_int_eq(cases, 27);
+}
+END_TEST
+
+/* The float-activation tests above compare against the float reference: int8 activations off. */
+static void float_activations(void) { qk_set_act_int8(0); }
+
 static Suite *qmatmul_suite(void)
 {
     Suite *s = suite_create("qmatmul");
+    TCase *tq8 = tcase_create("q8");
+    tcase_set_timeout(tq8, 120);
+    tcase_add_test(tq8, q8_decode);
+    suite_add_tcase(s, tq8);
     TCase *tc = tcase_create("qmatmul");
+    tcase_add_checked_fixture(tc, float_activations, NULL);
     tcase_set_timeout(tc, 120);
     tcase_add_loop_test(tc, qmatmul_all, 0, (int)(COUNT(BITS) * COUNT(GROUPS)));
     tcase_add_test(tc, qmatmul_wide);

@@ -77,3 +77,23 @@ void qk_matmul(const qk_mat *w, int64_t row_begin, int64_t row_end, const float 
     if (__atomic_load_n(&active, __ATOMIC_ACQUIRE) == QK_ISA_COUNT) qk_isa_active();
     active_matmul(w, row_begin, row_end, x, n, ldx, y, ldy);
 }
+
+static int act_int8 = -1;
+
+int qk_act_int8(void)
+{
+    int v = __atomic_load_n(&act_int8, __ATOMIC_ACQUIRE);
+    if (v < 0) { /* racy but idempotent, as above */
+        const char *env = getenv("QMIX_ACT_INT8");
+        v = qk_isa_active() >= QK_ISA_AVX512 && __builtin_cpu_supports("avx512vnni") &&
+            !(env && !strcmp(env, "0"));
+        __atomic_store_n(&act_int8, v, __ATOMIC_RELEASE);
+    }
+    return v;
+}
+
+void qk_set_act_int8(int on)
+{
+    int v = on && qk_isa_supported(QK_ISA_AVX512) && __builtin_cpu_supports("avx512vnni");
+    __atomic_store_n(&act_int8, v, __ATOMIC_RELEASE);
+}

@@ -23,6 +23,18 @@ void qk_qmatmul_avx512(const qk_mat *w, int64_t row_begin, int64_t row_end, cons
 int qk_qmat_valid(const qk_mat *w);
 float qk_qmat_scale(const void *p, qmix_dtype dt);
 
+/* Decode with int8 activations (qmatvec_q8.c): 2-, 4- and 8-bit weights, rows of at most
+ * QK_Q8_MAX_COLS inputs. qk_quantize_x_q8 quantizes x in blocks of 32 (xq[cols], d[cols/32]) and
+ * sums it per weight group (gsum[cols/group_size]). y[o] for rows [row_begin, row_end). */
+#define QK_Q8_MAX_COLS 16384
+int qk_q8_supported(const qk_mat *w);
+void qk_quantize_x_q8(const float *x, int64_t cols, int group_size, int8_t *xq, float *d,
+                      float *gsum);
+void qk_qmatvec_q8_scalar(const qk_mat *w, int64_t row_begin, int64_t row_end, const float *x,
+                          float *y);
+void qk_qmatvec_q8_vnni(const qk_mat *w, int64_t row_begin, int64_t row_end, const float *x,
+                        float *y);
+
 /* Tokens are processed in chunks of this many so a chunk of X stays in L2 while the weight rows
  * stream past it; the weights are read once per chunk. */
 #define QK_TOKEN_CHUNK 64

@@ -222,6 +222,10 @@ void qk_qmatmul_avx512(const qk_mat *w, int64_t row_begin, int64_t row_end, cons
         const float *xc = x + (int64_t)t0 * ldx;
         float *yc = y + (int64_t)t0 * ldy;
         int64_t r = row_begin;
+        if (tn == 1 && qk_act_int8() && qk_q8_supported(w)) {
+            qk_qmatvec_q8_vnni(w, row_begin, row_end, xc, yc);
+            continue;
+        }
         if (tn == 1) /* decode: more rows in flight to keep memory busy */
             for (; r + 8 <= row_end; r += 8) tiles8x1[B][gi](w, r, xc, ldx, yc + r, ldy);
         for (; r < row_end; r += 4) {
