@@ -25,21 +25,25 @@
 static void usage(FILE *out)
 {
     fprintf(out,
-            "usage: qmix bench MODEL [--prompt N] [--gen N] [--threads LIST] [--ctx N] [--no-membw]\n"
-            "                  [--json]\n\n"
-            "For each thread count: opens a session, prefills N pseudo-random token ids in one call\n"
-            "(prefill tok/s), then decodes greedily (argmax) timing every step (decode tok/s = steps /\n"
-            "total time; the median step time is shown too). Decode reads the weights of every dense\n"
+            "usage: qmix bench MODEL [--ctx LIST | --prompt N] [--gen N] [--threads LIST]\n"
+            "                  [--no-membw] [--no-prefault] [--json]\n\n"
+            "For each thread count and each context length N: opens a session, prefills N\n"
+            "pseudo-random token ids in one call (prefill tok/s), then decodes greedily (argmax) from\n"
+            "that context, timing every step (generation tok/s = steps / total time; the median step\n"
+            "time is shown too). Decode reads the weights of every dense\n"
             "matrix plus the top-k experts per token, so its GB/s = (bytes of weights per token) x\n"
             "(tok/s) is compared with the machine's read bandwidth, measured with the same number of\n"
             "threads on a 1 GiB buffer just before and just after the row (in a child process, so\n"
             "it stays out of the RSS; '!' marks a row where the two differ by more than 15%%).\n"
-            "Peak RSS is the whole process's peak so far (getrusage), including the pages of the\n"
+            "Peak RSS is the row's peak (the kernel's high-water mark, reset before each row; where\n"
+            "that is not allowed, the process's peak so far), including the pages of the\n"
             "memory-mapped checkpoint that were touched.\n\n"
-            "  --prompt N        prompt tokens to prefill (default 512)\n"
-            "  --gen N           decode steps to time (default 64)\n"
+            "  --ctx LIST        comma-separated context lengths to prefill, e.g. 1024,4096; each\n"
+            "                    row's session holds context + gen tokens\n"
+            "  --prompt N        a single context length (the same as --ctx N; default 512)\n"
+            "  --gen N           decode steps to time after each prefill (default 128 with --ctx,\n"
+            "                    else 64)\n"
             "  --threads LIST    comma-separated thread counts, e.g. 1,2 (default: 1,2)\n"
-            "  --ctx N           session context size (default: prompt + gen)\n"
             "  --seed S          seed of the pseudo-random prompt ids (default 1)\n"
             "  --no-prefault     do not map in the weights before the first run (by default every\n"
             "                    matrix the forward pass can read is prefaulted, untimed, so the\n"
@@ -49,7 +53,8 @@ static void usage(FILE *out)
 }
 
 typedef struct bench_run {
-    int threads;
+    int threads, ctx;
+    int peak_is_row;       /* peak_rss is this row's own peak (high-water mark reset before it) */
     double prefill_s, decode_s, median_step_s;
     double bw_before, bw_after, membw_gbs; /* read GB/s around the row; < 0: not measured */
     int bw_unstable;
@@ -57,26 +62,52 @@ typedef struct bench_run {
     uint64_t peak_rss;
 } bench_run;
 
-static int parse_threads(const char *spec, int *out, int *n)
+/* "1,2" / "1024,4096": up to MAX_RUNS integers in [1, hi], each digits only, no empty items. */
+static int parse_list(const char *flag, const char *what, const char *spec, long hi, int *out,
+                      int *n)
 {
     *n = 0;
     const char *p = spec;
     while (*p) {
         char *end;
-        long v = strtol(p, &end, 10);
-        if (end == p || v < 1 || v > 1024 || (*end && *end != ',') || *n == MAX_RUNS) {
-            fprintf(stderr, "qmix bench: --threads expects a comma-separated list of counts in "
-                            "[1, 1024], got '%s'\n", spec);
+        long v = *p >= '0' && *p <= '9' ? strtol(p, &end, 10) : (end = (char *)p, 0);
+        if (end == p || v < 1 || v > hi || (*end && *end != ',') || (*end == ',' && !end[1]) ||
+            *n == MAX_RUNS) {
+            fprintf(stderr, "qmix bench: %s expects a comma-separated list of at most %d %s in "
+                            "[1, %ld], got '%s'\n", flag, MAX_RUNS, what, hi, spec);
             return -1;
         }
         out[(*n)++] = (int)v;
         p = *end ? end + 1 : end;
     }
     if (!*n) {
-        fprintf(stderr, "qmix bench: --threads: no thread counts given\n");
+        fprintf(stderr, "qmix bench: %s: no %s given\n", flag, what);
         return -1;
     }
     return 0;
+}
+
+/* Resets the kernel's peak-RSS mark (VmHWM) to the current RSS, so that the next row's peak is
+ * its own and not the largest earlier row's; 0 if the kernel allowed it. */
+static int reset_peak_rss(void)
+{
+    FILE *f = fopen("/proc/self/clear_refs", "w");
+    if (!f) return -1;
+    int ok = fputs("5", f) >= 0;
+    return fclose(f) == 0 && ok ? 0 : -1;
+}
+
+/* VmHWM of /proc/self/status in bytes; 0 if unreadable. */
+static uint64_t hwm_rss(void)
+{
+    FILE *f = fopen("/proc/self/status", "r");
+    if (!f) return 0;
+    char line[256];
+    uint64_t kb = 0;
+    while (fgets(line, sizeof line, f))
+        if (!strncmp(line, "VmHWM:", 6)) kb = strtoull(line + 6, NULL, 10);
+    fclose(f);
+    return kb * 1024;
 }
 
 static int cmp_double(const void *a, const void *b)
@@ -211,8 +242,14 @@ static int run_one(qmix_model *model, int threads, int ctx, const int32_t *promp
     r->median_step_s = !n_gen ? 0
                        : n_gen % 2 ? steps[n_gen / 2]
                                    : 0.5 * (steps[n_gen / 2 - 1] + steps[n_gen / 2]);
+    /* read before the session is freed: its buffers are part of the row's peak */
+    uint64_t hwm = r->peak_is_row ? hwm_rss() : 0;
     qmix_session_free(sess);
-    r->peak_rss = cli_peak_rss();
+    if (hwm) r->peak_rss = hwm;
+    else {
+        r->peak_is_row = 0;
+        r->peak_rss = cli_peak_rss();
+    }
     return 0;
 fail:
     qmix_session_free(sess);
@@ -222,8 +259,9 @@ fail:
 int qmix_cmd_bench(int argc, char **argv)
 {
     const char *model_path = NULL;
-    long n_prompt = 512, n_gen = 64, ctx = 0, seed = 1;
-    int thread_list[MAX_RUNS] = {1, 2}, n_runs = 2, do_membw = 1, json = 0, prefault = 1;
+    long n_prompt = 0, n_gen = -1, seed = 1;
+    int thread_list[MAX_RUNS] = {1, 2}, n_threads = 2, do_membw = 1, json = 0, prefault = 1;
+    int ctx_list[MAX_RUNS] = {512}, n_ctx = 1, have_ctx = 0;
     for (int i = 1; i < argc; i++) {
         const char *a = argv[i], *v;
         if (!strcmp(a, "--help") || !strcmp(a, "-h")) {
@@ -239,15 +277,16 @@ int qmix_cmd_bench(int argc, char **argv)
                 return 2;
         } else if (!strcmp(a, "--ctx")) {
             if (!(v = cli_value("bench", argc, argv, &i)) ||
-                cli_int("bench", a, v, 1, 1 << 24, &ctx))
+                parse_list("--ctx", "context lengths", v, 1 << 24, ctx_list, &n_ctx))
                 return 2;
+            have_ctx = 1;
         } else if (!strcmp(a, "--seed")) {
             if (!(v = cli_value("bench", argc, argv, &i)) ||
                 cli_int("bench", a, v, 0, 0x7fffffffL, &seed))
                 return 2;
         } else if (!strcmp(a, "--threads")) {
             if (!(v = cli_value("bench", argc, argv, &i)) ||
-                parse_threads(v, thread_list, &n_runs))
+                parse_list("--threads", "thread counts", v, 1024, thread_list, &n_threads))
                 return 2;
         } else if (!strcmp(a, "--no-prefault")) {
             prefault = 0;
@@ -269,12 +308,23 @@ int qmix_cmd_bench(int argc, char **argv)
         usage(stderr);
         return 2;
     }
-    if (!ctx) ctx = n_prompt + n_gen;
-    if (ctx < n_prompt + n_gen) {
-        fprintf(stderr, "qmix bench: --ctx %ld is smaller than prompt + gen = %ld\n", ctx,
-                n_prompt + n_gen);
+    if (have_ctx && n_prompt) {
+        fprintf(stderr, "qmix bench: --prompt N is the single-context form of --ctx LIST: give "
+                        "one of them\n");
         return 2;
     }
+    if (n_prompt) ctx_list[0] = (int)n_prompt; /* the single-context alias */
+    if (n_gen < 0) n_gen = have_ctx ? 128 : 64;
+    int max_ctx = 0;
+    for (int k = 0; k < n_ctx; k++) {
+        if ((long)ctx_list[k] + n_gen > (1L << 30)) {
+            fprintf(stderr, "qmix bench: context %d + gen %ld is too long\n", ctx_list[k], n_gen);
+            return 2;
+        }
+        if (ctx_list[k] > max_ctx) max_ctx = ctx_list[k];
+    }
+    n_prompt = max_ctx; /* one pseudo-random stream; each row prefills a prefix of it */
+    int n_runs = n_threads * n_ctx;
 
     qmix_err err;
     qmix_model *model = NULL;
@@ -285,10 +335,9 @@ int qmix_cmd_bench(int argc, char **argv)
     const qmix_config *c = qmix_model_config(model);
     int32_t *prompt = malloc((size_t)n_prompt * sizeof *prompt);
     double *steps = malloc(((size_t)n_gen + 1) * sizeof *steps);
-    bench_run runs[MAX_RUNS];
-    memset(runs, 0, sizeof runs);
+    bench_run *runs = calloc((size_t)n_runs, sizeof *runs);
     int rc = 1;
-    if (!prompt || !steps) {
+    if (!prompt || !steps || !runs) {
         fprintf(stderr, "qmix bench: out of memory\n");
         goto done;
     }
@@ -319,9 +368,9 @@ int qmix_cmd_bench(int argc, char **argv)
                c->n_layers, c->n_layers - n_full, n_full, c->hidden_size, c->vocab_size,
                c->n_experts, c->n_experts_used, c->moe_ffn, c->shared_ffn, c->n_heads,
                c->n_kv_heads, c->head_dim, hf, ht);
-        printf("kernels %s; prompt %ld pseudo-random tokens in one prefill call, %ld greedy decode "
-               "steps, ctx %ld\n",
-               isa, n_prompt, n_gen, ctx);
+        printf("kernels %s; per row: prefill of the context (pseudo-random token ids, one call), "
+               "then %ld greedy decode steps from it\n",
+               isa, n_gen);
         fflush(stdout);
     }
 
@@ -341,12 +390,16 @@ int qmix_cmd_bench(int argc, char **argv)
 
     for (int r = 0; r < n_runs; r++) {
         bench_run *b = &runs[r];
+        int th = thread_list[r / n_ctx];
+        b->ctx = ctx_list[r % n_ctx];
         b->bw_before = b->bw_after = -1;
         /* the probe brackets the row: the bandwidth a VM gets can change from minute to minute */
-        if (do_membw) b->bw_before = probe_membw(thread_list[r]);
-        if (run_one(model, thread_list[r], (int)ctx, prompt, (int)n_prompt, (int)n_gen, steps, b,
-                    &err)) {
-            fprintf(stderr, "qmix bench: %d threads: %s\n", thread_list[r], err.msg);
+        if (do_membw) b->bw_before = probe_membw(th);
+        /* after the probe (its child's memory is not ours anyway) and after the previous row's
+         * session was freed: the mark restarts from the mapped weights */
+        b->peak_is_row = reset_peak_rss() == 0;
+        if (run_one(model, th, b->ctx + (int)n_gen, prompt, b->ctx, (int)n_gen, steps, b, &err)) {
+            fprintf(stderr, "qmix bench: %d threads, context %d: %s\n", th, b->ctx, err.msg);
             goto done;
         }
         if (do_membw) b->bw_after = probe_membw(b->threads);
@@ -357,48 +410,55 @@ int qmix_cmd_bench(int argc, char **argv)
                          (b->bw_before > 1.15 * b->bw_after || b->bw_after > 1.15 * b->bw_before);
     }
 
-    int any_unstable = 0;
+    int any_unstable = 0, all_row_peaks = 1;
+    for (int r = 0; r < n_runs; r++) all_row_peaks &= runs[r].peak_is_row;
     if (json) {
         printf("{\"model\": ");
         json_str(model_path);
         printf(", \"isa\": \"%s\", \"n_layers\": %d, \"n_full_attention\": %d, \"hidden_size\": %d, "
                "\"vocab_size\": %d, \"n_experts\": %d, \"n_experts_used\": %d, \"moe_ffn\": %d, "
                "\"shared_ffn\": %d, \"tensor_bytes\": %llu, \"decode_weight_bytes_per_token\": "
-               "%llu, \"prompt_tokens\": %ld, \"decode_steps\": %ld, \"ctx\": %ld, "
-               "\"prefaulted_bytes\": %llu, \"prefault_s\": %.3f, "
-               "\"peak_rss_is_process_peak\": true, \"runs\": [",
+               "%llu, \"contexts\": [",
                isa, c->n_layers, n_full, c->hidden_size, c->vocab_size, c->n_experts,
                c->n_experts_used, c->moe_ffn, c->shared_ffn, (unsigned long long)file_bytes,
-               (unsigned long long)tok_bytes, n_prompt, n_gen, ctx,
-               (unsigned long long)prefault_bytes, prefault_s);
+               (unsigned long long)tok_bytes);
+        for (int k = 0; k < n_ctx; k++) printf("%s%d", k ? ", " : "", ctx_list[k]);
+        printf("], \"decode_steps\": %ld, \"prefaulted_bytes\": %llu, \"prefault_s\": %.3f, "
+               "\"peak_rss_is_process_peak\": %s, \"runs\": [",
+               n_gen, (unsigned long long)prefault_bytes, prefault_s,
+               all_row_peaks ? "false" : "true");
         for (int r = 0; r < n_runs; r++) {
             const bench_run *b = &runs[r];
             double dec = b->decode_s > 0 ? b->decode_steps / b->decode_s : 0;
             double gbs = dec * (double)tok_bytes / 1e9;
-            printf("%s{\"threads\": %d, \"prefill_s\": %.6f, \"prefill_tok_s\": %.3f, ",
-                   r ? ", " : "", b->threads, b->prefill_s, n_prompt / b->prefill_s);
+            double pre = b->ctx / b->prefill_s;
+            /* prefill_tps / decode_tps are the seed tables' names; *_tok_s kept for scripts */
+            printf("%s{\"threads\": %d, \"ctx\": %d, \"session_ctx\": %ld, \"prefill_s\": %.6f, "
+                   "\"prefill_tok_s\": %.3f, \"prefill_tps\": %.3f, ",
+                   r ? ", " : "", b->threads, b->ctx, b->ctx + n_gen, b->prefill_s, pre, pre);
             if (b->decode_steps)
-                printf("\"decode_s\": %.6f, \"decode_tok_s\": %.3f, \"decode_median_step_ms\": "
-                       "%.4f, \"decode_gb_s\": %.3f, ",
-                       b->decode_s, dec, b->median_step_s * 1e3, gbs);
+                printf("\"decode_s\": %.6f, \"decode_tok_s\": %.3f, \"decode_tps\": %.3f, "
+                       "\"decode_median_step_ms\": %.4f, \"decode_gb_s\": %.3f, ",
+                       b->decode_s, dec, dec, b->median_step_s * 1e3, gbs);
             else
-                printf("\"decode_s\": null, \"decode_tok_s\": null, \"decode_median_step_ms\": "
-                       "null, \"decode_gb_s\": null, ");
+                printf("\"decode_s\": null, \"decode_tok_s\": null, \"decode_tps\": null, "
+                       "\"decode_median_step_ms\": null, \"decode_gb_s\": null, ");
             json_num("read_bw_before_gb_s", b->bw_before, 3);
             json_num("read_bw_after_gb_s", b->bw_after, 3);
             json_num("read_bw_gb_s", b->membw_gbs, 3);
             json_num("decode_pct_of_read_bw",
                      b->membw_gbs > 0 && b->decode_steps ? 100 * gbs / b->membw_gbs : -1, 2);
-            printf("\"read_bw_unstable\": %s, \"peak_rss_bytes\": %llu}",
-                   b->bw_unstable ? "true" : "false", (unsigned long long)b->peak_rss);
+            printf("\"read_bw_unstable\": %s, \"peak_rss_bytes\": %llu, \"peak_rss_is_row\": %s}",
+                   b->bw_unstable ? "true" : "false", (unsigned long long)b->peak_rss,
+                   b->peak_is_row ? "true" : "false");
         }
         printf("]}\n");
     } else {
         char ht[32];
         cli_human_bytes((double)tok_bytes, ht, sizeof ht);
-        printf("| Threads | Prefill (tok/s) | Decode (tok/s) | Median step | Weights/token | "
-               "Decode GB/s | %% of read BW | Peak RSS* |\n");
-        printf("|---|---|---|---|---|---|---|---|\n");
+        printf("| Threads | Context Window | Prefill (tok/s) | Generation (tok/s) | Median step | "
+               "Weights/token | Decode GB/s | %% of read BW | Peak RSS* |\n");
+        printf("|---|---|---|---|---|---|---|---|---|\n");
         for (int r = 0; r < n_runs; r++) {
             const bench_run *b = &runs[r];
             double dec = b->decode_s > 0 ? b->decode_steps / b->decode_s : 0;
@@ -415,16 +475,25 @@ int qmix_cmd_bench(int argc, char **argv)
                 snprintf(pct, sizeof pct, "-");
             }
             cli_human_bytes((double)b->peak_rss, rss, sizeof rss);
+            char cw[32];
+            /* the seed cards' "1k tokens" (k = 1024) */
+            if (b->ctx % 1024 == 0) snprintf(cw, sizeof cw, "%dk tokens", b->ctx / 1024);
+            else snprintf(cw, sizeof cw, "%d tokens", b->ctx);
             if (b->decode_steps)
-                printf("| %d | %.1f | %.2f | %.2f ms | %s | %.2f | %s | %s |\n", b->threads,
-                       n_prompt / b->prefill_s, dec, b->median_step_s * 1e3, ht, gbs, pct, rss);
+                printf("| %d | %s | %.1f | %.2f | %.2f ms | %s | %.2f | %s | %s |\n", b->threads, cw,
+                       b->ctx / b->prefill_s, dec, b->median_step_s * 1e3, ht, gbs, pct, rss);
             else
-                printf("| %d | %.1f | - | - | %s | - | - | %s |\n", b->threads,
-                       n_prompt / b->prefill_s, ht, rss);
+                printf("| %d | %s | %.1f | - | - | %s | - | - | %s |\n", b->threads, cw,
+                       b->ctx / b->prefill_s, ht, rss);
         }
-        printf("\n* Peak RSS is this process's peak so far (getrusage ru_maxrss), cumulative over the "
-               "rows above;\n  it includes the pages of the memory-mapped checkpoint that were "
-               "touched, plus the session buffers.\n");
+        if (all_row_peaks)
+            printf("\n* Peak RSS is each row's own peak (VmHWM, reset before the row): the pages of "
+                   "the memory-mapped\n  checkpoint that were touched, plus that row's session "
+                   "buffers.\n");
+        else
+            printf("\n* Peak RSS is this process's peak so far (getrusage ru_maxrss), cumulative "
+                   "over the rows above;\n  it includes the pages of the memory-mapped checkpoint "
+                   "that were touched, plus the session buffers.\n");
         if (do_membw)
             printf("  Read BW: best of 3 passes over a 1 GiB buffer with the row's thread count "
                    "(%s loop, in a child\n  process so it stays out of the RSS), measured before "
@@ -435,6 +504,7 @@ int qmix_cmd_bench(int argc, char **argv)
     }
     rc = 0;
 done:
+    free(runs);
     free(prompt);
     free(steps);
     qmix_model_close(model);

@@ -211,6 +211,13 @@ static size_t f32_pool_size(const qmix_config *c)
     return total;
 }
 
+size_t qmix_model_heap_bytes(const qmix_config *c)
+{
+    return sizeof(qmix_model) + f32_pool_size(c) * sizeof(float) +
+           (size_t)c->n_layers * sizeof(qmix_layer) +
+           (size_t)c->n_layers * (size_t)c->n_experts * sizeof(qmix_expert);
+}
+
 static int bind_experts(binder *b, qmix_layer *ly, int i, qmix_expert *experts)
 {
     const qmix_config *c = &b->m->cfg;

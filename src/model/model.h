@@ -45,6 +45,10 @@ struct qmix_model {
     const char *prefix;                  /* "model.language_model.", "language_model.model." or "model." */
 };
 
+/* Heap bytes qmix_model_open allocates for a geometry besides the mapped weights: the widened
+ * float32 parameters (f32_pool) and the layer / expert views (for planners). */
+size_t qmix_model_heap_bytes(const qmix_config *c);
+
 /* Bytes of weights one decoded token reads: everything but the unused experts (and only one
  * embedding row). */
 uint64_t qmix_model_decode_bytes(const qmix_model *m);

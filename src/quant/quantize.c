@@ -801,10 +801,12 @@ int qmix_quantize(const char *in, const char *out_dir, const qmix_quant_opts *o,
         return qmix_errf(err, "%s: not a checkpoint directory", in);
     if (o->dtype != QMIX_BF16 && o->dtype != QMIX_F16)
         return qmix_errf(err, "--dtype must be bf16 or f16");
-    if (dir_nonempty(out_dir) && !o->force)
+    if (o->dry_run) {
+        /* sizing only (qmix plan): the same plan as a real run below */
+    } else if (dir_nonempty(out_dir) && !o->force)
         return qmix_errf(err, "%s: exists and is not empty (pass --force to write into it)",
                          out_dir);
-    if (mkdir(out_dir, 0777) && errno != EEXIST)
+    if (!o->dry_run && mkdir(out_dir, 0777) && errno != EEXIST)
         return qmix_errf(err, "%s: cannot create: %s", out_dir, strerror(errno));
 
     qmix_config cfg;
@@ -883,6 +885,10 @@ int qmix_quantize(const char *in, const char *out_dir, const qmix_quant_opts *o,
     }
     stats_of(&p, rep);
     choose_defaults(o->recipe, &p, &rep->default_bits, &rep->default_group);
+    if (o->dry_run) {
+        rc = 0;
+        goto done;
+    }
 
     /* shards: greedy in declaration order */
     uint64_t limit = o->shard_bytes ? o->shard_bytes : (uint64_t)5 << 30, cur = 0;

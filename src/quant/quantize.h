@@ -20,6 +20,8 @@ typedef struct qmix_quant_opts {
     int progress;               /* 0 silent, 1 progress with ETA on stderr */
     uint64_t shard_bytes;       /* largest shard; 0: 5 GiB */
     int n_threads;              /* 0: all cores */
+    int dry_run;                /* plan only: fill the report's sizes (not seconds/input_bytes),
+                                   write nothing; out_dir is not looked at (may be NULL) */
 } qmix_quant_opts;
 
 typedef struct qmix_quant_role_stat {

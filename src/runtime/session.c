@@ -37,12 +37,13 @@ void qmix_run_matmuls(qmix_session *s, const qmix_mm_job *jobs, int n_jobs)
     }
     mm_ctx ctx = {jobs, s->tasks};
     qmix_pool_run(s->pool, mm_task, &ctx, n_tasks);
-    if (s->mm_tap) s->mm_tap(s->mm_tap_user, s, jobs, n_jobs);
 }
 
 /* ---- allocation -------------------------------------------------------------------------- */
 
-typedef struct sizer { float *base; size_t used; } sizer;
+/* kv / state tally the KV cache and the Gated DeltaNet state (in floats) for the sizing-only
+ * callers, which report them apart from the scratch. */
+typedef struct sizer { float *base; size_t used, kv, state; } sizer;
 
 /* Two passes over the same carve calls: the first (base NULL) sums, the second hands out. */
 static float *carve(sizer *z, size_t count)
@@ -52,24 +53,31 @@ static float *carve(sizer *z, size_t count)
     return p;
 }
 
-static void carve_all(qmix_session *s, sizer *z)
+/* Batch size of a session holding max_ctx tokens. */
+static int batch_of(int max_ctx) { return max_ctx < QMIX_MAX_BATCH ? max_ctx : QMIX_MAX_BATCH; }
+
+/* The one list of a session's buffers. The session's fields are written only when s->state is
+ * set (the allocating pass); qmix_session_size runs it on a blank session, so the size the planner
+ * predicts and the size a session allocates come from the same code. */
+static void carve_all(qmix_session *s, const qmix_config *c, size_t threads, sizer *z)
 {
-    const qmix_config *c = &s->model->cfg;
     size_t B = (size_t)s->max_batch, D = c->hidden_size, E = c->n_experts, k = c->n_experts_used;
     size_t nk = c->lin_n_k_heads, nv = c->lin_n_v_heads, dk = c->lin_k_head_dim,
            dv = c->lin_v_head_dim, C = 2 * nk * dk + nv * dv, Kc = c->conv_kernel;
     size_t H = c->n_heads, KV = c->n_kv_heads, hd = c->head_dim, ctx = (size_t)s->max_ctx;
-    size_t threads = (size_t)qmix_pool_threads(s->pool);
     size_t per_thread = ctx;
 
     for (int i = 0; i < c->n_layers; i++) {
-        qmix_layer_state *st = &s->state[i];
+        qmix_layer_state blank, *st = s->state ? &s->state[i] : &blank;
+        size_t before = z->used;
         if (c->layer_is_full[i]) {
             st->k_cache = carve(z, ctx * KV * hd);
             st->v_cache = carve(z, ctx * KV * hd);
+            z->kv += z->used - before;
         } else {
             st->conv = carve(z, (Kc - 1) * C);
             st->ssm = carve(z, nv * dk * dv);
+            z->state += z->used - before;
         }
     }
     s->x = carve(z, B * D);
@@ -108,6 +116,33 @@ static void carve_all(qmix_session *s, sizer *z)
     s->token_slot = (int *)carve(z, B * k);
 }
 
+static int jobs_of(const qmix_config *c) { return 2 * c->n_experts + 8; }
+static int tasks_of(const qmix_config *c, int threads) { return jobs_of(c) * 4 * threads + 64; }
+
+void qmix_session_size(const qmix_config *cfg, int max_ctx, int n_threads, qmix_session_sizes *out)
+{
+    if (max_ctx <= 0) max_ctx = 4096;
+    int threads = n_threads > 0 ? n_threads : qmix_pool_default_threads();
+    qmix_session blank = {.max_ctx = max_ctx, .max_batch = batch_of(max_ctx)};
+    sizer z = {0};
+    carve_all(&blank, cfg, (size_t)threads, &z);
+    out->kv = z.kv * sizeof(float);
+    out->state = z.state * sizeof(float);
+    out->scratch = (z.used - z.kv - z.state) * sizeof(float);
+    out->arena = z.used * sizeof(float);
+    out->other = sizeof(qmix_session) + (size_t)cfg->n_layers * sizeof(qmix_layer_state) +
+                 (size_t)jobs_of(cfg) * sizeof(qmix_mm_job) +
+                 (size_t)tasks_of(cfg, threads) * sizeof(qmix_mm_task);
+    out->total = out->arena + out->other;
+}
+
+size_t qmix_session_bytes(const qmix_config *cfg, int max_ctx, int n_threads)
+{
+    qmix_session_sizes sz;
+    qmix_session_size(cfg, max_ctx, n_threads, &sz);
+    return sz.total;
+}
+
 int qmix_session_new(qmix_model *model, const qmix_session_opts *opts, qmix_session **out,
                      qmix_err *err)
 {
@@ -118,12 +153,12 @@ int qmix_session_new(qmix_model *model, const qmix_session_opts *opts, qmix_sess
     if (!s) return qmix_errf(err, "out of memory");
     s->model = model;
     s->max_ctx = max_ctx;
-    s->max_batch = max_ctx < QMIX_MAX_BATCH ? max_ctx : QMIX_MAX_BATCH;
+    s->max_batch = batch_of(max_ctx);
     s->pool = qmix_pool_new(opts ? opts->n_threads : 0);
     s->state = calloc((size_t)c->n_layers, sizeof *s->state);
     int threads = s->pool ? qmix_pool_threads(s->pool) : 1;
-    s->max_jobs = 2 * c->n_experts + 8;
-    s->max_tasks = s->max_jobs * 4 * threads + 64;
+    s->max_jobs = jobs_of(c);
+    s->max_tasks = tasks_of(c, threads);
     s->jobs = calloc((size_t)s->max_jobs, sizeof *s->jobs);
     s->tasks = calloc((size_t)s->max_tasks, sizeof *s->tasks);
     if (!s->pool || !s->state || !s->jobs || !s->tasks) {
@@ -131,7 +166,7 @@ int qmix_session_new(qmix_model *model, const qmix_session_opts *opts, qmix_sess
         return qmix_errf(err, "out of memory creating a session");
     }
     sizer z = {0};
-    carve_all(s, &z);
+    carve_all(s, c, (size_t)threads, &z);
     size_t bytes = z.used * sizeof(float);
     void *arena = NULL;
     if (posix_memalign(&arena, 64, bytes)) {
@@ -140,7 +175,7 @@ int qmix_session_new(qmix_model *model, const qmix_session_opts *opts, qmix_sess
                          bytes / 1048576.0);
     }
     z = (sizer){.base = arena};
-    carve_all(s, &z);
+    carve_all(s, c, (size_t)threads, &z);
     s->arena = arena;
     s->arena_bytes = bytes;
     qmix_session_reset(s);

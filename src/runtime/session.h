@@ -63,13 +63,23 @@ struct qmix_session {
     int max_jobs;
     qmix_mm_task *tasks;
     int max_tasks;
-
-    /* Observer of every matmul step, called after the step ran (NULL in normal use): the
-     * sensitivity analysis reads the real activations entering the matrices it perturbs. It may
-     * call qmix_run_matmuls itself once it has cleared mm_tap (the step's tasks are finished). */
-    void (*mm_tap)(void *user, qmix_session *s, const qmix_mm_job *jobs, int n_jobs);
-    void *mm_tap_user;
 };
+
+/* What a session over a model of geometry cfg, holding max_ctx tokens with n_threads threads
+ * (<= 0: all cores, as qmix_session_new), allocates — computed by the same code that carves the
+ * session's buffers, without allocating them, so a planner and the session cannot disagree.
+ * arena = kv + state + scratch (the one aligned allocation); other: the session struct, layer
+ * state table, matmul job/task lists; total = arena + other. The thread pool's stacks are not
+ * counted (its workers touch a few KiB of them). */
+typedef struct qmix_session_sizes {
+    size_t kv;       /* float32 K and V caches of the full-attention layers, max_ctx tokens */
+    size_t state;    /* Gated DeltaNet conv + recurrent state: fixed, independent of max_ctx */
+    size_t scratch;  /* activations for min(max_ctx, QMIX_MAX_BATCH) tokens, per-thread buffers,
+                        logits */
+    size_t arena, other, total;
+} qmix_session_sizes;
+void qmix_session_size(const qmix_config *cfg, int max_ctx, int n_threads, qmix_session_sizes *out);
+size_t qmix_session_bytes(const qmix_config *cfg, int max_ctx, int n_threads);
 
 /* Runs n_jobs matmuls as one parallel step over the pool. */
 void qmix_run_matmuls(qmix_session *s, const qmix_mm_job *jobs, int n_jobs);
