@@ -37,6 +37,7 @@ void qmix_run_matmuls(qmix_session *s, const qmix_mm_job *jobs, int n_jobs)
     }
     mm_ctx ctx = {jobs, s->tasks};
     qmix_pool_run(s->pool, mm_task, &ctx, n_tasks);
+    if (s->mm_tap) s->mm_tap(s->mm_tap_user, s, jobs, n_jobs);
 }
 
 /* ---- allocation -------------------------------------------------------------------------- */

@@ -63,6 +63,12 @@ struct qmix_session {
     int max_jobs;
     qmix_mm_task *tasks;
     int max_tasks;
+
+    /* Observer of every matmul step, called after the step ran (NULL in normal use): the
+     * sensitivity analysis reads the real activations entering the matrices it perturbs. It may
+     * call qmix_run_matmuls itself once it has cleared mm_tap (the step's tasks are finished). */
+    void (*mm_tap)(void *user, qmix_session *s, const qmix_mm_job *jobs, int n_jobs);
+    void *mm_tap_user;
 };
 
 /* What a session over a model of geometry cfg, holding max_ctx tokens with n_threads threads
