@@ -14,7 +14,7 @@ BUILD   := build
 SANFLAGS :=
 endif
 
-PKGS    := jansson libpcre2-8 libutf8proc
+PKGS    := jansson libpcre2-8 libutf8proc libmicrohttpd
 CFLAGS_BASE := -std=c11 -D_GNU_SOURCE -Wall -Wextra -Wshadow -Wno-unused-parameter \
                -Wstrict-prototypes -Wmissing-prototypes -pthread $(OPT) -g $(SANFLAGS) \
                -Iinclude -Isrc $(shell pkg-config --cflags $(PKGS))
@@ -28,7 +28,7 @@ LDFLAGS += $(SANFLAGS)
 AVX2_FLAGS   := -mavx2 -mfma -mf16c
 AVX512_FLAGS := -mavx512f -mavx512bw -mavx512vl -mavx512dq -mfma -mf16c
 
-LIB_SRC := $(sort $(wildcard src/util/*.c src/formats/*.c src/kernels/*.c src/model/*.c src/runtime/*.c src/eval/*.c src/quant/*.c src/text/*.c))
+LIB_SRC := $(sort $(wildcard src/util/*.c src/formats/*.c src/kernels/*.c src/model/*.c src/runtime/*.c src/eval/*.c src/quant/*.c src/text/*.c src/server/*.c))
 CLI_SRC := $(sort $(wildcard src/cli/*.c))
 LIB_OBJ := $(LIB_SRC:%.c=$(BUILD)/%.o)
 CLI_OBJ := $(CLI_SRC:%.c=$(BUILD)/%.o)

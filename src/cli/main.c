@@ -11,6 +11,7 @@ static const struct {
     {"info", qmix_cmd_info, "architecture, layer pattern, parameters and bytes by tensor role"},
     {"generate", qmix_cmd_generate, "continue a token sequence (greedy or sampled), print ids and tok/s"},
     {"chat", qmix_cmd_chat, "talk to the model: streaming, thinking on/off, Ctrl-C stops the answer"},
+    {"serve", qmix_cmd_serve, "OpenAI-compatible HTTP server: chat and completions, streaming, tools"},
     {"logits", qmix_cmd_logits, "write raw float32 logits [n_tokens, vocab] for a token sequence"},
     {"bench", qmix_cmd_bench, "prefill/decode tok/s, peak RSS and memory-bandwidth fraction"},
     {"ppl", qmix_cmd_ppl, "perplexity over a text (WikiText-2 protocol): mean, median, trimmed mean"},

@@ -53,6 +53,7 @@ static int release(pending *p, const qmix_gen_opts *o, qmix_gen_text_fn fn, void
 
 static int append(pending *p, const char *text, size_t n)
 {
+    if (!n) return 0; /* p->buf may still be NULL: memcpy must not see it */
     if (p->len + n > p->cap) {
         size_t cap = (p->len + n) * 2 + 64;
         char *grown = realloc(p->buf, cap);

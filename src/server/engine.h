@@ -1,0 +1,87 @@
+/* The server's generation side: one model, N slots (a session, its token history and a worker
+ * thread each), and jobs that the HTTP side submits and reads back. A job runs on the free slot
+ * whose history is the longest prefix of its prompt (that prefix is not recomputed); when every
+ * slot is busy it waits in a bounded FIFO queue. Sequences are decoded independently, one per
+ * slot: batching several sequences into one pass over the weights is a later step. */
+#ifndef QMIX_SERVER_ENGINE_H
+#define QMIX_SERVER_ENGINE_H
+
+#include <jansson.h>
+#include <pthread.h>
+#include <signal.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#include "qmix.h"
+#include "runtime/generate.h"
+#include "runtime/sampler.h"
+#include "text/tokenizer.h"
+
+typedef struct srv_engine srv_engine;
+typedef struct srv_job srv_job;
+
+struct srv_job {
+    /* the request, filled in before srv_engine_submit (the job owns prompt and stop) */
+    int32_t *prompt;
+    int n_prompt;
+    qmix_sampling sampling;
+    int max_tokens;
+    char **stop;
+    int n_stop;
+    int chat; /* chat stops at <|im_end|> too; completions only at the model's eos ids */
+    /* called on the worker thread: text as it is generated, then once at the end (res is set) */
+    void (*on_text)(srv_job *job, const char *text, size_t len);
+    void (*on_done)(srv_job *job);
+    void *user;
+    void (*free_user)(void *user);
+
+    /* set by the worker; read by the HTTP side once srv_job_wait_done says it is done */
+    volatile sig_atomic_t cancel; /* a disconnect or shutdown: stop after the current token */
+    qmix_gen_result res;
+    int failed;
+    char error[QMIX_ERR_LEN];
+
+    /* private to engine.c */
+    srv_engine *eng;
+    char *out;
+    size_t out_len, out_cap, out_sent;
+    int done, refs, oom;
+    pthread_cond_t cond;
+    srv_job *next;
+};
+
+typedef struct srv_engine_opts {
+    int n_slots;
+    int ctx;       /* tokens per slot */
+    int n_threads; /* per slot; 0: max(1, cores / n_slots) */
+    int max_queue; /* requests waiting for a slot before new ones get 503 */
+} srv_engine_opts;
+
+/* Takes no ownership of model and tok; they must outlive the engine. stop_ids: the model's
+ * end-of-generation ids (generation_config.json); chat jobs also stop at <|im_end|>. */
+int srv_engine_new(qmix_model *model, const qmix_tokenizer *tok, const int32_t *stop_ids,
+                   int n_stop_ids, const srv_engine_opts *opts, srv_engine **out, qmix_err *err);
+/* Cancels everything running or queued, waits for the workers, frees. */
+void srv_engine_free(srv_engine *eng);
+/* Cancels running and queued jobs and refuses new ones (shutdown, before the HTTP side stops). */
+void srv_engine_stop(srv_engine *eng);
+int srv_engine_ctx(const srv_engine *eng);
+
+srv_job *srv_job_new(void);
+/* Hands the job to a slot or the queue. Returns 0, or 1 when the queue is full or the engine is
+ * stopping (the job is untouched: the caller still owns it and frees it with srv_job_release). */
+int srv_engine_submit(srv_engine *eng, srv_job *job);
+/* Drops the caller's reference; the job is freed when the worker is done with it too. */
+void srv_job_release(srv_job *job);
+/* Worker side: appends bytes for the HTTP side to send (streaming). */
+void srv_job_emit(srv_job *job, const char *data, size_t len);
+/* Waits up to timeout_ms for the job to finish; 1 if it has. */
+int srv_job_wait_done(srv_job *job, int timeout_ms);
+/* Copies up to max emitted bytes not yet read into buf, waiting up to timeout_ms for some.
+ * Returns the count; 0 with *eof = 1 when the job is done and everything was read. */
+size_t srv_job_read(srv_job *job, char *buf, size_t max, int timeout_ms, int *eof);
+
+/* Slots, queue and prefix-reuse counters, for /health. */
+json_t *srv_engine_stats(srv_engine *eng);
+
+#endif

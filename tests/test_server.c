@@ -1,0 +1,593 @@
+/* qmix serve, end to end: the real binary on a free loopback port with the tiny-a fixture, driven
+ * by curl as any client would. Covers the endpoints, streaming (SSE), seeds, stop strings, usage,
+ * error statuses, slots under concurrent streaming, prefix reuse, disconnects and shutdown. */
+#include <jansson.h>
+#include <signal.h>
+#include <sys/prctl.h>
+#include <sys/wait.h>
+#include <time.h>
+
+#include "testutil.h"
+
+#define MODEL "testdata/fixtures/tiny-a"
+
+typedef struct server {
+    pid_t pid;
+    int port;
+    char *dir;
+    int n_files;
+} server;
+
+static double now(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return ts.tv_sec + ts.tv_nsec * 1e-9;
+}
+
+/* Starts `qmix serve MODEL --port 0 ...extra` and waits for its "listening" line. */
+static void start(server *s, const char *const *extra)
+{
+    memset(s, 0, sizeof *s);
+    s->dir = tu_tmpdir();
+    char log[1024];
+    snprintf(log, sizeof log, "%s/server.log", s->dir);
+    const char *argv[64] = {tu_qmix_bin(), "serve", MODEL, "--port", "0", "--threads", "1"};
+    int n = 7;
+    for (int i = 0; extra && extra[i]; i++) argv[n++] = extra[i];
+    argv[n] = NULL;
+    s->pid = fork();
+    ck_assert_int_ge(s->pid, 0);
+    if (s->pid == 0) {
+        prctl(PR_SET_PDEATHSIG, SIGKILL); /* a failed test must not leave a server behind */
+        FILE *f = fopen(log, "w");
+        if (!f) _exit(127);
+        dup2(fileno(f), 2);
+        dup2(fileno(f), 1);
+        execv(argv[0], (char *const *)argv);
+        _exit(127);
+    }
+    double end = now() + 30;
+    while (now() < end) {
+        size_t len;
+        FILE *f = fopen(log, "rb");
+        if (f) {
+            fclose(f);
+            char *text = tu_read(log, &len);
+            char *at = strstr(text, "http://127.0.0.1:");
+            if (at && strchr(at, '\n')) {
+                s->port = atoi(at + strlen("http://127.0.0.1:"));
+                free(text);
+                return;
+            }
+            free(text);
+        }
+        int st;
+        ck_assert_msg(waitpid(s->pid, &st, WNOHANG) == 0, "the server exited at start");
+        usleep(20000);
+    }
+    ck_abort_msg("the server did not start");
+}
+
+/* SIGTERM, then its exit status (-1 if it had to be killed); the files stay. */
+static int terminate(server *s)
+{
+    kill(s->pid, SIGTERM);
+    int status = 0;
+    double end = now() + 20;
+    while (waitpid(s->pid, &status, WNOHANG) == 0) {
+        if (now() > end) {
+            kill(s->pid, SIGKILL);
+            waitpid(s->pid, &status, 0);
+            return -1;
+        }
+        usleep(20000);
+    }
+    return WIFEXITED(status) ? WEXITSTATUS(status) : -1;
+}
+
+static int stop(server *s)
+{
+    int rc = terminate(s);
+    tu_rmdir(s->dir);
+    return rc;
+}
+
+typedef struct resp {
+    int status;
+    char *body;
+} resp;
+
+/* The shell command for one curl request; its body goes to *out_path. */
+static void curl_cmd(server *s, const char *path, const char *body, const char *extra, char *cmd,
+                     size_t cap, char *out_path, size_t out_cap)
+{
+    int k = s->n_files++;
+    char req[1024];
+    snprintf(req, sizeof req, "%s/req%d.json", s->dir, k);
+    snprintf(out_path, out_cap, "%s/resp%d", s->dir, k);
+    if (body) tu_write(req, body, strlen(body));
+    snprintf(cmd, cap,
+             "curl -s -N -o '%s' -w '%%{http_code}' %s%s%s %s 'http://127.0.0.1:%d%s'", out_path,
+             body ? "-H 'Content-Type: application/json' --data-binary '@" : "",
+             body ? req : "", body ? "'" : "", extra ? extra : "", s->port, path);
+}
+
+static resp http(server *s, const char *path, const char *body, const char *extra)
+{
+    char cmd[4096], out[1024];
+    curl_cmd(s, path, body, extra, cmd, sizeof cmd, out, sizeof out);
+    FILE *p = popen(cmd, "r");
+    ck_assert_ptr_nonnull(p);
+    resp r = {0};
+    ck_assert_int_eq(fscanf(p, "%d", &r.status), 1);
+    pclose(p);
+    FILE *f = fopen(out, "rb");
+    if (f) {
+        fclose(f);
+        r.body = tu_read(out, NULL);
+    } else {
+        r.body = strdup("");
+    }
+    return r;
+}
+
+static json_t *parse(const char *text)
+{
+    json_error_t je;
+    json_t *v = json_loads(text, 0, &je);
+    ck_assert_msg(v != NULL, "not JSON (%s): %s", je.text, text);
+    return v;
+}
+
+static const char *str_at(json_t *v, const char *path) /* "choices.0.message.content" */
+{
+    char buf[256];
+    snprintf(buf, sizeof buf, "%s", path);
+    for (char *tok = strtok(buf, "."); tok && v; tok = strtok(NULL, "."))
+        v = json_is_array(v) ? json_array_get(v, (size_t)atoi(tok)) : json_object_get(v, tok);
+    return json_string_value(v);
+}
+
+static long long int_at(json_t *v, const char *path)
+{
+    char buf[256];
+    snprintf(buf, sizeof buf, "%s", path);
+    for (char *tok = strtok(buf, "."); tok && v; tok = strtok(NULL, "."))
+        v = json_is_array(v) ? json_array_get(v, (size_t)atoi(tok)) : json_object_get(v, tok);
+    ck_assert_msg(json_is_integer(v), "no integer at %s", path);
+    return json_integer_value(v);
+}
+
+/* What a streamed response said, put together. */
+typedef struct sse {
+    char content[1 << 16], reasoning[1 << 16];
+    char finish[32];
+    int n_events, done, usage_completion, usage_prompt;
+} sse;
+
+static void parse_sse(const char *body, sse *out)
+{
+    memset(out, 0, sizeof *out);
+    out->usage_completion = out->usage_prompt = -1;
+    const char *line = body;
+    while (*line) {
+        const char *eol = strchr(line, '\n');
+        size_t n = eol ? (size_t)(eol - line) : strlen(line);
+        if (n) {
+            ck_assert_msg(!strncmp(line, "data: ", 6), "not an SSE data line: %.*s", (int)n, line);
+            ck_assert_msg(!out->done, "an event after [DONE]");
+            char *data = strndup(line + 6, n - 6);
+            if (!strcmp(data, "[DONE]")) {
+                out->done = 1;
+            } else {
+                json_t *v = parse(data);
+                out->n_events++;
+                json_t *c = json_array_get(json_object_get(v, "choices"), 0);
+                json_t *d = json_object_get(c, "delta");
+                const char *t = json_string_value(json_object_get(d, "content"));
+                if (t) strncat(out->content, t, sizeof out->content - strlen(out->content) - 1);
+                t = json_string_value(json_object_get(d, "reasoning_content"));
+                if (t) strncat(out->reasoning, t, sizeof out->reasoning - strlen(out->reasoning) - 1);
+                t = json_string_value(json_object_get(c, "text")); /* completions */
+                if (t) strncat(out->content, t, sizeof out->content - strlen(out->content) - 1);
+                t = json_string_value(json_object_get(c, "finish_reason"));
+                if (t) snprintf(out->finish, sizeof out->finish, "%s", t);
+                json_t *u = json_object_get(v, "usage");
+                if (json_is_object(u)) {
+                    out->usage_completion = (int)int_at(u, "completion_tokens");
+                    out->usage_prompt = (int)int_at(u, "prompt_tokens");
+                }
+                json_decref(v);
+            }
+            free(data);
+        }
+        line += n + (eol ? 1 : 0);
+    }
+}
+
+static const char *hello(int stream, int seed, int max_tokens, char *buf, size_t cap)
+{
+    snprintf(buf, cap,
+             "{\"model\": \"tiny-a\", \"messages\": [{\"role\": \"system\", \"content\": \"Be "
+             "brief.\"}, {\"role\": \"user\", \"content\": [{\"type\": \"text\", \"text\": "
+             "\"Hello\"}, {\"type\": \"text\", \"text\": \" there\"}]}], \"max_tokens\": %d, "
+             "\"temperature\": 0.9, \"top_p\": 0.95, \"seed\": %d, \"stream\": %s, "
+             "\"stream_options\": {\"include_usage\": true}, \"some_unknown_field\": 1}",
+             max_tokens, seed, stream ? "true" : "false");
+    return buf;
+}
+
+START_TEST(endpoints_and_chat)
+{
+    server s;
+    start(&s, NULL);
+    resp r = http(&s, "/health", NULL, NULL);
+    ck_assert_int_eq(r.status, 200);
+    json_t *v = parse(r.body);
+    ck_assert_str_eq(str_at(v, "status"), "ok");
+    ck_assert_int_eq(int_at(v, "slots_total"), 1);
+    json_decref(v);
+    free(r.body);
+
+    r = http(&s, "/v1/models", NULL, NULL);
+    ck_assert_int_eq(r.status, 200);
+    v = parse(r.body);
+    ck_assert_str_eq(str_at(v, "data.0.id"), "tiny-a");
+    json_decref(v);
+    free(r.body);
+
+    char body[2048];
+    r = http(&s, "/v1/chat/completions", hello(0, 7, 12, body, sizeof body), NULL);
+    ck_assert_msg(r.status == 200, "status %d: %s", r.status, r.body);
+    v = parse(r.body);
+    ck_assert_str_eq(str_at(v, "object"), "chat.completion");
+    ck_assert_str_eq(str_at(v, "choices.0.message.role"), "assistant");
+    ck_assert_str_eq(str_at(v, "choices.0.finish_reason"), "length"); /* max_tokens reached */
+    ck_assert_int_eq(int_at(v, "usage.completion_tokens"), 12);
+    long long prompt = int_at(v, "usage.prompt_tokens");
+    ck_assert_int_gt(prompt, 5);
+    ck_assert_int_eq(int_at(v, "usage.total_tokens"), prompt + 12);
+    /* thinking is on by default: the random model's words are all reasoning */
+    const char *reasoning = str_at(v, "choices.0.message.reasoning_content");
+    ck_assert_ptr_nonnull(reasoning);
+    ck_assert_int_gt(strlen(reasoning), 0);
+    char *first = strdup(reasoning);
+    json_decref(v);
+    free(r.body);
+
+    /* the same seed gives the same text, a different one another */
+    r = http(&s, "/v1/chat/completions", hello(0, 7, 12, body, sizeof body), NULL);
+    v = parse(r.body);
+    ck_assert_str_eq(str_at(v, "choices.0.message.reasoning_content"), first);
+    json_decref(v);
+    free(r.body);
+    r = http(&s, "/v1/chat/completions", hello(0, 8, 12, body, sizeof body), NULL);
+    v = parse(r.body);
+    ck_assert_str_ne(str_at(v, "choices.0.message.reasoning_content"), first);
+    json_decref(v);
+    free(r.body);
+
+    /* streaming: the same text in deltas, a finish chunk, the usage chunk, then [DONE] */
+    r = http(&s, "/v1/chat/completions", hello(1, 7, 12, body, sizeof body), NULL);
+    ck_assert_int_eq(r.status, 200);
+    sse *e = malloc(sizeof *e);
+    parse_sse(r.body, e);
+    ck_assert(e->done);
+    ck_assert_int_gt(e->n_events, 3);
+    ck_assert_str_eq(e->reasoning, first);
+    ck_assert_str_eq(e->finish, "length");
+    ck_assert_int_eq(e->usage_completion, 12);
+    ck_assert_int_eq(e->usage_prompt, prompt);
+    free(r.body);
+
+    /* thinking off: the answer is content, no reasoning */
+    r = http(&s, "/v1/chat/completions",
+             "{\"messages\": [{\"role\": \"user\", \"content\": \"Hi\"}], \"max_tokens\": 8, "
+             "\"seed\": 1, \"chat_template_kwargs\": {\"enable_thinking\": false}}", NULL);
+    ck_assert_int_eq(r.status, 200);
+    v = parse(r.body);
+    ck_assert_ptr_null(str_at(v, "choices.0.message.reasoning_content"));
+    ck_assert_int_gt(strlen(str_at(v, "choices.0.message.content")), 0);
+    json_decref(v);
+    free(r.body);
+
+    /* a tool round trip in the history renders and runs (arguments as a JSON string) */
+    r = http(&s, "/v1/chat/completions",
+             "{\"messages\": [{\"role\": \"user\", \"content\": \"Weather in Paris?\"},"
+             " {\"role\": \"assistant\", \"content\": null, \"tool_calls\": [{\"id\": \"c1\", "
+             "\"type\": \"function\", \"function\": {\"name\": \"weather\", \"arguments\": "
+             "\"{\\\"city\\\": \\\"Paris\\\"}\"}}]}, {\"role\": \"tool\", \"tool_call_id\": "
+             "\"c1\", \"content\": \"sunny\"}], \"tools\": [{\"type\": \"function\", "
+             "\"function\": {\"name\": \"weather\", \"parameters\": {\"type\": \"object\", "
+             "\"properties\": {\"city\": {\"type\": \"string\"}}}}}], \"tool_choice\": \"auto\", "
+             "\"max_tokens\": 4, \"seed\": 1}", NULL);
+    ck_assert_msg(r.status == 200, "status %d: %s", r.status, r.body);
+    free(r.body);
+    free(first);
+    free(e);
+    ck_assert_int_eq(stop(&s), 0);
+}
+END_TEST
+
+START_TEST(completions_and_stop_strings)
+{
+    server s;
+    start(&s, NULL);
+    resp r = http(&s, "/v1/completions",
+                  "{\"prompt\": \"The cat sat\", \"max_tokens\": 40, \"temperature\": 0}", NULL);
+    ck_assert_int_eq(r.status, 200);
+    json_t *v = parse(r.body);
+    ck_assert_str_eq(str_at(v, "object"), "text_completion");
+    char *text = strdup(str_at(v, "choices.0.text"));
+    ck_assert_int_eq(int_at(v, "usage.completion_tokens"), 40);
+    json_decref(v);
+    free(r.body);
+    /* a stop string from the middle of that text: the answer ends just before it */
+    size_t at = 0, len = strlen(text);
+    for (size_t i = 4; i + 3 <= len; i++)
+        if ((unsigned char)text[i] < 0x80 && (unsigned char)text[i + 1] < 0x80 &&
+            (unsigned char)text[i + 2] < 0x80 && text[i] != '"' && text[i] != '\\' &&
+            text[i + 1] != '"' && text[i + 1] != '\\' && (unsigned char)text[i] >= 0x20 &&
+            (unsigned char)text[i + 1] >= 0x20) {
+            at = i;
+            break;
+        }
+    ck_assert_msg(at > 0, "no ASCII pair in %s", text);
+    char stop_s[3] = {text[at], text[at + 1], 0};
+    size_t first = (size_t)(strstr(text, stop_s) - text);
+    char body[512];
+    snprintf(body, sizeof body, "{\"prompt\": \"The cat sat\", \"max_tokens\": 40, "
+             "\"temperature\": 0, \"stop\": [\"\\u0001never\", \"%s\"]}", stop_s);
+    r = http(&s, "/v1/completions", body, NULL);
+    ck_assert_int_eq(r.status, 200);
+    v = parse(r.body);
+    ck_assert_str_eq(str_at(v, "choices.0.finish_reason"), "stop");
+    ck_assert_int_eq(strlen(str_at(v, "choices.0.text")), first);
+    ck_assert(!strncmp(str_at(v, "choices.0.text"), text, first));
+    json_decref(v);
+    free(r.body);
+    /* streamed, with a plain-string stop: the same */
+    snprintf(body, sizeof body, "{\"prompt\": \"The cat sat\", \"max_tokens\": 40, "
+             "\"temperature\": 0, \"stop\": \"%s\", \"stream\": true}", stop_s);
+    r = http(&s, "/v1/completions", body, NULL);
+    sse *e = malloc(sizeof *e);
+    parse_sse(r.body, e);
+    ck_assert(e->done);
+    ck_assert_str_eq(e->finish, "stop");
+    ck_assert_int_eq(strlen(e->content), first);
+    free(r.body);
+    free(e);
+    free(text);
+    ck_assert_int_eq(stop(&s), 0);
+}
+END_TEST
+
+static void expect_error(server *s, const char *path, const char *body, const char *extra,
+                         int status, const char *needle)
+{
+    resp r = http(s, path, body, extra);
+    ck_assert_msg(r.status == status, "%s: status %d, expected %d: %s", body ? body : path,
+                  r.status, status, r.body);
+    json_t *v = parse(r.body);
+    const char *msg = str_at(v, "error.message");
+    ck_assert_msg(msg && strstr(msg, needle), "error message '%s' lacks '%s'", msg, needle);
+    ck_assert_ptr_nonnull(str_at(v, "error.type"));
+    json_decref(v);
+    free(r.body);
+}
+
+START_TEST(errors)
+{
+    server s;
+    const char *extra[] = {"--ctx", "64", "--max-body", "4096", "--api-key", "sekrit", NULL};
+    start(&s, extra);
+    const char *auth = "-H 'Authorization: Bearer sekrit'";
+    const char *ok = "{\"messages\": [{\"role\": \"user\", \"content\": \"Hi\"}], "
+                     "\"max_tokens\": 2}";
+    expect_error(&s, "/v1/chat/completions", ok, NULL, 401, "API key");
+    expect_error(&s, "/v1/chat/completions", ok, "-H 'Authorization: Bearer wrong'", 401,
+                 "API key");
+    expect_error(&s, "/v1/models", NULL, NULL, 401, "API key");
+    resp r = http(&s, "/health", NULL, NULL); /* health checks need no key */
+    ck_assert_int_eq(r.status, 200);
+    free(r.body);
+    r = http(&s, "/v1/chat/completions", ok, auth);
+    ck_assert_msg(r.status == 200, "status %d: %s", r.status, r.body);
+    free(r.body);
+
+    expect_error(&s, "/v1/chat/completions", "{\"messages\": [", auth, 400, "not valid JSON");
+    expect_error(&s, "/v1/chat/completions", "[1, 2]", auth, 400, "JSON object");
+    expect_error(&s, "/v1/chat/completions",
+                 "{\"messages\": [{\"role\": \"user\", \"content\": \"Hi\"}], "
+                 "\"temperature\": \"hot\"}", auth, 400, "temperature");
+    expect_error(&s, "/v1/chat/completions",
+                 "{\"messages\": [{\"role\": \"user\", \"content\": \"Hi\"}], \"max_tokens\": 0}",
+                 auth, 400, "max_tokens");
+    expect_error(&s, "/v1/chat/completions",
+                 "{\"messages\": [{\"role\": \"user\", \"content\": \"Hi\"}], \"n\": 2}", auth,
+                 400, "'n'");
+    expect_error(&s, "/v1/chat/completions",
+                 "{\"messages\": [{\"role\": \"user\", \"content\": \"Hi\"}], \"stop\": 5}", auth,
+                 400, "stop");
+    expect_error(&s, "/v1/chat/completions", "{\"messages\": \"Hi\"}", auth, 400, "messages");
+    expect_error(&s, "/v1/chat/completions",
+                 "{\"messages\": [{\"role\": \"user\", \"content\": [{\"type\": \"image_url\", "
+                 "\"image_url\": {\"url\": \"data:image/png;base64,AAAA\"}}]}]}", auth, 400,
+                 "not supported");
+    expect_error(&s, "/v1/chat/completions",
+                 "{\"model\": \"gpt-4\", \"messages\": [{\"role\": \"user\", \"content\": "
+                 "\"Hi\"}]}", auth, 404, "gpt-4");
+    /* 64 tokens of context: a long prompt does not fit */
+    char body[4096] = "{\"messages\": [{\"role\": \"user\", \"content\": \"";
+    for (int i = 0; i < 100; i++) strcat(body, "word ");
+    strcat(body, "\"}]}");
+    expect_error(&s, "/v1/chat/completions", body, auth, 400, "context");
+    expect_error(&s, "/v1/completions", "{\"prompt\": 42}", auth, 400, "prompt");
+    expect_error(&s, "/v1/nothing", "{}", auth, 404, "endpoint");
+    /* over --max-body: 413, whether announced by Content-Length or sent chunked */
+    char *big = malloc(10000);
+    memset(big, ' ', 9999);
+    big[0] = '{';
+    big[9998] = '}';
+    big[9999] = 0;
+    expect_error(&s, "/v1/chat/completions", big, auth, 413, "size limit");
+    char chunked[256];
+    snprintf(chunked, sizeof chunked, "%s -H 'Transfer-Encoding: chunked'", auth);
+    expect_error(&s, "/v1/chat/completions", big, chunked, 413, "size limit");
+    free(big);
+    /* and the server is still fine */
+    r = http(&s, "/v1/chat/completions", ok, auth);
+    ck_assert_int_eq(r.status, 200);
+    free(r.body);
+    ck_assert_int_eq(stop(&s), 0);
+}
+END_TEST
+
+/* Four clients stream at once through two slots (two wait their turn); each gets exactly what
+ * it gets alone. */
+START_TEST(concurrent_streams)
+{
+    server s;
+    const char *extra[] = {"--parallel", "2", NULL};
+    start(&s, extra);
+    enum { N = 4 };
+    char body[2048], alone[N][1 << 16];
+    for (int i = 0; i < N; i++) {
+        resp r = http(&s, "/v1/chat/completions", hello(1, 100 + i, 24, body, sizeof body), NULL);
+        ck_assert_int_eq(r.status, 200);
+        sse *e = malloc(sizeof *e);
+        parse_sse(r.body, e);
+        ck_assert(e->done);
+        memcpy(alone[i], e->reasoning, sizeof alone[i]);
+        free(e);
+        free(r.body);
+    }
+    char script[16384] = "", out[N][1024];
+    for (int i = 0; i < N; i++) {
+        char cmd[4096];
+        curl_cmd(&s, "/v1/chat/completions", hello(1, 100 + i, 24, body, sizeof body), NULL,
+                 cmd, sizeof cmd, out[i], sizeof out[i]);
+        strcat(script, cmd);
+        strcat(script, " >/dev/null & ");
+    }
+    strcat(script, "wait");
+    ck_assert_int_eq(system(script), 0);
+    for (int i = 0; i < N; i++) {
+        char *text = tu_read(out[i], NULL);
+        sse *e = malloc(sizeof *e);
+        parse_sse(text, e);
+        ck_assert_msg(e->done, "client %d: no [DONE]", i);
+        ck_assert_msg(!strcmp(e->reasoning, alone[i]), "client %d: '%s' != '%s' alone", i,
+                      e->reasoning, alone[i]);
+        free(e);
+        free(text);
+    }
+    resp r = http(&s, "/health", NULL, NULL);
+    json_t *v = parse(r.body);
+    ck_assert_int_eq(int_at(v, "requests"), 2 * N);
+    ck_assert_int_eq(int_at(v, "slots_busy"), 0);
+    json_decref(v);
+    free(r.body);
+    ck_assert_int_eq(stop(&s), 0);
+}
+END_TEST
+
+/* A prompt that extends what a slot holds re-processes only the new tokens, and the answer is
+ * what a cold server gives. */
+START_TEST(prefix_reuse)
+{
+    server s;
+    start(&s, NULL);
+    resp r = http(&s, "/v1/completions",
+                  "{\"prompt\": \"The cat sat on the mat.\", \"max_tokens\": 1, \"temperature\": 0}",
+                  NULL);
+    json_t *v = parse(r.body);
+    long long first_prompt = int_at(v, "usage.prompt_tokens");
+    ck_assert_int_eq(int_at(v, "usage.prompt_tokens_details.cached_tokens"), 0);
+    json_decref(v);
+    free(r.body);
+    const char *second = "{\"prompt\": \"The cat sat on the mat. Then it slept\", "
+                         "\"max_tokens\": 16, \"temperature\": 0}";
+    r = http(&s, "/v1/completions", second, NULL);
+    v = parse(r.body);
+    ck_assert_int_eq(int_at(v, "usage.prompt_tokens_details.cached_tokens"), first_prompt);
+    char *warm = strdup(str_at(v, "choices.0.text"));
+    json_decref(v);
+    free(r.body);
+    r = http(&s, "/health", NULL, NULL);
+    v = parse(r.body);
+    ck_assert_int_eq(int_at(v, "prefix_cache.hits"), 1);
+    ck_assert_int_eq(int_at(v, "prefix_cache.misses"), 1);
+    ck_assert_int_eq(int_at(v, "prefix_cache.reused_tokens"), first_prompt);
+    json_decref(v);
+    free(r.body);
+    ck_assert_int_eq(stop(&s), 0);
+
+    start(&s, NULL);
+    r = http(&s, "/v1/completions", second, NULL);
+    v = parse(r.body);
+    ck_assert_int_eq(int_at(v, "usage.prompt_tokens_details.cached_tokens"), 0);
+    ck_assert_str_eq(str_at(v, "choices.0.text"), warm);
+    json_decref(v);
+    free(r.body);
+    free(warm);
+    ck_assert_int_eq(stop(&s), 0);
+}
+END_TEST
+
+/* A client that hangs up mid-stream frees its slot; SIGTERM during a generation still exits 0. */
+START_TEST(disconnect_and_shutdown)
+{
+    server s;
+    const char *extra[] = {"--ctx", "40000", NULL};
+    start(&s, extra);
+    const char *longreq = "{\"prompt\": \"Once\", \"max_tokens\": 39000, \"stream\": true, "
+                          "\"temperature\": 1, \"seed\": 1}";
+    resp r = http(&s, "/v1/completions", longreq, "--max-time 1");
+    free(r.body);
+    double end = now() + 5;
+    long long busy = 1;
+    json_t *v = NULL;
+    while (now() < end && busy) {
+        json_decref(v);
+        r = http(&s, "/health", NULL, NULL);
+        v = parse(r.body);
+        free(r.body);
+        busy = int_at(v, "slots_busy");
+        if (busy) usleep(50000);
+    }
+    ck_assert_msg(busy == 0, "the slot is still busy after the client left");
+    ck_assert_int_lt(int_at(v, "prefix_cache.generated_tokens"), 39000);
+    json_decref(v);
+    /* shutdown while a non-streaming request is running: it ends, the server exits 0 */
+    char cmd[4096], out[1024];
+    curl_cmd(&s, "/v1/completions", "{\"prompt\": \"Once\", \"max_tokens\": 39000}", NULL, cmd,
+             sizeof cmd, out, sizeof out);
+    FILE *p = popen(cmd, "r");
+    usleep(300000);
+    ck_assert_int_eq(terminate(&s), 0);
+    int status = 0;
+    ck_assert_int_eq(fscanf(p, "%d", &status), 1);
+    ck_assert_int_eq(status, 200); /* the answer so far, not a dropped connection */
+    pclose(p);
+    tu_rmdir(s.dir);
+}
+END_TEST
+
+static Suite *make_suite(void)
+{
+    Suite *s = suite_create("server");
+    TCase *tc = tcase_create("http");
+    tcase_set_timeout(tc, 60);
+    tcase_add_test(tc, endpoints_and_chat);
+    tcase_add_test(tc, completions_and_stop_strings);
+    tcase_add_test(tc, errors);
+    tcase_add_test(tc, concurrent_streams);
+    tcase_add_test(tc, prefix_reuse);
+    tcase_add_test(tc, disconnect_and_shutdown);
+    suite_add_tcase(s, tc);
+    return s;
+}
+
+TU_MAIN(make_suite)
