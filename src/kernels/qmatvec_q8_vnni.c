@@ -91,33 +91,59 @@ static inline __attribute__((always_inline)) void rows(int B, int R, const qk_ma
     }
 ROWS(2, 1) ROWS(2, 4) ROWS(4, 1) ROWS(4, 4) ROWS(8, 1) ROWS(8, 4)
 
-void qk_qmatvec_q8_vnni(const qk_mat *w, int64_t row_begin, int64_t row_end, const float *x,
-                        float *y)
-{
-    const int B = w->bits, gs = w->group_size, planes = 8 / B;
-    const int64_t cols = w->cols, span = 64 * planes, spans = (cols + span - 1) / span;
-    const int64_t ng = cols / gs, lane_codes = span / 16;
-    int8_t xq[QK_Q8_MAX_COLS];
+/* The activation side of a call, kept per thread: a decode step's matmul is split into many row
+ * tasks over the same x (and a thread usually takes several of them), so x is quantized and laid
+ * out once and reused while the next call brings the same values (compared exactly). */
+typedef struct xcache {
+    int64_t cols;
+    int bits, group_size;
+    float x[QK_Q8_MAX_COLS];
     int8_t xp[MAX_SPANS * 64 * 4] __attribute__((aligned(64)));
-    float d[QK_Q8_MAX_COLS / 32], gsum[QK_Q8_MAX_COLS / 32 + 16], dl[MAX_SPANS * 16];
-    qk_quantize_x_q8(x, cols, gs, xq, d, gsum);
-    memset(gsum + ng, 0, 16 * sizeof(float));
+    float dl[MAX_SPANS * 16];
+    float gsum[QK_Q8_MAX_COLS / 32 + 16];
+} xcache;
+
+static _Thread_local xcache cache;
+
+static void prepare(xcache *c, const float *x, int64_t cols, int B, int gs)
+{
+    const int planes = 8 / B;
+    const int64_t span = 64 * planes, spans = (cols + span - 1) / span, lane_codes = span / 16;
+    int8_t xq[QK_Q8_MAX_COLS];
+    float d[QK_Q8_MAX_COLS / 32];
+    qk_quantize_x_q8(x, cols, gs, xq, d, c->gsum);
+    memset(c->gsum + cols / gs, 0, 16 * sizeof(float));
     /* plane p of span s holds the codes at k ≡ p (mod planes): byte i of a 64-byte code load
      * carries codes i·planes + p, which is where vpdpbusd will meet them */
     for (int64_t s = 0; s < spans; s++) {
         for (int p = 0; p < planes; p++)
             for (int i = 0; i < 64; i++) {
                 int64_t k = s * span + (int64_t)i * planes + p;
-                xp[(s * planes + p) * 64 + i] = k < cols ? xq[k] : 0;
+                c->xp[(s * planes + p) * 64 + i] = k < cols ? xq[k] : 0;
             }
         for (int j = 0; j < 16; j++) {
             int64_t k = s * span + j * lane_codes;
-            dl[s * 16 + j] = k < cols ? d[k / 32] : 0.0f;
+            c->dl[s * 16 + j] = k < cols ? d[k / 32] : 0.0f;
         }
     }
+    memcpy(c->x, x, (size_t)cols * sizeof *x);
+    c->cols = cols;
+    c->bits = B;
+    c->group_size = gs;
+}
+
+void qk_qmatvec_q8_vnni(const qk_mat *w, int64_t row_begin, int64_t row_end, const float *x,
+                        float *y)
+{
+    const int B = w->bits, gs = w->group_size;
+    const int64_t cols = w->cols, span = 64 * (8 / B);
+    xcache *c = &cache;
+    if (c->cols != cols || c->bits != B || c->group_size != gs ||
+        memcmp(c->x, x, (size_t)cols * sizeof *x))
+        prepare(c, x, cols, B, gs);
     int32_t pat[16];
-    for (int j = 0; j < 16; j++) pat[j] = (int32_t)(j * lane_codes / gs);
-    const xplan plan = {xp, dl, gsum, _mm512_loadu_si512(pat), spans};
+    for (int j = 0; j < 16; j++) pat[j] = (int32_t)(j * (span / 16) / gs);
+    const xplan plan = {c->xp, c->dl, c->gsum, _mm512_loadu_si512(pat), (cols + span - 1) / span};
 
     void (*four)(const qk_mat *, int64_t, const xplan *, float *) =
         B == 2 ? rows_2_4 : B == 4 ? rows_4_4 : rows_8_4;
