@@ -135,7 +135,7 @@ static resp http(server *s, const char *path, const char *body, const char *extr
 static json_t *parse(const char *text)
 {
     json_error_t je;
-    json_t *v = json_loads(text, 0, &je);
+    json_t *v = json_loads(text, JSON_ALLOW_NUL, &je);
     ck_assert_msg(v != NULL, "not JSON (%s): %s", je.text, text);
     return v;
 }
@@ -536,41 +536,62 @@ START_TEST(prefix_reuse)
 }
 END_TEST
 
-/* A client that hangs up mid-stream frees its slot; SIGTERM during a generation still exits 0. */
-START_TEST(disconnect_and_shutdown)
+static long long health_int(server *s, const char *path)
+{
+    resp r = http(s, "/health", NULL, NULL);
+    json_t *v = parse(r.body);
+    long long n = int_at(v, path);
+    json_decref(v);
+    free(r.body);
+    return n;
+}
+
+/* A client that hangs up mid-stream frees its slot; with the slot busy and no queue a request
+ * gets 503 + Retry-After; SIGTERM during a generation ends it cleanly and exits 0. */
+START_TEST(disconnect_busy_and_shutdown)
 {
     server s;
-    const char *extra[] = {"--ctx", "40000", NULL};
+    const char *extra[] = {"--ctx", "40000", "--queue", "0", NULL};
     start(&s, extra);
+    /* ignore_eos: runs to max_tokens, far longer than the client stays */
     const char *longreq = "{\"prompt\": \"Once\", \"max_tokens\": 39000, \"stream\": true, "
-                          "\"temperature\": 1, \"seed\": 1}";
+                          "\"ignore_eos\": true, \"seed\": 1}";
     resp r = http(&s, "/v1/completions", longreq, "--max-time 1");
     free(r.body);
     double end = now() + 5;
-    long long busy = 1;
-    json_t *v = NULL;
-    while (now() < end && busy) {
-        json_decref(v);
-        r = http(&s, "/health", NULL, NULL);
-        v = parse(r.body);
-        free(r.body);
-        busy = int_at(v, "slots_busy");
-        if (busy) usleep(50000);
-    }
-    ck_assert_msg(busy == 0, "the slot is still busy after the client left");
-    ck_assert_int_lt(int_at(v, "prefix_cache.generated_tokens"), 39000);
-    json_decref(v);
-    /* shutdown while a non-streaming request is running: it ends, the server exits 0 */
+    while (now() < end && health_int(&s, "slots_busy")) usleep(50000);
+    ck_assert_msg(health_int(&s, "slots_busy") == 0, "the slot is still busy after the client left");
+    long long generated = health_int(&s, "prefix_cache.generated_tokens");
+    ck_assert_int_gt(generated, 0);
+    ck_assert_int_lt(generated, 39000);
+
     char cmd[4096], out[1024];
-    curl_cmd(&s, "/v1/completions", "{\"prompt\": \"Once\", \"max_tokens\": 39000}", NULL, cmd,
+    curl_cmd(&s, "/v1/completions",
+             "{\"prompt\": \"Once\", \"max_tokens\": 39000, \"ignore_eos\": true}", NULL, cmd,
              sizeof cmd, out, sizeof out);
     FILE *p = popen(cmd, "r");
-    usleep(300000);
+    end = now() + 5;
+    while (now() < end && !health_int(&s, "slots_busy")) usleep(20000);
+    char headers[1200];
+    snprintf(headers, sizeof headers, "-D '%s/h503'", s.dir);
+    expect_error(&s, "/v1/completions", "{\"prompt\": \"Hi\", \"max_tokens\": 1}", headers, 503,
+                 "busy");
+    char path[1100];
+    snprintf(path, sizeof path, "%s/h503", s.dir);
+    char *h = tu_read(path, NULL);
+    ck_assert_msg(strcasestr(h, "Retry-After: 1") != NULL, "no Retry-After in:\n%s", h);
+    free(h);
+    /* shutdown while that request runs: it is answered (cut short), the server exits 0 */
     ck_assert_int_eq(terminate(&s), 0);
     int status = 0;
     ck_assert_int_eq(fscanf(p, "%d", &status), 1);
-    ck_assert_int_eq(status, 200); /* the answer so far, not a dropped connection */
+    ck_assert_int_eq(status, 200);
     pclose(p);
+    char *body = tu_read(out, NULL);
+    json_t *v = parse(body);
+    ck_assert_int_lt(int_at(v, "usage.completion_tokens"), 39000);
+    json_decref(v);
+    free(body);
     tu_rmdir(s.dir);
 }
 END_TEST
@@ -585,7 +606,7 @@ static Suite *make_suite(void)
     tcase_add_test(tc, errors);
     tcase_add_test(tc, concurrent_streams);
     tcase_add_test(tc, prefix_reuse);
-    tcase_add_test(tc, disconnect_and_shutdown);
+    tcase_add_test(tc, disconnect_busy_and_shutdown);
     suite_add_tcase(s, tc);
     return s;
 }

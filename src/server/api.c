@@ -137,7 +137,7 @@ static uint64_t fresh_seed(void)
 typedef struct common_req {
     qmix_sampling sp;
     long long max_tokens;
-    int has_max_tokens, stream, include_usage;
+    int has_max_tokens, stream, include_usage, ignore_eos;
     char **stop;
     int n_stop;
 } common_req;
@@ -217,6 +217,7 @@ static int parse_common(const api_ctx *ctx, json_t *root, int chat, common_req *
         }
     }
     if (get_bool(root, "stream", &c->stream, r)) return -1;
+    if (get_bool(root, "ignore_eos", &c->ignore_eos, r)) return -1;
     json_t *so = json_object_get(root, "stream_options");
     if (so && !json_is_null(so)) {
         if (!json_is_object(so)) {
@@ -497,6 +498,7 @@ static void submit(const api_ctx *ctx, int chat, common_req *c, int32_t *prompt,
     long room = (long)ctx->ctx - (long)n_prompt;
     job->max_tokens = (int)(c->has_max_tokens && c->max_tokens < room ? c->max_tokens : room);
     job->chat = chat;
+    job->ignore_eos = c->ignore_eos;
     job->on_text = on_text;
     job->on_done = on_done;
     job->user = g;

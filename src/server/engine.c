@@ -211,7 +211,8 @@ static void run_job(slot *s, srv_job *j)
         } else {
             const char *const *stops = (const char *const *)j->stop;
             qmix_gen_opts go = {.max_tokens = j->max_tokens, .stop_ids = e->stop_ids,
-                                .n_stop_ids = j->chat ? e->n_chat_stop_ids : e->n_stop_ids,
+                                .n_stop_ids = j->ignore_eos ? 0
+                                              : j->chat ? e->n_chat_stop_ids : e->n_stop_ids,
                                 .stop_strings = stops, .n_stop_strings = j->n_stop,
                                 .cancel = &j->cancel};
             if (qmix_generate(s->sess, smp, e->tok, j->prompt, j->n_prompt, s->history,

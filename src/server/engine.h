@@ -29,6 +29,7 @@ struct srv_job {
     char **stop;
     int n_stop;
     int chat; /* chat stops at <|im_end|> too; completions only at the model's eos ids */
+    int ignore_eos; /* vLLM's extension: run to max_tokens (benchmarks, tests) */
     /* called on the worker thread: text as it is generated, then once at the end (res is set) */
     void (*on_text)(srv_job *job, const char *text, size_t len);
     void (*on_done)(srv_job *job);

@@ -7,10 +7,13 @@
 #include <netdb.h>
 #include <poll.h>
 #include <pthread.h>
+#include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/socket.h>
+#include <time.h>
+#include <unistd.h>
 
 #include "formats/config.h"
 #include "server/api.h"
@@ -29,6 +32,7 @@ struct qmix_server {
     json_t *template_args;
     size_t max_body;
     int port;
+    atomic_int active; /* requests between their first call and their completion */
 };
 
 /* One HTTP request: its body as it arrives. */
@@ -176,6 +180,7 @@ static enum MHD_Result handle(void *cls, struct MHD_Connection *conn, const char
     if (!rq) { /* first call: only the headers are here */
         if (!(rq = calloc(1, sizeof *rq))) return MHD_NO;
         *req_cls = rq;
+        atomic_fetch_add(&s->active, 1);
         if (!strcmp(url, "/health") || !strcmp(url, "/v1/health")) {
             if (!is_get)
                 return send_error(conn, MHD_HTTP_METHOD_NOT_ALLOWED, "invalid_request_error",
@@ -245,9 +250,11 @@ static enum MHD_Result handle(void *cls, struct MHD_Connection *conn, const char
 static void completed(void *cls, struct MHD_Connection *conn, void **req_cls,
                       enum MHD_RequestTerminationCode toe)
 {
-    (void)cls, (void)conn, (void)toe;
+    qmix_server *s = cls;
+    (void)conn, (void)toe;
     request *rq = *req_cls;
     if (!rq) return;
+    atomic_fetch_sub(&s->active, 1);
     free(rq->body);
     free(rq);
     *req_cls = NULL;
@@ -304,7 +311,7 @@ int qmix_server_start(const qmix_server_opts *o, qmix_server **out, qmix_err *er
         goto fail;
     }
     unsigned flags = MHD_USE_THREAD_PER_CONNECTION | MHD_USE_INTERNAL_POLLING_THREAD |
-                     MHD_USE_POLL | (ai->ai_family == AF_INET6 ? MHD_USE_IPv6 : 0);
+                     MHD_USE_POLL | MHD_USE_ITC | (ai->ai_family == AF_INET6 ? MHD_USE_IPv6 : 0);
     s->daemon = MHD_start_daemon(
         flags, (uint16_t)o->port, NULL, NULL, handle, s, MHD_OPTION_SOCK_ADDR, ai->ai_addr,
         MHD_OPTION_NOTIFY_COMPLETED, completed, s,
@@ -333,8 +340,18 @@ const char *qmix_server_model_id(const qmix_server *s) { return s->model_id; }
 void qmix_server_stop(qmix_server *s)
 {
     if (!s) return;
-    if (s->eng) srv_engine_stop(s->eng); /* blocked handlers see their jobs end */
-    if (s->daemon) MHD_stop_daemon(s->daemon); /* joins the connection threads */
+    if (s->eng) srv_engine_stop(s->eng); /* running generations end after their next token */
+    if (s->daemon) {
+        /* No new connections; requests in flight get their (cut short) answers before the
+         * connections are closed, for up to 10 s. */
+        MHD_socket listen_fd = MHD_quiesce_daemon(s->daemon);
+        if (listen_fd != MHD_INVALID_SOCKET) close(listen_fd);
+        for (int i = 0; i < 1000 && atomic_load(&s->active) > 0; i++) {
+            struct timespec ts = {0, 10 * 1000000L};
+            nanosleep(&ts, NULL);
+        }
+        MHD_stop_daemon(s->daemon); /* closes idle connections, joins their threads */
+    }
     srv_engine_free(s->eng);
     qmix_tok_free(s->tok);
     qmix_model_close(s->model);
