@@ -16,5 +16,6 @@ int qmix_cmd_ppl(int argc, char **argv);
 int qmix_cmd_kld(int argc, char **argv);
 int qmix_cmd_serve(int argc, char **argv);
 int qmix_cmd_sensitivity(int argc, char **argv);
+int qmix_cmd_plan(int argc, char **argv);
 
 #endif
