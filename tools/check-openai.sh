@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# Drives a running `qmix serve` with the official OpenAI client library (npm `openai`, pinned) for
+# the tests: tools/check-openai.sh BASE_URL API_KEY prints one JSON object of what the client saw
+# (tools/ref/openai_client.mjs); `tools/check-openai.sh --install` installs only. The package goes
+# into build/npm-openai (git-ignored, test-only; QMIX_NPM_OPENAI_PREFIX overrides). Exit status 77
+# with a one-line reason on stderr when node/npm or the package cannot be had, so callers can skip.
+set -u
+cd "$(dirname "$0")/.."
+PKG="openai@4.95.0"
+prefix=${QMIX_NPM_OPENAI_PREFIX:-build/npm-openai}
+if ! command -v node >/dev/null 2>&1; then
+    echo "node not found" >&2
+    exit 77
+fi
+if [ ! -f "$prefix/node_modules/openai/package.json" ]; then
+    if ! command -v npm >/dev/null 2>&1; then
+        echo "npm not found (needed once to install $PKG)" >&2
+        exit 77
+    fi
+    mkdir -p "$prefix"
+    if ! npm install --prefix "$prefix" --no-audit --no-fund --no-save "$PKG" >"$prefix/install.log" 2>&1; then
+        echo "npm install $PKG failed (see $prefix/install.log)" >&2
+        exit 77
+    fi
+fi
+if [ "${1:-}" = "--install" ]; then
+    echo "OpenAI client: $PKG in $prefix, node $(node --version)"
+    exit 0
+fi
+# ESM resolves packages from the importing file's folders, not NODE_PATH: hand it the path.
+QMIX_OPENAI_MODULE="$(cd "$prefix" && pwd)/node_modules/openai/index.mjs" \
+    exec node tools/ref/openai_client.mjs "$@"
