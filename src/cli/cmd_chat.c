@@ -167,17 +167,10 @@ int qmix_cmd_chat(int argc, char **argv)
         fprintf(stderr, "qmix chat: %s has no official Qwen3.5 chat template; using the built-in "
                 "Qwen3.5 format\n", dir);
     free(tmpl);
-    if (!sampling_given) { /* the model's own defaults */
-        if (gen.has_temperature) sp.temperature = (float)gen.temperature;
-        if (gen.has_top_p) sp.top_p = (float)gen.top_p;
-        if (gen.has_top_k) sp.top_k = gen.top_k;
-    }
+    if (!sampling_given) qmix_gen_sampling_defaults(&sp, &gen); /* the model's own defaults */
     sp.seed = (uint64_t)seed;
     int32_t stop_ids[QMIX_MAX_EOS + 1];
-    int n_stop = 0;
-    for (int i = 0; i < gen.n_eos; i++) stop_ids[n_stop++] = gen.eos[i];
-    int32_t im_end = qmix_tok_special_ids(tok)->im_end;
-    if (im_end >= 0) stop_ids[n_stop++] = im_end;
+    int n_stop = qmix_gen_chat_stop_ids(&gen, tok, stop_ids);
 
     qmix_session_opts opts = {.max_ctx = (int)ctx, .n_threads = (int)threads};
     if (qmix_session_new(model, &opts, &sess, &err)) goto fail;

@@ -68,11 +68,7 @@ static int generate_text(const char *model_path, const char *text, const char *c
     }
     if (!ctx) ctx = (long)n_prompt + n_gen;
     qmix_session_opts opts = {.max_ctx = (int)ctx, .n_threads = (int)threads};
-    if (!sampling_given) { /* the model's own defaults */
-        if (gen.has_temperature) sp.temperature = (float)gen.temperature;
-        if (gen.has_top_p) sp.top_p = (float)gen.top_p;
-        if (gen.has_top_k) sp.top_k = gen.top_k;
-    }
+    if (!sampling_given) qmix_gen_sampling_defaults(&sp, &gen); /* the model's own defaults */
     sp.seed = (uint64_t)seed;
     if (qmix_session_new(model, &opts, &sess, &err)) goto fail;
     sampler = qmix_sampler_new(&sp, qmix_model_config(model)->vocab_size);

@@ -145,3 +145,20 @@ int qmix_generate(qmix_session *s, qmix_sampler *smp, const qmix_tokenizer *tok,
     free(p.buf);
     return rc;
 }
+
+void qmix_gen_sampling_defaults(qmix_sampling *sp, const qmix_generation_config *gen)
+{
+    if (gen->has_temperature) sp->temperature = (float)gen->temperature;
+    if (gen->has_top_p) sp->top_p = (float)gen->top_p;
+    if (gen->has_top_k) sp->top_k = gen->top_k;
+}
+
+int qmix_gen_chat_stop_ids(const qmix_generation_config *gen, const qmix_tokenizer *tok,
+                           int32_t *out)
+{
+    int n = 0;
+    for (int i = 0; i < gen->n_eos && i < QMIX_MAX_EOS; i++) out[n++] = gen->eos[i];
+    int32_t im_end = qmix_tok_special_ids(tok)->im_end;
+    if (im_end >= 0) out[n++] = im_end;
+    return n;
+}

@@ -7,6 +7,7 @@
 #include <signal.h>
 #include <stdint.h>
 
+#include "formats/config.h"
 #include "qmix.h"
 #include "runtime/sampler.h"
 #include "text/tokenizer.h"
@@ -38,5 +39,14 @@ int qmix_generate(qmix_session *session, qmix_sampler *sampler, const qmix_token
                   const int32_t *prompt, int n_prompt, int32_t *history, int *n_history,
                   const qmix_gen_opts *opts, qmix_gen_text_fn on_text, void *user,
                   qmix_gen_result *result, qmix_err *err);
+
+/* The model's own sampling defaults: generation_config.json's temperature, top_p and top_k, where
+ * it gives them, over sp (for callers whose user set no sampling flag). */
+void qmix_gen_sampling_defaults(qmix_sampling *sp, const qmix_generation_config *gen);
+
+/* The ids that end a chat turn: generation_config.json's eos ids, then <|im_end|> if the tokenizer
+ * has it. out holds QMIX_MAX_EOS + 1; returns the count. */
+int qmix_gen_chat_stop_ids(const qmix_generation_config *gen, const qmix_tokenizer *tok,
+                           int32_t *out);
 
 #endif

@@ -25,8 +25,8 @@ typedef struct slot {
 struct srv_engine {
     qmix_model *model;
     const qmix_tokenizer *tok;
-    int32_t stop_ids[QMIX_MAX_EOS + 1];
-    int n_stop_ids, n_chat_stop_ids; /* chat: the eos ids plus <|im_end|> */
+    int32_t stop_ids[QMIX_MAX_EOS + 1]; /* chat's stop ids: the eos ids, then <|im_end|> */
+    int n_stop_ids, n_chat_stop_ids;    /* completions stop at the first n_stop_ids only */
     int n_slots, ctx, max_queue, n_vocab;
     slot *slots;
     pthread_mutex_t mu; /* guards slot assignment, the queue, job outputs and counters */
@@ -276,8 +276,9 @@ static void *worker(void *arg)
     return NULL;
 }
 
-int srv_engine_new(qmix_model *model, const qmix_tokenizer *tok, const int32_t *stop_ids,
-                   int n_stop_ids, const srv_engine_opts *o, srv_engine **out, qmix_err *err)
+int srv_engine_new(qmix_model *model, const qmix_tokenizer *tok,
+                   const qmix_generation_config *gen, const srv_engine_opts *o,
+                   srv_engine **out, qmix_err *err)
 {
     *out = NULL;
     if (o->n_slots < 1 || o->ctx < 2) return qmix_errf(err, "invalid slot count or context");
@@ -285,11 +286,8 @@ int srv_engine_new(qmix_model *model, const qmix_tokenizer *tok, const int32_t *
     if (!e) return qmix_errf(err, "out of memory");
     e->model = model;
     e->tok = tok;
-    if (n_stop_ids > QMIX_MAX_EOS) n_stop_ids = QMIX_MAX_EOS;
-    memcpy(e->stop_ids, stop_ids, sizeof *stop_ids * (size_t)n_stop_ids);
-    e->n_stop_ids = e->n_chat_stop_ids = n_stop_ids;
-    int32_t im_end = qmix_tok_special_ids(tok)->im_end;
-    if (im_end >= 0) e->stop_ids[e->n_chat_stop_ids++] = im_end;
+    e->n_chat_stop_ids = qmix_gen_chat_stop_ids(gen, tok, e->stop_ids);
+    e->n_stop_ids = gen->n_eos < QMIX_MAX_EOS ? gen->n_eos : QMIX_MAX_EOS;
     e->n_slots = o->n_slots;
     e->ctx = o->ctx;
     e->max_queue = o->max_queue;

@@ -12,6 +12,7 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#include "formats/config.h"
 #include "qmix.h"
 #include "runtime/generate.h"
 #include "runtime/sampler.h"
@@ -58,10 +59,11 @@ typedef struct srv_engine_opts {
     int max_queue; /* requests waiting for a slot before new ones get 503 */
 } srv_engine_opts;
 
-/* Takes no ownership of model and tok; they must outlive the engine. stop_ids: the model's
- * end-of-generation ids (generation_config.json); chat jobs also stop at <|im_end|>. */
-int srv_engine_new(qmix_model *model, const qmix_tokenizer *tok, const int32_t *stop_ids,
-                   int n_stop_ids, const srv_engine_opts *opts, srv_engine **out, qmix_err *err);
+/* Takes no ownership of model and tok; they must outlive the engine. gen: the model's
+ * end-of-generation ids (completions stop there; chat jobs also at <|im_end|>). */
+int srv_engine_new(qmix_model *model, const qmix_tokenizer *tok,
+                   const qmix_generation_config *gen, const srv_engine_opts *opts,
+                   srv_engine **out, qmix_err *err);
 /* Cancels everything running or queued, waits for the workers, frees. */
 void srv_engine_free(srv_engine *eng);
 /* Cancels running and queued jobs and refuses new ones (shutdown, before the HTTP side stops). */

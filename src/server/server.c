@@ -16,6 +16,7 @@
 #include <unistd.h>
 
 #include "formats/config.h"
+#include "runtime/generate.h"
 #include "server/api.h"
 #include "server/engine.h"
 #include "text/tokenizer.h"
@@ -287,14 +288,10 @@ int qmix_server_start(const qmix_server_opts *o, qmix_server **out, qmix_err *er
     s->max_body = o->max_body ? o->max_body : 8u << 20;
     srv_engine_opts eo = {.n_slots = o->parallel > 0 ? o->parallel : 1, .ctx = o->ctx,
                           .n_threads = o->threads, .max_queue = o->max_queue};
-    if (srv_engine_new(s->model, s->tok, gen.eos, gen.n_eos, &eo, &s->eng, err)) goto fail;
+    if (srv_engine_new(s->model, s->tok, &gen, &eo, &s->eng, err)) goto fail;
 
     qmix_sampling sp = o->sampling;
-    if (!o->sampling_given) { /* the model's own defaults, as `qmix chat` uses them */
-        if (gen.has_temperature) sp.temperature = (float)gen.temperature;
-        if (gen.has_top_p) sp.top_p = (float)gen.top_p;
-        if (gen.has_top_k) sp.top_k = gen.top_k;
-    }
+    if (!o->sampling_given) qmix_gen_sampling_defaults(&sp, &gen); /* as `qmix chat` does */
     s->api = (api_ctx){.eng = s->eng, .tok = s->tok, .tok_mu = &s->tok_mu,
                        .model_id = s->model_id, .model_path = s->model_path, .defaults = sp,
                        .seed_given = o->seed_given, .template_args = s->template_args,
