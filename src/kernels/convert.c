@@ -3,6 +3,7 @@
 
 #include "kernels/kernels.h"
 #include "kernels/kernels_impl.h"
+#include "quant/ggml_blocks.h"
 
 float qk_bf16_to_f32(uint16_t h)
 {
@@ -83,6 +84,14 @@ void qk_mat_row_f32(const qk_mat *w, int64_t r, float *out)
 {
     if (w->dtype == QMIX_U32) {
         qrow_f32(w, r, out);
+        return;
+    }
+    if (w->dtype == QMIX_U8) { /* ggml blocks (a GGUF embedding) */
+        if (qk_gmat_valid(w))
+            qmix_ggml_dequant_row(w->ggml_type, (const uint8_t *)w->data + (size_t)r * w->row_bytes,
+                                  w->cols, out);
+        else
+            for (int64_t i = 0; i < w->cols; i++) out[i] = NAN;
         return;
     }
     const uint8_t *row = (const uint8_t *)w->data + (size_t)r * w->row_bytes;

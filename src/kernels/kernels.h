@@ -12,7 +12,8 @@
  * values. dtype U32: MLX affine codes (bits, group_size; see src/quant/affine.h), one packed row
  * of cols·bits/32 words per row, with per-group scales and biases [rows][cols/group_size] of
  * scale_dtype (BF16, F16 or F32), scale rows scale_row_bytes apart. The data may be unaligned
- * (it sits where the checkpoint put it). */
+ * (it sits where the checkpoint put it). dtype U8: rows of ggml blocks of type ggml_type
+ * (quant/ggml_blocks.h, a GGUF tensor as stored), row_bytes apart. */
 typedef struct qk_mat {
     qmix_dtype dtype;
     int64_t rows, cols;
@@ -22,6 +23,7 @@ typedef struct qk_mat {
     qmix_dtype scale_dtype;
     const void *scales, *biases;
     size_t scale_row_bytes;
+    int ggml_type;
 } qk_mat;
 
 /* Y[t][o] = Σ_i W[o][i]·X[t][i] for rows o in [row_begin, row_end) and tokens t in [0, n).

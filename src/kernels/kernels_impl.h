@@ -23,6 +23,18 @@ void qk_qmatmul_avx512(const qk_mat *w, int64_t row_begin, int64_t row_end, cons
 int qk_qmat_valid(const qk_mat *w);
 float qk_qmat_scale(const void *p, qmix_dtype dt);
 
+/* The ggml block-format matmuls (dtype QMIX_U8, spec/quant-formats.md §5.3), fused
+ * dequantize-and-dot: each block of a row is dequantized once (on the stack) and dotted with
+ * every token. qk_gmat_valid: the type is one qmix dequantizes and cols a whole number of blocks
+ * (outputs are NaN otherwise). */
+void qk_gmatmul_scalar(const qk_mat *w, int64_t row_begin, int64_t row_end, const float *x, int n,
+                       int64_t ldx, float *y, int64_t ldy);
+void qk_gmatmul_avx2(const qk_mat *w, int64_t row_begin, int64_t row_end, const float *x, int n,
+                     int64_t ldx, float *y, int64_t ldy);
+void qk_gmatmul_avx512(const qk_mat *w, int64_t row_begin, int64_t row_end, const float *x,
+                       int n, int64_t ldx, float *y, int64_t ldy);
+int qk_gmat_valid(const qk_mat *w);
+
 /* Decode with int8 activations (qmatvec_q8.c): 2-, 4- and 8-bit weights, rows of at most
  * QK_Q8_MAX_COLS inputs. qk_quantize_x_q8 quantizes x in blocks of 32 (xq[cols], d[cols/32]) and
  * sums it per weight group (gsum[cols/group_size]). y[o] for rows [row_begin, row_end). */

@@ -133,6 +133,7 @@ void qk_matmul_avx512(const qk_mat *w, int64_t row_begin, int64_t row_end, const
     case QMIX_BF16: run(tiles_bf16, tile_bf16_8x1, w, row_begin, row_end, x, n, ldx, y, ldy); break;
     case QMIX_F16: run(tiles_f16, tile_f16_8x1, w, row_begin, row_end, x, n, ldx, y, ldy); break;
     case QMIX_U32: qk_qmatmul_avx512(w, row_begin, row_end, x, n, ldx, y, ldy); break;
+    case QMIX_U8: qk_gmatmul_avx512(w, row_begin, row_end, x, n, ldx, y, ldy); break;
     default: qk_matmul_scalar(w, row_begin, row_end, x, n, ldx, y, ldy); break;
     }
 }

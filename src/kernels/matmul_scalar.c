@@ -28,6 +28,10 @@ void qk_matmul_scalar(const qk_mat *w, int64_t row_begin, int64_t row_end, const
         qk_qmatmul_scalar(w, row_begin, row_end, x, n, ldx, y, ldy);
         return;
     }
+    if (w->dtype == QMIX_U8) {
+        qk_gmatmul_scalar(w, row_begin, row_end, x, n, ldx, y, ldy);
+        return;
+    }
     float buf[BLOCK];
     for (int64_t o = row_begin; o < row_end; o++) {
         const uint8_t *row = (const uint8_t *)w->data + (size_t)o * w->row_bytes;
