@@ -189,6 +189,9 @@ int cli_model_dir(const char *model_path, char *dir, size_t len)
         return -1;
     }
     snprintf(dir, len, "%s", model_path);
+    size_t plen = strlen(model_path);
+    /* a GGUF holds its tokenizer and chat template: the file itself stands for the directory */
+    if (!S_ISDIR(sb.st_mode) && plen > 5 && !strcmp(model_path + plen - 5, ".gguf")) return 0;
     if (!S_ISDIR(sb.st_mode)) {
         char *slash = strrchr(dir, '/');
         if (slash) *slash = 0;

@@ -20,8 +20,9 @@ const char *cli_value(const char *cmd, int argc, char **argv, int *i);
 struct qmix_sampling;
 int cli_sampling_option(const char *cmd, int argc, char **argv, int *i, struct qmix_sampling *sp);
 extern const char cli_sampling_help[];
-/* The checkpoint directory of a model path (the path itself, or a weights file's directory);
- * prints an error and returns -1 if it does not exist. */
+/* The checkpoint directory of a model path (the path itself, or a weights file's directory; a
+ * .gguf file stands for itself, the tokenizer and template loaders read it); prints an error and
+ * returns -1 if it does not exist. */
 int cli_model_dir(const char *model_path, char *dir, size_t len);
 /* The token stream a measuring command evaluates: text_path tokenized with the model's own
  * tokenizer.json (no special tokens parsed), or token_path (whitespace-separated ids) when given.

@@ -3,8 +3,10 @@
 
 #include "cli/cli.h"
 #include "cli/commands.h"
+#include "formats/gguf.h"
 #include "model/model.h"
 #include "model/roles.h"
+#include "quant/ggml_blocks.h"
 #include "quant/quantize.h"
 
 static void usage(FILE *out)
@@ -12,6 +14,37 @@ static void usage(FILE *out)
     fprintf(out, "usage: qmix info MODEL\n\n"
                  "Prints the architecture, the layer pattern, and parameter counts and bytes by tensor\n"
                  "role (every tensor in the checkpoint, vision and MTP included).\n");
+}
+
+static void gguf_summary(const qmix_model *m)
+{
+    uint64_t n = qmix_gguf_tensor_count(m->gguf), count[QMIX_GGML_TYPE_LIMIT] = {0};
+    uint64_t params[QMIX_GGML_TYPE_LIMIT] = {0}, bytes[QMIX_GGML_TYPE_LIMIT] = {0}, tp = 0, tb = 0;
+    for (uint64_t i = 0; i < n; i++) {
+        const qmix_gguf_tensor *t = qmix_gguf_tensor_at(m->gguf, i);
+        uint64_t e = (uint64_t)t->ne[0] * (uint64_t)t->ne[1] * (uint64_t)t->ne[2] * (uint64_t)t->ne[3];
+        count[t->type]++;
+        params[t->type] += e;
+        bytes[t->type] += t->nbytes;
+        tp += e;
+        tb += t->nbytes;
+    }
+    printf("files        %d GGUF file(s), %llu tensors\n", qmix_gguf_file_count(m->gguf),
+           (unsigned long long)n);
+    printf("\n%-20s %8s %16s %12s\n", "ggml type", "tensors", "parameters", "bytes");
+    char hb[32];
+    for (int t = 0; t < QMIX_GGML_TYPE_LIMIT; t++) {
+        if (!count[t]) continue;
+        cli_human_bytes((double)bytes[t], hb, sizeof hb);
+        printf("%-20s %8llu %16llu %12s\n", qmix_ggml_type_name(t), (unsigned long long)count[t],
+               (unsigned long long)params[t], hb);
+    }
+    cli_human_bytes((double)tb, hb, sizeof hb);
+    printf("%-20s %8llu %16llu %12s\n", "total", (unsigned long long)n, (unsigned long long)tp, hb);
+    if (tp) printf("bits per weight %.3f\n", 8.0 * (double)tb / (double)tp);
+    cli_human_bytes((double)qmix_model_decode_bytes(m), hb, sizeof hb);
+    printf("\nweights read per decoded token: %s (top-%d of %d experts)\n", hb,
+           m->cfg.n_experts_used, m->cfg.n_experts);
 }
 
 int qmix_cmd_info(int argc, char **argv)
@@ -65,6 +98,11 @@ int qmix_cmd_info(int argc, char **argv)
            c->n_experts, c->n_experts_used, c->moe_ffn, c->shared_ffn,
            m->experts_fused ? "fused 3-D" : "per-expert");
     printf("mtp          %d layer(s)\n", c->mtp_layers);
+    if (m->gguf) { /* GGUF: tensors by ggml type (its names are not HF's, so no role table) */
+        gguf_summary(m);
+        qmix_model_close(m);
+        return 0;
+    }
     printf("files        %d shard(s), %llu tensors\n", qmix_st_file_count(m->store),
            (unsigned long long)qmix_st_count(m->store));
 

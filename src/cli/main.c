@@ -20,6 +20,7 @@ static const struct {
     {"plan", qmix_cmd_plan, "predict memory for a model + recipe + context; the longest context that fits"},
     {"tokenize", qmix_cmd_tokenize, "text to token ids and back with the model's tokenizer.json"},
     {"template", qmix_cmd_template, "render a conversation with the model's chat template"},
+    {"convert", qmix_cmd_convert, "write a checkpoint as a GGUF llama.cpp loads (f32/f16/bf16/q8_0)"},
     {"quantize", qmix_cmd_quantize, "quantize a bf16 checkpoint with a role recipe into an MLX checkpoint"},
     {"presets", qmix_cmd_presets, "the built-in quantization recipes with their bits per weight"},
     {"synth", qmix_cmd_synth, "write a random checkpoint in the real HF layout and geometry"},

@@ -1,4 +1,5 @@
 #include "formats/config.h"
+#include "formats/gguf.h"
 
 #include <jansson.h>
 #include <math.h>
@@ -193,6 +194,16 @@ int qmix_generation_config_load(const char *model_dir, qmix_generation_config *o
                                 qmix_err *err)
 {
     memset(out, 0, sizeof *out);
+    size_t dlen = strlen(model_dir);
+    if (dlen > 5 && !strcmp(model_dir + dlen - 5, ".gguf")) { /* GGUF: only its eos id */
+        qmix_gguf *g;
+        int64_t eos;
+        if (qmix_gguf_open(model_dir, &g, err)) return -1;
+        int r = qmix_gguf_get_int(g, "tokenizer.ggml.eos_token_id", &eos, err);
+        if (r > 0 && eos >= 0 && eos <= INT32_MAX) out->eos[out->n_eos++] = (int)eos;
+        qmix_gguf_close(g);
+        return r < 0 ? -1 : 0;
+    }
     char path[4096];
     snprintf(path, sizeof path, "%s/generation_config.json", model_dir);
     FILE *f = fopen(path, "rb");

@@ -311,12 +311,11 @@ static int parse_file(qmix_gguf *g, int fi, const uint8_t *image, uint64_t size,
 {
     const char *path = g->files[fi].path;
     cur c = {image, image, image + size, path};
-    uint64_t magic, version, nt, nkv;
+    uint64_t version, nt, nkv;
     if (size < 4 || memcmp(image, "GGUF", 4))
         return qmix_errf(err, "%s: not a GGUF file (bad magic)", path);
     c.p += 4;
     if (rd(&c, 4, &version, "the version", err)) return -1;
-    (void)magic;
     if (version != 3)
         return qmix_errf(err, "%s: GGUF version %llu not supported (only version 3)", path,
                          (unsigned long long)version);

@@ -17,11 +17,6 @@ static inline float f16_at(const uint8_t *p)
     return _cvtsh_ss(h);
 }
 
-static inline __m512 bytes_ps(const uint8_t *p) /* 16 unsigned bytes -> 16 floats */
-{
-    return _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)p)));
-}
-
 static void dq_q8_0(const uint8_t *b, float *y)
 {
     __m512 d = _mm512_set1_ps(f16_at(b));
@@ -95,7 +90,6 @@ void qk_gmatmul_avx512(const qk_mat *w, int64_t row_begin, int64_t row_end, cons
         qk_gmatmul_scalar(w, row_begin, row_end, x, n, ldx, y, ldy);
         return;
     }
-    (void)bytes_ps;
     const int type = w->ggml_type, be = qmix_ggml_block_elems(type);
     const size_t bb = qmix_ggml_block_bytes(type);
     float buf[256] __attribute__((aligned(64)));

@@ -54,7 +54,8 @@ static void gdn_head(void *arg, int j, int thread)
     int64_t nk = c->lin_n_k_heads, nv = c->lin_n_v_heads, dk = c->lin_k_head_dim,
             dv = c->lin_v_head_dim;
     int64_t C = 2 * nk * dk + nv * dv;
-    int64_t key_head = j / (nv / nk); /* value heads are grouped by key head (HF order) */
+    /* value heads grouped by key head (HF order), or tiled (GGUF order, see model_gguf.c) */
+    int64_t key_head = s->model->gdn_v_tiled ? j % nk : j / (nv / nk);
     float *log_decay = s->gdn_scratch + (int64_t)thread * s->gdn_scratch_per_thread;
     float *beta = log_decay + s->max_batch, *scratch = beta + s->max_batch;
     for (int t = 0; t < g->n; t++) {

@@ -11,6 +11,7 @@
 #include <sys/stat.h>
 
 #include "formats/config.h"
+#include "formats/gguf.h"
 #include "quant/quantize.h"
 #include "util/err.h"
 
@@ -409,6 +410,7 @@ void qmix_model_close(qmix_model *m)
 {
     if (!m) return;
     qmix_st_close(m->store);
+    qmix_gguf_close(m->gguf);
     qmix_qconfig_free(m->qconfig);
     free(m->layers);
     free(m->expert_pool);
@@ -430,6 +432,17 @@ int qmix_model_open(const char *path, qmix_model **out, qmix_err *err)
         char *slash = strrchr(m->dir, '/');
         if (slash) *slash = 0;
         else strcpy(m->dir, ".");
+    }
+    size_t plen = strlen(path);
+    if (!S_ISDIR(sb.st_mode) && plen > 5 && !strcmp(path + plen - 5, ".gguf")) {
+        /* GGUF carries its own geometry: no config.json */
+        if (qmix_model_bind_gguf(m, path, err)) {
+            qmix_err_prefix(err, "loading %s", path);
+            qmix_model_close(m);
+            return -1;
+        }
+        *out = m;
+        return 0;
     }
     char cfg_path[PATH_MAX];
     snprintf(cfg_path, sizeof cfg_path, "%s/config.json", m->dir);

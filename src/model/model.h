@@ -43,7 +43,12 @@ struct qmix_model {
     int norms_shifted;                   /* norms stored as 1 + w (MLX) */
     struct qmix_qconfig *qconfig;        /* MLX quantization block of config.json, or NULL */
     const char *prefix;                  /* "model.language_model.", "language_model.model." or "model." */
+    struct qmix_gguf *gguf;              /* GGUF checkpoint (then store is NULL), or NULL */
+    int gdn_v_tiled;                     /* GDN value heads in GGUF's tiled order (key head p % nk) */
 };
+
+/* Opens path as a qwen35moe GGUF and binds every weight (model_gguf.c); fills m->cfg. */
+int qmix_model_bind_gguf(qmix_model *m, const char *path, qmix_err *err);
 
 /* Heap bytes qmix_model_open allocates for a geometry besides the mapped weights: the widened
  * float32 parameters (f32_pool) and the layer / expert views (for planners). */

@@ -3,6 +3,7 @@
  * `|trim` is str.strip() (Unicode whitespace), `|string` and `{{ }}` are str() (True, None, 1.5),
  * `|tojson` is json.dumps(ensure_ascii=False). */
 #include "text/chat.h"
+#include "text/tok_gguf.h"
 #include "text/tokenizer.h"
 
 #include <errno.h>
@@ -844,6 +845,11 @@ int qmix_chat_template_load(const char *model_dir, bool with_tools, char **text,
                             char *source, size_t source_len, qmix_err *err)
 {
     *text = NULL;
+    size_t dlen = strlen(model_dir);
+    if (dlen > 5 && !strcmp(model_dir + dlen - 5, ".gguf")) { /* the template travels in the GGUF */
+        if (source) snprintf(source, source_len, "%s:tokenizer.chat_template", model_dir);
+        return qmix_gguf_chat_template(model_dir, text, len, err);
+    }
     char path[4096];
     snprintf(path, sizeof path, "%s/chat_template.jinja", model_dir);
     FILE *probe = fopen(path, "rb");

@@ -5,6 +5,7 @@
  * and merges are a hash map (left id, right id) -> (rank, merged id). Each pre-token is merged with
  * a binary heap ordered by (rank, position), as the Rust crate does, and the result cached by word. */
 #include "text/tokenizer.h"
+#include "text/tok_gguf.h"
 
 #define PCRE2_CODE_UNIT_WIDTH 8
 #include <jansson.h>
@@ -784,6 +785,8 @@ int qmix_tok_load_json(const char *json, size_t len, const char *label, qmix_tok
 int qmix_tok_load(const char *path, qmix_tokenizer **out, qmix_err *err)
 {
     *out = NULL;
+    size_t plen = strlen(path);
+    if (plen > 5 && !strcmp(path + plen - 5, ".gguf")) return qmix_tok_load_gguf(path, out, err);
     char full[4096];
     struct stat st;
     if (stat(path, &st) == 0 && S_ISDIR(st.st_mode))
