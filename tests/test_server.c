@@ -596,6 +596,62 @@ START_TEST(disconnect_busy_and_shutdown)
 }
 END_TEST
 
+/* The second turn of a chat resumes from the snapshot taken where the first turn's answer
+ * began: the shared conversation is not processed again, and the answer is the cold one. */
+static char *turn_body(const char *answer)
+{
+    json_t *msgs = json_pack("[{s:s, s:s}]", "role", "user", "content", "Hi");
+    if (answer) {
+        json_array_append_new(msgs, json_pack("{s:s, s:s}", "role", "assistant", "content", answer));
+        json_array_append_new(msgs, json_pack("{s:s, s:s}", "role", "user", "content", "More"));
+    }
+    json_t *v = json_pack("{s:o, s:i, s:i, s:{s:b}}", "messages", msgs, "max_tokens", 6,
+                          "temperature", 0, "chat_template_kwargs", "enable_thinking", 0);
+    char *body = json_dumps(v, JSON_COMPACT);
+    json_decref(v);
+    return body;
+}
+
+START_TEST(multi_turn_snapshot)
+{
+    server s;
+    start(&s, NULL);
+    char *body = turn_body(NULL);
+    resp r = http(&s, "/v1/chat/completions", body, NULL);
+    free(body);
+    json_t *v = parse(r.body);
+    char *answer = strdup(str_at(v, "choices.0.message.content"));
+    long long p1 = int_at(v, "usage.prompt_tokens");
+    json_decref(v);
+    free(r.body);
+    body = turn_body(answer);
+    r = http(&s, "/v1/chat/completions", body, NULL);
+    v = parse(r.body);
+    long long cached = int_at(v, "usage.prompt_tokens_details.cached_tokens");
+    /* the first turn up to its answer: everything but the generation prompt */
+    ck_assert_int_gt(cached, 0);
+    ck_assert_int_lt(cached, p1);
+    char *warm = strdup(str_at(v, "choices.0.message.content"));
+    json_decref(v);
+    free(r.body);
+    ck_assert_int_eq(health_int(&s, "prefix_cache.snapshot_hits"), 1);
+    ck_assert_int_eq(health_int(&s, "prefix_cache.reused_tokens"), cached);
+    ck_assert_int_eq(stop(&s), 0);
+
+    start(&s, NULL);
+    r = http(&s, "/v1/chat/completions", body, NULL);
+    v = parse(r.body);
+    ck_assert_int_eq(int_at(v, "usage.prompt_tokens_details.cached_tokens"), 0);
+    ck_assert_str_eq(str_at(v, "choices.0.message.content"), warm);
+    json_decref(v);
+    free(r.body);
+    free(body);
+    free(warm);
+    free(answer);
+    ck_assert_int_eq(stop(&s), 0);
+}
+END_TEST
+
 /* The official OpenAI client library (npm `openai`, tools/check-openai.sh) against the server:
  * streamed and non-streamed answers agree, thinking on/off, a tool round trip, completions, and
  * errors arrive as the client's typed errors with their statuses. Skipped (with an info line)
@@ -659,6 +715,7 @@ static Suite *make_suite(void)
     tcase_add_test(tc, concurrent_streams);
     tcase_add_test(tc, prefix_reuse);
     tcase_add_test(tc, disconnect_busy_and_shutdown);
+    tcase_add_test(tc, multi_turn_snapshot);
     tcase_add_test(tc, openai_client);
     suite_add_tcase(s, tc);
     return s;

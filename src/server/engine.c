@@ -7,6 +7,7 @@
 #include <unistd.h>
 
 #include "formats/config.h"
+#include "runtime/session.h"
 #include "util/err.h"
 
 typedef struct slot {
@@ -15,6 +16,15 @@ typedef struct slot {
     qmix_session *sess;
     int32_t *history; /* what the session holds (capacity ctx) */
     int n_history;
+    /* A snapshot of the recurrent state (conv + Gated DeltaNet state of every linear-attention
+     * layer) at snap_pos, taken where a chat prompt's last turn begins. The KV cache needs no
+     * copy: rows below snap_pos stay valid while nothing is written below snap_pos. The next
+     * turn of the conversation re-renders the previous answer differently from how it was
+     * generated (the template drops the think block), so the live state cannot be reused, but
+     * this snapshot can: only the last answer and the new turn are processed again. */
+    float *snap;
+    int32_t *snap_tokens; /* the prompt prefix the snapshot holds */
+    int snap_pos;         /* 0: no snapshot */
     srv_job *job;     /* running, or assigned and about to run */
     uint64_t last_used;
     pthread_cond_t cond;
@@ -28,6 +38,8 @@ struct srv_engine {
     int32_t stop_ids[QMIX_MAX_EOS + 1]; /* chat's stop ids: the eos ids, then <|im_end|> */
     int n_stop_ids, n_chat_stop_ids;    /* completions stop at the first n_stop_ids only */
     int n_slots, ctx, max_queue, n_vocab;
+    int32_t im_start;   /* chat prompts are snapshotted before their last <|im_start|> */
+    size_t snap_floats; /* recurrent state floats of one session */
     slot *slots;
     pthread_mutex_t mu; /* guards slot assignment, the queue, job outputs and counters */
     srv_job *queue_head, *queue_tail;
@@ -35,7 +47,48 @@ struct srv_engine {
     uint64_t tick;
     /* counters for /health */
     uint64_t requests, prefix_hits, prefix_misses, prompt_tokens, reused_tokens, generated_tokens;
+    uint64_t snapshot_hits;
 };
+
+/* The recurrent state of a session: each linear-attention layer's conv window and delta-rule
+ * state, in layer order (sizes as qmix_session_reset clears them). */
+static size_t state_floats(const qmix_config *c)
+{
+    size_t nk = (size_t)c->lin_n_k_heads, nv = (size_t)c->lin_n_v_heads,
+           dk = (size_t)c->lin_k_head_dim, dv = (size_t)c->lin_v_head_dim;
+    size_t per = (size_t)(c->conv_kernel - 1) * (2 * nk * dk + nv * dv) + nv * dk * dv, n = 0;
+    for (int i = 0; i < c->n_layers; i++)
+        if (!c->layer_is_full[i]) n += per;
+    return n;
+}
+
+static void state_copy(qmix_session *sess, float *snap, int save)
+{
+    const qmix_config *c = &sess->model->cfg;
+    size_t nk = (size_t)c->lin_n_k_heads, nv = (size_t)c->lin_n_v_heads,
+           dk = (size_t)c->lin_k_head_dim, dv = (size_t)c->lin_v_head_dim;
+    size_t conv = (size_t)(c->conv_kernel - 1) * (2 * nk * dk + nv * dv), ssm = nv * dk * dv;
+    for (int i = 0; i < c->n_layers; i++) {
+        qmix_layer_state *st = &sess->state[i];
+        if (c->layer_is_full[i] || !st->conv || !st->ssm) continue;
+        if (save) {
+            memcpy(snap, st->conv, conv * sizeof *snap);
+            memcpy(snap + conv, st->ssm, ssm * sizeof *snap);
+        } else {
+            memcpy(st->conv, snap, conv * sizeof *snap);
+            memcpy(st->ssm, snap + conv, ssm * sizeof *snap);
+        }
+        snap += conv + ssm;
+    }
+}
+
+/* Tokens of a slot's snapshot that begin the prompt (0 if they do not all, or leave nothing). */
+static int snapshot_reuse(const struct slot *s, const srv_job *j)
+{
+    if (!s->snap_pos || s->snap_pos >= j->n_prompt) return 0;
+    return memcmp(s->snap_tokens, j->prompt, sizeof *j->prompt * (size_t)s->snap_pos)
+               ? 0 : s->snap_pos;
+}
 
 srv_job *srv_job_new(void)
 {
@@ -143,11 +196,17 @@ size_t srv_job_read(srv_job *j, char *buf, size_t max, int timeout_ms, int *eof)
 /* How many prompt tokens a slot can skip: its whole history must be a prefix of the prompt
  * (the recurrent state cannot be rewound), and at least one prompt token must remain to
  * produce the first logits. This mirrors the reuse rule of qmix_generate. */
-static int reusable(const slot *s, const srv_job *j)
+static int live_reuse(const slot *s, const srv_job *j)
 {
     if (s->n_history == 0 || s->n_history >= j->n_prompt) return 0;
     return memcmp(s->history, j->prompt, sizeof *j->prompt * (size_t)s->n_history) ? 0
                                                                                    : s->n_history;
+}
+
+static int reusable(const slot *s, const srv_job *j)
+{
+    int live = live_reuse(s, j), snap = snapshot_reuse(s, j);
+    return live > snap ? live : snap;
 }
 
 int srv_engine_submit(srv_engine *e, srv_job *j)
@@ -195,6 +254,45 @@ static void on_gen_text(void *user, const char *text, size_t len)
     if (j->on_text) j->on_text(j, text, len);
 }
 
+/* Brings the slot's session to the longest reusable prefix of the job's prompt (the live state,
+ * or the snapshot restored), and for a chat prompt prefills up to its last <|im_start|> and
+ * snapshots there. Leaves history a prefix of the prompt (or empty) for qmix_generate; returns
+ * the tokens reused (not computed), or -1. */
+static int prepare(slot *s, srv_job *j, qmix_err *err)
+{
+    srv_engine *e = s->eng;
+    int live = live_reuse(s, j), snap = snapshot_reuse(s, j);
+    if (snap > live) {
+        state_copy(s->sess, s->snap, 0);
+        s->sess->pos = snap;
+        memcpy(s->history, s->snap_tokens, sizeof *s->history * (size_t)snap);
+        s->n_history = live = snap;
+        j->used_snapshot = 1;
+    } else if (!live) {
+        qmix_session_reset(s->sess);
+        s->n_history = 0;
+    }
+    j->reused = live;
+    int cut = 0;
+    if (j->chat && e->im_start >= 0)
+        for (int i = j->n_prompt - 1; i > 0; i--)
+            if (j->prompt[i] == e->im_start) {
+                cut = i;
+                break;
+            }
+    if (cut > live) {
+        if (qmix_session_prefill(s->sess, j->prompt + live, cut - live, NULL, err)) return -1;
+        memcpy(s->history + live, j->prompt + live, sizeof *s->history * (size_t)(cut - live));
+        s->n_history = cut;
+        state_copy(s->sess, s->snap, 1);
+        memcpy(s->snap_tokens, j->prompt, sizeof *s->snap_tokens * (size_t)cut);
+        s->snap_pos = cut;
+    } else if (live < s->snap_pos && cut < s->snap_pos) {
+        s->snap_pos = 0; /* what follows overwrites KV rows the snapshot relies on */
+    }
+    return live;
+}
+
 static void run_job(slot *s, srv_job *j)
 {
     srv_engine *e = s->eng;
@@ -209,6 +307,17 @@ static void run_job(slot *s, srv_job *j)
             j->failed = 1;
             snprintf(j->error, sizeof j->error, "out of memory");
         } else {
+            if (prepare(s, j, &err) < 0) {
+                j->failed = 1;
+                snprintf(j->error, sizeof j->error, "%s", err.msg);
+                qmix_session_reset(s->sess);
+                s->n_history = 0;
+                s->snap_pos = 0;
+                qmix_sampler_free(smp);
+                smp = NULL;
+            }
+        }
+        if (smp) {
             const char *const *stops = (const char *const *)j->stop;
             qmix_gen_opts go = {.max_tokens = j->max_tokens, .stop_ids = e->stop_ids,
                                 .n_stop_ids = j->ignore_eos ? 0
@@ -221,11 +330,14 @@ static void run_job(slot *s, srv_job *j)
                 snprintf(j->error, sizeof j->error, "%s", err.msg);
                 qmix_session_reset(s->sess);
                 s->n_history = 0;
+                s->snap_pos = 0;
             }
+            j->res.n_prompt_reused = j->reused;
             qmix_sampler_free(smp);
         }
         pthread_mutex_lock(&e->mu);
         if (!j->failed) {
+            if (j->used_snapshot) e->snapshot_hits++;
             if (j->res.n_prompt_reused) e->prefix_hits++;
             else e->prefix_misses++;
             e->prompt_tokens += (uint64_t)j->res.n_prompt;
@@ -292,6 +404,8 @@ int srv_engine_new(qmix_model *model, const qmix_tokenizer *tok,
     e->ctx = o->ctx;
     e->max_queue = o->max_queue;
     e->n_vocab = qmix_model_config(model)->vocab_size;
+    e->im_start = qmix_tok_special_ids(tok)->im_start;
+    e->snap_floats = state_floats(qmix_model_config(model));
     pthread_mutex_init(&e->mu, NULL);
     e->slots = calloc((size_t)e->n_slots, sizeof *e->slots);
     if (!e->slots) {
@@ -312,7 +426,9 @@ int srv_engine_new(qmix_model *model, const qmix_tokenizer *tok,
         qmix_session_opts so = {.max_ctx = e->ctx, .n_threads = threads};
         if (qmix_session_new(model, &so, &s->sess, err)) goto fail;
         s->history = malloc(sizeof *s->history * (size_t)e->ctx);
-        if (!s->history) {
+        s->snap_tokens = malloc(sizeof *s->snap_tokens * (size_t)e->ctx);
+        s->snap = malloc(sizeof *s->snap * (e->snap_floats ? e->snap_floats : 1));
+        if (!s->history || !s->snap_tokens || !s->snap) {
             qmix_errf(err, "out of memory");
             goto fail;
         }
@@ -352,6 +468,8 @@ void srv_engine_free(srv_engine *e)
         if (s->started) pthread_join(s->thread, NULL);
         qmix_session_free(s->sess);
         free(s->history);
+        free(s->snap_tokens);
+        free(s->snap);
         pthread_cond_destroy(&s->cond);
     }
     pthread_mutex_destroy(&e->mu);
@@ -366,14 +484,17 @@ json_t *srv_engine_stats(srv_engine *e)
     json_t *slots = json_array();
     for (int i = 0; i < e->n_slots; i++) {
         busy += e->slots[i].job != NULL;
-        json_array_append_new(slots, json_pack("{s:i, s:b, s:i}", "id", i, "busy",
-                                               e->slots[i].job != NULL, "cached_tokens",
-                                               e->slots[i].job ? 0 : e->slots[i].n_history));
+        const slot *sl = &e->slots[i];
+        json_array_append_new(slots, json_pack("{s:i, s:b, s:i, s:i}", "id", i, "busy",
+                                               sl->job != NULL, "cached_tokens",
+                                               sl->job ? 0 : sl->n_history, "snapshot_tokens",
+                                               sl->job ? 0 : sl->snap_pos));
     }
     json_t *st = json_pack(
-        "{s:i, s:i, s:i, s:i, s:o, s:{s:I, s:I, s:I, s:I, s:I}, s:I}", "slots_total", e->n_slots,
+        "{s:i, s:i, s:i, s:i, s:o, s:{s:I, s:I, s:I, s:I, s:I, s:I}, s:I}", "slots_total", e->n_slots,
         "slots_busy", busy, "queued", e->queued, "ctx", e->ctx, "slots", slots, "prefix_cache",
         "hits", (json_int_t)e->prefix_hits, "misses", (json_int_t)e->prefix_misses,
+        "snapshot_hits", (json_int_t)e->snapshot_hits,
         "prompt_tokens", (json_int_t)e->prompt_tokens, "reused_tokens",
         (json_int_t)e->reused_tokens, "generated_tokens", (json_int_t)e->generated_tokens,
         "requests", (json_int_t)e->requests);

@@ -48,6 +48,7 @@ struct srv_job {
     char *out;
     size_t out_len, out_cap, out_sent;
     int done, refs, oom;
+    int reused, used_snapshot; /* prompt tokens not recomputed; whether a snapshot gave them */
     pthread_cond_t cond;
     srv_job *next;
 };
