@@ -4,6 +4,7 @@
 
 #include "cli/cli.h"
 #include "cli/commands.h"
+#include "cli/quantize_budget.h"
 #include "quant/quantize.h"
 #include "quant/recipe.h"
 
@@ -11,7 +12,9 @@ static void usage(FILE *out)
 {
     fprintf(out,
             "usage: qmix quantize IN OUT --recipe NAME|FILE [--group-size 32|64|128]\n"
-            "                     [--dtype bf16|f16] [--allow-requant] [--force] [--quiet]\n\n"
+            "                     [--dtype bf16|f16] [--allow-requant] [--force] [--quiet]\n"
+            "       qmix quantize IN OUT (--budget SIZE | --memory SIZE [--reserve SIZE] |\n"
+            "                     --bpw X) (--calib FILE | --sensitivity FILE) [options]\n\n"
             "Quantizes the checkpoint IN (Hugging Face bf16, or an unquantized MLX checkpoint)\n"
             "with a role recipe into an MLX mixed-precision checkpoint OUT (mlx-vlm layout:\n"
             "language_model.model.*, stacked switch_mlp experts, 1+w norms, [C, K, 1] conv1d,\n"
@@ -22,7 +25,8 @@ static void usage(FILE *out)
             "  --dtype bf16|f16     dtype of unquantized tensors, scales and biases (bf16)\n"
             "  --allow-requant      accept an already-quantized IN (dequantized, re-quantized)\n"
             "  --force              write into a non-empty OUT\n"
-            "  --quiet              no progress on stderr\n");
+            "  --quiet              no progress on stderr\n\n%s",
+            budget_help);
 }
 
 static void bits_str(uint32_t mask, char *buf, size_t len)
@@ -39,8 +43,13 @@ int qmix_cmd_quantize(int argc, char **argv)
     const char *in = NULL, *out = NULL, *recipe = NULL;
     long group = 0;
     qmix_quant_opts o = {.dtype = QMIX_BF16, .progress = 1};
+    budget_args budget;
+    budget_defaults(&budget);
     for (int i = 1; i < argc; i++) {
         const char *a = argv[i], *v;
+        int taken = budget_option(argc, argv, &i, &budget);
+        if (taken < 0) return 2;
+        if (taken) continue;
         if (!strcmp(a, "--help") || !strcmp(a, "-h")) {
             usage(stdout);
             return 0;
@@ -79,6 +88,15 @@ int qmix_cmd_quantize(int argc, char **argv)
             fprintf(stderr, "qmix quantize: unexpected argument '%s'\n", a);
             return 2;
         }
+    }
+    if (in && out && budget_requested(&budget)) {
+        if (recipe) {
+            fprintf(stderr, "qmix quantize: give --recipe or a budget (--budget, --memory, --bpw), "
+                    "not both (--fixed FILE adds rules to an allocation)\n");
+            return 2;
+        }
+        if (group) budget.group = (int)group;
+        return quantize_with_budget(in, out, &budget, &o);
     }
     if (!in || !out || !recipe) {
         usage(stderr);

@@ -20,10 +20,13 @@ typedef struct qmix_recipe_rule {
     int bits, group;         /* bits 0: keep unquantized */
 } qmix_recipe_rule;
 
+/* Enough for a per-role × per-layer-band allocation (qmix quantize --budget). */
+#define QMIX_RECIPE_MAX_RULES 256
+
 typedef struct qmix_recipe {
     char name[64];
     int n_rules;
-    qmix_recipe_rule rules[64];
+    qmix_recipe_rule rules[QMIX_RECIPE_MAX_RULES];
 } qmix_recipe;
 
 typedef struct qmix_qdecision {

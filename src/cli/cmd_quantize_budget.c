@@ -1,0 +1,656 @@
+/* `qmix quantize IN OUT --budget 11G | --memory 16G [--reserve 3.5G] | --bpw 2.6`: measure (or
+ * read) how much end-to-end KLD each tensor group adds at each candidate bit width, size every
+ * setting with the quantizer's own dry run, choose the allocation (src/quant/allocate.c), write
+ * it as a recipe, quantize with it and measure the real KLD against the prediction. */
+#include <jansson.h>
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "cli/cli.h"
+#include "cli/quantize_budget.h"
+#include "eval/kld.h"
+#include "eval/plan.h"
+#include "eval/sensitivity.h"
+#include "eval/windows.h"
+#include "quant/allocate.h"
+#include "quant/recipe.h"
+#include "util/fileio.h"
+
+#define CMD "quantize"
+#define MAX_GROUPS 1024
+#define RECIPE_BYTES (64 * 1024)
+
+const char budget_help[] =
+    "Choosing the allocation for a budget (instead of --recipe):\n"
+    "  --budget SIZE        weights + runtime (session, GDN state, KV cache at --ctx) <= SIZE\n"
+    "  --memory SIZE        the machine's memory; with --reserve SIZE (default 0) kept free\n"
+    "  --bpw X              weights at X bits per weight (mlx-lm's count)\n"
+    "  --ctx N              context the runtime must hold (default 4096); --kv-bits 32|16|8|4,\n"
+    "                       --vision, --threads N as in qmix plan\n"
+    "  --calib FILE         calibration text: measure each group's KLD (qmix sensitivity)\n"
+    "  --tokens FILE        calibration token ids instead of text\n"
+    "  --sensitivity FILE   use a saved `qmix sensitivity --json` instead of measuring\n"
+    "  --calib-ctx N        window length (512); --calib-windows N windows (8)\n"
+    "  --candidates LIST    bit widths to choose from (2,3,4,6,8) besides keep\n"
+    "  --group G            group size of the chosen rules (64)\n"
+    "  --layer-bands N      allocate per role and band of N contiguous layer ranges (1)\n"
+    "  --min ROLE=B         at least B bits for a role (repeatable); gdn, attn, experts name\n"
+    "                       their roles together, e.g. --min gdn=3\n"
+    "  --keep LIST          roles kept at 16 bits (default router; norms, GDN parameters,\n"
+    "                       vision and MTP are always kept)\n"
+    "  --fixed FILE         recipe rules applied after the allocation (they win)\n"
+    "  --recipe-out FILE    also write the chosen recipe here (it is always written to\n"
+    "                       OUT/qmix-recipe.txt)\n"
+    "  --dry-run            print the allocation, predicted size and KLD; write nothing\n"
+    "  --no-verify          skip measuring the real KLD of the result\n"
+    "  --json               print one JSON object: budget_bytes, bytes, bpw, predicted_kld,\n"
+    "                       groups[] (role, layers, bits, bytes, kld), recipe, written_bytes and\n"
+    "                       measured_kld when quantized and verified\n";
+
+void budget_defaults(budget_args *b)
+{
+    memset(b, 0, sizeof *b);
+    b->ctx = 4096;
+    b->kv_bits = 32;
+    b->calib_ctx = 512;
+    b->calib_windows = 8;
+    b->group = 64;
+    b->bands = 1;
+    b->verify = 1;
+    b->bpw = -1;
+    const int cand[] = {2, 3, 4, 6, 8};
+    b->n_cand = 5;
+    memcpy(b->cand_bits, cand, sizeof cand);
+    b->keep_roles = 1u << QMIX_ROLE_ROUTER;
+}
+
+int budget_requested(const budget_args *b) { return b->budget || b->memory || b->bpw > 0; }
+
+static int role_by_name(const char *name, int n)
+{
+    for (int r = 0; r < QMIX_ROLE_COUNT; r++)
+        if (strlen(qmix_role_name((qmix_role)r)) == (size_t)n &&
+            !strncmp(qmix_role_name((qmix_role)r), name, (size_t)n))
+            return r;
+    return -1;
+}
+
+/* "gdn", "attn", "experts" or one role name → a role mask; 0 if unknown. */
+static uint32_t roles_named(const char *name, int n)
+{
+    if (n == 3 && !strncmp(name, "gdn", 3))
+        return 1u << QMIX_ROLE_GDN_QKV | 1u << QMIX_ROLE_GDN_Z | 1u << QMIX_ROLE_GDN_A |
+               1u << QMIX_ROLE_GDN_B | 1u << QMIX_ROLE_GDN_OUT;
+    if (n == 4 && !strncmp(name, "attn", 4))
+        return 1u << QMIX_ROLE_ATTN_Q | 1u << QMIX_ROLE_ATTN_K | 1u << QMIX_ROLE_ATTN_V |
+               1u << QMIX_ROLE_ATTN_O;
+    if (n == 7 && !strncmp(name, "experts", 7))
+        return 1u << QMIX_ROLE_EXPERTS_GATE_UP | 1u << QMIX_ROLE_EXPERTS_DOWN;
+    int r = role_by_name(name, n);
+    return r < 0 ? 0 : 1u << r;
+}
+
+static int size_option(const char *flag, const char *v, uint64_t *out)
+{
+    qmix_err err;
+    if (qmix_parse_bytes(v, out, &err) || !*out) {
+        fprintf(stderr, "qmix %s: %s: %s\n", CMD, flag, *out ? err.msg : "must be > 0");
+        return -1;
+    }
+    return 0;
+}
+
+int budget_option(int argc, char **argv, int *i, budget_args *b)
+{
+    const char *a = argv[*i], *v;
+    long n;
+    if (!strcmp(a, "--dry-run")) return b->dry_run = 1;
+    if (!strcmp(a, "--json")) return b->json = 1;
+    if (!strcmp(a, "--no-verify")) return !(b->verify = 0);
+    if (!strcmp(a, "--vision")) return b->vision = 1;
+    static const char *const valued[] = {"--budget", "--memory", "--reserve", "--bpw", "--ctx",
+                                         "--kv-bits", "--threads", "--calib", "--tokens",
+                                         "--sensitivity", "--calib-ctx", "--calib-windows",
+                                         "--candidates", "--group", "--layer-bands", "--min",
+                                         "--keep", "--fixed", "--recipe-out"};
+    size_t k = 0;
+    while (k < sizeof valued / sizeof *valued && strcmp(a, valued[k])) k++;
+    if (k == sizeof valued / sizeof *valued) return 0;
+    if (!(v = cli_value(CMD, argc, argv, i))) return -1;
+    switch (k) {
+    case 0: return size_option(a, v, &b->budget) ? -1 : 1;
+    case 1: return size_option(a, v, &b->memory) ? -1 : 1;
+    case 2: {
+        qmix_err err;
+        if (qmix_parse_bytes(v, &b->reserve, &err)) {
+            fprintf(stderr, "qmix %s: --reserve: %s\n", CMD, err.msg);
+            return -1;
+        }
+        return 1;
+    }
+    case 3:
+        if (cli_double(CMD, a, v, &b->bpw)) return -1;
+        if (!(b->bpw > 0 && b->bpw <= 32)) {
+            fprintf(stderr, "qmix %s: --bpw must be in (0, 32]\n", CMD);
+            return -1;
+        }
+        return 1;
+    case 4: if (cli_int(CMD, a, v, 1, 1 << 24, &n)) return -1; b->ctx = (int)n; return 1;
+    case 5:
+        if (cli_int(CMD, a, v, 4, 32, &n) || (n != 4 && n != 8 && n != 16 && n != 32)) {
+            fprintf(stderr, "qmix %s: --kv-bits must be 32, 16, 8 or 4\n", CMD);
+            return -1;
+        }
+        b->kv_bits = (int)n;
+        return 1;
+    case 6: if (cli_int(CMD, a, v, 0, 1024, &n)) return -1; b->threads = (int)n; return 1;
+    case 7: b->calib = v; return 1;
+    case 8: b->tokens = v; return 1;
+    case 9: b->sensitivity = v; return 1;
+    case 10: if (cli_int(CMD, a, v, 2, 1 << 20, &n)) return -1; b->calib_ctx = (int)n; return 1;
+    case 11: if (cli_int(CMD, a, v, 1, 1 << 20, &n)) return -1; b->calib_windows = (int)n; return 1;
+    case 12: {
+        b->n_cand = 0;
+        for (const char *p = v; *p;) {
+            char *end;
+            long bits = strtol(p, &end, 10);
+            int ok = end != p && (*end == ',' || !*end) && b->n_cand < 6 &&
+                     (bits == 2 || bits == 3 || bits == 4 || bits == 5 || bits == 6 || bits == 8);
+            for (int j = 0; ok && j < b->n_cand; j++) ok = b->cand_bits[j] != bits;
+            if (!ok) {
+                fprintf(stderr, "qmix %s: --candidates: distinct widths of 2,3,4,5,6,8, got '%s'\n",
+                        CMD, v);
+                return -1;
+            }
+            b->cand_bits[b->n_cand++] = (int)bits;
+            p = *end ? end + 1 : end;
+        }
+        return 1;
+    }
+    case 13:
+        if (cli_int(CMD, a, v, 32, 128, &n) || (n != 32 && n != 64 && n != 128)) {
+            fprintf(stderr, "qmix %s: --group must be 32, 64 or 128\n", CMD);
+            return -1;
+        }
+        b->group = (int)n;
+        return 1;
+    case 14: if (cli_int(CMD, a, v, 1, 64, &n)) return -1; b->bands = (int)n; return 1;
+    case 15: {
+        const char *eq = strchr(v, '=');
+        uint32_t mask = eq ? roles_named(v, (int)(eq - v)) : 0;
+        long bits;
+        if (!mask || cli_int(CMD, a, eq + 1, 2, 16, &bits)) {
+            if (!mask) fprintf(stderr, "qmix %s: --min ROLE=BITS, got '%s'\n", CMD, v);
+            return -1;
+        }
+        for (int r = 0; r < QMIX_ROLE_COUNT; r++)
+            if (mask & (1u << r)) b->min_bits[r] = (int)bits;
+        return 1;
+    }
+    case 16: {
+        b->keep_roles = 0;
+        for (const char *p = v; *p;) {
+            const char *c = strchr(p, ',');
+            int len = c ? (int)(c - p) : (int)strlen(p);
+            uint32_t mask = roles_named(p, len);
+            if (!mask) {
+                fprintf(stderr, "qmix %s: --keep: unknown role '%.*s'\n", CMD, len, p);
+                return -1;
+            }
+            b->keep_roles |= mask;
+            p += len + (c != NULL);
+        }
+        return 1;
+    }
+    case 17: b->fixed = v; return 1;
+    default: b->recipe_out = v; return 1;
+    }
+}
+
+/* ---- sensitivity: measured now or read back ---------------------------------------------- */
+
+typedef struct sens_row {
+    int role, layer;
+    int64_t params;
+    int quantizable;
+    double kld[9];               /* by bits; NAN where not measured */
+} sens_row;
+
+static int load_sensitivity_json(const char *path, sens_row **rows, int *n, int *layers_seen)
+{
+    json_error_t je;
+    json_t *root = json_load_file(path, JSON_REJECT_DUPLICATES, &je);
+    if (!root) {
+        fprintf(stderr, "qmix %s: %s:%d: %s\n", CMD, path, je.line, je.text);
+        return -1;
+    }
+    json_t *arr = json_object_get(root, "rows");
+    size_t count = json_array_size(arr);
+    *rows = calloc(count ? count : 1, sizeof **rows);
+    *n = 0;
+    *layers_seen = 0;
+    const char *why = !json_is_array(arr) ? "no \"rows\" array" : NULL;
+    for (size_t i = 0; !why && i < count; i++) {
+        json_t *o = json_array_get(arr, i), *bits = json_object_get(o, "bits");
+        const char *role = json_string_value(json_object_get(o, "role"));
+        sens_row *s = &(*rows)[(*n)++];
+        s->role = role ? role_by_name(role, (int)strlen(role)) : -1;
+        json_t *layer = json_object_get(o, "layer");
+        s->layer = json_is_integer(layer) ? (int)json_integer_value(layer) : -1;
+        if (s->layer >= 0) *layers_seen = 1;
+        s->params = json_integer_value(json_object_get(o, "params"));
+        s->quantizable = json_is_true(json_object_get(o, "quantizable"));
+        if (s->role < 0 || !json_is_object(bits) || s->params <= 0) {
+            why = "a row without a known role, params or bits";
+            break;
+        }
+        for (int b = 0; b < 9; b++) s->kld[b] = NAN;
+        const char *key;
+        json_t *cell;
+        json_object_foreach(bits, key, cell) {
+            int b = atoi(key);
+            json_t *k = json_object_get(cell, "kld");
+            if (b >= 2 && b <= 8 && json_is_number(k)) s->kld[b] = json_number_value(k);
+        }
+    }
+    json_decref(root);
+    if (why) {
+        fprintf(stderr, "qmix %s: %s: %s (expected `qmix sensitivity --json` output)\n", CMD, path,
+                why);
+        free(*rows);
+        *rows = NULL;
+        return -1;
+    }
+    return 0;
+}
+
+static void on_progress(void *user, int64_t done, int64_t total)
+{
+    cli_progress("sensitivity", done, total, *(const double *)user);
+}
+
+static int measure_sensitivity(const char *in, const budget_args *b, const int32_t *tokens,
+                               int64_t n_tokens, sens_row **rows, int *n)
+{
+    qmix_err err;
+    qmix_model *m = NULL;
+    if (qmix_model_open(in, &m, &err)) {
+        fprintf(stderr, "qmix %s: %s\n", CMD, err.msg);
+        return -1;
+    }
+    qmix_sens_opts o = {.n_bits = b->n_cand, .group_size = b->group, .per_layer = b->bands > 1,
+                        .tokens = tokens, .n_tokens = n_tokens, .ctx = b->calib_ctx,
+                        .n_windows = b->calib_windows, .n_threads = b->threads,
+                        .progress = on_progress, .stop = &cli_stop};
+    memcpy(o.bits, b->cand_bits, sizeof o.bits);
+    double t0 = cli_now();
+    o.user = &t0;
+    qmix_sens_result r;
+    int rc = qmix_sensitivity_run(m, &o, &r, &err);
+    cli_progress_end();
+    qmix_model_close(m);
+    if (rc) {
+        fprintf(stderr, "qmix %s: sensitivity: %s\n", CMD, err.msg);
+        return -1;
+    }
+    if (r.stopped) {
+        fprintf(stderr, "qmix %s: interrupted while measuring sensitivity\n", CMD);
+        qmix_sens_result_free(&r);
+        return -1;
+    }
+    fprintf(stderr, "qmix %s: measured %d groups at %d widths on %lld calibration tokens in %.1f s\n",
+            CMD, r.n_rows, r.n_bits, (long long)r.calib_rows, r.elapsed_s);
+    *rows = calloc((size_t)r.n_rows, sizeof **rows);
+    *n = r.n_rows;
+    for (int i = 0; i < r.n_rows; i++) {
+        sens_row *s = &(*rows)[i];
+        s->role = r.rows[i].role;
+        s->layer = r.rows[i].layer;
+        s->params = r.rows[i].params;
+        s->quantizable = r.rows[i].quantizable;
+        for (int k = 0; k < 9; k++) s->kld[k] = NAN;
+        for (int k = 0; k < r.n_bits; k++) s->kld[r.bits[k]] = qmix_sens_kld(&r.rows[i].cell[k]);
+    }
+    qmix_sens_result_free(&r);
+    return 0;
+}
+
+/* ---- sizes: the quantizer's dry run of a uniform recipe ----------------------------------- */
+
+static int dry_run(const char *in, const char *recipe_text, const qmix_quant_opts *base,
+                   qmix_quant_report *rep)
+{
+    qmix_err err;
+    qmix_recipe r;
+    qmix_quant_opts o = *base;
+    o.recipe = &r;
+    o.dry_run = 1;
+    o.progress = 0;
+    if (qmix_recipe_parse(recipe_text, "allocation", &r, &err) ||
+        qmix_quantize(in, NULL, &o, rep, &err)) {
+        fprintf(stderr, "qmix %s: %s\n", CMD, err.msg);
+        return -1;
+    }
+    return 0;
+}
+
+/* ---- the command ------------------------------------------------------------------------- */
+
+static int allocated_role(int r)
+{
+    return r != QMIX_ROLE_NORM && r != QMIX_ROLE_GDN_PARAMS && r != QMIX_ROLE_VISION &&
+           r != QMIX_ROLE_MTP && r != QMIX_ROLE_OTHER;
+}
+
+int quantize_with_budget(const char *in, const char *out, const budget_args *b,
+                         qmix_quant_opts *qo)
+{
+    if (!b->sensitivity && !b->calib && !b->tokens) {
+        fprintf(stderr, "qmix %s: a budget needs measured sensitivity: give --calib FILE, --tokens "
+                "FILE or --sensitivity FILE\n", CMD);
+        return 2;
+    }
+    if ((b->budget != 0) + (b->memory != 0) + (b->bpw > 0) != 1) {
+        fprintf(stderr, "qmix %s: give one of --budget, --memory and --bpw\n", CMD);
+        return 2;
+    }
+    int rc = 1;
+    int32_t *tokens = NULL;
+    int64_t n_tokens = 0;
+    sens_row *rows = NULL;
+    int n_rows = 0, layers_seen = 0;
+    qmix_alloc_group *g = calloc(MAX_GROUPS, sizeof *g);
+    char *text = malloc(RECIPE_BYTES), *fixed = NULL;
+    json_t *js = NULL;
+    qmix_err err;
+    cli_catch_sigint();
+    if (!g || !text) goto done;
+    if ((b->calib || b->tokens) && cli_eval_tokens(CMD, in, b->calib, b->tokens, &tokens, &n_tokens))
+        goto done;
+    if (b->fixed && qmix_read_file(b->fixed, 1 << 20, &fixed, NULL, &err)) {
+        fprintf(stderr, "qmix %s: --fixed: %s\n", CMD, err.msg);
+        goto done;
+    }
+
+    /* 1. what every role costs at each candidate width, and kept */
+    qmix_quant_report keep, at[9];
+    if (dry_run(in, "default keep\n", qo, &keep)) goto done;
+    for (int k = 0; k < b->n_cand; k++) {
+        char line[64];
+        snprintf(line, sizeof line, "default bits=%d group=%d\n", b->cand_bits[k], b->group);
+        if (dry_run(in, line, qo, &at[b->cand_bits[k]])) goto done;
+    }
+
+    /* 2. the budget for the weights */
+    uint64_t weights_budget;
+    qmix_plan plan = {0};
+    if (b->bpw > 0) {
+        weights_budget = (uint64_t)(b->bpw * (double)keep.params / 8.0);
+    } else {
+        char dir[4096];
+        if (cli_model_dir(in, dir, sizeof dir)) goto done;
+        qmix_plan_opts po = {.kv_bits = b->kv_bits, .ctx = b->ctx, .vision = b->vision,
+                             .n_threads = b->threads, .memory = b->memory ? b->memory : b->budget,
+                             .reserve = b->reserve};
+        if (qmix_plan_checkpoint(dir, &po, &plan, &err)) {
+            fprintf(stderr, "qmix %s: %s\n", CMD, err.msg);
+            goto done;
+        }
+        uint64_t runtime = plan.peak_bytes - plan.weight_bytes;
+        if (plan.available <= runtime) {
+            fprintf(stderr, "qmix %s: %.2f GiB available cannot hold even the runtime (%.2f GiB at "
+                    "%d tokens of context)\n", CMD, plan.available / 1073741824.0,
+                    runtime / 1073741824.0, b->ctx);
+            goto done;
+        }
+        weights_budget = plan.available - runtime;
+    }
+
+    /* 3. the measured loss of every group at every width */
+    if (b->sensitivity ? load_sensitivity_json(b->sensitivity, &rows, &n_rows, &layers_seen)
+                       : measure_sensitivity(in, b, tokens, n_tokens, &rows, &n_rows))
+        goto done;
+    if (!b->sensitivity) layers_seen = b->bands > 1;
+    if (b->bands > 1 && !layers_seen) {
+        fprintf(stderr, "qmix %s: --layer-bands needs per-layer sensitivity (qmix sensitivity "
+                "--per-layer --json)\n", CMD);
+        goto done;
+    }
+
+    /* 4. groups: a role (or a role in a band of layers) with its settings */
+    int n_layers = 0, n = 0;
+    for (int i = 0; i < n_rows; i++)
+        if (rows[i].layer + 1 > n_layers) n_layers = rows[i].layer + 1;
+    int bands = layers_seen ? b->bands : 1;
+    uint64_t fixed_bytes = 0;
+    for (int r = 0; r < QMIX_ROLE_COUNT; r++) {
+        if (!keep.roles[r].tensors) continue;
+        int measured = 0;
+        for (int i = 0; i < n_rows; i++) measured |= rows[i].role == r;
+        if (!allocated_role(r) || !measured) {
+            fixed_bytes += keep.roles[r].bytes;
+            continue;
+        }
+        int64_t role_params = 0;
+        for (int i = 0; i < n_rows; i++)
+            if (rows[i].role == r) role_params += rows[i].params;
+        for (int band = 0; band < bands; band++) {
+            int lo = bands > 1 ? band * n_layers / bands : -1;
+            int hi = bands > 1 ? (band + 1) * n_layers / bands - 1 : -1;
+            double kld[9], params = 0;
+            int quantizable = 1, any = 0;
+            for (int k = 0; k < 9; k++) kld[k] = 0;
+            for (int i = 0; i < n_rows; i++) {
+                const sens_row *s = &rows[i];
+                /* global rows (embed, lm_head) fall in the first band only */
+                int in_band = s->role == r && (bands == 1 || (s->layer < 0 ? band == 0
+                                                               : s->layer >= lo && s->layer <= hi));
+                if (!in_band) continue;
+                any = 1;
+                params += (double)s->params;
+                quantizable &= s->quantizable;
+                for (int k = 2; k <= 8; k++) kld[k] += s->kld[k]; /* NAN if unmeasured */
+            }
+            if (!any) continue;
+            if (n == MAX_GROUPS) {
+                fprintf(stderr, "qmix %s: more than %d groups: use fewer --layer-bands\n", CMD,
+                        MAX_GROUPS);
+                goto done;
+            }
+            qmix_alloc_group *gr = &g[n++];
+            gr->role = (qmix_role)r;
+            int global = r == QMIX_ROLE_EMBED || r == QMIX_ROLE_LM_HEAD;
+            gr->layer_lo = global ? -1 : lo;
+            gr->layer_hi = global ? -1 : hi;
+            double share = role_params > 0 ? params / (double)role_params : 1;
+            gr->opt[gr->n_opts++] = (qmix_alloc_opt){0, (uint64_t)(keep.roles[r].bytes * share), 0};
+            if (!quantizable || (b->keep_roles & (1u << r)) || b->min_bits[r] > 8) continue;
+            for (int k = 0; k < b->n_cand; k++) {
+                int bits = b->cand_bits[k];
+                if (bits < b->min_bits[r] || isnan(kld[bits])) continue;
+                gr->opt[gr->n_opts++] =
+                    (qmix_alloc_opt){bits, (uint64_t)(at[bits].roles[r].bytes * share),
+                                     kld[bits] > 0 ? kld[bits] : 0};
+            }
+        }
+    }
+    if (weights_budget <= fixed_bytes) {
+        fprintf(stderr, "qmix %s: the weight budget (%.1f MiB) does not even hold what is always "
+                "kept at 16 bits (%.1f MiB)\n", CMD, weights_budget / 1048576.0,
+                fixed_bytes / 1048576.0);
+        goto done;
+    }
+
+    /* 5. allocate; the recipe's real size comes from one more dry run (bands split a role's
+     * bytes by parameters, which can round differently): shrink and retry if it overshoots */
+    uint64_t target = weights_budget - fixed_bytes;
+    qmix_quant_report final;
+    qmix_recipe recipe;
+    char header[512];
+    snprintf(header, sizeof header,
+             "# chosen by qmix quantize for a weight budget of %.1f MiB (%s)\n"
+             "# candidates: keep and %d widths at group %d; predicted KLD is the sum of the\n"
+             "# groups' measured KLDs\n", weights_budget / 1048576.0,
+             b->bpw > 0 ? "--bpw" : b->budget ? "--budget" : "--memory", b->n_cand, b->group);
+    for (int attempt = 0;; attempt++) {
+        if (qmix_allocate(g, n, target, &err)) {
+            fprintf(stderr, "qmix %s: %s\n", CMD, err.msg);
+            goto done;
+        }
+        if (qmix_alloc_recipe(g, n, b->group, header, text, RECIPE_BYTES, &err)) {
+            fprintf(stderr, "qmix %s: %s\n", CMD, err.msg);
+            goto done;
+        }
+        if (fixed) {
+            size_t len = strlen(text);
+            snprintf(text + len, RECIPE_BYTES - len, "# --fixed %s\n%s\n", b->fixed, fixed);
+        }
+        if (qmix_recipe_parse(text, "allocation", &recipe, &err)) {
+            fprintf(stderr, "qmix %s: %s\n", CMD, err.msg);
+            goto done;
+        }
+        if (dry_run(in, text, qo, &final)) goto done;
+        if (final.bytes <= weights_budget || fixed || attempt == 4) break;
+        uint64_t over = final.bytes - weights_budget;
+        target = target > over ? target - over : 0;
+    }
+    double predicted = qmix_alloc_kld(g, n);
+
+    /* 6. report */
+    char hb[32], ha[32], hr[32];
+    cli_human_bytes((double)weights_budget, hb, sizeof hb);
+    if (b->json) js = json_object();
+    if (js) {
+        json_t *groups = json_array();
+        for (int i = 0; i < n; i++) {
+            const qmix_alloc_opt *c = &g[i].opt[g[i].choice];
+            json_array_append_new(groups, json_pack("{s:s, s:i, s:i, s:i, s:I, s:f}", "role",
+                                                    qmix_role_name(g[i].role), "layer_lo",
+                                                    g[i].layer_lo, "layer_hi", g[i].layer_hi,
+                                                    "bits", c->bits ? c->bits : 16, "bytes",
+                                                    (json_int_t)c->bytes, "kld", c->kld));
+        }
+        json_object_set_new(js, "budget_bytes", json_integer((json_int_t)weights_budget));
+        json_object_set_new(js, "bytes", json_integer((json_int_t)final.bytes));
+        json_object_set_new(js, "fixed_bytes", json_integer((json_int_t)fixed_bytes));
+        json_object_set_new(js, "bpw", json_real(final.bpw));
+        json_object_set_new(js, "predicted_kld", json_real(predicted));
+        json_object_set_new(js, "groups", groups);
+        json_object_set_new(js, "recipe", json_string(text));
+    } else {
+        if (b->bpw > 0) {
+            printf("budget       weights <= %s (%.3f bpw of %llu parameters)\n", hb, b->bpw,
+                   (unsigned long long)keep.params);
+        } else {
+            cli_human_bytes((double)plan.available, ha, sizeof ha);
+            cli_human_bytes((double)(plan.peak_bytes - plan.weight_bytes), hr, sizeof hr);
+            printf("budget       weights <= %s (%s available - %s runtime at %d tokens)\n", hb, ha,
+                   hr, b->ctx);
+        }
+        cli_human_bytes((double)final.bytes, ha, sizeof ha);
+        printf("allocation   %s, %.3f bpw, predicted KLD %.5f (sum over %d groups)%s\n\n", ha,
+               final.bpw, predicted, n,
+               final.bytes > weights_budget ? "  -- OVER BUDGET (the --fixed rules)" : "");
+        printf("| Group | Layers | Bits | Params | Bytes | Share | Predicted KLD |\n"
+               "|---|---|---|---|---|---|---|\n");
+        for (int i = 0; i < n; i++) {
+            const qmix_alloc_opt *c = &g[i].opt[g[i].choice];
+            char layers[32] = "all", bits[8] = "bf16";
+            if (g[i].layer_lo >= 0)
+                snprintf(layers, sizeof layers, "%d-%d", g[i].layer_lo, g[i].layer_hi);
+            if (c->bits) snprintf(bits, sizeof bits, "%d", c->bits);
+            double params = 0;
+            for (int k = 0; k < n_rows; k++)
+                if (rows[k].role == (int)g[i].role &&
+                    (g[i].layer_lo < 0 ||
+                     (rows[k].layer >= g[i].layer_lo && rows[k].layer <= g[i].layer_hi)))
+                    params += (double)rows[k].params;
+            cli_human_bytes((double)c->bytes, ha, sizeof ha);
+            printf("| %s | %s | %s | %.0f | %s | %.1f%% | %.5f |\n", qmix_role_name(g[i].role),
+                   layers, bits, params, ha,
+                   final.bytes ? 100.0 * (double)c->bytes / (double)final.bytes : 0, c->kld);
+        }
+        cli_human_bytes((double)fixed_bytes, ha, sizeof ha);
+        printf("| (always kept: norms, GDN parameters, vision, MTP) | | bf16 | | %s | %.1f%% | 0 |\n\n",
+               ha, final.bytes ? 100.0 * (double)fixed_bytes / (double)final.bytes : 0);
+    }
+    if (b->recipe_out) {
+        FILE *f = fopen(b->recipe_out, "w");
+        if (!f || fputs(text, f) < 0 || fclose(f)) {
+            fprintf(stderr, "qmix %s: cannot write %s\n", CMD, b->recipe_out);
+            goto done;
+        }
+    }
+    if (b->dry_run) {
+        if (!js) printf("recipe (--dry-run: nothing written)\n\n%s", text);
+        rc = 0;
+        goto done;
+    }
+
+    /* 7. quantize with it, keep the recipe beside the weights, measure the real KLD */
+    qo->recipe = &recipe;
+    qmix_quant_report rep;
+    if (qmix_quantize(in, out, qo, &rep, &err)) {
+        fprintf(stderr, "qmix %s: %s\n", CMD, err.msg);
+        goto done;
+    }
+    char path[4200];
+    snprintf(path, sizeof path, "%s/qmix-recipe.txt", out);
+    FILE *f = fopen(path, "w");
+    if (!f || fputs(text, f) < 0 || fclose(f)) {
+        fprintf(stderr, "qmix %s: cannot write %s\n", CMD, path);
+        goto done;
+    }
+    cli_human_bytes((double)rep.bytes, ha, sizeof ha);
+    if (js) json_object_set_new(js, "written_bytes", json_integer((json_int_t)rep.bytes));
+    else printf("quantized %s -> %s: %s, %.3f bpw, recipe in %s\n", in, out, ha, rep.bpw, path);
+    if (b->verify && tokens) {
+        qmix_model *mb = NULL, *mq = NULL;
+        qmix_session *sb = NULL, *sq = NULL;
+        qmix_kld_result kr = {0};
+        qmix_session_opts so = {.max_ctx = b->calib_ctx, .n_threads = b->threads};
+        int windows = qmix_eval_n_windows(n_tokens, b->calib_ctx, b->calib_windows);
+        if (qmix_model_open(in, &mb, &err) || qmix_model_open(out, &mq, &err) ||
+            qmix_session_new(mb, &so, &sb, &err) || qmix_session_new(mq, &so, &sq, &err) ||
+            qmix_kld_compare(sq, sb, NULL, tokens, b->calib_ctx, windows, NULL, NULL, &cli_stop,
+                             &kr, &err) < 0) {
+            fprintf(stderr, "qmix %s: verifying: %s\n", CMD, err.msg);
+        } else if (kr.n > 0) {
+            double sum = 0;
+            for (int64_t i = 0; i < kr.n; i++) sum += kr.kld[i];
+            double mean = sum / (double)kr.n, top1 = (double)kr.top1_same / (double)kr.n;
+            if (js) {
+                json_object_set_new(js, "measured_kld", json_real(mean));
+                json_object_set_new(js, "measured_top1", json_real(top1));
+            } else {
+                printf("verified     measured KLD %.5f vs predicted %.5f on %lld calibration "
+                       "tokens (top-1 %.1f %%)%s\n", mean, predicted, (long long)kr.n,
+                       100.0 * top1,
+                       b->sensitivity ? "" : " (the tokens the prediction was measured on)");
+            }
+        }
+        qmix_kld_result_free(&kr);
+        qmix_session_free(sq);
+        qmix_session_free(sb);
+        qmix_model_close(mq);
+        qmix_model_close(mb);
+    }
+    rc = 0;
+done:
+    if (js) {
+        if (rc == 0) {
+            char *dump = json_dumps(js, JSON_INDENT(2) | JSON_REAL_PRECISION(8));
+            printf("%s\n", dump);
+            free(dump);
+        }
+        json_decref(js);
+    }
+    free(g);
+    free(text);
+    free(fixed);
+    free(rows);
+    free(tokens);
+    return rc;
+}

@@ -1,0 +1,36 @@
+/* `qmix quantize --budget/--memory/--bpw`: the allocation half of the quantize command. */
+#ifndef QMIX_CLI_QUANTIZE_BUDGET_H
+#define QMIX_CLI_QUANTIZE_BUDGET_H
+
+#include <stdint.h>
+
+#include "quant/quantize.h"
+
+typedef struct budget_args {
+    uint64_t budget;            /* --budget: weights + runtime at ctx */
+    uint64_t memory, reserve;   /* --memory/--reserve */
+    double bpw;                 /* --bpw */
+    int ctx, kv_bits, vision, threads;
+    const char *calib, *tokens, *sensitivity; /* calibration text / ids, or a saved --json */
+    int calib_ctx, calib_windows;
+    int cand_bits[6], n_cand;   /* candidate bits (default 2,3,4,6,8) */
+    int group;                  /* group size of the allocated rules (64) */
+    int bands;                  /* layer bands per role (1: per role) */
+    int min_bits[32];           /* per role; 0: none */
+    uint32_t keep_roles;        /* bit r: keep role r at 16 bits */
+    const char *fixed;          /* recipe file whose rules override the allocation */
+    const char *recipe_out;
+    int dry_run, verify, json;
+} budget_args;
+
+/* Parses one budget flag at argv[*i] (consuming its value): 1 if it was one, 0 if not, -1 after
+ * printing an error. */
+int budget_option(int argc, char **argv, int *i, budget_args *b);
+void budget_defaults(budget_args *b);
+int budget_requested(const budget_args *b);
+extern const char budget_help[];
+/* Allocates, writes the recipe, quantizes IN into OUT with it (unless dry_run) and verifies. */
+int quantize_with_budget(const char *in, const char *out, const budget_args *b,
+                         qmix_quant_opts *o);
+
+#endif
