@@ -9,6 +9,7 @@
 #include <math.h>
 
 #include "eval/kld.h"
+#include "formats/config.h"
 #include "formats/gguf.h"
 #include "formats/gguf_write.h"
 #include "kernels/kernels_impl.h"
@@ -815,6 +816,29 @@ START_TEST(test_model_f32_golden)
     }
     CHECK(worst <= 1e-3, "%s: max |dlogit| %g", fx, worst);
 
+    /* token by token (the recurrent decode path) against logits_decode.f32, 2 threads */
+    {
+        qmix_model *m;
+        qmix_session *s;
+        qmix_err e;
+        ck_assert_msg(!qmix_model_open(gg, &m, &e), "%s", e.msg);
+        qmix_session_opts so = {.max_ctx = n + 4, .n_threads = 2};
+        ck_assert_msg(!qmix_session_new(m, &so, &s, &e), "%s", e.msg);
+        snprintf(path, sizeof path, "%s/golden/logits_decode.f32", fx);
+        float *dec = tu_read(path, &sz);
+        double dworst = 0;
+        for (int t = 0; t < n; t++) {
+            ck_assert_msg(!qmix_session_decode(s, ids[t], &e), "%s", e.msg);
+            const float *l = qmix_session_logits(s);
+            for (int v = 0; v < V; v++) dworst = fmax(dworst, fabs(l[v] - dec[t * V + v]));
+            CHECK(argmax(l, V) == argmax(dec + t * V, V), "%s: decode argmax differs at %d", fx, t);
+        }
+        CHECK(dworst <= 1e-3, "%s: decode max |dlogit| %g", fx, dworst);
+        free(dec);
+        qmix_session_free(s);
+        qmix_model_close(m);
+    }
+
     /* the value-head order matters: read in HF order, the same file is visibly off */
     float *wrong = prefill(gg, ids, n, &V, 0);
     double off = 0;
@@ -878,7 +902,11 @@ END_TEST
 
 START_TEST(test_tokenizer_and_template)
 {
-    const char *fx = FIXTURES[_i];
+    /* the fixture plus the official Qwen3.5 chat template, so the template KV has content */
+    char *fx = tu_tmpdir(), cmd[2048];
+    snprintf(cmd, sizeof cmd, "cp %s/*.json %s/model.safetensors %s/ && "
+             "cp testdata/assets/qwen3.5/chat_template.jinja %s/", FIXTURES[_i], FIXTURES[_i], fx, fx);
+    ck_assert_int_eq(system(cmd), 0);
     char *gg = convert(fx, QMIX_GGML_BF16);
     qmix_tokenizer *a, *b;
     qmix_err err;
@@ -912,14 +940,23 @@ START_TEST(test_tokenizer_and_template)
     size_t la = 0, lb = 0;
     int ra = qmix_chat_template_load(fx, false, &ta, &la, NULL, 0, &err);
     int rb = qmix_chat_template_load(gg, false, &tb, &lb, NULL, 0, &err);
-    ck_assert_int_eq(ra, rb);
-    if (!ra) {
-        ck_assert_int_eq(la, lb);
-        ck_assert_mem_eq(ta, tb, la);
-    }
+    ck_assert_int_eq(ra, 0);
+    ck_assert_msg(rb == 0, "%s", err.msg);
+    ck_assert_int_eq(la, lb);
+    ck_assert_mem_eq(ta, tb, la);
+    ck_assert(qmix_chat_template_is_qwen35(tb, lb));
     free(ta);
     free(tb);
+    /* and the eos id reaches generation_config's place */
+    qmix_generation_config gen;
+    ck_assert_msg(!qmix_generation_config_load(gg, &gen, &err), "%s", err.msg);
+    ck_assert_int_eq(gen.n_eos, 1);
+    qmix_tokenizer *t;
+    ck_assert(!qmix_tok_load(gg, &t, &err));
+    ck_assert_int_eq(gen.eos[0], qmix_tok_special_ids(t)->im_end);
+    qmix_tok_free(t);
     rm_converted(gg);
+    tu_rmdir(fx);
 }
 END_TEST
 

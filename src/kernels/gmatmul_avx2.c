@@ -38,6 +38,32 @@ void qk_gmatmul_avx2(const qk_mat *w, int64_t row_begin, int64_t row_end, const 
     const size_t bb = qmix_ggml_block_bytes(type);
     float buf[256] __attribute__((aligned(32)));
     __m256 acc[QK_TOKEN_CHUNK];
+    int64_t o0 = row_begin;
+    if (n == 1) { /* decode: four rows, four accumulator chains, same per-row arithmetic */
+        float bufs[4][256] __attribute__((aligned(32)));
+        for (; o0 + 4 <= row_end; o0 += 4) {
+            const uint8_t *row[4];
+            __m256 a[4];
+            for (int r = 0; r < 4; r++) {
+                row[r] = (const uint8_t *)w->data + (size_t)(o0 + r) * w->row_bytes;
+                a[r] = _mm256_setzero_ps();
+            }
+            for (int64_t k0 = 0; k0 < w->cols; k0 += be) {
+                for (int r = 0; r < 4; r++) {
+                    if (type == QMIX_GGML_Q8_0) dq_q8_0(row[r], bufs[r]);
+                    else qmix_ggml_dequant_block(type, row[r], bufs[r]);
+                    row[r] += bb;
+                }
+                for (int i = 0; i < be; i += 8) {
+                    __m256 xv = _mm256_loadu_ps(x + k0 + i);
+                    for (int r = 0; r < 4; r++)
+                        a[r] = _mm256_fmadd_ps(_mm256_load_ps(bufs[r] + i), xv, a[r]);
+                }
+            }
+            for (int r = 0; r < 4; r++) y[o0 + r] = hsum(a[r]);
+        }
+    }
+    row_begin = o0;
     for (int t0 = 0; t0 < n; t0 += QK_TOKEN_CHUNK) {
         int tn = n - t0 < QK_TOKEN_CHUNK ? n - t0 : QK_TOKEN_CHUNK;
         const float *xc = x + (int64_t)t0 * ldx;

@@ -94,6 +94,33 @@ void qk_gmatmul_avx512(const qk_mat *w, int64_t row_begin, int64_t row_end, cons
     const size_t bb = qmix_ggml_block_bytes(type);
     float buf[256] __attribute__((aligned(64)));
     __m512 acc[QK_TOKEN_CHUNK];
+    int64_t o0 = row_begin;
+    if (n == 1) { /* decode: four rows at once, four independent accumulator chains; the same
+                   * arithmetic per row as below, so results are bitwise equal */
+        float bufs[4][256] __attribute__((aligned(64)));
+        for (; o0 + 4 <= row_end; o0 += 4) {
+            const uint8_t *row[4];
+            __m512 a[4];
+            for (int r = 0; r < 4; r++) {
+                row[r] = (const uint8_t *)w->data + (size_t)(o0 + r) * w->row_bytes;
+                a[r] = _mm512_setzero_ps();
+            }
+            for (int64_t k0 = 0; k0 < w->cols; k0 += be) {
+                for (int r = 0; r < 4; r++) {
+                    _mm_prefetch((const char *)(row[r] + 8 * bb), _MM_HINT_T0);
+                    dequant(type, row[r], bufs[r]);
+                    row[r] += bb;
+                }
+                for (int i = 0; i < be; i += 16) {
+                    __m512 xv = _mm512_loadu_ps(x + k0 + i);
+                    for (int r = 0; r < 4; r++)
+                        a[r] = _mm512_fmadd_ps(_mm512_load_ps(bufs[r] + i), xv, a[r]);
+                }
+            }
+            for (int r = 0; r < 4; r++) y[o0 + r] = _mm512_reduce_add_ps(a[r]);
+        }
+    }
+    row_begin = o0;
     for (int t0 = 0; t0 < n; t0 += QK_TOKEN_CHUNK) {
         int tn = n - t0 < QK_TOKEN_CHUNK ? n - t0 : QK_TOKEN_CHUNK;
         const float *xc = x + (int64_t)t0 * ldx;
