@@ -696,6 +696,73 @@ START_TEST(test_reader_hostile)
 }
 END_TEST
 
+/* §5.1's worked bytes: the header, the two KVs and the Q4_K tensor info, parsed from a sparse
+ * file (the 150 MB of data are a hole), and the writer producing the same KV bytes. */
+START_TEST(test_spec_worked_bytes)
+{
+    static const uint8_t header[24] = {0x47, 0x47, 0x55, 0x46, 3, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0,
+                                       2, 0, 0, 0, 0, 0, 0, 0};
+    static const uint8_t kv1_head[8] = {0x14, 0, 0, 0, 0, 0, 0, 0};
+    static const uint8_t kv1_mid[12] = {8, 0, 0, 0, 9, 0, 0, 0, 0, 0, 0, 0};
+    static const uint8_t kv2_head[8] = {0x21, 0, 0, 0, 0, 0, 0, 0};
+    static const uint8_t kv2_val[32] = {9, 0, 0, 0, 5, 0, 0, 0, 4, 0, 0, 0, 0, 0, 0, 0,
+                                        0x0b, 0, 0, 0, 0x0b, 0, 0, 0, 0x0a, 0, 0, 0, 0, 0, 0, 0};
+    static const uint8_t ti_head[8] = {0x1a, 0, 0, 0, 0, 0, 0, 0};
+    static const uint8_t ti_rest[40] = {3, 0, 0, 0, 0, 2, 0, 0, 0, 0, 0, 0, 0, 8, 0, 0, 0, 0, 0, 0,
+                                        0, 1, 0, 0, 0, 0, 0, 0, 0x0c, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0};
+    uint8_t buf[512];
+    size_t n = 0;
+#define APPEND(p, len) (memcpy(buf + n, (p), (len)), n += (len))
+    APPEND(header, 24);
+    APPEND(kv1_head, 8);
+    APPEND("general.architecture", 20);
+    APPEND(kv1_mid, 12);
+    APPEND("qwen35moe", 9);
+    APPEND(kv2_head, 8);
+    APPEND("qwen35moe.rope.dimension_sections", 33);
+    APPEND(kv2_val, 32);
+    size_t kv_end = n;
+    APPEND(ti_head, 8);
+    APPEND("blk.0.ffn_down_exps.weight", 26);
+    APPEND(ti_rest, 40);
+#undef APPEND
+    char *dir = tu_tmpdir(), path[700];
+    snprintf(path, sizeof path, "%s/spec.gguf", dir);
+    FILE *f = fopen(path, "wb");
+    ck_assert_int_eq(fwrite(buf, 1, n, f), n);
+    size_t data_at = (n + 31) / 32 * 32;
+    ck_assert_int_eq(ftruncate(fileno(f), (off_t)(data_at + 150994944ull)), 0);
+    fclose(f);
+    qmix_gguf *g;
+    qmix_err err;
+    ck_assert_msg(!qmix_gguf_open(path, &g, &err), "%s", err.msg);
+    const qmix_gguf_tensor *t = qmix_gguf_find(g, "blk.0.ffn_down_exps.weight");
+    ck_assert_int_eq(t->type, QMIX_GGML_Q4_K);
+    ck_assert_int_eq(t->ne[0], 512);
+    ck_assert_int_eq(t->ne[1], 2048);
+    ck_assert_int_eq(t->ne[2], 256);
+    ck_assert_int_eq(t->nbytes, 150994944ull);
+    const qmix_gguf_kv *kv = qmix_gguf_kv_find(g, "qwen35moe.rope.dimension_sections");
+    ck_assert_int_eq(qmix_gguf_arr_int(kv, 0), 11);
+    ck_assert_int_eq(qmix_gguf_arr_int(kv, 2), 10);
+    qmix_gguf_close(g);
+    /* the writer encodes the same two KVs byte for byte */
+    qmix_ggw *w = qmix_ggw_new();
+    qmix_ggw_kv_str(w, "general.architecture", "qwen35moe");
+    static const int32_t sec[4] = {11, 11, 10, 0};
+    qmix_ggw_kv_arr(w, "qwen35moe.rope.dimension_sections", QMIX_GGUF_I32, 4, sec);
+    ck_assert(!qmix_ggw_open(w, path, &err));
+    ck_assert(!qmix_ggw_close(w, &err));
+    size_t wn;
+    uint8_t *img = tu_read(path, &wn);
+    ck_assert_int_eq(wn, (kv_end + 31) / 32 * 32); /* header, KVs, padding */
+    ck_assert_mem_eq(img + 24, buf + 24, kv_end - 24);
+    ck_assert_int_eq(img[8], 0); /* no tensors */
+    free(img);
+    tu_rmdir(dir);
+}
+END_TEST
+
 START_TEST(test_reader_alignment_kv)
 {
     /* general.alignment: a power of two is honoured; anything else is refused */
@@ -1017,6 +1084,7 @@ static Suite *suite(void)
     tcase_add_test(tc, test_reader_split);
     tcase_add_test(tc, test_reader_hostile);
     tcase_add_test(tc, test_reader_alignment_kv);
+    tcase_add_test(tc, test_spec_worked_bytes);
     tcase_set_timeout(tc, 120);
     suite_add_tcase(s, tc);
     tc = tcase_create("model");
