@@ -126,6 +126,7 @@ void srv_job_release(srv_job *j)
 
 void srv_job_emit(srv_job *j, const char *data, size_t len)
 {
+    if (!len) return;
     srv_engine *e = j->eng;
     static pthread_mutex_t unshared = PTHREAD_MUTEX_INITIALIZER; /* before submit: no engine */
     pthread_mutex_t *mu = e ? &e->mu : &unshared;
@@ -186,8 +187,9 @@ size_t srv_job_read(srv_job *j, char *buf, size_t max, int timeout_ms, int *eof)
     }
     size_t n = j->out_len - j->out_sent;
     if (n > max) n = max;
-    memcpy(buf, j->out + j->out_sent, n);
+    if (n) memcpy(buf, j->out + j->out_sent, n); /* out may still be NULL */
     j->out_sent += n;
+    if (j->out_sent == j->out_len) j->out_sent = j->out_len = 0; /* all sent: reuse the buffer */
     if (!n && j->done) *eof = 1;
     pthread_mutex_unlock(&e->mu);
     return n;
