@@ -542,14 +542,15 @@ const qmix_tensor *qmix_st_find(const qmix_st_store *st, const char *name)
     return table_lookup(st, name);
 }
 
-uint64_t qmix_st_count(const qmix_st_store *st) { return st->n_tensors; }
+/* NULL-safe: a model opened from GGUF has no safetensors store */
+uint64_t qmix_st_count(const qmix_st_store *st) { return st ? st->n_tensors : 0; }
 
 const qmix_tensor *qmix_st_at(const qmix_st_store *st, uint64_t index)
 {
-    return index < st->n_tensors ? &st->tensors[index] : NULL;
+    return st && index < st->n_tensors ? &st->tensors[index] : NULL;
 }
 
-int qmix_st_file_count(const qmix_st_store *st) { return st->n_files; }
+int qmix_st_file_count(const qmix_st_store *st) { return st ? st->n_files : 0; }
 
 const char *qmix_st_file_path(const qmix_st_store *st, int file)
 {

@@ -33,6 +33,7 @@ int qmix_st_open_memory(const void *buf, uint64_t len, const char *label, qmix_s
 void qmix_st_close(qmix_st_store *store);
 
 const qmix_tensor *qmix_st_find(const qmix_st_store *store, const char *name);
+/* count, at and file_count accept NULL (no tensors, no files): a GGUF model has no store. */
 uint64_t qmix_st_count(const qmix_st_store *store);
 const qmix_tensor *qmix_st_at(const qmix_st_store *store, uint64_t index);
 int qmix_st_file_count(const qmix_st_store *store);
