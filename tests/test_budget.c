@@ -196,33 +196,24 @@ START_TEST(command_budgets_and_constraints)
 }
 END_TEST
 
-static void expect(const char *args, int status, const char *needle)
-{
-    tu_run_result r = tu_run(args);
-    ck_assert_msg(r.status == status, "qmix %s: exit %d, expected %d\n%s%s", args, r.status,
-                  status, r.out, r.err);
-    ck_assert_msg(strstr(r.out, needle) || strstr(r.err, needle), "qmix %s: no '%s' in\n%s%s",
-                  args, needle, r.out, r.err);
-    tu_run_free(&r);
-}
 
 START_TEST(command_errors)
 {
-    expect("quantize --help", 0, "--budget");
-    expect("quantize " TINY_B " /tmp/x --bpw 4", 2, "needs measured sensitivity");
-    expect("quantize " TINY_B " /tmp/x --bpw 4 --recipe uniform-4 --tokens " TOKENS, 2, "not both");
-    expect("quantize " TINY_B " /tmp/x --bpw 4 --budget 1G --tokens " TOKENS, 2, "one of");
-    expect("quantize " TINY_B " /tmp/x --bpw 40 --tokens " TOKENS, 2, "--bpw");
-    expect("quantize " TINY_B " /tmp/x --budget 12Q --tokens " TOKENS, 2, "--budget");
-    expect("quantize " TINY_B " /tmp/x --bpw 4 --min gdn --tokens " TOKENS, 2, "--min");
-    expect("quantize " TINY_B " /tmp/x --bpw 4 --keep nonsense --tokens " TOKENS, 2, "unknown role");
-    expect("quantize " TINY_B " /tmp/x --bpw 4 --candidates 2,7 --tokens " TOKENS, 2, "--candidates");
-    expect("quantize " TINY_B " /tmp/x --bpw 4 --sensitivity testdata/nope.json", 1, "nope.json");
-    expect("quantize " TINY_B " /tmp/x --bpw 4 --sensitivity " TINY_B "/config.json", 1,
+    tu_expect("quantize --help", 0, "--budget");
+    tu_expect("quantize " TINY_B " /tmp/x --bpw 4", 2, "needs measured sensitivity");
+    tu_expect("quantize " TINY_B " /tmp/x --bpw 4 --recipe uniform-4 --tokens " TOKENS, 2, "not both");
+    tu_expect("quantize " TINY_B " /tmp/x --bpw 4 --budget 1G --tokens " TOKENS, 2, "one of");
+    tu_expect("quantize " TINY_B " /tmp/x --bpw 40 --tokens " TOKENS, 2, "--bpw");
+    tu_expect("quantize " TINY_B " /tmp/x --budget 12Q --tokens " TOKENS, 2, "--budget");
+    tu_expect("quantize " TINY_B " /tmp/x --bpw 4 --min gdn --tokens " TOKENS, 2, "--min");
+    tu_expect("quantize " TINY_B " /tmp/x --bpw 4 --keep nonsense --tokens " TOKENS, 2, "unknown role");
+    tu_expect("quantize " TINY_B " /tmp/x --bpw 4 --candidates 2,7 --tokens " TOKENS, 2, "--candidates");
+    tu_expect("quantize " TINY_B " /tmp/x --bpw 4 --sensitivity testdata/nope.json", 1, "nope.json");
+    tu_expect("quantize " TINY_B " /tmp/x --bpw 4 --sensitivity " TINY_B "/config.json", 1,
            "qmix sensitivity --json");
-    expect("quantize " TINY_B " /tmp/x --bpw 0.5 --tokens " TOKENS " --calib-ctx 16 --dry-run", 1,
+    tu_expect("quantize " TINY_B " /tmp/x --bpw 0.5 --tokens " TOKENS " --calib-ctx 16 --dry-run", 1,
            "budget");
-    expect("quantize " TINY_B " /tmp/x --memory 8M --tokens " TOKENS " --calib-ctx 16 --dry-run", 1,
+    tu_expect("quantize " TINY_B " /tmp/x --memory 8M --tokens " TOKENS " --calib-ctx 16 --dry-run", 1,
            "runtime");
 }
 END_TEST

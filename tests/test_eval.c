@@ -368,32 +368,22 @@ START_TEST(hostile_base_files)
 }
 END_TEST
 
-static void expect(const char *args, int status, const char *needle)
-{
-    tu_run_result r = tu_run(args);
-    ck_assert_msg(r.status == status, "qmix %s: exit %d, expected %d\n%s%s", args, r.status,
-                  status, r.out, r.err);
-    if (needle)
-        ck_assert_msg(strstr(r.out, needle) || strstr(r.err, needle), "qmix %s: no '%s' in\n%s%s",
-                      args, needle, r.out, r.err);
-    tu_run_free(&r);
-}
 
 START_TEST(cli_usage_and_errors)
 {
-    expect("ppl --help", 0, "--ctx");
-    expect("kld --help", 0, "--save-base");
-    expect("ppl " TINY_A, 2, "--text");
-    expect("ppl " TINY_A " --text x --tokens y", 2, "exactly one");
-    expect("ppl " TINY_A " --text testdata/nope.txt", 1, "nope.txt");
-    expect("ppl " TINY_A " --text " TINY_A "/config.json --ctx 100000", 1, "fewer than one window");
-    expect("ppl " TINY_A " --text x --ctx 1", 2, "--ctx");
-    expect("ppl " TINY_A " --text x --trim 0.7", 2, "--trim");
-    expect("kld " TINY_A " --text x", 2, "BASE and QUANT");
-    expect("kld " TINY_A " " TINY_A " --save-base f --text x", 2, "exactly one model");
-    expect("kld --base-logits f " TINY_A " --text x", 2, "own tokens");
-    expect("kld --base-logits testdata/nope.klb " TINY_A, 1, "nope.klb");
-    expect("kld " TINY_A " " TINY_B " --text testdata/assets/wiki.test.raw --ctx 16 --windows 1",
+    tu_expect("ppl --help", 0, "--ctx");
+    tu_expect("kld --help", 0, "--save-base");
+    tu_expect("ppl " TINY_A, 2, "--text");
+    tu_expect("ppl " TINY_A " --text x --tokens y", 2, "exactly one");
+    tu_expect("ppl " TINY_A " --text testdata/nope.txt", 1, "nope.txt");
+    tu_expect("ppl " TINY_A " --text " TINY_A "/config.json --ctx 100000", 1, "fewer than one window");
+    tu_expect("ppl " TINY_A " --text x --ctx 1", 2, "--ctx");
+    tu_expect("ppl " TINY_A " --text x --trim 0.7", 2, "--trim");
+    tu_expect("kld " TINY_A " --text x", 2, "BASE and QUANT");
+    tu_expect("kld " TINY_A " " TINY_A " --save-base f --text x", 2, "exactly one model");
+    tu_expect("kld --base-logits f " TINY_A " --text x", 2, "own tokens");
+    tu_expect("kld --base-logits testdata/nope.klb " TINY_A, 1, "nope.klb");
+    tu_expect("kld " TINY_A " " TINY_B " --text testdata/assets/wiki.test.raw --ctx 16 --windows 1",
            1, "vocabulary");
 }
 END_TEST
@@ -405,7 +395,7 @@ START_TEST(cli_kld_flow)
     snprintf(args, sizeof args,
              "kld " TINY_A " --save-base '%s/b.klb' --text testdata/assets/wiki.test.raw --ctx 32 "
              "--windows 2 --top-k 1024", dir);
-    expect(args, 0, "wrote");
+    tu_expect(args, 0, "wrote");
     snprintf(args, sizeof args, "kld --base-logits '%s/b.klb' " TINY_A " --json", dir);
     tu_run_result r = tu_run(args);
     ck_assert_msg(r.status == 0, "%s", r.err);

@@ -90,6 +90,19 @@ static inline void tu_run_free(tu_run_result *r)
     free(r->err);
 }
 
+/* Runs `$QMIX_BIN args` and checks its exit status and that needle (if non-NULL) appears on
+ * stdout or stderr. */
+static inline void tu_expect(const char *args, int status, const char *needle)
+{
+    tu_run_result r = tu_run(args);
+    ck_assert_msg(r.status == status, "qmix %s: exit %d, expected %d\n%s%s", args, r.status,
+                  status, r.out, r.err);
+    if (needle)
+        ck_assert_msg(strstr(r.out, needle) || strstr(r.err, needle), "qmix %s: no '%s' in\n%s%s",
+                      args, needle, r.out, r.err);
+    tu_run_free(&r);
+}
+
 /* A fixed-seed PRNG (splitmix64) for test data: same inputs on every run. */
 static uint64_t tu_rng_state;
 

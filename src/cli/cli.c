@@ -238,6 +238,26 @@ int cli_eval_tokens(const char *cmd, const char *model_path, const char *text_pa
     return rc;
 }
 
+int cli_eval_option(const char *cmd, int argc, char **argv, int *i, cli_eval_args *a)
+{
+    const char *flag = argv[*i], *v;
+    if (!strcmp(flag, "--json")) return a->json = 1;
+    long *num = !strcmp(flag, "--ctx")       ? &a->ctx
+                : !strcmp(flag, "--windows") ? &a->windows
+                : !strcmp(flag, "--threads") ? &a->threads
+                                             : NULL;
+    const char **str = !strcmp(flag, "--text") ? &a->text : !strcmp(flag, "--tokens") ? &a->tokens : NULL;
+    if (!num && !str) return 0;
+    if (!(v = cli_value(cmd, argc, argv, i))) return -1;
+    if (str) {
+        *str = v;
+        return 1;
+    }
+    long lo = num == &a->ctx ? 2 : num == &a->windows ? 1 : 0;
+    long hi = num == &a->threads ? 1024 : 1 << 24;
+    return cli_int(cmd, flag, v, lo, hi, num) ? -1 : 1;
+}
+
 volatile sig_atomic_t cli_stop;
 
 static void on_sigint(int sig)

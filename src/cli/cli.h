@@ -29,6 +29,16 @@ int cli_model_dir(const char *model_path, char *dir, size_t len);
  * Prints an error and returns -1 on failure; *tokens is malloc'd. */
 int cli_eval_tokens(const char *cmd, const char *model_path, const char *text_path,
                     const char *token_path, int32_t **tokens, int64_t *n);
+/* The flags every measuring command shares: --text, --tokens, --ctx, --windows, --threads, --json
+ * (windows 0: all). cli_eval_option: 1 if argv[*i] was one of them (its value consumed), 0 if not,
+ * -1 after printing an error. */
+typedef struct cli_eval_args {
+    const char *text, *tokens;
+    long ctx, windows, threads;
+    int json;
+} cli_eval_args;
+int cli_eval_option(const char *cmd, int argc, char **argv, int *i, cli_eval_args *a);
+
 /* Ctrl-C during a long measurement: the first SIGINT sets cli_stop (the command prints what it
  * has so far); a second one ends the process. */
 extern volatile sig_atomic_t cli_stop;

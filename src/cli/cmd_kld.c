@@ -97,39 +97,26 @@ static void report(const char *base, const char *quant, const qmix_kld_result *r
 
 int qmix_cmd_kld(int argc, char **argv)
 {
-    const char *paths[2] = {NULL, NULL}, *text = NULL, *token_file = NULL, *save = NULL,
-               *base_file = NULL, *v;
-    long ctx = 512, max_windows = 0, threads = 0, top_k = QMIX_KLD_TOPK_DEFAULT;
-    int json = 0, n_paths = 0;
+    const char *paths[2] = {NULL, NULL}, *save = NULL, *base_file = NULL, *v;
+    cli_eval_args ea = {.ctx = 512};
+    long top_k = QMIX_KLD_TOPK_DEFAULT;
+    int n_paths = 0;
     for (int i = 1; i < argc; i++) {
         const char *a = argv[i];
+        int taken = cli_eval_option("kld", argc, argv, &i, &ea);
+        if (taken < 0) return 2;
+        if (taken) continue;
         if (!strcmp(a, "--help") || !strcmp(a, "-h")) {
             usage(stdout);
             return 0;
-        } else if (!strcmp(a, "--text")) {
-            if (!(text = cli_value("kld", argc, argv, &i))) return 2;
-        } else if (!strcmp(a, "--tokens")) {
-            if (!(token_file = cli_value("kld", argc, argv, &i))) return 2;
         } else if (!strcmp(a, "--save-base")) {
             if (!(save = cli_value("kld", argc, argv, &i))) return 2;
         } else if (!strcmp(a, "--base-logits")) {
             if (!(base_file = cli_value("kld", argc, argv, &i))) return 2;
-        } else if (!strcmp(a, "--ctx")) {
-            if (!(v = cli_value("kld", argc, argv, &i)) || cli_int("kld", a, v, 2, 1 << 20, &ctx))
-                return 2;
-        } else if (!strcmp(a, "--windows")) {
-            if (!(v = cli_value("kld", argc, argv, &i)) ||
-                cli_int("kld", a, v, 1, 1 << 24, &max_windows))
-                return 2;
         } else if (!strcmp(a, "--top-k")) {
             if (!(v = cli_value("kld", argc, argv, &i)) ||
                 cli_int("kld", a, v, 1, 65536, &top_k))
                 return 2;
-        } else if (!strcmp(a, "--threads")) {
-            if (!(v = cli_value("kld", argc, argv, &i)) || cli_int("kld", a, v, 0, 1024, &threads))
-                return 2;
-        } else if (!strcmp(a, "--json")) {
-            json = 1;
         } else if (a[0] == '-') {
             fprintf(stderr, "qmix kld: unknown option '%s' (see --help)\n", a);
             return 2;
@@ -140,6 +127,9 @@ int qmix_cmd_kld(int argc, char **argv)
             return 2;
         }
     }
+    const char *text = ea.text, *token_file = ea.tokens;
+    long ctx = ea.ctx, max_windows = ea.windows, threads = ea.threads;
+    int json = ea.json;
     /* three forms: BASE QUANT; BASE --save-base; --base-logits QUANT */
     const char *why = NULL;
     if (save && base_file) why = "--save-base and --base-logits exclude each other";

@@ -39,37 +39,23 @@ static void on_progress(void *user, int done, int total)
 
 int qmix_cmd_ppl(int argc, char **argv)
 {
-    const char *model_path = NULL, *text = NULL, *token_file = NULL, *v;
-    long ctx = 2048, max_windows = 0, threads = 0;
+    const char *model_path = NULL, *v;
+    cli_eval_args ea = {.ctx = 2048};
     double trim = QMIX_TRIM_DEFAULT;
-    int json = 0;
     for (int i = 1; i < argc; i++) {
         const char *a = argv[i];
+        int taken = cli_eval_option("ppl", argc, argv, &i, &ea);
+        if (taken < 0) return 2;
+        if (taken) continue;
         if (!strcmp(a, "--help") || !strcmp(a, "-h")) {
             usage(stdout);
             return 0;
-        } else if (!strcmp(a, "--text")) {
-            if (!(text = cli_value("ppl", argc, argv, &i))) return 2;
-        } else if (!strcmp(a, "--tokens")) {
-            if (!(token_file = cli_value("ppl", argc, argv, &i))) return 2;
-        } else if (!strcmp(a, "--ctx")) {
-            if (!(v = cli_value("ppl", argc, argv, &i)) || cli_int("ppl", a, v, 2, 1 << 20, &ctx))
-                return 2;
-        } else if (!strcmp(a, "--windows")) {
-            if (!(v = cli_value("ppl", argc, argv, &i)) ||
-                cli_int("ppl", a, v, 1, 1 << 24, &max_windows))
-                return 2;
         } else if (!strcmp(a, "--trim")) {
             if (!(v = cli_value("ppl", argc, argv, &i)) || cli_double("ppl", a, v, &trim)) return 2;
             if (!(trim >= 0 && trim < 0.5)) {
                 fprintf(stderr, "qmix ppl: --trim must be in [0, 0.5)\n");
                 return 2;
             }
-        } else if (!strcmp(a, "--threads")) {
-            if (!(v = cli_value("ppl", argc, argv, &i)) || cli_int("ppl", a, v, 0, 1024, &threads))
-                return 2;
-        } else if (!strcmp(a, "--json")) {
-            json = 1;
         } else if (a[0] == '-') {
             fprintf(stderr, "qmix ppl: unknown option '%s' (see --help)\n", a);
             return 2;
@@ -80,16 +66,18 @@ int qmix_cmd_ppl(int argc, char **argv)
             return 2;
         }
     }
-    if (!model_path || !text == !token_file) {
+    if (!model_path || !ea.text == !ea.tokens) {
         if (model_path) fprintf(stderr, "qmix ppl: give exactly one of --text and --tokens\n");
         else usage(stderr);
         return 2;
     }
+    long ctx = ea.ctx;
+    int json = ea.json;
 
     int32_t *tokens = NULL;
     int64_t n_tokens = 0;
-    if (cli_eval_tokens("ppl", model_path, text, token_file, &tokens, &n_tokens)) return 1;
-    int n_windows = qmix_eval_n_windows(n_tokens, (int)ctx, (int)max_windows);
+    if (cli_eval_tokens("ppl", model_path, ea.text, ea.tokens, &tokens, &n_tokens)) return 1;
+    int n_windows = qmix_eval_n_windows(n_tokens, (int)ctx, (int)ea.windows);
     if (n_windows < 1) {
         fprintf(stderr, "qmix ppl: the text has %lld tokens, fewer than one window of --ctx %ld\n",
                 (long long)n_tokens, ctx);
@@ -103,7 +91,7 @@ int qmix_cmd_ppl(int argc, char **argv)
     qmix_ppl_result r = {0};
     int rc = 1;
     if (qmix_model_open(model_path, &model, &err)) goto fail;
-    qmix_session_opts opts = {.max_ctx = (int)ctx, .n_threads = (int)threads};
+    qmix_session_opts opts = {.max_ctx = (int)ctx, .n_threads = (int)ea.threads};
     if (qmix_session_new(model, &opts, &sess, &err)) goto fail;
 
     cli_catch_sigint();
