@@ -1,6 +1,6 @@
-/* AVX2 ggml block-format matmul: like the AVX-512 one (gmatmul_avx512.c) with 8 lanes; blocks are
- * dequantized with the scalar reference except Q8_0 (widened in registers), the dot is
- * vectorised. Per-row summation order, so splits are bitwise invariant. */
+/* AVX2 ggml block-format matmul: like the AVX-512 one (gmatmul_avx512.c) with 8 lanes; Q8_0, Q4_K
+ * and Q6_K blocks are dequantized with SIMD, the other types with the scalar reference, the dot
+ * is vectorised. Per-row summation order, so splits are bitwise invariant. */
 #include <immintrin.h>
 #include <math.h>
 #include <string.h>
@@ -16,6 +16,74 @@ static void dq_q8_0(const uint8_t *b, float *y)
     for (int i = 0; i < 32; i += 8) {
         __m256i q = _mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(b + 2 + i)));
         _mm256_store_ps(y + i, _mm256_mul_ps(d, _mm256_cvtepi32_ps(q)));
+    }
+}
+
+static inline float f16_at(const uint8_t *p)
+{
+    uint16_t h;
+    memcpy(&h, p, 2);
+    return _cvtsh_ss(h);
+}
+
+static inline __m256i bytes8(const uint8_t *p) /* 8 unsigned bytes -> 8 int32 */
+{
+    return _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)p));
+}
+
+static void dq_q4_k(const uint8_t *b, float *y)
+{
+    float d = f16_at(b), dmin = f16_at(b + 2);
+    const uint8_t *sc = b + 4, *qs = b + 16;
+    const __m256i m15 = _mm256_set1_epi32(15);
+    for (int s = 0; s < 8; s++) {
+        int scale, min;
+        if (s < 4) {
+            scale = sc[s] & 63;
+            min = sc[s + 4] & 63;
+        } else {
+            scale = (sc[s + 4] & 15) | ((sc[s - 4] >> 6) << 4);
+            min = (sc[s + 4] >> 4) | ((sc[s] >> 6) << 4);
+        }
+        __m256 ds = _mm256_set1_ps(d * (float)scale), dm = _mm256_set1_ps(dmin * (float)min);
+        const uint8_t *q = qs + 32 * (s / 2);
+        for (int l = 0; l < 32; l += 8) {
+            __m256i v = bytes8(q + l);
+            v = s % 2 ? _mm256_srli_epi32(v, 4) : _mm256_and_si256(v, m15);
+            _mm256_store_ps(y + 32 * s + l, _mm256_fmsub_ps(ds, _mm256_cvtepi32_ps(v), dm));
+        }
+    }
+}
+
+static void dq_q6_k(const uint8_t *b, float *y)
+{
+    const uint8_t *ql = b, *qh = b + 128;
+    const int8_t *sc = (const int8_t *)(b + 192);
+    float d = f16_at(b + 208);
+    const __m256i m15 = _mm256_set1_epi32(15), m3 = _mm256_set1_epi32(3),
+                  k32 = _mm256_set1_epi32(32);
+    for (int h = 0; h < 2; h++)
+        for (int t = 0; t < 4; t++)
+            for (int l = 0; l < 32; l += 8) {
+                __m256i lo = bytes8(ql + 64 * h + 32 * (t & 1) + l);
+                lo = t < 2 ? _mm256_and_si256(lo, m15) : _mm256_srli_epi32(lo, 4);
+                __m256i hi = _mm256_and_si256(
+                    _mm256_srli_epi32(bytes8(qh + 32 * h + l), 2 * t), m3);
+                __m256i q = _mm256_sub_epi32(_mm256_or_si256(lo, _mm256_slli_epi32(hi, 4)), k32);
+                int j = 128 * h + 32 * t + l;
+                _mm256_store_ps(y + j, _mm256_mul_ps(_mm256_set1_ps(d * (float)sc[j / 16]),
+                                                     _mm256_cvtepi32_ps(q)));
+            }
+}
+
+/* Vectorised for the common llama.cpp types, the scalar reference for the rest. */
+static void dequant(int type, const uint8_t *b, float *y)
+{
+    switch (type) {
+    case QMIX_GGML_Q8_0: dq_q8_0(b, y); break;
+    case QMIX_GGML_Q4_K: dq_q4_k(b, y); break;
+    case QMIX_GGML_Q6_K: dq_q6_k(b, y); break;
+    default: qmix_ggml_dequant_block(type, b, y); break;
     }
 }
 
@@ -50,8 +118,7 @@ void qk_gmatmul_avx2(const qk_mat *w, int64_t row_begin, int64_t row_end, const 
             }
             for (int64_t k0 = 0; k0 < w->cols; k0 += be) {
                 for (int r = 0; r < 4; r++) {
-                    if (type == QMIX_GGML_Q8_0) dq_q8_0(row[r], bufs[r]);
-                    else qmix_ggml_dequant_block(type, row[r], bufs[r]);
+                    dequant(type, row[r], bufs[r]);
                     row[r] += bb;
                 }
                 for (int i = 0; i < be; i += 8) {
@@ -72,8 +139,7 @@ void qk_gmatmul_avx2(const qk_mat *w, int64_t row_begin, int64_t row_end, const 
             const uint8_t *row = (const uint8_t *)w->data + (size_t)o * w->row_bytes;
             for (int t = 0; t < tn; t++) acc[t] = _mm256_setzero_ps();
             for (int64_t k0 = 0; k0 < w->cols; k0 += be, row += bb) {
-                if (type == QMIX_GGML_Q8_0) dq_q8_0(row, buf);
-                else qmix_ggml_dequant_block(type, row, buf);
+                dequant(type, row, buf);
                 for (int t = 0; t < tn; t++) {
                     const float *xt = xc + (int64_t)t * ldx + k0;
                     __m256 a = acc[t];
