@@ -1,10 +1,14 @@
+#include <math.h>
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 #include <unistd.h>
 
 #include "cli/cli.h"
 #include "cli/commands.h"
 #include "cli/quantize_budget.h"
+#include "quant/calib.h"
+#include "quant/imatrix.h"
 #include "quant/quantize.h"
 #include "quant/recipe.h"
 
@@ -25,7 +29,15 @@ static void usage(FILE *out)
             "  --dtype bf16|f16     dtype of unquantized tensors, scales and biases (bf16)\n"
             "  --allow-requant      accept an already-quantized IN (dequantized, re-quantized)\n"
             "  --force              write into a non-empty OUT\n"
-            "  --quiet              no progress on stderr\n\n%s",
+            "  --quiet              no progress on stderr\n\n"
+            "Calibrated methods (spec/quant-formats.md §3, §4.4; per role: method= in a recipe):\n"
+            "  --method rtn|gptq|imatrix  rules without method= (rtn: round to nearest, MLX's rule)\n"
+            "  --calib STATS        statistics from qmix calibrate (GPTQ Hessians, importance)\n"
+            "  --imatrix FILE       llama.cpp importance matrix (.dat or .gguf) for imatrix\n"
+            "  --act-order          GPTQ group-aware act-order (columns by diag(H), inside groups)\n"
+            "  --damp X             GPTQ relative damping (0.01)\n"
+            "  --min-tokens N|P%%    GPTQ RTN failsafe: inputs with fewer calibration rows are\n"
+            "                       rounded to nearest (0.5%% of the calibration tokens)\n\n%s",
             budget_help);
 }
 
@@ -45,8 +57,52 @@ int qmix_cmd_quantize(int argc, char **argv)
     qmix_quant_opts o = {.dtype = QMIX_BF16, .progress = 1};
     budget_args budget;
     budget_defaults(&budget);
+    const char *imatrix = NULL, *method = NULL;
+    double min_pct = -1;
+    o.min_tokens = -1;
     for (int i = 1; i < argc; i++) {
         const char *a = argv[i], *v;
+        if (!strcmp(a, "--method")) {
+            if (!(method = cli_value("quantize", argc, argv, &i))) return 2;
+            if (!strcmp(method, "rtn")) o.method = QMIX_METHOD_RTN;
+            else if (!strcmp(method, "gptq")) o.method = QMIX_METHOD_GPTQ;
+            else if (!strcmp(method, "imatrix")) o.method = QMIX_METHOD_IMATRIX;
+            else if (!strcmp(method, "awq")) {
+                fprintf(stderr, "qmix quantize: --method awq (scale search and folding, spec §4.1-4.2) "
+                        "is not implemented yet; --method imatrix chooses each group's scale/bias "
+                        "by importance-weighted error (§4.4)\n");
+                return 2;
+            } else {
+                fprintf(stderr, "qmix quantize: --method must be rtn, gptq or imatrix\n");
+                return 2;
+            }
+            continue;
+        } else if (!strcmp(a, "--imatrix")) {
+            if (!(imatrix = cli_value("quantize", argc, argv, &i))) return 2;
+            continue;
+        } else if (!strcmp(a, "--act-order")) {
+            o.gptq.act_order = 1;
+            continue;
+        } else if (!strcmp(a, "--damp")) {
+            if (!(v = cli_value("quantize", argc, argv, &i)) || cli_double("quantize", a, v, &o.gptq.damp))
+                return 2;
+            if (!(o.gptq.damp > 0 && o.gptq.damp < 1)) {
+                fprintf(stderr, "qmix quantize: --damp must be in (0, 1)\n");
+                return 2;
+            }
+            continue;
+        } else if (!strcmp(a, "--min-tokens")) {
+            if (!(v = cli_value("quantize", argc, argv, &i))) return 2;
+            char *end;
+            double x = strtod(v, &end);
+            if (end == v || x < 0 || (*end && strcmp(end, "%")) || (!*end && x != floor(x))) {
+                fprintf(stderr, "qmix quantize: --min-tokens takes a count or a percentage (0.5%%)\n");
+                return 2;
+            }
+            if (*end) min_pct = x;
+            else o.min_tokens = (int64_t)x;
+            continue;
+        }
         int taken = budget_option(argc, argv, &i, &budget);
         if (taken < 0) return 2;
         if (taken) continue;
@@ -95,6 +151,11 @@ int qmix_cmd_quantize(int argc, char **argv)
                     "not both (--fixed FILE adds rules to an allocation)\n");
             return 2;
         }
+        if (method || imatrix) {
+            fprintf(stderr, "qmix quantize: --method/--imatrix with a budget is not supported yet "
+                    "(quantize with --recipe and the method)\n");
+            return 2;
+        }
         if (group) budget.group = (int)group;
         return quantize_with_budget(in, out, &budget, &o);
     }
@@ -110,8 +171,26 @@ int qmix_cmd_quantize(int argc, char **argv)
     }
     if (group) qmix_recipe_set_group(&r, (int)group);
     o.recipe = &r;
+    /* without a budget, --calib names the statistics of qmix calibrate */
+    qmix_calib *calib = NULL;
+    qmix_imatrix *im = NULL;
+    if (budget.calib && qmix_calib_open(budget.calib, &calib, &err)) {
+        fprintf(stderr, "qmix quantize: --calib: %s\n", err.msg);
+        return 1;
+    }
+    if (imatrix && qmix_imatrix_load(imatrix, &im, &err)) {
+        fprintf(stderr, "qmix quantize: --imatrix: %s\n", err.msg);
+        qmix_calib_close(calib);
+        return 1;
+    }
+    o.calib = calib;
+    o.imatrix = im;
+    if (min_pct >= 0) o.min_tokens = calib ? (int64_t)ceil(min_pct / 100.0 * (double)qmix_calib_tokens(calib)) : 0;
     qmix_quant_report rep;
-    if (qmix_quantize(in, out, &o, &rep, &err)) {
+    int qrc = qmix_quantize(in, out, &o, &rep, &err);
+    qmix_calib_close(calib);
+    qmix_imatrix_free(im);
+    if (qrc) {
         fprintf(stderr, "qmix quantize: %s\n", err.msg);
         return 1;
     }
@@ -124,6 +203,15 @@ int qmix_cmd_quantize(int argc, char **argv)
     printf("defaults bits=%d group_size=%d; %.2f s (%.2f GB/s of input), peak RSS %s\n",
            rep.default_bits, rep.default_group, rep.seconds,
            rep.seconds > 0 ? (double)rep.input_bytes / rep.seconds / 1e9 : 0.0, hr);
+    if (rep.n_gptq || rep.fb_tokens || rep.fb_cholesky)
+        printf("gptq: %lld matrices; RTN failsafe for %lld of %lld (fewer than %lld calibration "
+               "rows), %lld more after a failed Cholesky\n", (long long)rep.n_gptq,
+               (long long)rep.fb_tokens, (long long)(rep.n_gptq + rep.fb_tokens + rep.fb_cholesky),
+               (long long)rep.min_tokens, (long long)rep.fb_cholesky);
+    if (rep.n_imatrix) printf("imatrix: %lld matrices with importance-weighted scales\n",
+                              (long long)rep.n_imatrix);
+    if (rep.fb_nostats)
+        printf("no statistics for %lld matrices (rounded to nearest)\n", (long long)rep.fb_nostats);
     printf("\n%-20s %-10s %16s %12s %7s\n", "role", "bits", "parameters", "bytes", "share");
     for (int i = 0; i < QMIX_ROLE_COUNT; i++) {
         const qmix_quant_role_stat *s = &rep.roles[i];

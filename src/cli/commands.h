@@ -18,5 +18,6 @@ int qmix_cmd_convert(int argc, char **argv);
 int qmix_cmd_serve(int argc, char **argv);
 int qmix_cmd_sensitivity(int argc, char **argv);
 int qmix_cmd_plan(int argc, char **argv);
+int qmix_cmd_calibrate(int argc, char **argv);
 
 #endif

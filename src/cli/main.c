@@ -17,6 +17,7 @@ static const struct {
     {"ppl", qmix_cmd_ppl, "perplexity over a text (WikiText-2 protocol): mean, median, trimmed mean"},
     {"kld", qmix_cmd_kld, "KL divergence of a quantized model from its base, top-1 agreement"},
     {"sensitivity", qmix_cmd_sensitivity, "error each tensor role adds when quantized alone, sorted"},
+    {"calibrate", qmix_cmd_calibrate, "activation statistics (GPTQ Hessians, importance matrix) for calibrated quantization"},
     {"plan", qmix_cmd_plan, "predict memory for a model + recipe + context; the longest context that fits"},
     {"tokenize", qmix_cmd_tokenize, "text to token ids and back with the model's tokenizer.json"},
     {"template", qmix_cmd_template, "render a conversation with the model's chat template"},

@@ -5,6 +5,7 @@
 #include <errno.h>
 #include <jansson.h>
 #include <limits.h>
+#include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -17,6 +18,8 @@
 #include "formats/safetensors_write.h"
 #include "kernels/kernels.h"
 #include "quant/affine.h"
+#include "quant/calib.h"
+#include "quant/imatrix.h"
 #include "runtime/threadpool.h"
 #include "util/err.h"
 
@@ -171,6 +174,7 @@ typedef struct item {
     int64_t nmat, rows, cols;      /* logical matrices, rows and cols (K) of each */
     int64_t src_row0, src_rows;    /* first row inside each source matrix, rows per matrix */
     int bits, group;
+    int method;                    /* QMIX_METHOD_* from the recipe (DEFAULT: the run's) */
     qmix_role role;
     int shard;
     uint64_t nbytes;
@@ -330,7 +334,7 @@ static int add_module(pctx *c, const char *out_name, const src_t *s, int64_t nma
                 t->src = s;
                 t->nmat = nmat; t->rows = rows; t->cols = cols;
                 t->src_row0 = src_row0; t->src_rows = src_rows;
-                t->bits = d.bits; t->group = d.group; t->role = d.role;
+                t->bits = d.bits; t->group = d.group; t->role = d.role; t->method = d.method;
                 t->nbytes = n_elems(t->ndim, t->shape) * qmix_dtype_size(t->dtype);
             }
             return 0;
@@ -593,6 +597,13 @@ typedef struct wctx {
     /* the current chunk */
     const item *t;
     int64_t g0;
+    /* calibrated methods: how the current matrix's rows are quantized */
+    const qmix_config *cfg;
+    qmix_quant_report *rep;
+    int mode;              /* 0 RTN, 1 GPTQ (prep), 2 importance-weighted (imp) */
+    qmix_gptq_prep prep;
+    float *imp;            /* [max cols] */
+    float *gwork;          /* [n_threads][2 · max cols] */
 } wctx;
 
 static double now_s(void)
@@ -654,8 +665,15 @@ static void row_task(void *ctx, int task, int thread)
         int64_t words = qmix_affine_row_words(t->cols, t->bits);
         size_t ng = (size_t)(t->cols / t->group);
         float *sc = w->scr + (size_t)thread * 2 * w->max_cols, *bi = sc + w->max_cols;
-        qmix_affine_quantize_row(row, t->cols, t->bits, t->group,
-                                 (uint32_t *)w->chunk + (size_t)task * (size_t)words, sc, bi);
+        uint32_t *out = (uint32_t *)w->chunk + (size_t)task * (size_t)words;
+        float *gw = w->gwork ? w->gwork + (size_t)thread * 2 * w->max_cols : NULL;
+        if (w->mode == 1)
+            qmix_gptq_quantize_row(&w->prep, row, t->bits, w->o->dtype, gw, out, sc, bi);
+        else if (w->mode == 2)
+            qmix_wrtn_quantize_row(row, w->imp, t->cols, t->bits, t->group, w->o->dtype, gw, out,
+                                   sc, bi);
+        else
+            qmix_affine_quantize_row(row, t->cols, t->bits, t->group, out, sc, bi);
         for (size_t k = 0; k < ng; k++) {
             w->sbuf[(size_t)g * ng + k] = to16(sc[k], w->o->dtype);
             w->bbuf[(size_t)g * ng + k] = to16(bi[k], w->o->dtype);
@@ -681,6 +699,69 @@ static void release_source(const src_t *s, uint64_t nbytes)
     uintptr_t a = (uintptr_t)s->data & ~(uintptr_t)(pg - 1);
     uintptr_t e = (uintptr_t)s->data + nbytes;
     madvise((void *)a, e - a, MADV_DONTNEED);
+}
+
+static int item_method(const wctx *w, const item *t)
+{
+    return t->kind != K_QWEIGHT ? QMIX_METHOD_RTN : t->method ? t->method
+           : w->o->method ? w->o->method : QMIX_METHOD_RTN;
+}
+
+/* Sets w->mode (and the GPTQ factor or the importance) for matrix m of t, from --calib or
+ * --imatrix; falls back to RTN (counted) where the statistics cannot support the method. */
+static int prepare_matrix(wctx *w, const item *t, int64_t m)
+{
+    const qmix_quant_opts *o = w->o;
+    int method = item_method(w, t);
+    qmix_gptq_prep_free(&w->prep);
+    w->mode = 0;
+    if (method == QMIX_METHOD_RTN) return 0;
+    int layer, kind;
+    const qmix_calib_entry *e = NULL;
+    if (qmix_calib_input_of(t->name, &layer, &kind) && o->calib)
+        e = qmix_calib_get(o->calib, layer, kind, qmix_calib_kind_per_expert(kind) ? (int)m : -1);
+    if (e && e->k != t->cols)
+        return qmix_errf(w->err, "%s: the statistics have %lld input channels, the matrix %lld "
+                         "(calibrated on another model?)", t->name, (long long)e->k,
+                         (long long)t->cols);
+    if (method == QMIX_METHOD_GPTQ) {
+        if (!e || !e->xtx) {
+            w->rep->fb_nostats++;
+            return 0;
+        }
+        if (e->n == 0 || (int64_t)e->n < w->rep->min_tokens) {
+            w->rep->fb_tokens++;
+            return 0;
+        }
+        int r = qmix_gptq_prepare(e->xtx, NULL, t->cols, t->group, &o->gptq, &w->prep, w->err);
+        if (r < 0) return qmix_err_prefix(w->err, "%s matrix %lld", t->name, (long long)m);
+        if (r > 0) {
+            w->rep->fb_cholesky++;
+            return 0;
+        }
+        w->rep->n_gptq++;
+        w->mode = 1;
+        return 0;
+    }
+    /* importance-weighted RTN: E[x²] from the statistics, else from the imatrix file */
+    if (e && e->n > 0) {
+        for (int64_t j = 0; j < t->cols; j++) w->imp[j] = (float)(e->sumsq[j] / (double)e->n);
+    } else if (e) {
+        for (int64_t j = 0; j < t->cols; j++) w->imp[j] = 1.0f; /* never routed: no preference */
+    } else {
+        int64_t cnt;
+        int r = o->imatrix ? qmix_imatrix_lookup(o->imatrix, t->name, m, t->cols, w->cfg, w->imp,
+                                                 &cnt, w->err)
+                           : 0;
+        if (r < 0) return -1;
+        if (!r) {
+            w->rep->fb_nostats++;
+            return 0;
+        }
+    }
+    w->rep->n_imatrix++;
+    w->mode = 2;
+    return 0;
 }
 
 static int write_item(wctx *w, qmix_stw *f, const item *t)
@@ -712,8 +793,15 @@ static int write_item(wctx *w, qmix_stw *f, const item *t)
     if (per_chunk < 1) per_chunk = 1;
     size_t esz_src = t->src->qbits ? 0 : qmix_dtype_size(t->src->dtype);
     w->t = t;
-    for (int64_t g0 = 0; g0 < total; g0 += per_chunk) {
-        int64_t n = total - g0 < per_chunk ? total - g0 : per_chunk;
+    /* calibrated methods: chunks stay inside one matrix, whose statistics are set up first */
+    int calibrated = item_method(w, t) != QMIX_METHOD_RTN;
+    w->mode = 0;
+    for (int64_t g0 = 0, n; g0 < total; g0 += n) {
+        n = total - g0 < per_chunk ? total - g0 : per_chunk;
+        if (calibrated) {
+            if (t->rows - g0 % t->rows < n) n = t->rows - g0 % t->rows;
+            if (g0 % t->rows == 0 && prepare_matrix(w, t, g0 / t->rows)) return -1;
+        }
         w->g0 = g0;
         qmix_pool_run(w->pool, row_task, w, (int)n);
         if (qmix_stw_write(f, w->chunk, (size_t)n * row_out, err)) return -1;
@@ -729,6 +817,8 @@ static int write_item(wctx *w, qmix_stw *f, const item *t)
         }
         progress(w, 0);
     }
+    qmix_gptq_prep_free(&w->prep);
+    w->mode = 0;
     return 0;
 }
 
@@ -789,6 +879,36 @@ out:
     free(src);
     free(dst);
     return rc;
+}
+
+/* Every tensor a calibrated method is asked for has the inputs it needs: GPTQ a --calib file
+ * with Hessians, the importance-weighted method --calib or --imatrix. Also fixes the failsafe
+ * threshold. */
+static int check_method_inputs(wctx *w, const plan *p)
+{
+    const qmix_quant_opts *o = w->o;
+    int need_h = 0, need_imp = 0;
+    for (size_t i = 0; i < p->n; i++) {
+        int m = item_method(w, &p->it[i]);
+        need_h |= m == QMIX_METHOD_GPTQ;
+        need_imp |= m == QMIX_METHOD_IMATRIX;
+    }
+    if (need_h && (!o->calib || !qmix_calib_has_hessian(o->calib)))
+        return qmix_errf(w->err, "method gptq needs calibration statistics with Hessians (--calib "
+                         "FILE from qmix calibrate%s)", o->imatrix ? "; an importance matrix is "
+                         "only H's diagonal, with which GPTQ degenerates into weighted RTN: use "
+                         "--method imatrix" : "");
+    if (need_imp && !o->calib && !o->imatrix)
+        return qmix_errf(w->err, "method imatrix needs --calib FILE or --imatrix FILE");
+    if (o->calib && (qmix_calib_layers(o->calib) != w->cfg->n_layers ||
+                     qmix_calib_experts(o->calib) != w->cfg->n_experts))
+        return qmix_errf(w->err, "the calibration statistics are for %d layers / %d experts, the "
+                         "model has %d / %d", qmix_calib_layers(o->calib),
+                         qmix_calib_experts(o->calib), w->cfg->n_layers, w->cfg->n_experts);
+    w->rep->min_tokens = o->min_tokens >= 0 ? o->min_tokens
+                         : o->calib ? (int64_t)ceil(0.005 * (double)qmix_calib_tokens(o->calib)) : 0;
+    if (w->rep->min_tokens < 1) w->rep->min_tokens = 1; /* no rows: no Hessian at all */
+    return 0;
 }
 
 int qmix_quantize(const char *in, const char *out_dir, const qmix_quant_opts *o,
@@ -885,6 +1005,9 @@ int qmix_quantize(const char *in, const char *out_dir, const qmix_quant_opts *o,
     }
     stats_of(&p, rep);
     choose_defaults(o->recipe, &p, &rep->default_bits, &rep->default_group);
+    w.cfg = &cfg;
+    w.rep = rep;
+    if (check_method_inputs(&w, &p)) goto done;
     if (o->dry_run) {
         rc = 0;
         goto done;
@@ -915,10 +1038,13 @@ int qmix_quantize(const char *in, const char *out_dir, const qmix_quant_opts *o,
     w.scr = malloc((size_t)w.n_threads * 2 * max_cols * sizeof *w.scr);
     size_t chunk_elems = max_cols > CHUNK_ELEMS ? max_cols : CHUNK_ELEMS;
     w.chunk = malloc(chunk_elems * 4);
+    w.imp = malloc(max_cols * sizeof *w.imp);
+    w.gwork = malloc((size_t)w.n_threads * 2 * max_cols * sizeof *w.gwork);
     const char **names = calloc(p.n + 1, sizeof *names), **files = calloc(p.n + 1, sizeof *files);
     char (*fnames)[64] = calloc((size_t)n_shards + 1, sizeof *fnames);
     qmix_stw_tensor *specs = calloc(p.n + 1, sizeof *specs);
-    if (!w.pool || !w.rows || !w.scr || !w.chunk || !names || !files || !fnames || !specs) {
+    if (!w.pool || !w.rows || !w.scr || !w.chunk || !w.imp || !w.gwork || !names || !files ||
+        !fnames || !specs) {
         qmix_errf(err, "out of memory");
         goto done2;
     }
@@ -996,6 +1122,9 @@ done:
     free(w.chunk);
     free(w.sbuf);
     free(w.bbuf);
+    free(w.imp);
+    free(w.gwork);
+    qmix_gptq_prep_free(&w.prep);
     free(p.it);
     free(srcs);
     free_owned(c.owned);

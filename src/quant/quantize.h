@@ -10,7 +10,11 @@
 #include "formats/safetensors.h"
 #include "model/roles.h"
 #include "qmix.h"
+#include "quant/gptq.h"
 #include "quant/recipe.h"
+
+struct qmix_calib;
+struct qmix_imatrix;
 
 typedef struct qmix_quant_opts {
     const qmix_recipe *recipe;
@@ -22,6 +26,14 @@ typedef struct qmix_quant_opts {
     int n_threads;              /* 0: all cores */
     int dry_run;                /* plan only: fill the report's sizes (not seconds/input_bytes),
                                    write nothing; out_dir is not looked at (may be NULL) */
+    /* calibrated methods (src/quant/gptq.h): method for rules without method= (0: RTN) */
+    int method;                 /* QMIX_METHOD_* */
+    const struct qmix_calib *calib;     /* statistics: GPTQ Hessians, importance */
+    const struct qmix_imatrix *imatrix; /* llama.cpp importance matrix (imatrix method only) */
+    qmix_gptq_opts gptq;
+    int64_t min_tokens;         /* GPTQ RTN failsafe: a matrix whose input saw fewer calibration
+                                   rows is rounded to nearest; < 0: 0.5 % of the calibration
+                                   tokens (GPTQModel's default, spec §3.10) */
 } qmix_quant_opts;
 
 typedef struct qmix_quant_role_stat {
@@ -37,6 +49,12 @@ typedef struct qmix_quant_report {
     double seconds;
     int default_bits, default_group;
     qmix_quant_role_stat roles[QMIX_ROLE_COUNT];
+    /* calibrated methods, counted in matrices (an expert's gate_proj is one) */
+    int64_t n_gptq, n_imatrix;  /* quantized with GPTQ / importance-weighted RTN */
+    int64_t fb_tokens;          /* GPTQ → RTN: fewer than min_tokens calibration rows */
+    int64_t fb_cholesky;        /* GPTQ → RTN: no damping made H positive definite */
+    int64_t fb_nostats;         /* asked for a calibrated method, no statistics for the input */
+    int64_t min_tokens;         /* the failsafe threshold used */
 } qmix_quant_report;
 
 int qmix_quantize(const char *in, const char *out_dir, const qmix_quant_opts *o,

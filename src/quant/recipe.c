@@ -196,13 +196,19 @@ static int parse_line(char *line, const char *label, int lineno, qmix_recipe_rul
                 return qmix_errf(err, "recipe %s:%d: match= needs a substring of at most %zu "
                                  "characters", label, lineno, sizeof rule->match - 1);
             strcpy(rule->match, v);
+        } else if (!strcmp(k, "method")) {
+            if (!strcmp(v, "rtn")) rule->method = QMIX_METHOD_RTN;
+            else if (!strcmp(v, "gptq")) rule->method = QMIX_METHOD_GPTQ;
+            else if (!strcmp(v, "imatrix")) rule->method = QMIX_METHOD_IMATRIX;
+            else return qmix_errf(err, "recipe %s:%d: method=%s: expected rtn, gptq or imatrix",
+                                  label, lineno, v);
         } else {
             return qmix_errf(err, "recipe %s:%d: unknown key '%s' (bits, group, layers, first, "
-                             "last, type, match)", label, lineno, k);
+                             "last, type, match, method)", label, lineno, k);
         }
     }
-    if (keep && (rule->bits >= 0 || group))
-        return qmix_errf(err, "recipe %s:%d: 'keep' cannot be combined with bits/group", label,
+    if (keep && (rule->bits >= 0 || group || rule->method))
+        return qmix_errf(err, "recipe %s:%d: 'keep' cannot be combined with bits/group/method", label,
                          lineno);
     if (!keep && rule->bits < 0)
         return qmix_errf(err, "recipe %s:%d: missing bits=N (or keep)", label, lineno);
@@ -308,9 +314,10 @@ qmix_qdecision qmix_recipe_resolve(const qmix_recipe *r, const char *name, int n
         if (rule_matches(ru, d.role, name, layer, layer_is_full, n_layers)) {
             d.bits = ru->bits;
             d.group = ru->group;
+            d.method = ru->method;
         }
     }
     if (d.bits && (shape[ndim - 1] % d.group || !qmix_affine_valid(d.bits, d.group))) d.bits = 0;
-    if (!d.bits) d.group = 0;
+    if (!d.bits) d.group = d.method = 0;
     return d;
 }

@@ -11,6 +11,9 @@
 
 enum { QMIX_LAYERS_ANY = 0, QMIX_LAYERS_FULL = 1, QMIX_LAYERS_LINEAR = 2 };
 
+/* How a quantized tensor's codes are chosen (method=... in a rule; DEFAULT: the run's --method). */
+enum { QMIX_METHOD_DEFAULT = 0, QMIX_METHOD_RTN, QMIX_METHOD_GPTQ, QMIX_METHOD_IMATRIX };
+
 typedef struct qmix_recipe_rule {
     uint32_t roles;          /* bit r set: applies to role r */
     int lo, hi;              /* layers=lo-hi (inclusive); lo = -1: no range */
@@ -18,6 +21,7 @@ typedef struct qmix_recipe_rule {
     int type;                /* QMIX_LAYERS_* */
     char match[64];          /* match=SUBSTRING of the tensor name; "" = any */
     int bits, group;         /* bits 0: keep unquantized */
+    int method;              /* QMIX_METHOD_* */
 } qmix_recipe_rule;
 
 /* Enough for a per-role × per-layer-band allocation (qmix quantize --budget). */
@@ -32,6 +36,7 @@ typedef struct qmix_recipe {
 typedef struct qmix_qdecision {
     qmix_role role;
     int bits, group;         /* bits 0: stored unquantized */
+    int method;              /* QMIX_METHOD_* of the deciding rule */
 } qmix_qdecision;
 
 /* Parses recipe text; errors read "recipe LABEL:LINE: ...". */

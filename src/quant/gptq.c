@@ -1,0 +1,342 @@
+/* GPTQ and importance-weighted RTN into MLX affine groups (see gptq.h). */
+#include "quant/gptq.h"
+
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "kernels/kernels.h"
+#include "quant/affine.h"
+#include "util/err.h"
+
+float qmix_round_to_dtype(float v, qmix_dtype dt)
+{
+    if (dt == QMIX_BF16) return qk_bf16_to_f32(qk_f32_to_bf16(v));
+    if (dt == QMIX_F16) return qk_f16_to_f32(qk_f32_to_f16(v));
+    return v;
+}
+
+void qmix_mlx_group_params(const float *x, int n, int bits, qmix_dtype sdt, float *s_out,
+                           float *b_out)
+{
+    /* §1.2, CPU backend: exact min/max, the far edge snapped so the near edge is a code */
+    const float n_bins = (float)((1 << bits) - 1);
+    float mx = -INFINITY, mn = INFINITY;
+    for (int j = 0; j < n; j++) {
+        mx = mx < x[j] ? x[j] : mx;
+        mn = x[j] < mn ? x[j] : mn;
+    }
+    int neg_edge = fabsf(mn) > fabsf(mx);
+    float s = fmaxf((mx - mn) / n_bins, 1e-7f);
+    s = neg_edge ? s : -s;
+    float edge = neg_edge ? mn : mx;
+    float q0 = nearbyintf(edge / s), b = 0;
+    if (q0 != 0) {
+        s = edge / q0;
+        b = edge;
+    }
+    *s_out = qmix_round_to_dtype(s, sdt);
+    *b_out = qmix_round_to_dtype(b, sdt);
+}
+
+static inline float code_of(float x, float s, float b, float n_bins)
+{
+    if (s == 0) return 0; /* a scale that underflowed in the storage dtype: every code is β */
+    float q = nearbyintf((x - b) / s);
+    return q > 0 ? (q < n_bins ? q : n_bins) : 0; /* NaN → 0 */
+}
+
+/* ---- factorisations (double precision: H of a long calibration run is ill-conditioned) ---- */
+
+/* In place: the lower triangle of a (row-major, n×n) becomes L with L Lᵀ = A; -1 if A is not
+ * positive definite. Only the lower triangle of a is read. */
+static int cholesky_lower(double *a, int64_t n)
+{
+    for (int64_t j = 0; j < n; j++) {
+        double *rj = a + j * n;
+        double d = rj[j];
+        for (int64_t k = 0; k < j; k++) d -= rj[k] * rj[k];
+        if (!(d > 0) || !isfinite(d)) return -1;
+        double l = sqrt(d);
+        rj[j] = l;
+        for (int64_t i = j + 1; i < n; i++) {
+            double *ri = a + i * n, v = ri[j];
+            for (int64_t k = 0; k < j; k++) v -= ri[k] * rj[k];
+            ri[j] = v / l;
+        }
+    }
+    return 0;
+}
+
+/* L (lower, in a) → the lower triangle of A⁻¹ = L⁻ᵀ L⁻¹ in a; tmp[n·n] scratch. */
+static void inverse_from_cholesky(double *a, double *tmp, int64_t n)
+{
+    /* tmp = L⁻¹ (lower) by forward substitution, column by column */
+    memset(tmp, 0, (size_t)(n * n) * sizeof *tmp);
+    for (int64_t i = 0; i < n; i++) {
+        const double *li = a + i * n;
+        double *ti = tmp + i * n;
+        ti[i] = 1.0 / li[i];
+        for (int64_t j = 0; j < i; j++) {
+            double v = 0;
+            for (int64_t k = j; k < i; k++) v += li[k] * tmp[k * n + j];
+            ti[j] = -v / li[i];
+        }
+    }
+    /* A⁻¹[i][j] = Σ_{k ≥ i} T[k][i]·T[k][j] for j ≤ i */
+    for (int64_t i = 0; i < n; i++)
+        for (int64_t j = 0; j <= i; j++) a[i * n + j] = 0;
+    for (int64_t k = 0; k < n; k++) {
+        const double *tk = tmp + k * n;
+        for (int64_t i = 0; i <= k; i++) {
+            double t = tk[i];
+            if (t == 0) continue;
+            double *ai = a + i * n;
+            for (int64_t j = 0; j <= i; j++) ai[j] += t * tk[j];
+        }
+    }
+}
+
+/* ---- GPTQ preparation ------------------------------------------------------------------ */
+
+typedef struct keyed { double key; int32_t idx; } keyed;
+
+static int cmp_desc(const void *a, const void *b)
+{
+    const keyed *x = a, *y = b;
+    if (x->key != y->key) return x->key > y->key ? -1 : 1;
+    return x->idx < y->idx ? -1 : x->idx > y->idx; /* stable */
+}
+
+/* GAR (§3.5): inside each group by diag(H) descending, groups by their largest diag descending. */
+static int gar_order(const double *diag, int64_t k, int group, int32_t *perm)
+{
+    int64_t ng = k / group;
+    keyed *ks = malloc((size_t)(k > ng ? k : ng) * sizeof *ks);
+    int32_t *inner = malloc((size_t)k * sizeof *inner);
+    if (!ks || !inner) {
+        free(ks);
+        free(inner);
+        return -1;
+    }
+    for (int64_t g = 0; g < ng; g++) {
+        for (int j = 0; j < group; j++)
+            ks[j] = (keyed){diag[g * group + j], (int32_t)(g * group + j)};
+        qsort(ks, (size_t)group, sizeof *ks, cmp_desc);
+        for (int j = 0; j < group; j++) inner[g * group + j] = ks[j].idx;
+    }
+    for (int64_t g = 0; g < ng; g++) ks[g] = (keyed){diag[inner[g * group]], (int32_t)g};
+    qsort(ks, (size_t)ng, sizeof *ks, cmp_desc);
+    for (int64_t p = 0; p < ng; p++)
+        memcpy(perm + p * group, inner + (int64_t)ks[p].idx * group, (size_t)group * sizeof *perm);
+    free(ks);
+    free(inner);
+    return 0;
+}
+
+void qmix_gptq_prep_free(qmix_gptq_prep *p)
+{
+    free(p->u);
+    free(p->perm);
+    free(p->dead);
+    memset(p, 0, sizeof *p);
+}
+
+int qmix_gptq_prepare(const double *h_upper, const double *h_full, int64_t k, int group,
+                      const qmix_gptq_opts *o, qmix_gptq_prep *out, qmix_err *err)
+{
+    memset(out, 0, sizeof *out);
+    if (k <= 0 || group <= 0 || k % group || (!h_upper && !h_full))
+        return qmix_errf(err, "gptq: bad arguments (k %lld, group %d)", (long long)k, group);
+    double damp0 = o && o->damp > 0 ? o->damp : 0.01;
+    if (!(damp0 < 1)) return qmix_errf(err, "gptq: damping %g must be in (0, 1)", damp0);
+    int block = o && o->block > 0 ? o->block : 128;
+    /* groups never straddle a block, so a group's parameters see all feedback of its block */
+    block = (block + group - 1) / group * group;
+    size_t kk = (size_t)k * (size_t)k;
+    double *h = malloc(kk * sizeof *h), *a = malloc(kk * sizeof *a), *diag = malloc((size_t)k * sizeof *diag);
+    out->perm = malloc((size_t)k * sizeof *out->perm);
+    out->dead = calloc((size_t)k, 1);
+    out->u = malloc(kk * sizeof *out->u);
+    if (!h || !a || !diag || !out->perm || !out->dead || !out->u) {
+        free(h); free(a); free(diag);
+        qmix_gptq_prep_free(out);
+        return qmix_errf(err, "gptq: out of memory for a %lld×%lld Hessian", (long long)k,
+                         (long long)k);
+    }
+    out->k = k;
+    out->group = group;
+    out->block = block;
+    /* symmetric H, original order */
+    for (int64_t i = 0, t = 0; i < k; i++)
+        for (int64_t j = i; j < k; j++, t++) {
+            double v = h_upper ? h_upper[t] : h_full[i * k + j];
+            h[i * k + j] = h[j * k + i] = v;
+        }
+    for (int64_t i = 0; i < k; i++) {
+        if (h[i * k + i] == 0) { /* §3.3: a channel that was never non-zero */
+            out->dead[i] = 1;
+            out->n_dead++;
+            h[i * k + i] = 1;
+        }
+        diag[i] = h[i * k + i];
+    }
+    if (o && o->act_order) {
+        if (gar_order(diag, k, group, out->perm)) {
+            free(h); free(a); free(diag);
+            qmix_gptq_prep_free(out);
+            return qmix_errf(err, "gptq: out of memory");
+        }
+    } else {
+        for (int64_t i = 0; i < k; i++) out->perm[i] = (int32_t)i;
+    }
+    /* permute once: h becomes H[perm][perm] */
+    for (int64_t i = 0; i < k; i++)
+        for (int64_t j = 0; j <= i; j++) a[i * k + j] = h[(int64_t)out->perm[i] * k + out->perm[j]];
+    for (int64_t i = 0; i < k; i++)
+        for (int64_t j = 0; j <= i; j++) h[i * k + j] = a[i * k + j];
+    double mean = 0, maxd = 0;
+    for (int64_t i = 0; i < k; i++) {
+        mean += h[i * k + i];
+        if (fabs(h[i * k + i]) > maxd) maxd = fabs(h[i * k + i]);
+    }
+    mean /= (double)k;
+    /* §3.4 step 3: raise the damping, then add growing diagonal floors */
+    int ok = 0;
+    for (int t = 0; t <= 6 && !ok; t++) {
+        double floor_v = t ? maxd * 1e-6 * pow(10.0, t - 1) : 0;
+        for (double damp = damp0; damp < 1 && !ok; damp += 0.01) {
+            for (int64_t i = 0; i < k; i++)
+                for (int64_t j = 0; j <= i; j++) a[i * k + j] = h[i * k + j];
+            for (int64_t i = 0; i < k; i++) a[i * k + i] += damp * mean + floor_v;
+            if (!cholesky_lower(a, k)) {
+                ok = 1;
+                out->damp = damp;
+            }
+        }
+    }
+    int rc = 0;
+    if (ok) {
+        inverse_from_cholesky(a, h, k); /* h reused as scratch */
+        if (cholesky_lower(a, k)) ok = 0;
+    }
+    if (ok) { /* U = L₂ᵀ: Uᵀ U = L₂ L₂ᵀ = H⁻¹ */
+        for (int64_t i = 0; i < k; i++)
+            for (int64_t j = 0; j < k; j++)
+                out->u[i * k + j] = j >= i ? (float)a[j * k + i] : 0.0f;
+    } else {
+        qmix_gptq_prep_free(out);
+        rc = 1;
+    }
+    free(h);
+    free(a);
+    free(diag);
+    return rc;
+}
+
+/* ---- the column loop, one row ----------------------------------------------------------- */
+
+void qmix_gptq_quantize_row(const qmix_gptq_prep *p, const float *w, int bits,
+                            qmix_dtype sdt, float *work, uint32_t *packed, float *scales,
+                            float *biases)
+{
+    const int64_t k = p->k;
+    const int g = p->group, B = p->block;
+    const float n_bins = (float)((1 << bits) - 1);
+    float *x = work, *e = work + k;
+    for (int64_t i = 0; i < k; i++) x[i] = p->dead[p->perm[i]] ? 0.0f : w[p->perm[i]];
+    memset(packed, 0, (size_t)qmix_affine_row_words(k, bits) * sizeof *packed);
+    float s = 0, b = 0;
+    for (int64_t b0 = 0; b0 < k; b0 += B) {
+        int64_t b1 = b0 + B < k ? b0 + B : k;
+        for (int64_t i = b0; i < b1; i++) {
+            if (i % g == 0) { /* group parameters from the fully updated values (gptq.h) */
+                qmix_mlx_group_params(x + i, g, bits, sdt, &s, &b);
+                int64_t grp = p->perm[i] / g;
+                scales[grp] = s;
+                biases[grp] = b;
+            }
+            float q = code_of(x[i], s, b, n_bins);
+            qmix_affine_set_code(packed, p->perm[i], bits, (uint32_t)q);
+            const float *ui = p->u + i * k;
+            float err = (x[i] - (s * q + b)) / ui[i];
+            for (int64_t j = i + 1; j < b1; j++) x[j] -= err * ui[j];
+            e[i - b0] = err;
+        }
+        /* lazy update of the columns after the block: W[:, b1:] −= E · U[b0:b1, b1:] */
+        for (int64_t i = b0; i < b1; i++) {
+            const float *ui = p->u + i * k;
+            float err = e[i - b0];
+            if (err == 0) continue;
+            for (int64_t j = b1; j < k; j++) x[j] -= err * ui[j];
+        }
+    }
+}
+
+/* ---- importance-weighted RTN ------------------------------------------------------------ */
+
+/* Σ c (x − ŵ)² of a group at (s, b); codes into q. */
+static double werr(const float *x, const float *c, int n, float s, float b, float n_bins, float *q)
+{
+    double e = 0;
+    for (int j = 0; j < n; j++) {
+        q[j] = code_of(x[j], s, b, n_bins);
+        double d = (double)x[j] - ((double)s * q[j] + b);
+        e += (c ? c[j] : 1.0) * d * d;
+    }
+    return e;
+}
+
+void qmix_wrtn_quantize_row(const float *w, const float *imp, int64_t k, int bits, int group,
+                            qmix_dtype sdt, float *work, uint32_t *packed, float *scales,
+                            float *biases)
+{
+    const float n_bins = (float)((1 << bits) - 1);
+    memset(packed, 0, (size_t)qmix_affine_row_words(k, bits) * sizeof *packed);
+    float *q = work;
+    for (int64_t g0 = 0; g0 + group <= k; g0 += group) {
+        const float *x = w + g0;
+        const float *c = imp ? imp + g0 : NULL;
+        double csum = 0;
+        if (c)
+            for (int j = 0; j < group; j++) csum += c[j];
+        if (c && !(csum > 0)) c = NULL; /* no information: plain squared error */
+        float bs, bb;
+        qmix_mlx_group_params(x, group, bits, sdt, &bs, &bb);
+        double best = werr(x, c, group, bs, bb, n_bins, q);
+        float mn = INFINITY, mx = -INFINITY;
+        for (int j = 0; j < group; j++) {
+            mn = x[j] < mn ? x[j] : mn;
+            mx = x[j] > mx ? x[j] : mx;
+        }
+        float range = mx - mn;
+        /* candidates: the range shrunk at either end, each refined once by weighted least
+         * squares on its codes (the 2×2 normal equations of Σ c (x − s·q − b)²) */
+        static const float shrink[] = {0.0f, 0.05f, 0.1f, 0.15f, 0.2f};
+        for (int a = 0; a < 5 && range > 0; a++)
+            for (int z = 0; z < 5; z++) {
+                float lo = mn + shrink[a] * range, hi = mx - shrink[z] * range;
+                float s = qmix_round_to_dtype((hi - lo) / n_bins, sdt);
+                float b = qmix_round_to_dtype(lo, sdt);
+                double e0 = werr(x, c, group, s, b, n_bins, q);
+                if (e0 < best) { best = e0; bs = s; bb = b; }
+                double sw = 0, sq = 0, sqq = 0, sx = 0, sqx = 0;
+                for (int j = 0; j < group; j++) {
+                    double cj = c ? c[j] : 1.0;
+                    sw += cj; sq += cj * q[j]; sqq += cj * q[j] * q[j];
+                    sx += cj * x[j]; sqx += cj * q[j] * x[j];
+                }
+                double det = sqq * sw - sq * sq;
+                if (!(fabs(det) > 1e-12 * sw * sw)) continue;
+                float s2 = qmix_round_to_dtype((float)((sqx * sw - sq * sx) / det), sdt);
+                float b2 = qmix_round_to_dtype((float)((sqq * sx - sq * sqx) / det), sdt);
+                if (!isfinite(s2) || !isfinite(b2)) continue;
+                double e1 = werr(x, c, group, s2, b2, n_bins, q);
+                if (e1 < best) { best = e1; bs = s2; bb = b2; }
+            }
+        scales[g0 / group] = bs;
+        biases[g0 / group] = bb;
+        for (int j = 0; j < group; j++)
+            qmix_affine_set_code(packed, g0 + j, bits, (uint32_t)code_of(x[j], bs, bb, n_bins));
+    }
+}

@@ -1,0 +1,73 @@
+/* Calibrated quantizers writing MLX affine groups (spec/quant-formats.md §3, §4.4):
+ *
+ * - GPTQ (§3): from the input Hessian H = Σ x xᵀ of a linear layer, the upper Cholesky factor U of
+ *   H⁻¹ (damped, dead columns neutralised, optional group-aware act-order), then each output row
+ *   is quantized column by column with the error of each column fed forward to the columns not
+ *   yet quantized (block size B, lazy block updates). Rows are independent given U, so the
+ *   streaming quantizer runs GPTQ one row at a time on its worker threads.
+ * - importance-weighted RTN (§4.4): per group, the scale/bias minimising Σ c_j (w_j − ŵ_j)²
+ *   over a few candidate ranges, refined by weighted least squares.
+ *
+ * Both write what qmix_affine_quantize_row writes (codes, per-group scale s and bias β with
+ * w ≈ s·q + β), so the output stays an MLX checkpoint. Choices (documented per §3.8):
+ * - group parameters use MLX's asymmetric min/max rule (§1.2) on the *fully updated* weights of
+ *   the group (all earlier columns' feedback included), not GPTQModel's stale-within-block copy;
+ * - s and β are rounded to the output dtype before the codes are chosen, so the error fed
+ *   forward is the error of what readers will actually compute;
+ * - act-order is GPTQModel's group-aware reordering (GAR, §3.5): MLX groups are contiguous input
+ *   columns, so columns are reordered only inside their group and whole groups by importance;
+ *   plain desc_act would scatter a group's columns, which MLX cannot express.
+ * No printing; errors through qmix_err. */
+#ifndef QMIX_QUANT_GPTQ_H
+#define QMIX_QUANT_GPTQ_H
+
+#include <stdint.h>
+
+#include "qmix.h"
+
+typedef struct qmix_gptq_opts {
+    double damp;      /* relative diagonal damping (§3.4), in (0, 1); 0 → 0.01 */
+    int act_order;    /* group-aware act-order (GAR) */
+    int block;        /* column block of the lazy update; 0 → 128 */
+} qmix_gptq_opts;
+
+/* What rows of one matrix share: the factor U in processing order and the order itself. */
+typedef struct qmix_gptq_prep {
+    int64_t k;
+    int group;
+    int block;
+    float *u;         /* [k][k] row-major, upper triangle used: Uᵀ U = (H + λI)⁻¹ (permuted) */
+    int32_t *perm;    /* perm[p] = original column processed at position p */
+    uint8_t *dead;    /* [k] original column never saw a non-zero input */
+    double damp;      /* damping actually used */
+    int n_dead;
+} qmix_gptq_prep;
+
+/* Prepares from the Hessian: h_upper packed upper triangle (row i holds H[i][i..k-1]) of Σ x xᵀ,
+ * or h_full [k][k] when h_upper is NULL (any positive scale; only ratios matter). Returns 0, 1 when
+ * no damping made H positive definite (the caller falls back to RTN, §3.4 step 3), -1 on error
+ * (out of memory, bad arguments). */
+int qmix_gptq_prepare(const double *h_upper, const double *h_full, int64_t k, int group,
+                      const qmix_gptq_opts *o, qmix_gptq_prep *out, qmix_err *err);
+void qmix_gptq_prep_free(qmix_gptq_prep *p);
+
+/* One output row: w[k] original weights (not modified); work[2·k] scratch. scale_dtype is the
+ * dtype scales/biases are stored in (QMIX_BF16, QMIX_F16 or QMIX_F32); scales/biases come back
+ * already rounded to it. packed[k·bits/32] codes. */
+void qmix_gptq_quantize_row(const qmix_gptq_prep *p, const float *w, int bits,
+                            qmix_dtype scale_dtype, float *work, uint32_t *packed, float *scales,
+                            float *biases);
+
+/* Importance-weighted RTN of one row: imp[k] ≥ 0 per input channel (NULL: all 1). Same outputs
+ * as above. work[k] scratch. */
+void qmix_wrtn_quantize_row(const float *w, const float *imp, int64_t k, int bits, int group,
+                            qmix_dtype scale_dtype, float *work, uint32_t *packed, float *scales,
+                            float *biases);
+
+/* MLX's min/max rule (§1.2) for one group of n values, with s and β rounded to scale_dtype. */
+void qmix_mlx_group_params(const float *x, int n, int bits, qmix_dtype scale_dtype, float *s,
+                           float *b);
+/* v rounded to dtype (BF16, F16; F32: unchanged). */
+float qmix_round_to_dtype(float v, qmix_dtype dt);
+
+#endif
