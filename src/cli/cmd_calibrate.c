@@ -174,7 +174,8 @@ int qmix_cmd_calibrate(int argc, char **argv)
     qmix_calib_header h = {.hessian = hessian, .n_layers = cfg->n_layers,
                            .n_experts = cfg->n_experts, .n_entries = qmix_calib_total_entries(cfg),
                            .ctx = ctx, .n_windows = n_windows,
-                           .n_tokens = (uint64_t)n_windows * (uint64_t)ctx, .dataset = dataset};
+                           .n_tokens = (uint64_t)n_windows * (uint64_t)(ctx - 1), /* the last token of a window is not fed */
+                           .dataset = dataset};
     if (qmix_calib_write_header(f, &h, &err)) goto fail;
     cli_catch_sigint();
     prog pr = {.t0 = cli_now(), .passes = n_bands, .total = (int64_t)n_windows * n_bands};

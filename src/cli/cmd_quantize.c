@@ -34,7 +34,8 @@ static void usage(FILE *out)
             "  --method rtn|gptq|imatrix  rules without method= (rtn: round to nearest, MLX's rule)\n"
             "  --calib STATS        statistics from qmix calibrate (GPTQ Hessians, importance)\n"
             "  --imatrix FILE       llama.cpp importance matrix (.dat or .gguf) for imatrix\n"
-            "  --act-order          GPTQ group-aware act-order (columns by diag(H), inside groups)\n"
+            "  --act-order          GPTQ group-aware act-order (columns by diag(H), inside groups)\n"            "  --mlx-groups         GPTQ group scale/bias by MLX's min/max rule (default: searched,\n"
+            "                       weighted by diag(H))\n"
             "  --damp X             GPTQ relative damping (0.01)\n"
             "  --min-tokens N|P%%    GPTQ RTN failsafe: inputs with fewer calibration rows are\n"
             "                       rounded to nearest (0.5%% of the calibration tokens)\n\n%s",
@@ -82,6 +83,9 @@ int qmix_cmd_quantize(int argc, char **argv)
             continue;
         } else if (!strcmp(a, "--act-order")) {
             o.gptq.act_order = 1;
+            continue;
+        } else if (!strcmp(a, "--mlx-groups")) {
+            o.gptq.mlx_rule = 1;
             continue;
         } else if (!strcmp(a, "--damp")) {
             if (!(v = cli_value("quantize", argc, argv, &i)) || cli_double("quantize", a, v, &o.gptq.damp))

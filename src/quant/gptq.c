@@ -139,6 +139,7 @@ void qmix_gptq_prep_free(qmix_gptq_prep *p)
     free(p->u);
     free(p->perm);
     free(p->dead);
+    free(p->hdiag);
     memset(p, 0, sizeof *p);
 }
 
@@ -201,6 +202,15 @@ int qmix_gptq_prepare(const double *h_upper, const double *h_full, int64_t k, in
         if (fabs(h[i * k + i]) > maxd) maxd = fabs(h[i * k + i]);
     }
     mean /= (double)k;
+    if (!o || !o->mlx_rule) { /* group search weights: diag(H) in processing order */
+        out->hdiag = malloc((size_t)k * sizeof *out->hdiag);
+        if (!out->hdiag) {
+            free(h); free(a); free(diag);
+            qmix_gptq_prep_free(out);
+            return qmix_errf(err, "gptq: out of memory");
+        }
+        for (int64_t i = 0; i < k; i++) out->hdiag[i] = (float)h[i * k + i];
+    }
     /* §3.4 step 3: raise the damping, then add growing diagonal floors */
     int ok = 0;
     for (int t = 0; t <= 6 && !ok; t++) {
@@ -234,6 +244,9 @@ int qmix_gptq_prepare(const double *h_upper, const double *h_full, int64_t k, in
     return rc;
 }
 
+static void wsearch(const float *x, const float *c, int group, int bits, qmix_dtype sdt, float *q,
+                    float *s_out, float *b_out);
+
 /* ---- the column loop, one row ----------------------------------------------------------- */
 
 void qmix_gptq_quantize_row(const qmix_gptq_prep *p, const float *w, int bits,
@@ -243,7 +256,7 @@ void qmix_gptq_quantize_row(const qmix_gptq_prep *p, const float *w, int bits,
     const int64_t k = p->k;
     const int g = p->group, B = p->block;
     const float n_bins = (float)((1 << bits) - 1);
-    float *x = work, *e = work + k;
+    float *x = work, *e = work + k; /* e: B error terms, then g floats of search scratch */
     for (int64_t i = 0; i < k; i++) x[i] = p->dead[p->perm[i]] ? 0.0f : w[p->perm[i]];
     memset(packed, 0, (size_t)qmix_affine_row_words(k, bits) * sizeof *packed);
     float s = 0, b = 0;
@@ -251,7 +264,8 @@ void qmix_gptq_quantize_row(const qmix_gptq_prep *p, const float *w, int bits,
         int64_t b1 = b0 + B < k ? b0 + B : k;
         for (int64_t i = b0; i < b1; i++) {
             if (i % g == 0) { /* group parameters from the fully updated values (gptq.h) */
-                qmix_mlx_group_params(x + i, g, bits, sdt, &s, &b);
+                if (p->hdiag) wsearch(x + i, p->hdiag + i, g, bits, sdt, e + (B < k ? B : k), &s, &b);
+                else qmix_mlx_group_params(x + i, g, bits, sdt, &s, &b);
                 int64_t grp = p->perm[i] / g;
                 scales[grp] = s;
                 biases[grp] = b;
@@ -287,53 +301,62 @@ static double werr(const float *x, const float *c, int n, float s, float b, floa
     return e;
 }
 
+/* The scale/bias of one group minimising Σ c (x − ŵ)² (c NULL: plain squared error): the MLX
+ * rule, and the range shrunk at either end, each candidate refined once by weighted least squares
+ * on its codes (the 2×2 normal equations of Σ c (x − s·q − b)²). q: n floats of scratch. */
+static void wsearch(const float *x, const float *c, int group, int bits, qmix_dtype sdt, float *q,
+                    float *s_out, float *b_out)
+{
+    const float n_bins = (float)((1 << bits) - 1);
+    double csum = 0;
+    if (c)
+        for (int j = 0; j < group; j++) csum += c[j];
+    if (c && !(csum > 0)) c = NULL; /* no information: plain squared error */
+    float bs, bb;
+    qmix_mlx_group_params(x, group, bits, sdt, &bs, &bb);
+    double best = werr(x, c, group, bs, bb, n_bins, q);
+    float mn = INFINITY, mx = -INFINITY;
+    for (int j = 0; j < group; j++) {
+        mn = x[j] < mn ? x[j] : mn;
+        mx = x[j] > mx ? x[j] : mx;
+    }
+    float range = mx - mn;
+    static const float shrink[] = {0.0f, 0.05f, 0.1f, 0.15f, 0.2f};
+    for (int a = 0; a < 5 && range > 0; a++)
+        for (int z = 0; z < 5; z++) {
+            float lo = mn + shrink[a] * range, hi = mx - shrink[z] * range;
+            float s = qmix_round_to_dtype((hi - lo) / n_bins, sdt);
+            float b = qmix_round_to_dtype(lo, sdt);
+            double e0 = werr(x, c, group, s, b, n_bins, q);
+            if (e0 < best) { best = e0; bs = s; bb = b; }
+            double sw = 0, sq = 0, sqq = 0, sx = 0, sqx = 0;
+            for (int j = 0; j < group; j++) {
+                double cj = c ? c[j] : 1.0;
+                sw += cj; sq += cj * q[j]; sqq += cj * q[j] * q[j];
+                sx += cj * x[j]; sqx += cj * q[j] * x[j];
+            }
+            double det = sqq * sw - sq * sq;
+            if (!(fabs(det) > 1e-12 * sw * sw)) continue;
+            float s2 = qmix_round_to_dtype((float)((sqx * sw - sq * sx) / det), sdt);
+            float b2 = qmix_round_to_dtype((float)((sqq * sx - sq * sqx) / det), sdt);
+            if (!isfinite(s2) || !isfinite(b2)) continue;
+            double e1 = werr(x, c, group, s2, b2, n_bins, q);
+            if (e1 < best) { best = e1; bs = s2; bb = b2; }
+        }
+    *s_out = bs;
+    *b_out = bb;
+}
+
 void qmix_wrtn_quantize_row(const float *w, const float *imp, int64_t k, int bits, int group,
                             qmix_dtype sdt, float *work, uint32_t *packed, float *scales,
                             float *biases)
 {
     const float n_bins = (float)((1 << bits) - 1);
     memset(packed, 0, (size_t)qmix_affine_row_words(k, bits) * sizeof *packed);
-    float *q = work;
     for (int64_t g0 = 0; g0 + group <= k; g0 += group) {
         const float *x = w + g0;
-        const float *c = imp ? imp + g0 : NULL;
-        double csum = 0;
-        if (c)
-            for (int j = 0; j < group; j++) csum += c[j];
-        if (c && !(csum > 0)) c = NULL; /* no information: plain squared error */
         float bs, bb;
-        qmix_mlx_group_params(x, group, bits, sdt, &bs, &bb);
-        double best = werr(x, c, group, bs, bb, n_bins, q);
-        float mn = INFINITY, mx = -INFINITY;
-        for (int j = 0; j < group; j++) {
-            mn = x[j] < mn ? x[j] : mn;
-            mx = x[j] > mx ? x[j] : mx;
-        }
-        float range = mx - mn;
-        /* candidates: the range shrunk at either end, each refined once by weighted least
-         * squares on its codes (the 2×2 normal equations of Σ c (x − s·q − b)²) */
-        static const float shrink[] = {0.0f, 0.05f, 0.1f, 0.15f, 0.2f};
-        for (int a = 0; a < 5 && range > 0; a++)
-            for (int z = 0; z < 5; z++) {
-                float lo = mn + shrink[a] * range, hi = mx - shrink[z] * range;
-                float s = qmix_round_to_dtype((hi - lo) / n_bins, sdt);
-                float b = qmix_round_to_dtype(lo, sdt);
-                double e0 = werr(x, c, group, s, b, n_bins, q);
-                if (e0 < best) { best = e0; bs = s; bb = b; }
-                double sw = 0, sq = 0, sqq = 0, sx = 0, sqx = 0;
-                for (int j = 0; j < group; j++) {
-                    double cj = c ? c[j] : 1.0;
-                    sw += cj; sq += cj * q[j]; sqq += cj * q[j] * q[j];
-                    sx += cj * x[j]; sqx += cj * q[j] * x[j];
-                }
-                double det = sqq * sw - sq * sq;
-                if (!(fabs(det) > 1e-12 * sw * sw)) continue;
-                float s2 = qmix_round_to_dtype((float)((sqx * sw - sq * sx) / det), sdt);
-                float b2 = qmix_round_to_dtype((float)((sqq * sx - sq * sqx) / det), sdt);
-                if (!isfinite(s2) || !isfinite(b2)) continue;
-                double e1 = werr(x, c, group, s2, b2, n_bins, q);
-                if (e1 < best) { best = e1; bs = s2; bb = b2; }
-            }
+        wsearch(x, imp ? imp + g0 : NULL, group, bits, sdt, work, &bs, &bb);
         scales[g0 / group] = bs;
         biases[g0 / group] = bb;
         for (int j = 0; j < group; j++)

@@ -10,8 +10,11 @@
  *
  * Both write what qmix_affine_quantize_row writes (codes, per-group scale s and bias β with
  * w ≈ s·q + β), so the output stays an MLX checkpoint. Choices (documented per §3.8):
- * - group parameters use MLX's asymmetric min/max rule (§1.2) on the *fully updated* weights of
- *   the group (all earlier columns' feedback included), not GPTQModel's stale-within-block copy;
+ * - group parameters are computed on the *fully updated* weights of the group (all earlier
+ *   columns' feedback included), not GPTQModel's stale-within-block copy, by the search of the
+ *   importance-weighted RTN below with weights diag(H) (the role of GPTQModel's optional MSE grid,
+ *   §3.6 step 5: clipping the range pays at 2-4 bits), or with opts.mlx_rule by MLX's
+ *   asymmetric min/max rule (§1.2);
  * - s and β are rounded to the output dtype before the codes are chosen, so the error fed
  *   forward is the error of what readers will actually compute;
  * - act-order is GPTQModel's group-aware reordering (GAR, §3.5): MLX groups are contiguous input
@@ -29,6 +32,7 @@ typedef struct qmix_gptq_opts {
     double damp;      /* relative diagonal damping (§3.4), in (0, 1); 0 → 0.01 */
     int act_order;    /* group-aware act-order (GAR) */
     int block;        /* column block of the lazy update; 0 → 128 */
+    int mlx_rule;     /* group parameters by MLX's min/max rule instead of the search below */
 } qmix_gptq_opts;
 
 /* What rows of one matrix share: the factor U in processing order and the order itself. */
@@ -39,6 +43,7 @@ typedef struct qmix_gptq_prep {
     float *u;         /* [k][k] row-major, upper triangle used: Uᵀ U = (H + λI)⁻¹ (permuted) */
     int32_t *perm;    /* perm[p] = original column processed at position p */
     uint8_t *dead;    /* [k] original column never saw a non-zero input */
+    float *hdiag;     /* [k] diag(H) in processing order: group search weights; NULL: MLX rule */
     double damp;      /* damping actually used */
     int n_dead;
 } qmix_gptq_prep;
@@ -51,7 +56,7 @@ int qmix_gptq_prepare(const double *h_upper, const double *h_full, int64_t k, in
                       const qmix_gptq_opts *o, qmix_gptq_prep *out, qmix_err *err);
 void qmix_gptq_prep_free(qmix_gptq_prep *p);
 
-/* One output row: w[k] original weights (not modified); work[2·k] scratch. scale_dtype is the
+/* One output row: w[k] original weights (not modified); work[2·k + 128] scratch. scale_dtype is the
  * dtype scales/biases are stored in (QMIX_BF16, QMIX_F16 or QMIX_F32); scales/biases come back
  * already rounded to it. packed[k·bits/32] codes. */
 void qmix_gptq_quantize_row(const qmix_gptq_prep *p, const float *w, int bits,

@@ -603,7 +603,7 @@ typedef struct wctx {
     int mode;              /* 0 RTN, 1 GPTQ (prep), 2 importance-weighted (imp) */
     qmix_gptq_prep prep;
     float *imp;            /* [max cols] */
-    float *gwork;          /* [n_threads][2 · max cols] */
+    float *gwork;          /* [n_threads][2 · max cols + 128]: GPTQ / search scratch */
 } wctx;
 
 static double now_s(void)
@@ -666,7 +666,7 @@ static void row_task(void *ctx, int task, int thread)
         size_t ng = (size_t)(t->cols / t->group);
         float *sc = w->scr + (size_t)thread * 2 * w->max_cols, *bi = sc + w->max_cols;
         uint32_t *out = (uint32_t *)w->chunk + (size_t)task * (size_t)words;
-        float *gw = w->gwork ? w->gwork + (size_t)thread * 2 * w->max_cols : NULL;
+        float *gw = w->gwork ? w->gwork + (size_t)thread * (2 * w->max_cols + 128) : NULL;
         if (w->mode == 1)
             qmix_gptq_quantize_row(&w->prep, row, t->bits, w->o->dtype, gw, out, sc, bi);
         else if (w->mode == 2)
@@ -1039,7 +1039,7 @@ int qmix_quantize(const char *in, const char *out_dir, const qmix_quant_opts *o,
     size_t chunk_elems = max_cols > CHUNK_ELEMS ? max_cols : CHUNK_ELEMS;
     w.chunk = malloc(chunk_elems * 4);
     w.imp = malloc(max_cols * sizeof *w.imp);
-    w.gwork = malloc((size_t)w.n_threads * 2 * max_cols * sizeof *w.gwork);
+    w.gwork = malloc((size_t)w.n_threads * (2 * max_cols + 128) * sizeof *w.gwork);
     const char **names = calloc(p.n + 1, sizeof *names), **files = calloc(p.n + 1, sizeof *files);
     char (*fnames)[64] = calloc((size_t)n_shards + 1, sizeof *fnames);
     qmix_stw_tensor *specs = calloc(p.n + 1, sizeof *specs);
