@@ -353,7 +353,8 @@ END_TEST
 
 /* One calibration of tiny-b shared by the file and whole-model tests (made in the parent). */
 static char fx_dir[512];
-static char fx_stats[600], fx_dat[600], fx_gguf[600], fx_calib[600], fx_held[600];
+static char fx_stats[600], fx_dat[600], fx_gguf[600], fx_calib[600];
+static char fx_one[600], fx_one_banded[600]; /* one window, one pass / several passes */
 
 static void write_tokens(const char *path, int n, uint64_t seed)
 {
@@ -373,15 +374,19 @@ static void fixture_up(void)
     snprintf(fx_dat, sizeof fx_dat, "%s/im.dat", fx_dir);
     snprintf(fx_gguf, sizeof fx_gguf, "%s/im.gguf", fx_dir);
     snprintf(fx_calib, sizeof fx_calib, "%s/calib.txt", fx_dir);
-    snprintf(fx_held, sizeof fx_held, "%s/held.txt", fx_dir);
-    write_tokens(fx_calib, 2048, 1);
-    write_tokens(fx_held, 1024, 2);
+    snprintf(fx_one, sizeof fx_one, "%s/one.qcal", fx_dir);
+    snprintf(fx_one_banded, sizeof fx_one_banded, "%s/one-banded.qcal", fx_dir);
+    write_tokens(fx_calib, 1024, 1);
     char args[4096];
     snprintf(args, sizeof args, "calibrate testdata/fixtures/tiny-b --tokens %s --ctx 256 -o %s "
              "--imatrix-out %s --threads 2", fx_calib, fx_stats, fx_dat);
     tu_expect(args, 0, "routed experts");
-    snprintf(args, sizeof args, "calibrate testdata/fixtures/tiny-b --tokens %s --ctx 256 -o "
-             "%s.2 --imatrix-out %s --max-memory 2M --threads 1", fx_calib, fx_stats, fx_gguf);
+    snprintf(args, sizeof args, "calibrate testdata/fixtures/tiny-b --tokens %s --ctx 256 -o %s "
+             "--samples 1 --threads 2", fx_calib, fx_one);
+    tu_expect(args, 0, "routed experts");
+    snprintf(args, sizeof args, "calibrate testdata/fixtures/tiny-b --tokens %s --ctx 256 -o %s "
+             "--imatrix-out %s --samples 1 --max-memory 2M --threads 1", fx_calib, fx_one_banded,
+             fx_gguf);
     tu_expect(args, 0, "passes over the text");
 }
 
@@ -404,23 +409,23 @@ static qmix_config tiny_b_config(void)
 START_TEST(stats_file)
 {
     size_t a_len, b_len;
-    char p2[700];
-    snprintf(p2, sizeof p2, "%s.2", fx_stats);
-    void *a = tu_read(fx_stats, &a_len), *b = tu_read(p2, &b_len);
+    void *a = tu_read(fx_one, &a_len), *b = tu_read(fx_one_banded, &b_len);
     /* banded passes (--max-memory) and thread counts give the same bytes */
     ck_assert(a_len == b_len && !memcmp(a, b, a_len));
+    free(a);
     free(b);
+    a = tu_read(fx_stats, &a_len);
     qmix_calib *c;
     qmix_err err;
     ck_assert_msg(qmix_calib_open(fx_stats, &c, &err) == 0, "%s", err.msg);
     qmix_config cfg = tiny_b_config();
     ck_assert_int_eq(qmix_calib_count(c), qmix_calib_total_entries(&cfg));
-    ck_assert_int_eq((int)qmix_calib_tokens(c), 8 * 255); /* a window's last token is not fed */
+    ck_assert_int_eq((int)qmix_calib_tokens(c), 4 * 255); /* a window's last token is not fed */
     /* all tokens reach the dense inputs; the experts share k·T rows */
     uint64_t routed = 0;
     for (int l = 0; l < cfg.n_layers; l++) {
-        ck_assert_int_eq((int)qmix_calib_get(c, l, QMIX_CIN_ATTN, -1)->n, 2040);
-        ck_assert_int_eq((int)qmix_calib_get(c, l, QMIX_CIN_FFN, -1)->n, 2040);
+        ck_assert_int_eq((int)qmix_calib_get(c, l, QMIX_CIN_ATTN, -1)->n, 1020);
+        ck_assert_int_eq((int)qmix_calib_get(c, l, QMIX_CIN_FFN, -1)->n, 1020);
         for (int e = 0; e < cfg.n_experts; e++) {
             const qmix_calib_entry *x = qmix_calib_get(c, l, QMIX_CIN_EXPERT, e);
             ck_assert(x->n == qmix_calib_get(c, l, QMIX_CIN_EXPERT_DOWN, e)->n);
@@ -432,7 +437,7 @@ START_TEST(stats_file)
             }
         }
     }
-    ck_assert_int_eq((int)routed, 2040 * cfg.n_experts_used * cfg.n_layers);
+    ck_assert_int_eq((int)routed, 1020 * cfg.n_experts_used * cfg.n_layers);
     ck_assert_ptr_null(qmix_calib_get(c, 0, QMIX_CIN_ATTN_O, -1)); /* layer 0 is linear */
     ck_assert_ptr_nonnull(qmix_calib_get(c, -1, QMIX_CIN_HEAD, -1));
     qmix_calib_close(c);
@@ -475,12 +480,12 @@ START_TEST(stats_file)
 }
 END_TEST
 
-static void check_imatrix(const char *path, int with_counts)
+static void check_imatrix(const char *path, const char *stats, int with_counts)
 {
     qmix_calib *c;
     qmix_imatrix *im;
     qmix_err err;
-    ck_assert(qmix_calib_open(fx_stats, &c, &err) == 0);
+    ck_assert(qmix_calib_open(stats, &c, &err) == 0);
     ck_assert_msg(qmix_imatrix_load(path, &im, &err) == 0, "%s: %s", path, err.msg);
     qmix_config cfg = tiny_b_config();
     static const struct { const char *name; int kind; } probes[] = {
@@ -529,10 +534,10 @@ static void check_imatrix(const char *path, int with_counts)
     qmix_calib_close(c);
 }
 
-START_TEST(imatrix_dat_roundtrip) { check_imatrix(fx_dat, 0); }
+START_TEST(imatrix_dat_roundtrip) { check_imatrix(fx_dat, fx_stats, 0); }
 END_TEST
 
-START_TEST(imatrix_gguf_roundtrip) { check_imatrix(fx_gguf, 1); }
+START_TEST(imatrix_gguf_roundtrip) { check_imatrix(fx_gguf, fx_one_banded, 1); }
 END_TEST
 
 /* A small valid .dat: two entries and the trailer. */
@@ -634,30 +639,45 @@ static void quantize_tiny_b(const char *out, const char *recipe, int method, con
     ck_assert_msg(qmix_quantize("testdata/fixtures/tiny-b", out, &o, rep, &err) == 0, "%s", err.msg);
 }
 
-static double kld_of(const char *quant, double *top1)
+/* The base run once, kept whole (top-k = the vocabulary: exact KLD), on the held-out tokens. */
+static void save_base(const char *path)
 {
-    qmix_model *bm, *qm;
-    qmix_session *bs, *qs;
+    qmix_model *bm;
+    qmix_session *bs;
     qmix_err err;
     ck_assert(qmix_model_open("testdata/fixtures/tiny-b", &bm, &err) == 0);
-    ck_assert_msg(qmix_model_open(quant, &qm, &err) == 0, "%s", err.msg);
     qmix_session_opts so = {.max_ctx = 256, .n_threads = 2};
     ck_assert(qmix_session_new(bm, &so, &bs, &err) == 0);
-    ck_assert(qmix_session_new(qm, &so, &qs, &err) == 0);
     tu_rng_seed(2);
-    int32_t tok[1024];
-    for (int i = 0; i < 1024; i++) tok[i] = (int32_t)(tu_rng_u64() % 768);
+    int32_t tok[512];
+    for (int i = 0; i < 512; i++) tok[i] = (int32_t)(tu_rng_u64() % 768);
+    int done;
+    ck_assert_msg(qmix_kld_save_base(bs, tok, 256, 2, 768, path, NULL, NULL, NULL, &done, &err) == 0,
+                  "%s", err.msg);
+    qmix_session_free(bs);
+    qmix_model_close(bm);
+}
+
+static double kld_of(const char *quant, const char *base, double *top1)
+{
+    qmix_model *qm;
+    qmix_session *qs;
+    qmix_kld_base *b;
+    qmix_err err;
+    ck_assert_msg(qmix_model_open(quant, &qm, &err) == 0, "%s", err.msg);
+    qmix_session_opts so = {.max_ctx = 256, .n_threads = 2};
+    ck_assert(qmix_session_new(qm, &so, &qs, &err) == 0);
+    ck_assert_msg(qmix_kld_base_open(base, &b, &err) == 0, "%s", err.msg);
     qmix_kld_result r;
-    ck_assert_msg(qmix_kld_compare(qs, bs, NULL, tok, 256, 4, NULL, NULL, NULL, &r, &err) == 0,
+    ck_assert_msg(qmix_kld_compare(qs, NULL, b, NULL, 0, 0, NULL, NULL, NULL, &r, &err) == 0,
                   "%s", err.msg);
     double s = 0;
     for (int64_t i = 0; i < r.n; i++) s += r.kld[i];
     *top1 = (double)r.top1_same / (double)r.n;
     double mean = s / (double)r.n;
     qmix_kld_result_free(&r);
-    qmix_session_free(bs);
+    qmix_kld_base_close(b);
     qmix_session_free(qs);
-    qmix_model_close(bm);
     qmix_model_close(qm);
     return mean;
 }
@@ -669,6 +689,9 @@ START_TEST(whole_model_kld)
     ck_assert(qmix_calib_open(fx_stats, &c, &err) == 0);
     static const char *const names[] = {"rtn", "gptq", "imatrix"};
     double kld[3][2], top1[3][2];
+    char base[700];
+    snprintf(base, sizeof base, "%s/base.klb", fx_dir);
+    save_base(base);
     for (int bits = 3; bits <= 4; bits++)
         for (int m = 0; m < 3; m++) {
             char out[700], recipe[32];
@@ -681,7 +704,7 @@ START_TEST(whole_model_kld)
                 ck_assert_int_eq(rep.fb_tokens + rep.fb_cholesky, 0);
                 ck_assert_int_eq(rep.fb_nostats, 1); /* the embedding: a lookup, no input */
             }
-            kld[m][bits - 3] = kld_of(out, &top1[m][bits - 3]);
+            kld[m][bits - 3] = kld_of(out, base, &top1[m][bits - 3]);
             printf("info: tiny-b %s %d-bit: mean KLD %.4f, top-1 %.3f\n", names[m], bits,
                    kld[m][bits - 3], top1[m][bits - 3]);
         }
@@ -745,6 +768,31 @@ START_TEST(rtn_failsafe_count)
 }
 END_TEST
 
+START_TEST(mixed_recipe)
+{
+    qmix_calib *c;
+    qmix_err err;
+    ck_assert(qmix_calib_open(fx_stats, &c, &err) == 0);
+    char path[700], out[700];
+    snprintf(path, sizeof path, "%s/mixed.recipe", fx_dir);
+    const char *text = "default bits=4\n"
+                       "experts_gate_up,experts_down bits=3 group=32 method=gptq\n"
+                       "attn_q,attn_k,attn_v,attn_o bits=4 method=imatrix\n"
+                       "router,shared_expert_gate keep\n";
+    tu_write(path, text, strlen(text));
+    snprintf(out, sizeof out, "%s/q-mixed", fx_dir);
+    qmix_quant_report rep;
+    quantize_tiny_b(out, path, QMIX_METHOD_RTN, c, -1, &rep);
+    ck_assert_int_eq(rep.n_gptq, 8 * 16 * 3);          /* every expert matrix */
+    ck_assert_int_eq(rep.n_imatrix, 2 * 4);            /* q, k, v, o of the 2 full layers */
+    ck_assert_int_eq(rep.fb_tokens + rep.fb_cholesky + rep.fb_nostats, 0);
+    qmix_model *m;
+    ck_assert_msg(qmix_model_open(out, &m, &err) == 0, "%s", err.msg); /* loads back */
+    qmix_model_close(m);
+    qmix_calib_close(c);
+}
+END_TEST
+
 static Suite *suite(void)
 {
     Suite *s = suite_create("gptq");
@@ -766,6 +814,7 @@ static Suite *suite(void)
     tcase_add_test(f, imatrix_gguf_roundtrip);
     tcase_add_test(f, whole_model_kld);
     tcase_add_test(f, rtn_failsafe_count);
+    tcase_add_test(f, mixed_recipe);
     tcase_set_timeout(f, 180);
     suite_add_tcase(s, f);
     return s;
