@@ -82,9 +82,17 @@ $(BUILD)/bench/%: bench/%.c $(BUILD)/libqmix.a
 test: $(BUILD)/qmix $(TEST_BIN)
 	@QMIX_BIN=$(BUILD)/qmix tools/run-tests.sh $(TEST_BIN)
 
+# The bundled trained model (testdata/demo): quantized with seed 002's preset, then what it cost
+# (bpw and size by role, perplexity of both, KLD) and what it writes.
+DEMO_Q := $(BUILD)/demo-dynamic-2.6
+DEMO_EVAL := --text testdata/demo/heldout.txt --ctx 512 --windows 16
 demo: $(BUILD)/qmix
-	$(BUILD)/qmix info testdata/fixtures/tiny-a
-	$(BUILD)/qmix generate testdata/fixtures/tiny-a --tokens "$$(cat testdata/fixtures/tiny-a/golden/tokens.txt)" -n 24
+	$(BUILD)/qmix info testdata/demo
+	$(BUILD)/qmix quantize testdata/demo $(DEMO_Q) --recipe dynamic-2.6 --force --quiet
+	$(BUILD)/qmix ppl testdata/demo $(DEMO_EVAL)
+	$(BUILD)/qmix ppl $(DEMO_Q) $(DEMO_EVAL)
+	$(BUILD)/qmix kld testdata/demo $(DEMO_Q) $(DEMO_EVAL)
+	$(BUILD)/qmix generate $(DEMO_Q) -p "The package manager" -n 40 --temp 0
 
 # libFuzzer harnesses (clang, ASan + UBSan, into build-fuzz/), FUZZ_TIME seconds per fuzzer.
 FUZZ_TIME ?= 30
