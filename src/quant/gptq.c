@@ -71,17 +71,21 @@ static int cholesky_lower(double *a, int64_t n)
 /* L (lower, in a) → the lower triangle of A⁻¹ = L⁻ᵀ L⁻¹ in a; tmp[n·n] scratch. */
 static void inverse_from_cholesky(double *a, double *tmp, int64_t n)
 {
-    /* tmp = L⁻¹ (lower) by forward substitution, column by column */
+    /* tmp = L⁻¹ (lower) by forward substitution: T[i][j] = −Σ_{k<i} L[i][k]·T[k][j] / L[i][i]
+     * (T[k][j] = 0 for j > k), accumulated row by row so every inner loop is contiguous */
     memset(tmp, 0, (size_t)(n * n) * sizeof *tmp);
     for (int64_t i = 0; i < n; i++) {
         const double *li = a + i * n;
         double *ti = tmp + i * n;
-        ti[i] = 1.0 / li[i];
-        for (int64_t j = 0; j < i; j++) {
-            double v = 0;
-            for (int64_t k = j; k < i; k++) v += li[k] * tmp[k * n + j];
-            ti[j] = -v / li[i];
+        for (int64_t k = 0; k < i; k++) {
+            double l = li[k];
+            if (l == 0) continue;
+            const double *tk = tmp + k * n;
+            for (int64_t j = 0; j <= k; j++) ti[j] += l * tk[j];
         }
+        double d = li[i];
+        for (int64_t j = 0; j < i; j++) ti[j] = -ti[j] / d;
+        ti[i] = 1.0 / d;
     }
     /* A⁻¹[i][j] = Σ_{k ≥ i} T[k][i]·T[k][j] for j ≤ i */
     for (int64_t i = 0; i < n; i++)
