@@ -16,9 +16,9 @@ usage:
   render_template.py --template T --messages conv.json [--tools tools.json]
                      [--enable-thinking true|false] [--no-generation-prompt]
       prints the rendered prompt exactly; on a template error prints it on stderr, exit 3
-  render_template.py --template T --case case.json
+  render_template.py --template T --case case.json [--case case2.json ...]
       case = {"messages": [...], "tools": [...]?, "options": {"add_vision_id": true}?}; prints a JSON
-      list of 4 results, for (add_generation_prompt, enable_thinking) in
+      list of 4 results per case (with several cases, a list of those lists), for (add_generation_prompt, enable_thinking) in
       (T,T) (T,F) (F,T) (F,F): {"text": "..."} or {"error": "...", "raised": true|false}
       (raised: the template's own raise_exception)
 exit 4 when jinja2 is not installed.
@@ -95,6 +95,20 @@ def load(path):
         return json.load(f)
 
 
+def render_case(template, case):
+    results = []
+    for gen, think in ((True, True), (True, False), (False, True), (False, False)):
+        msgs = json.loads(json.dumps(case["messages"]))
+        try:
+            text = render(template, msgs, case.get("tools"), gen, think, case.get("options"))
+            results.append({"text": text})
+        except TemplateRaised as e:
+            results.append({"error": str(e), "raised": True})
+        except Exception as e:  # what Jinja or Python rejects (TypeError, UndefinedError ...)
+            results.append({"error": "%s: %s" % (type(e).__name__, e), "raised": False})
+    return results
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--template", required=True)
@@ -102,23 +116,14 @@ def main():
     ap.add_argument("--tools")
     ap.add_argument("--enable-thinking", choices=["true", "false"])
     ap.add_argument("--no-generation-prompt", action="store_true")
-    ap.add_argument("--case")
+    ap.add_argument("--case", action="append")
     a = ap.parse_args()
     with open(a.template, encoding="utf-8") as f:
         template = compile_template(f.read())
     if a.case:
-        case = load(a.case)
-        results = []
-        for gen, think in ((True, True), (True, False), (False, True), (False, False)):
-            msgs = json.loads(json.dumps(case["messages"]))
-            try:
-                text = render(template, msgs, case.get("tools"), gen, think, case.get("options"))
-                results.append({"text": text})
-            except TemplateRaised as e:
-                results.append({"error": str(e), "raised": True})
-            except Exception as e:  # what Jinja or Python rejects (TypeError, UndefinedError ...)
-                results.append({"error": "%s: %s" % (type(e).__name__, e), "raised": False})
-        sys.stdout.write(json.dumps(results, ensure_ascii=False))
+        # one process for every case: interpreter start-up dominates a render
+        every = [render_case(template, load(path)) for path in a.case]
+        sys.stdout.write(json.dumps(every[0] if len(every) == 1 else every, ensure_ascii=False))
         return 0
     if not a.messages:
         ap.error("--messages or --case is required")
