@@ -12,6 +12,7 @@
 #include "eval/kld.h"
 #include "kernels/kernels.h"
 #include "quant/affine.h"
+#include "quant/awq.h"
 #include "quant/calib.h"
 #include "quant/gptq.h"
 #include "quant/imatrix.h"
@@ -349,6 +350,43 @@ START_TEST(weighted_rtn)
 }
 END_TEST
 
+START_TEST(awq_scales_and_loss)
+{
+    tu_rng_seed(16);
+    const int k = 128, g = 32;
+    float act[128], s[128];
+    for (int j = 0; j < k; j++) act[j] = 0.1f + 5.0f * (tu_frand() + 1.0f) * (j % 13 == 0 ? 10 : 1);
+    qmix_awq_scales(act, k, 0.0, s);
+    for (int j = 0; j < k; j++) ck_assert(s[j] == 1.0f);
+    qmix_awq_scales(act, k, 0.5, s);
+    float mx = 0, mn = INFINITY;
+    for (int j = 0; j < k; j++) {
+        mx = fmaxf(mx, s[j]);
+        mn = fminf(mn, s[j]);
+        if (j) ck_assert((act[j] > act[0]) == (s[j] > s[0]) || act[j] == act[0]);
+    }
+    ck_assert_msg(fabs((double)mx * mn - 1.0) < 1e-5, "max·min %g", (double)mx * mn);
+    /* α = 0 scores plain RTN; the grid's best is never worse */
+    float tab[QMIX_AWQ_GRID * 128], w[128], c[128], deq[128], sc[4], bi[4];
+    float scr[4 * 128 + 64];
+    uint32_t codes[16];
+    for (int a = 0; a < QMIX_AWQ_GRID; a++) qmix_awq_scales(act, k, a / 20.0, tab + a * k);
+    for (int j = 0; j < k; j++) {
+        w[j] = 0.05f * tu_frand();
+        c[j] = act[j] * act[j];
+    }
+    double loss[QMIX_AWQ_GRID] = {0};
+    qmix_awq_row_loss(w, c, 1.0, k, tab, 3, g, scr, loss);
+    qmix_affine_quantize_row(w, k, 3, g, codes, sc, bi);
+    qmix_affine_dequantize_row(codes, sc, bi, QMIX_F32, k, 3, g, deq);
+    double rtn = 0, best = loss[0];
+    for (int j = 0; j < k; j++) rtn += c[j] * ((double)w[j] - deq[j]) * ((double)w[j] - deq[j]);
+    for (int a = 1; a < QMIX_AWQ_GRID; a++) best = fmin(best, loss[a]);
+    ck_assert(fabs(loss[0] - rtn) <= 1e-9 * rtn);
+    ck_assert_msg(best < 0.9 * rtn, "best α %g vs RTN %g", best, rtn);
+}
+END_TEST
+
 /* ---- files ------------------------------------------------------------------------------- */
 
 /* One calibration of tiny-b shared by the file and whole-model tests (made in the parent). */
@@ -621,7 +659,9 @@ START_TEST(recipe_method)
     ck_assert_int_eq(d.method, QMIX_METHOD_IMATRIX);
     d = qmix_recipe_resolve(&r, "language_model.model.layers.3.self_attn.k_proj.weight", 2, shp + 1, 1, 8);
     ck_assert_int_eq(d.method, QMIX_METHOD_DEFAULT);
-    ck_assert(qmix_recipe_parse("default bits=4 method=awq\n", "t", &r, &err) != 0);
+    ck_assert(qmix_recipe_parse("default bits=4 method=awq\n", "t", &r, &err) == 0);
+    ck_assert_int_eq(r.rules[0].method, QMIX_METHOD_AWQ);
+    ck_assert(qmix_recipe_parse("default bits=4 method=smoothquant\n", "t", &r, &err) != 0);
     ck_assert(qmix_recipe_parse("router keep method=gptq\n", "t", &r, &err) != 0);
 }
 END_TEST
@@ -750,7 +790,7 @@ START_TEST(rtn_failsafe_count)
     snprintf(args, sizeof args, "quantize testdata/fixtures/tiny-b %s/q-cli --recipe experts-4 "
              "--method gptq --calib %s --min-tokens %llu --quiet", fx_dir, fx_stats,
              (unsigned long long)thr);
-    char needle[128];
+    char needle[128], path_mixed[700];
     snprintf(needle, sizeof needle, "RTN failsafe for %lld of %d", (long long)want, 3 * ne);
     tu_expect(args, 0, needle);
     /* GPTQ without statistics, AWQ: clear refusals */
@@ -759,7 +799,14 @@ START_TEST(rtn_failsafe_count)
     tu_expect(args, 1, "needs calibration statistics with Hessians");
     snprintf(args, sizeof args, "quantize testdata/fixtures/tiny-b %s/q-y --recipe uniform-4 "
              "--method awq", fx_dir);
-    tu_expect(args, 2, "not implemented");
+    tu_expect(args, 1, "need --calib FILE or --imatrix FILE");
+    /* AWQ where a group mixes methods: that group stays unscaled, and says so */
+    snprintf(path_mixed, sizeof path_mixed, "%s/awq-mixed.recipe", fx_dir);
+    const char *text = "default bits=4 method=awq\nattn_k bits=4 method=rtn\n";
+    tu_write(path_mixed, text, strlen(text));
+    snprintf(args, sizeof args, "quantize testdata/fixtures/tiny-b %s/q-w --recipe %s --calib %s "
+             "--quiet", fx_dir, path_mixed, fx_stats);
+    tu_expect(args, 0, "2 groups left unscaled");
     /* the imatrix method from a llama.cpp file alone */
     snprintf(args, sizeof args, "quantize testdata/fixtures/tiny-b %s/q-z --recipe uniform-4 "
              "--method imatrix --imatrix %s --quiet", fx_dir, fx_gguf);
@@ -777,14 +824,18 @@ START_TEST(mixed_recipe)
     snprintf(path, sizeof path, "%s/mixed.recipe", fx_dir);
     const char *text = "default bits=4\n"
                        "experts_gate_up,experts_down bits=3 group=32 method=gptq\n"
-                       "attn_q,attn_k,attn_v,attn_o bits=4 method=imatrix\n"
+                       "attn_q,attn_k,attn_v bits=4 method=awq\n"
+                       "attn_o bits=4 method=imatrix\n"
                        "router,shared_expert_gate keep\n";
     tu_write(path, text, strlen(text));
     snprintf(out, sizeof out, "%s/q-mixed", fx_dir);
     qmix_quant_report rep;
     quantize_tiny_b(out, path, QMIX_METHOD_RTN, c, -1, &rep);
     ck_assert_int_eq(rep.n_gptq, 8 * 16 * 3);          /* every expert matrix */
-    ck_assert_int_eq(rep.n_imatrix, 2 * 4);            /* q, k, v, o of the 2 full layers */
+    ck_assert_int_eq(rep.n_imatrix, 2);                /* o_proj of the 2 full layers */
+    ck_assert_int_eq(rep.n_awq, 2 * 3);                /* their q, k, v */
+    ck_assert_int_eq(rep.awq_folds, 2);                /* into their input_layernorm */
+    ck_assert_int_eq(rep.awq_unfolded, 0);
     ck_assert_int_eq(rep.fb_tokens + rep.fb_cholesky + rep.fb_nostats, 0);
     qmix_model *m;
     ck_assert_msg(qmix_model_open(out, &m, &err) == 0, "%s", err.msg); /* loads back */
@@ -828,21 +879,25 @@ START_TEST(demo_model_kld)
     tu_write(eval, text, half);
     tu_write(calib, text + half, len - half);
     free(text);
-    snprintf(args, sizeof args, "calibrate testdata/demo --text %s --ctx 512 --samples 8 -o %s "
+    snprintf(args, sizeof args, "calibrate testdata/demo --text %s --ctx 512 --samples 4 -o %s "
              "--threads 2", calib, stats);
     tu_expect(args, 0, "routed experts");
-    double k[2];
-    static const char *const m[2] = {"rtn", "gptq"};
-    for (int i = 0; i < 2; i++) {
+    double k[3];
+    static const char *const m[3] = {"rtn", "gptq", "awq"};
+    for (int i = 0; i < 3; i++) {
         char out[700];
-        snprintf(out, sizeof out, "%s/demo-%s", fx_dir, m[i]);
-        snprintf(args, sizeof args, "quantize testdata/demo %s --recipe uniform-3 --method %s "
-                 "--calib %s --quiet --threads 2", out, m[i], stats);
+        int bits = 3;
+        snprintf(out, sizeof out, "%s/demo-%s-%d", fx_dir, m[i], bits);
+        snprintf(args, sizeof args, "quantize testdata/demo %s --recipe uniform-%d --method %s "
+                 "--calib %s --quiet --threads 2", out, bits, m[i], stats);
         tu_expect(args, 0, NULL);
         k[i] = cli_kld(out, eval);
     }
-    printf("info: demo 3-bit mean KLD: rtn %.4f, gptq %.4f\n", k[0], k[1]);
+    printf("info: demo 3-bit mean KLD: rtn %.4f, gptq %.4f, awq %.4f\n", k[0], k[1], k[2]);
     ck_assert_msg(k[1] < 0.9 * k[0], "GPTQ %g vs RTN %g", k[1], k[0]);
+    /* AWQ's gain on this model is small; the folding must at least keep the function (a wrong
+     * fold costs orders of magnitude): no worse than RTN */
+    ck_assert_msg(k[2] <= 1.02 * k[0], "AWQ %g vs RTN %g", k[2], k[0]);
 }
 END_TEST
 
@@ -856,6 +911,7 @@ static Suite *suite(void)
     tcase_add_test(m, gptq_act_order);
     tcase_add_test(m, gptq_cholesky_failure);
     tcase_add_test(m, weighted_rtn);
+    tcase_add_test(m, awq_scales_and_loss);
     tcase_add_test(m, imatrix_dat_hostile);
     tcase_add_test(m, recipe_method);
     tcase_set_timeout(m, 60);

@@ -31,9 +31,11 @@ static void usage(FILE *out)
             "  --force              write into a non-empty OUT\n"
             "  --quiet              no progress on stderr\n\n"
             "Calibrated methods (spec/quant-formats.md §3, §4.4; per role: method= in a recipe):\n"
-            "  --method rtn|gptq|imatrix  rules without method= (rtn: round to nearest, MLX's rule)\n"
+            "  --method rtn|gptq|imatrix|awq  rules without method= (rtn: round to nearest, MLX's\n"
+            "                       rule; awq: activation-aware scales folded into the norms / up_proj\n"
+            "                       rows, then RTN)\n"
             "  --calib STATS        statistics from qmix calibrate (GPTQ Hessians, importance)\n"
-            "  --imatrix FILE       llama.cpp importance matrix (.dat or .gguf) for imatrix\n"
+            "  --imatrix FILE       llama.cpp importance matrix (.dat or .gguf) for imatrix, awq\n"
             "  --act-order          GPTQ group-aware act-order (columns by diag(H), inside groups)\n"            "  --mlx-groups         GPTQ group scale/bias by MLX's min/max rule (default: searched,\n"
             "                       weighted by diag(H))\n"
             "  --damp X             GPTQ relative damping (0.01)\n"
@@ -68,13 +70,9 @@ int qmix_cmd_quantize(int argc, char **argv)
             if (!strcmp(method, "rtn")) o.method = QMIX_METHOD_RTN;
             else if (!strcmp(method, "gptq")) o.method = QMIX_METHOD_GPTQ;
             else if (!strcmp(method, "imatrix")) o.method = QMIX_METHOD_IMATRIX;
-            else if (!strcmp(method, "awq")) {
-                fprintf(stderr, "qmix quantize: --method awq (scale search and folding, spec §4.1-4.2) "
-                        "is not implemented yet; --method imatrix chooses each group's scale/bias "
-                        "by importance-weighted error (§4.4)\n");
-                return 2;
-            } else {
-                fprintf(stderr, "qmix quantize: --method must be rtn, gptq or imatrix\n");
+            else if (!strcmp(method, "awq")) o.method = QMIX_METHOD_AWQ;
+            else {
+                fprintf(stderr, "qmix quantize: --method must be rtn, gptq, imatrix or awq\n");
                 return 2;
             }
             continue;
@@ -214,6 +212,10 @@ int qmix_cmd_quantize(int argc, char **argv)
                (long long)rep.min_tokens, (long long)rep.fb_cholesky);
     if (rep.n_imatrix) printf("imatrix: %lld matrices with importance-weighted scales\n",
                               (long long)rep.n_imatrix);
+    if (rep.n_awq)
+        printf("awq: %lld matrices with scaled columns; %lld scale vectors folded, %lld groups left "
+               "unscaled\n", (long long)rep.n_awq, (long long)rep.awq_folds,
+               (long long)rep.awq_unfolded);
     if (rep.fb_nostats)
         printf("no statistics for %lld matrices (rounded to nearest)\n", (long long)rep.fb_nostats);
     printf("\n%-20s %-10s %16s %12s %7s\n", "role", "bits", "parameters", "bytes", "share");

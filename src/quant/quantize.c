@@ -18,6 +18,7 @@
 #include "formats/safetensors_write.h"
 #include "kernels/kernels.h"
 #include "quant/affine.h"
+#include "quant/awq.h"
 #include "quant/calib.h"
 #include "quant/imatrix.h"
 #include "runtime/threadpool.h"
@@ -175,6 +176,10 @@ typedef struct item {
     int64_t src_row0, src_rows;    /* first row inside each source matrix, rows per matrix */
     int bits, group;
     int method;                    /* QMIX_METHOD_* from the recipe (DEFAULT: the run's) */
+    /* AWQ folding (§4.2): columns × colmul, rows × rowmul, before anything else; a stride of 0
+     * shares one vector between the matrices, else matrix m starts at m · stride */
+    const float *colmul, *rowmul;
+    int64_t colmul_stride, rowmul_stride;
     qmix_role role;
     int shard;
     uint64_t nbytes;
@@ -604,6 +609,8 @@ typedef struct wctx {
     qmix_gptq_prep prep;
     float *imp;            /* [max cols] */
     float *gwork;          /* [n_threads][2 · max cols + 128]: GPTQ / search scratch */
+    float **awq_bufs;      /* AWQ scale vectors the items point at */
+    int n_awq_bufs;
 } wctx;
 
 static double now_s(void)
@@ -661,6 +668,16 @@ static void row_task(void *ctx, int task, int thread)
     int64_t g = w->g0 + task, m = g / t->rows, r = g % t->rows;
     float *row = w->rows + (size_t)thread * w->max_cols;
     source_row(row, t, m, r);
+    if (t->one_plus)
+        for (int64_t i = 0; i < t->cols; i++) row[i] += 1.0f;
+    if (t->colmul) {
+        const float *cm = t->colmul + m * t->colmul_stride;
+        for (int64_t i = 0; i < t->cols; i++) row[i] *= cm[i];
+    }
+    if (t->rowmul) {
+        float f = t->rowmul[m * t->rowmul_stride + r];
+        for (int64_t i = 0; i < t->cols; i++) row[i] *= f;
+    }
     if (t->kind == K_QWEIGHT) {
         int64_t words = qmix_affine_row_words(t->cols, t->bits);
         size_t ng = (size_t)(t->cols / t->group);
@@ -680,8 +697,6 @@ static void row_task(void *ctx, int task, int thread)
         }
         return;
     }
-    if (t->one_plus)
-        for (int64_t i = 0; i < t->cols; i++) row[i] += 1.0f;
     if (t->dtype == QMIX_F32) {
         memcpy((float *)w->chunk + (size_t)task * (size_t)t->cols, row, (size_t)t->cols * 4);
     } else {
@@ -716,6 +731,10 @@ static int prepare_matrix(wctx *w, const item *t, int64_t m)
     qmix_gptq_prep_free(&w->prep);
     w->mode = 0;
     if (method == QMIX_METHOD_RTN) return 0;
+    if (method == QMIX_METHOD_AWQ) { /* scaled columns (row_task), then MLX's rule */
+        w->rep->n_awq++;
+        return 0;
+    }
     int layer, kind;
     const qmix_calib_entry *e = NULL;
     if (qmix_calib_input_of(t->name, &layer, &kind) && o->calib)
@@ -881,6 +900,215 @@ out:
     return rc;
 }
 
+/* ---- AWQ: one scale vector per fold group, searched on the statistics, folded (§4.1-4.2) ---- */
+
+/* E[x²] per input channel of matrix m of t (calibration statistics, else the imatrix): 1 found
+ * (*rows: rows behind it, 0 unknown), 0 none, -1 error. */
+static int importance_of(wctx *w, const item *t, int64_t m, float *out, uint64_t *rows)
+{
+    int layer, kind;
+    *rows = 0;
+    if (!qmix_calib_input_of(t->name, &layer, &kind)) return 0;
+    if (w->o->calib) {
+        const qmix_calib_entry *e = qmix_calib_get(w->o->calib, layer, kind,
+                                                   qmix_calib_kind_per_expert(kind) ? (int)m : -1);
+        if (!e || e->k != t->cols || !e->n) return 0;
+        for (int64_t j = 0; j < t->cols; j++) out[j] = (float)(e->sumsq[j] / (double)e->n);
+        *rows = e->n;
+        return 1;
+    }
+    if (!w->o->imatrix) return 0;
+    int64_t cnt;
+    int r = qmix_imatrix_lookup(w->o->imatrix, t->name, m, t->cols, w->cfg, out, &cnt, w->err);
+    if (r > 0 && cnt > 0) *rows = (uint64_t)cnt;
+    return r;
+}
+
+static float *awq_buf(wctx *w, size_t n)
+{
+    float **b = realloc(w->awq_bufs, (size_t)(w->n_awq_bufs + 1) * sizeof *b);
+    if (!b) return NULL;
+    w->awq_bufs = b;
+    float *v = malloc(n * sizeof *v);
+    if (v) w->awq_bufs[w->n_awq_bufs++] = v;
+    return v;
+}
+
+/* The best of the α grid for the quantized consumers cons[] (matrix only_m, or all when < 0)
+ * of an activation with RMS act[k] → s[k]. Each consumer matrix's error is weighted by the share
+ * of calibration rows behind it (routed experts see a fraction of the tokens). */
+static int awq_search(wctx *w, const plan *p, const size_t *cons, int nc, int64_t only_m,
+                      const float *act, int64_t k, float *s)
+{
+    float *tab = malloc((size_t)QMIX_AWQ_GRID * (size_t)k * sizeof *tab);
+    float *c = malloc((size_t)k * sizeof *c);
+    float *scr = malloc((size_t)qmix_awq_scratch(k) * sizeof *scr);
+    double loss[QMIX_AWQ_GRID] = {0};
+    int rc = -1;
+    if (!tab || !c || !scr) {
+        qmix_errf(w->err, "out of memory");
+        goto out;
+    }
+    for (int a = 0; a < QMIX_AWQ_GRID; a++)
+        qmix_awq_scales(act, k, (double)a / QMIX_AWQ_GRID, tab + (int64_t)a * k);
+    double total = w->o->calib ? (double)qmix_calib_tokens(w->o->calib) : 0;
+    for (int i = 0; i < nc; i++) {
+        const item *t = &p->it[cons[i]];
+        if (t->kind != K_QWEIGHT) continue;
+        for (int64_t m = only_m < 0 ? 0 : only_m; m < (only_m < 0 ? t->nmat : only_m + 1); m++) {
+            uint64_t rows;
+            int r = importance_of(w, t, m, c, &rows);
+            if (r < 0) goto out;
+            double weight = r && rows && total > 0 ? (double)rows / total : 1.0;
+            /* the diagonal score of §4.4: with the full Hessian (dᵀHd) it cost K² per row and
+             * candidate and chose no better scales on the demo model */
+            for (int64_t row = 0; row < t->rows; row++) {
+                source_row(w->rows, t, m, row);
+                qmix_awq_row_loss(w->rows, r ? c : NULL, weight, k, tab, t->bits, t->group, scr,
+                                  loss);
+            }
+        }
+    }
+    int best = 0;
+    for (int a = 1; a < QMIX_AWQ_GRID; a++)
+        if (loss[a] < loss[best]) best = a;
+    memcpy(s, tab + (int64_t)best * k, (size_t)k * sizeof *s);
+    rc = 0;
+out:
+    free(tab);
+    free(c);
+    free(scr);
+    return rc;
+}
+
+/* Fold groups per layer (§4.2): input_layernorm → q/k/v or in_proj_*; post_attention_layernorm →
+ * router, shared_expert_gate, shared gate/up, every expert's gate/up; each expert's up_proj rows →
+ * its down_proj; the shared expert's up rows → its down. A group is folded only when every
+ * quantized consumer asks for awq (scaling the others' inputs would invalidate their Hessians or
+ * importance); o_proj and out_proj have no foldable producer (§4.2) and get plain RTN. */
+static int awq_prepass(wctx *w, plan *p)
+{
+    int any = 0;
+    for (size_t i = 0; i < p->n; i++) any |= p->it[i].kind == K_QWEIGHT &&
+                                             item_method(w, &p->it[i]) == QMIX_METHOD_AWQ;
+    if (!any) return 0;
+    size_t *g1 = malloc(p->n * sizeof *g1), *g2 = malloc(p->n * sizeof *g2);
+    float *act = malloc(w->max_cols * sizeof *act);
+    int rc = -1;
+    if (!g1 || !g2 || !act) {
+        qmix_errf(w->err, "out of memory");
+        goto out;
+    }
+    for (int L = 0; L < w->cfg->n_layers; L++) {
+        int n1 = 0, n2 = 0;
+        item *norm1 = NULL, *norm2 = NULL, *sh_up = NULL, *sh_down = NULL, *ex_up = NULL,
+             *ex_down = NULL;
+        for (size_t i = 0; i < p->n; i++) {
+            item *t = &p->it[i];
+            if (qmix_layer_of(t->name) != L || (t->kind != K_QWEIGHT && t->kind != K_PLAIN)) continue;
+            if (ends_with(t->name, "input_layernorm.weight")) norm1 = t;
+            else if (ends_with(t->name, "post_attention_layernorm.weight")) norm2 = t;
+            int layer, kind;
+            if (!qmix_calib_input_of(t->name, &layer, &kind) || t->ndim < 2) continue;
+            if (kind == QMIX_CIN_ATTN) g1[n1++] = i;
+            if (kind == QMIX_CIN_FFN || kind == QMIX_CIN_EXPERT) g2[n2++] = i;
+            if (strstr(t->name, "shared_expert.up_proj")) sh_up = t;
+            if (kind == QMIX_CIN_SHARED_DOWN) sh_down = t;
+            if (kind == QMIX_CIN_EXPERT && strstr(t->name, "up_proj")) ex_up = t;
+            if (kind == QMIX_CIN_EXPERT_DOWN) ex_down = t;
+        }
+        /* the norm groups */
+        struct { size_t *g; int n; item *norm; } ng[2] = {{g1, n1, norm1}, {g2, n2, norm2}};
+        for (int q = 0; q < 2; q++) {
+            int quant = 0, awq = 0, found = 0;
+            for (int i = 0; i < ng[q].n; i++) {
+                const item *t = &p->it[ng[q].g[i]];
+                if (t->kind != K_QWEIGHT) continue;
+                quant++;
+                awq += item_method(w, t) == QMIX_METHOD_AWQ;
+            }
+            if (!awq) continue;
+            if (awq < quant || !ng[q].norm) {
+                w->rep->awq_unfolded++;
+                continue;
+            }
+            /* the all-token statistic: the first consumer that is not a routed expert */
+            int64_t k = p->it[ng[q].g[0]].cols;
+            for (int i = 0; i < ng[q].n && !found; i++) {
+                const item *t = &p->it[ng[q].g[i]];
+                int layer, kind;
+                uint64_t rows;
+                qmix_calib_input_of(t->name, &layer, &kind);
+                if (qmix_calib_kind_per_expert(kind)) continue;
+                int r = importance_of(w, t, 0, act, &rows);
+                if (r < 0) goto out;
+                found = r;
+            }
+            if (!found || ng[q].norm->cols != k) {
+                w->rep->awq_unfolded++;
+                continue;
+            }
+            for (int64_t j = 0; j < k; j++) act[j] = sqrtf(act[j]);
+            float *sv = awq_buf(w, (size_t)k), *inv = awq_buf(w, (size_t)k);
+            if (!sv || !inv) {
+                qmix_errf(w->err, "out of memory");
+                goto out;
+            }
+            if (awq_search(w, p, ng[q].g, ng[q].n, -1, act, k, sv)) goto out;
+            for (int64_t j = 0; j < k; j++) inv[j] = 1.0f / sv[j];
+            for (int i = 0; i < ng[q].n; i++) {
+                item *t = &p->it[ng[q].g[i]];
+                t->colmul = sv;
+                t->colmul_stride = 0;
+            }
+            ng[q].norm->colmul = inv;
+            ng[q].norm->colmul_stride = 0;
+            w->rep->awq_folds++;
+        }
+        /* up rows → down columns: per expert, and the shared expert */
+        struct { item *up, *down; } ud[2] = {{ex_up, ex_down}, {sh_up, sh_down}};
+        for (int q = 0; q < 2; q++) {
+            item *up = ud[q].up, *down = ud[q].down;
+            if (!up || !down || down->kind != K_QWEIGHT) continue;
+            if (item_method(w, down) != QMIX_METHOD_AWQ) continue;
+            if (up->nmat != down->nmat || up->rows != down->cols) {
+                w->rep->awq_unfolded++;
+                continue;
+            }
+            int64_t k = down->cols, E = down->nmat;
+            float *sv = awq_buf(w, (size_t)(E * k)), *inv = awq_buf(w, (size_t)(E * k));
+            if (!sv || !inv) {
+                qmix_errf(w->err, "out of memory");
+                goto out;
+            }
+            for (int64_t m = 0; m < E; m++) {
+                uint64_t rows;
+                size_t di = (size_t)(down - p->it);
+                int r = importance_of(w, down, m, act, &rows);
+                if (r < 0) goto out;
+                if (!r || (w->o->calib && (int64_t)rows < w->rep->min_tokens)) {
+                    for (int64_t j = 0; j < k; j++) sv[m * k + j] = 1.0f; /* too little data */
+                } else {
+                    for (int64_t j = 0; j < k; j++) act[j] = sqrtf(act[j]);
+                    if (awq_search(w, p, &di, 1, m, act, k, sv + m * k)) goto out;
+                    w->rep->awq_folds++;
+                }
+                for (int64_t j = 0; j < k; j++) inv[m * k + j] = 1.0f / sv[m * k + j];
+            }
+            down->colmul = sv;
+            down->colmul_stride = E > 1 ? k : 0;
+            up->rowmul = inv;
+            up->rowmul_stride = E > 1 ? k : 0;
+        }
+    }
+    rc = 0;
+out:
+    free(g1);
+    free(g2);
+    free(act);
+    return rc;
+}
+
 /* Every tensor a calibrated method is asked for has the inputs it needs: GPTQ a --calib file
  * with Hessians, the importance-weighted method --calib or --imatrix. Also fixes the failsafe
  * threshold. */
@@ -891,7 +1119,7 @@ static int check_method_inputs(wctx *w, const plan *p)
     for (size_t i = 0; i < p->n; i++) {
         int m = item_method(w, &p->it[i]);
         need_h |= m == QMIX_METHOD_GPTQ;
-        need_imp |= m == QMIX_METHOD_IMATRIX;
+        need_imp |= m == QMIX_METHOD_IMATRIX || m == QMIX_METHOD_AWQ;
     }
     if (need_h && (!o->calib || !qmix_calib_has_hessian(o->calib)))
         return qmix_errf(w->err, "method gptq needs calibration statistics with Hessians (--calib "
@@ -899,7 +1127,7 @@ static int check_method_inputs(wctx *w, const plan *p)
                          "only H's diagonal, with which GPTQ degenerates into weighted RTN: use "
                          "--method imatrix" : "");
     if (need_imp && !o->calib && !o->imatrix)
-        return qmix_errf(w->err, "method imatrix needs --calib FILE or --imatrix FILE");
+        return qmix_errf(w->err, "methods imatrix and awq need --calib FILE or --imatrix FILE");
     if (o->calib && (qmix_calib_layers(o->calib) != w->cfg->n_layers ||
                      qmix_calib_experts(o->calib) != w->cfg->n_experts))
         return qmix_errf(w->err, "the calibration statistics are for %d layers / %d experts, the "
@@ -1048,6 +1276,7 @@ int qmix_quantize(const char *in, const char *out_dir, const qmix_quant_opts *o,
         qmix_errf(err, "out of memory");
         goto done2;
     }
+    if (awq_prepass(&w, &p)) goto done2;
     w.t0 = w.last = now_s();
     qmix_stw_kv meta[1] = {{"format", "mlx"}};
     size_t j = 0;
@@ -1124,6 +1353,8 @@ done:
     free(w.bbuf);
     free(w.imp);
     free(w.gwork);
+    for (int i = 0; i < w.n_awq_bufs; i++) free(w.awq_bufs[i]);
+    free(w.awq_bufs);
     qmix_gptq_prep_free(&w.prep);
     free(p.it);
     free(srcs);

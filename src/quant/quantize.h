@@ -29,7 +29,7 @@ typedef struct qmix_quant_opts {
     /* calibrated methods (src/quant/gptq.h): method for rules without method= (0: RTN) */
     int method;                 /* QMIX_METHOD_* */
     const struct qmix_calib *calib;     /* statistics: GPTQ Hessians, importance */
-    const struct qmix_imatrix *imatrix; /* llama.cpp importance matrix (imatrix method only) */
+    const struct qmix_imatrix *imatrix; /* llama.cpp importance matrix (imatrix, awq) */
     qmix_gptq_opts gptq;
     int64_t min_tokens;         /* GPTQ RTN failsafe: a matrix whose input saw fewer calibration
                                    rows is rounded to nearest; < 0: 0.5 % of the calibration
@@ -51,6 +51,9 @@ typedef struct qmix_quant_report {
     qmix_quant_role_stat roles[QMIX_ROLE_COUNT];
     /* calibrated methods, counted in matrices (an expert's gate_proj is one) */
     int64_t n_gptq, n_imatrix;  /* quantized with GPTQ / importance-weighted RTN */
+    int64_t n_awq;              /* quantized with AWQ-scaled columns (RTN) */
+    int64_t awq_folds, awq_unfolded; /* AWQ scale vectors folded; groups left unscaled (no
+                                        statistics, or a consumer with another method) */
     int64_t fb_tokens;          /* GPTQ → RTN: fewer than min_tokens calibration rows */
     int64_t fb_cholesky;        /* GPTQ → RTN: no damping made H positive definite */
     int64_t fb_nostats;         /* asked for a calibrated method, no statistics for the input */

@@ -200,8 +200,9 @@ static int parse_line(char *line, const char *label, int lineno, qmix_recipe_rul
             if (!strcmp(v, "rtn")) rule->method = QMIX_METHOD_RTN;
             else if (!strcmp(v, "gptq")) rule->method = QMIX_METHOD_GPTQ;
             else if (!strcmp(v, "imatrix")) rule->method = QMIX_METHOD_IMATRIX;
-            else return qmix_errf(err, "recipe %s:%d: method=%s: expected rtn, gptq or imatrix",
-                                  label, lineno, v);
+            else if (!strcmp(v, "awq")) rule->method = QMIX_METHOD_AWQ;
+            else return qmix_errf(err, "recipe %s:%d: method=%s: expected rtn, gptq, imatrix or "
+                                  "awq", label, lineno, v);
         } else {
             return qmix_errf(err, "recipe %s:%d: unknown key '%s' (bits, group, layers, first, "
                              "last, type, match, method)", label, lineno, k);
