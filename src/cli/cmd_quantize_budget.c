@@ -213,7 +213,7 @@ int budget_option(int argc, char **argv, int *i, budget_args *b)
 
 typedef struct sens_row {
     int role, layer;
-    int64_t params;
+    int64_t params, params_measured; /* measured < params: experts were sampled */
     int quantizable;
     double kld[9];               /* by bits; NAN where not measured */
 } sens_row;
@@ -241,6 +241,8 @@ static int load_sensitivity_json(const char *path, sens_row **rows, int *n, int 
         s->layer = json_is_integer(layer) ? (int)json_integer_value(layer) : -1;
         if (s->layer >= 0) *layers_seen = 1;
         s->params = json_integer_value(json_object_get(o, "params"));
+        json_t *pm = json_object_get(o, "params_measured");
+        s->params_measured = json_is_integer(pm) ? json_integer_value(pm) : s->params;
         s->quantizable = json_is_true(json_object_get(o, "quantizable"));
         if (s->role < 0 || !json_is_object(bits) || s->params <= 0) {
             why = "a row without a known role, params or bits";
@@ -309,6 +311,7 @@ static int measure_sensitivity(const char *in, const budget_args *b, const int32
         s->role = r.rows[i].role;
         s->layer = r.rows[i].layer;
         s->params = r.rows[i].params;
+        s->params_measured = r.rows[i].params_measured;
         s->quantizable = r.rows[i].quantizable;
         for (int k = 0; k < 9; k++) s->kld[k] = NAN;
         for (int k = 0; k < r.n_bits; k++) s->kld[r.bits[k]] = qmix_sens_kld(&r.rows[i].cell[k]);
@@ -427,9 +430,9 @@ int quantize_with_budget(const char *in, const char *out, const budget_args *b,
     uint64_t fixed_bytes = 0;
     for (int r = 0; r < QMIX_ROLE_COUNT; r++) {
         if (!keep.roles[r].tensors) continue;
-        int measured = 0;
-        for (int i = 0; i < n_rows; i++) measured |= rows[i].role == r;
-        if (!allocated_role(r) || !measured) {
+        int has_rows = 0;
+        for (int i = 0; i < n_rows; i++) has_rows |= rows[i].role == r;
+        if (!allocated_role(r) || !has_rows) {
             fixed_bytes += keep.roles[r].bytes;
             continue;
         }
@@ -439,7 +442,7 @@ int quantize_with_budget(const char *in, const char *out, const budget_args *b,
         for (int band = 0; band < bands; band++) {
             int lo = bands > 1 ? band * n_layers / bands : -1;
             int hi = bands > 1 ? (band + 1) * n_layers / bands - 1 : -1;
-            double kld[9], params = 0;
+            double kld[9], params = 0, measured = 0;
             int quantizable = 1, any = 0;
             for (int k = 0; k < 9; k++) kld[k] = 0;
             for (int i = 0; i < n_rows; i++) {
@@ -450,10 +453,17 @@ int quantize_with_budget(const char *in, const char *out, const budget_args *b,
                 if (!in_band) continue;
                 any = 1;
                 params += (double)s->params;
+                measured += (double)(s->params_measured > 0 ? s->params_measured : s->params);
                 quantizable &= s->quantizable;
                 for (int k = 2; k <= 8; k++) kld[k] += s->kld[k]; /* NAN if unmeasured */
             }
             if (!any) continue;
+            /* A sampled measurement (some layers, some experts) stands for the whole group: its
+             * KLD is scaled by the parameters it covers, the role's from the dry run when the
+             * group is the whole role, else the rows' own (their sampled experts). */
+            double whole = bands == 1 ? (double)keep.roles[r].params : params;
+            if (measured > 0 && whole > measured)
+                for (int k = 2; k <= 8; k++) kld[k] *= whole / measured;
             if (n == MAX_GROUPS) {
                 fprintf(stderr, "qmix %s: more than %d groups: use fewer --layer-bands\n", CMD,
                         MAX_GROUPS);
@@ -561,11 +571,11 @@ int quantize_with_budget(const char *in, const char *out, const budget_args *b,
             if (g[i].layer_lo >= 0)
                 snprintf(layers, sizeof layers, "%d-%d", g[i].layer_lo, g[i].layer_hi);
             if (c->bits) snprintf(bits, sizeof bits, "%d", c->bits);
-            double params = 0;
-            for (int k = 0; k < n_rows; k++)
-                if (rows[k].role == (int)g[i].role &&
-                    (g[i].layer_lo < 0 ||
-                     (rows[k].layer >= g[i].layer_lo && rows[k].layer <= g[i].layer_hi)))
+            /* a whole role: the dry run's count (sampled rows cover only some layers) */
+            double params = g[i].layer_lo < 0 ? (double)keep.roles[g[i].role].params : 0;
+            for (int k = 0; k < n_rows && g[i].layer_lo >= 0; k++)
+                if (rows[k].role == (int)g[i].role && rows[k].layer >= g[i].layer_lo &&
+                    rows[k].layer <= g[i].layer_hi)
                     params += (double)rows[k].params;
             cli_human_bytes((double)c->bytes, ha, sizeof ha);
             printf("| %s | %s | %s | %.0f | %s | %.1f%% | %.5f |\n", qmix_role_name(g[i].role),
