@@ -62,6 +62,10 @@ $(BUILD)/src/kernels/%_vnni.o: src/kernels/%_vnni.c
 	@mkdir -p $(dir $@)
 	$(CC) $(CFLAGS_BASE) $(KERNEL_OPT) $(CFLAGS) $(AVX512_FLAGS) -mavx512vnni -MMD -MP -c $< -o $@
 
+$(BUILD)/src/kernels/%_vbmi.o: src/kernels/%_vbmi.c
+	@mkdir -p $(dir $@)
+	$(CC) $(CFLAGS_BASE) $(KERNEL_OPT) $(CFLAGS) $(AVX512_FLAGS) -mavx512vnni -mavx512vbmi -MMD -MP -c $< -o $@
+
 $(BUILD)/libqmix.a: $(LIB_OBJ)
 	@rm -f $@
 	ar rcs $@ $^

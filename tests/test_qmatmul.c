@@ -277,12 +277,12 @@ START_TEST(qmatmul_invalid)
 END_TEST
 
 /* Int8-activation decode: the scalar reference within the exact bound that rounding x to int8
- * allows (|x − d·xq| ≤ d/2 per element) of the float result, and the VNNI kernel equal to the
- * reference up to float summation order, over every width/group it takes, partial 64-byte spans,
- * padded rows, an all-zero block of x and row ranges not starting at 0. */
+ * allows (|x − d·xq| ≤ d/2 per element) of the float result, and the VNNI (2/4/8 bits) and VBMI
+ * (3/5/6 bits) kernels equal to the reference up to float summation order, over every width and
+ * group, partial spans, padded rows, an all-zero block of x and row ranges not starting at 0. */
 START_TEST(q8_decode)
 {
-    static const int q8_bits[] = {2, 4, 8};
+    static const int q8_bits[] = {2, 3, 4, 5, 6, 8};
     int cases = 0;
     for (size_t bi = 0; bi < COUNT(q8_bits); bi++)
         for (size_t gi = 0; gi < COUNT(GROUPS); gi++)
@@ -290,7 +290,8 @@ START_TEST(q8_decode)
                 int bits = q8_bits[bi], gs = GROUPS[gi];
                 tu_rng_state = 500 + (uint64_t)(bi * 31 + gi * 7 + shape);
                 int64_t rows = shape == 0 ? 1 : shape == 1 ? 7 : 13;
-                int64_t cols = shape == 0 ? gs : shape == 1 ? 3 * gs : 2048 + gs;
+                /* the VBMI kernel takes whole spans of 64 codes (else the float path) */
+                int64_t cols = shape == 0 ? (gs < 64 ? 64 : gs) : shape == 1 ? 3 * gs : 2048 + gs;
                 qmat w;
                 qmat_make(&w, bits, gs, SDT[(bi + gi + shape) % 3], rows, cols, shape == 1 ? 4 : 0);
                 ck_assert(qk_q8_supported(&w.m));
@@ -317,8 +318,12 @@ START_TEST(q8_decode)
                           (long)cols, (long)o, yr[o], exact, bound);
                     CHECK(bound > 0, "the bound is not vacuous");
                 }
-                if (qk_isa_supported(QK_ISA_AVX512) && __builtin_cpu_supports("avx512vnni")) {
-                    qk_qmatvec_q8_vnni(&w.m, rb, rows, x, yv);
+                int plane_bits = bits == 2 || bits == 4 || bits == 8;
+                int simd = qk_isa_supported(QK_ISA_AVX512) && __builtin_cpu_supports("avx512vnni") &&
+                           (plane_bits || __builtin_cpu_supports("avx512vbmi"));
+                if (simd) {
+                    if (plane_bits) qk_qmatvec_q8_vnni(&w.m, rb, rows, x, yv);
+                    else qk_qmatvec_q8_vbmi(&w.m, rb, rows, x, yv);
                     check_sentinels(yv, 1, rows, rb, rows, "q8 vnni");
                     for (int64_t o = rb; o < rows; o++) {
                         double mag = 0;
@@ -327,20 +332,23 @@ START_TEST(q8_decode)
                               "q8 vnni b%d g%d cols %ld row %ld: %g vs reference %g", bits, gs,
                               (long)cols, (long)o, yv[o], yr[o]);
                     }
-                    /* the dispatcher takes this path for n = 1 when int8 activations are on */
+                    /* the dispatcher takes this path for n = 1 when int8 activations are on
+                     * (3/5/6 bits: whole 64-code spans; else the float path, tested above) */
+                    if (!plane_bits && cols % 64) goto next;
                     qk_set_act_int8(1);
                     float *yd = new_y(1, rows);
                     qk_matmul_for(QK_ISA_AVX512)(&w.m, rb, rows, x, 1, cols, yd, rows);
                     ck_assert_int_eq(memcmp(yd + rb, yv + rb, sizeof(float) * (size_t)(rows - rb)), 0);
                     free(yd);
                 }
+            next:
                 free(yr);
                 free(yv);
                 free(x);
                 qmat_free(&w);
                 cases++;
             }
-    ck_assert_int_eq(cases, 27);
+    ck_assert_int_eq(cases, 54);
 }
 END_TEST
 

@@ -97,3 +97,10 @@ void qk_set_act_int8(int on)
     int v = on && qk_isa_supported(QK_ISA_AVX512) && __builtin_cpu_supports("avx512vnni");
     __atomic_store_n(&act_int8, v, __ATOMIC_RELEASE);
 }
+
+int qk_act_int8_vbmi(void)
+{
+    static int vbmi = -1;
+    if (vbmi < 0) vbmi = __builtin_cpu_supports("avx512vbmi");
+    return qk_act_int8() && vbmi;
+}

@@ -44,10 +44,12 @@ typedef enum qk_isa { QK_ISA_SCALAR = 0, QK_ISA_AVX2, QK_ISA_AVX512, QK_ISA_COUN
 qk_isa qk_isa_active(void);
 const char *qk_isa_name(qk_isa isa);
 int qk_isa_supported(qk_isa isa);
-/* Int8 activations for quantized decode (2/4/8-bit weights, n = 1): on by default where the CPU
+/* Int8 activations for quantized decode (n = 1): on by default where the CPU
  * has AVX-512 VNNI, off with QMIX_ACT_INT8=0; qk_set_act_int8 overrides both (tests). */
 int qk_act_int8(void);
 void qk_set_act_int8(int on);
+/* 3-, 5- and 6-bit weights take the int8 path too where the CPU also has AVX512-VBMI. */
+int qk_act_int8_vbmi(void);
 
 /* The matmul of one ISA, for tests and benchmarks; NULL if not compiled in. */
 qk_matmul_fn qk_matmul_for(qk_isa isa);

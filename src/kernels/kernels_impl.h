@@ -35,7 +35,8 @@ void qk_gmatmul_avx512(const qk_mat *w, int64_t row_begin, int64_t row_end, cons
                        int n, int64_t ldx, float *y, int64_t ldy);
 int qk_gmat_valid(const qk_mat *w);
 
-/* Decode with int8 activations (qmatvec_q8.c): 2-, 4- and 8-bit weights, rows of at most
+/* Decode with int8 activations (qmatvec_q8.c): the reference takes every width; the VNNI kernel
+ * 2, 4 and 8 bits, the VBMI one 3, 5 and 6 (it needs AVX512-VBMI too); rows of at most
  * QK_Q8_MAX_COLS inputs. qk_quantize_x_q8 quantizes x in blocks of 32 (xq[cols], d[cols/32]) and
  * sums it per weight group (gsum[cols/group_size]). y[o] for rows [row_begin, row_end). */
 #define QK_Q8_MAX_COLS 16384
@@ -45,6 +46,8 @@ void qk_quantize_x_q8(const float *x, int64_t cols, int group_size, int8_t *xq, 
 void qk_qmatvec_q8_scalar(const qk_mat *w, int64_t row_begin, int64_t row_end, const float *x,
                           float *y);
 void qk_qmatvec_q8_vnni(const qk_mat *w, int64_t row_begin, int64_t row_end, const float *x,
+                        float *y);
+void qk_qmatvec_q8_vbmi(const qk_mat *w, int64_t row_begin, int64_t row_end, const float *x,
                         float *y);
 
 /* Tokens are processed in chunks of this many so a chunk of X stays in L2 while the weight rows

@@ -223,8 +223,14 @@ void qk_qmatmul_avx512(const qk_mat *w, int64_t row_begin, int64_t row_end, cons
         float *yc = y + (int64_t)t0 * ldy;
         int64_t r = row_begin;
         if (tn == 1 && qk_act_int8() && qk_q8_supported(w)) {
-            qk_qmatvec_q8_vnni(w, row_begin, row_end, xc, yc);
-            continue;
+            if (B == 2 || B == 4 || B == 8) {
+                qk_qmatvec_q8_vnni(w, row_begin, row_end, xc, yc);
+                continue;
+            }
+            if (qk_act_int8_vbmi() && w->cols % 64 == 0) {
+                qk_qmatvec_q8_vbmi(w, row_begin, row_end, xc, yc);
+                continue;
+            }
         }
         if (tn == 1) /* decode: more rows in flight to keep memory busy */
             for (; r + 8 <= row_end; r += 8) tiles8x1[B][gi](w, r, xc, ldx, yc + r, ldy);

@@ -3,17 +3,14 @@
  * group's dot product becomes integer multiply-adds, which VNNI does 64 at a time:
  *   Σ_k (s·q_k + β)·x_k ≈ s·Σ_blocks d_b·Σ_{k∈b} q_k·xq_k + β·Σ_k x_k
  * (the bias term uses the exact float sums). This file holds the quantizer every variant shares
- * and the scalar reference; qmatvec_q8_vnni.c the AVX-512 VNNI version. */
+ * and the scalar reference; qmatvec_q8_vnni.c the AVX-512 VNNI version for 2/4/8 bits,
+ * qmatvec_q8_vbmi.c the VNNI + VBMI one for 3/5/6 bits. */
 #include <math.h>
 #include <string.h>
 
 #include "kernels/kernels_impl.h"
 
-int qk_q8_supported(const qk_mat *w)
-{
-    return qk_qmat_valid(w) && (w->bits == 2 || w->bits == 4 || w->bits == 8) &&
-           w->cols <= QK_Q8_MAX_COLS;
-}
+int qk_q8_supported(const qk_mat *w) { return qk_qmat_valid(w) && w->cols <= QK_Q8_MAX_COLS; }
 
 void qk_quantize_x_q8(const float *x, int64_t cols, int group_size, int8_t *xq, float *d,
                       float *gsum)
@@ -33,11 +30,14 @@ void qk_quantize_x_q8(const float *x, int64_t cols, int group_size, int8_t *xq, 
     }
 }
 
-/* Code k of a byte-aligned width (2, 4 or 8 bits, LSB first). */
+/* Code k of a row's LSB-first bit stream (a code never spans more than two bytes). */
 static inline int code_at(const uint8_t *row, int64_t k, int bits)
 {
-    int per = 8 / bits;
-    return (row[k / per] >> ((k % per) * bits)) & ((1 << bits) - 1);
+    uint64_t o = (uint64_t)k * (uint64_t)bits;
+    unsigned sh = (unsigned)(o & 7);
+    unsigned v = row[o >> 3];
+    if (sh + (unsigned)bits > 8) v |= (unsigned)row[(o >> 3) + 1] << 8;
+    return (int)((v >> sh) & ((1u << bits) - 1));
 }
 
 void qk_qmatvec_q8_scalar(const qk_mat *w, int64_t row_begin, int64_t row_end, const float *x,
