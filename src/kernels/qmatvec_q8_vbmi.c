@@ -5,22 +5,12 @@
  * above it, and vpdpbusd multiplies the bytes with int8 activations in their natural order. Lane j
  * then sums codes 4j..4j+3 of one 32-block of x, closed with s_group·d_block as in the VNNI
  * kernel. */
-#include <immintrin.h>
 #include <string.h>
 
-#include "kernels/kernels_impl.h"
+#include "kernels/q8_avx512.h"
 
 #define SPAN 64 /* codes per step */
 #define MAX_SPANS (QK_Q8_MAX_COLS / SPAN)
-
-static inline __m512 widen16(const uint8_t *p, int64_t cnt, qmix_dtype dt)
-{
-    __mmask16 m = cnt >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << cnt) - 1);
-    if (dt == QMIX_F32) return _mm512_maskz_loadu_ps(m, p);
-    __m256i h = _mm256_maskz_loadu_epi16(m, p);
-    return dt == QMIX_F16 ? _mm512_cvtph_ps(h)
-                          : _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
-}
 
 /* x quantized once per thread while calls bring the same values (as in the VNNI kernel). */
 typedef struct xcache {
@@ -58,7 +48,6 @@ static inline __attribute__((always_inline)) void rows(int B, int R, const qk_ma
     const int64_t ng = w->cols / gs, spans = w->cols / SPAN;
     const size_t rb = w->row_bytes, srb = w->scale_row_bytes;
     const qmix_dtype sdt = w->scale_dtype;
-    const size_t sesz = sdt == QMIX_F32 ? 4 : 2;
     const __m512i pidx = k->pidx, sidx = k->sidx, pat = k->pat;
     const __m512i low = _mm512_set1_epi8((char)((1 << B) - 1));
     const __mmask64 bytes = B == 8 ? ~(__mmask64)0 : (((__mmask64)1 << (8 * B)) - 1);
@@ -70,15 +59,7 @@ static inline __attribute__((always_inline)) void rows(int B, int R, const qk_ma
     int64_t g0 = -16;
     for (int64_t s = 0; s < spans; s++) {
         const int64_t gfirst = s * SPAN / gs, off = s * 8 * B;
-        if (gfirst >= g0 + 16) {
-            g0 = gfirst & ~(int64_t)15;
-            const __m512 gv = _mm512_loadu_ps(c->gsum + g0);
-            for (int r = 0; r < R; r++) {
-                const size_t o = (size_t)r * srb + (size_t)g0 * sesz;
-                sw[r] = widen16(sp + o, ng - g0, sdt);
-                bacc[r] = _mm512_fmadd_ps(widen16(bp + o, ng - g0, sdt), gv, bacc[r]);
-            }
-        }
+        q8_scale_window(R, gfirst, &g0, ng, sp, bp, srb, sdt, c->gsum, sw, bacc);
         const __m512i idx = _mm512_add_epi32(_mm512_set1_epi32((int)(gfirst - g0)), pat);
         const __m512 dv = _mm512_loadu_ps(c->dl + s * 16);
         const __m512i xv = _mm512_load_si512(c->xq + s * SPAN);

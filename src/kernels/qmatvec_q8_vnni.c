@@ -5,22 +5,11 @@
  * of one 32-block of x, so one convert and one FMA with s_group·d_block per lane close the span.
  * Per 128 weights of a 4-bit row that is ~10 instructions instead of ~36 for dequantizing to
  * float, which moves low-bit decode from compute-bound back to memory-bound. */
-#include <immintrin.h>
 #include <string.h>
 
-#include "kernels/kernels_impl.h"
+#include "kernels/q8_avx512.h"
 
 #define MAX_SPANS (QK_Q8_MAX_COLS / 64 + 1)
-
-/* Widens cnt ≤ 16 consecutive scales (or biases) of dtype dt; lanes beyond cnt are 0. */
-static inline __m512 widen16(const uint8_t *p, int64_t cnt, qmix_dtype dt)
-{
-    __mmask16 m = cnt >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << cnt) - 1);
-    if (dt == QMIX_F32) return _mm512_maskz_loadu_ps(m, p);
-    __m256i h = _mm256_maskz_loadu_epi16(m, p);
-    return dt == QMIX_F16 ? _mm512_cvtph_ps(h)
-                          : _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
-}
 
 typedef struct xplan {
     const int8_t *xp;   /* [spans][planes][64]: x quantized, plane by plane */
@@ -37,7 +26,6 @@ static inline __attribute__((always_inline)) void rows(int B, int R, const qk_ma
     const int64_t span = 64 * planes, ng = w->cols / gs, code_bytes = w->cols * B / 8;
     const size_t rb = w->row_bytes, srb = w->scale_row_bytes;
     const qmix_dtype sdt = w->scale_dtype;
-    const size_t sesz = sdt == QMIX_F32 ? 4 : 2;
     const __m512i low = _mm512_set1_epi8((char)((1 << B) - 1));
     const uint8_t *codes = (const uint8_t *)w->data + (size_t)r0 * rb;
     const uint8_t *sp = (const uint8_t *)w->scales + (size_t)r0 * srb;
@@ -47,15 +35,7 @@ static inline __attribute__((always_inline)) void rows(int B, int R, const qk_ma
     int64_t g0 = -16;
     for (int64_t s = 0; s < xp->spans; s++) {
         const int64_t gfirst = s * span / gs, off = s * 64;
-        if (gfirst >= g0 + 16) { /* the next window of 16 groups' scales; biases folded now */
-            g0 = gfirst & ~(int64_t)15;
-            const __m512 gv = _mm512_loadu_ps(xp->gsum + g0);
-            for (int r = 0; r < R; r++) {
-                const size_t o = (size_t)r * srb + (size_t)g0 * sesz;
-                sw[r] = widen16(sp + o, ng - g0, sdt);
-                bacc[r] = _mm512_fmadd_ps(widen16(bp + o, ng - g0, sdt), gv, bacc[r]);
-            }
-        }
+        q8_scale_window(R, gfirst, &g0, ng, sp, bp, srb, sdt, xp->gsum, sw, bacc);
         const __m512i idx = _mm512_add_epi32(_mm512_set1_epi32((int)(gfirst - g0)), xp->pat);
         const __m512 dv = _mm512_loadu_ps(xp->dl + s * 16);
         __m512i xv[4];
