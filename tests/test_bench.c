@@ -9,43 +9,6 @@
 #define FIXTURE "testdata/fixtures/tiny-a"
 
 /* Runs `qmix ARGS`; returns the exit status, stdout in *out (malloc'd) if out is given. */
-static int run_qmix_out(char **out, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
-static int run_qmix_out(char **out, const char *fmt, ...)
-{
-    char args[2048], cmd[4096];
-    va_list ap;
-    va_start(ap, fmt);
-    vsnprintf(args, sizeof args, fmt, ap);
-    va_end(ap);
-    snprintf(cmd, sizeof cmd, "'%s' %s 2>/dev/null", tu_qmix_bin(), args);
-    FILE *f = popen(cmd, "r");
-    ck_assert_msg(f != NULL, "could not run: %s", cmd);
-    size_t cap = 4096, n = 0, got;
-    char *buf = malloc(cap);
-    ck_assert_ptr_nonnull(buf);
-    while ((got = fread(buf + n, 1, cap - n - 1, f)) > 0) {
-        n += got;
-        if (cap - n < 2) {
-            buf = realloc(buf, cap *= 2);
-            ck_assert_ptr_nonnull(buf);
-        }
-    }
-    buf[n] = 0;
-    int st = pclose(f);
-    ck_assert_msg(st != -1 && WIFEXITED(st), "could not run: %s", cmd);
-    if (out) *out = buf;
-    else free(buf);
-    return WEXITSTATUS(st);
-}
-
-static json_t *parse_json(const char *text)
-{
-    json_error_t je;
-    json_t *j = json_loads(text, 0, &je);
-    ck_assert_msg(j != NULL, "bad JSON (%s): %.300s", je.text, text);
-    return j;
-}
-
 static void expect_number(const json_t *o, const char *key)
 {
     const json_t *v = json_object_get(o, key);
@@ -56,10 +19,10 @@ static void expect_number(const json_t *o, const char *key)
 START_TEST(ctx_list_json)
 {
     char *out;
-    ck_assert_int_eq(run_qmix_out(&out, "bench " FIXTURE " --ctx 64,200 --gen 4 --threads 1,2 "
+    ck_assert_int_eq(tu_run_out(&out, "bench " FIXTURE " --ctx 64,200 --gen 4 --threads 1,2 "
                                         "--no-membw --json"),
                      0);
-    json_t *j = parse_json(out);
+    json_t *j = tu_json(out);
     free(out);
     const json_t *runs = json_object_get(j, "runs");
     ck_assert_int_eq(json_array_size(runs), 4); /* 2 thread counts x 2 contexts */
@@ -78,10 +41,10 @@ START_TEST(ctx_list_json)
     json_decref(j);
 
     /* --gen defaults to 128 with --ctx */
-    ck_assert_int_eq(run_qmix_out(&out, "bench " FIXTURE " --ctx 16 --threads 1 --no-membw "
+    ck_assert_int_eq(tu_run_out(&out, "bench " FIXTURE " --ctx 16 --threads 1 --no-membw "
                                         "--json"),
                      0);
-    j = parse_json(out);
+    j = tu_json(out);
     free(out);
     ck_assert_int_eq(json_integer_value(json_object_get(j, "decode_steps")), 128);
     ck_assert_int_eq(json_array_size(json_object_get(j, "runs")), 1);
@@ -92,10 +55,10 @@ END_TEST
 START_TEST(prompt_alias)
 {
     char *out;
-    ck_assert_int_eq(run_qmix_out(&out, "bench " FIXTURE " --prompt 32 --threads 1 --no-membw "
+    ck_assert_int_eq(tu_run_out(&out, "bench " FIXTURE " --prompt 32 --threads 1 --no-membw "
                                         "--json"),
                      0);
-    json_t *j = parse_json(out);
+    json_t *j = tu_json(out);
     free(out);
     const json_t *runs = json_object_get(j, "runs");
     ck_assert_int_eq(json_array_size(runs), 1);
@@ -108,7 +71,7 @@ END_TEST
 START_TEST(table)
 {
     char *out;
-    ck_assert_int_eq(run_qmix_out(&out, "bench " FIXTURE " --ctx 1024,100 --gen 2 --threads 1 "
+    ck_assert_int_eq(tu_run_out(&out, "bench " FIXTURE " --ctx 1024,100 --gen 2 --threads 1 "
                                         "--no-membw"),
                      0);
     ck_assert_ptr_nonnull(strstr(out, "| Context Window | Prefill (tok/s) | Generation (tok/s) |"));
@@ -127,11 +90,11 @@ START_TEST(bad_lists)
                                 "46,47,48,49,50,51,52,53,54,55,56,57,58,59,60,61,62,63,64,65",
                                 "99999999999"};
     for (size_t i = 0; i < sizeof bad / sizeof bad[0]; i++)
-        ck_assert_msg(run_qmix_out(NULL, "bench " FIXTURE " --ctx %s --no-membw", bad[i]) == 2,
+        ck_assert_msg(tu_run_out(NULL, "bench " FIXTURE " --ctx %s --no-membw", bad[i]) == 2,
                       "--ctx %s accepted", bad[i]);
-    ck_assert_int_eq(run_qmix_out(NULL, "bench " FIXTURE " --ctx"), 2);
-    ck_assert_int_eq(run_qmix_out(NULL, "bench " FIXTURE " --ctx 16 --prompt 16"), 2);
-    ck_assert_int_eq(run_qmix_out(NULL, "bench " FIXTURE " --threads 1,,2"), 2);
+    ck_assert_int_eq(tu_run_out(NULL, "bench " FIXTURE " --ctx"), 2);
+    ck_assert_int_eq(tu_run_out(NULL, "bench " FIXTURE " --ctx 16 --prompt 16"), 2);
+    ck_assert_int_eq(tu_run_out(NULL, "bench " FIXTURE " --threads 1,,2"), 2);
 }
 END_TEST
 

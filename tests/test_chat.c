@@ -23,18 +23,10 @@ static json_t *load_json(const char *path)
     return root;
 }
 
-static json_t *parse_json(const char *text)
-{
-    json_error_t jerr;
-    json_t *root = json_loads(text, 0, &jerr);
-    ck_assert_msg(root != NULL, "bad test JSON: %s", jerr.text);
-    return root;
-}
-
 static char *render(const char *messages_json, const char *tools_json, bool gen, bool think,
                     qmix_err *err)
 {
-    json_t *m = parse_json(messages_json), *t = tools_json ? parse_json(tools_json) : NULL;
+    json_t *m = tu_json(messages_json), *t = tools_json ? tu_json(tools_json) : NULL;
     qmix_chat_opts o;
     qmix_chat_opts_default(&o);
     o.add_generation_prompt = gen;
@@ -117,7 +109,7 @@ START_TEST(python_values)
         free(s);
         json_decref(v);
     }
-    json_t *v = parse_json("{\"b\": [1, {\"c\": {}}, []], \"a\": \"\xe6\x9d\xb1\"}");
+    json_t *v = tu_json("{\"b\": [1, {\"c\": {}}, []], \"a\": \"\xe6\x9d\xb1\"}");
     char *s;
     ck_assert_int_eq(qmix_chat_json_dumps(v, &s, NULL), 0);
     ck_assert_str_eq(s, "{\"b\": [1, {\"c\": {}}, []], \"a\": \"\xe6\x9d\xb1\"}");
@@ -235,7 +227,7 @@ START_TEST(against_python_reference)
     char *out = run_capture(cmd, &st);
     free(cmd);
     ck_assert_msg(st == 0, "reference renderer exit %d", st);
-    json_t *every = parse_json(out);
+    json_t *every = tu_json(out);
     free(out);
     ck_assert_uint_eq(json_array_size(every), (size_t)n);
     for (int i = 0; i < n; i++) {
@@ -391,7 +383,7 @@ static void tc_free(tc_result *r)
  * content only ever grow (the previous text stays a prefix). */
 static tc_result tc_run(const tc_case *c, const size_t *cuts, int n_cuts)
 {
-    json_t *tools = c->tools ? parse_json(c->tools) : NULL;
+    json_t *tools = c->tools ? tu_json(c->tools) : NULL;
     qmix_toolcall_parser *p = qmix_toolcall_parser_new(tools, c->open);
     ck_assert_ptr_nonnull(p);
     json_decref(tools);
@@ -548,7 +540,7 @@ START_TEST(toolcall_round_trip)
     ck_assert_ptr_nonnull(turn);
     turn += strlen("<|im_start|>assistant\n");
     *strstr(turn, "<|im_end|>") = 0;
-    json_t *tools = parse_json(WEATHER_TOOLS);
+    json_t *tools = tu_json(WEATHER_TOOLS);
     qmix_toolcall_parser *p = qmix_toolcall_parser_new(tools, false);
     json_decref(tools);
     ck_assert_int_eq(qmix_toolcall_feed(p, turn, strlen(turn)), 0);

@@ -185,44 +185,6 @@ END_TEST
 /* ---- the CLI --------------------------------------------------------------------------- */
 
 /* Runs `qmix ARGS`; returns the exit status, stdout in *out (malloc'd) if out is given. */
-static int run_qmix_out(char **out, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
-static int run_qmix_out(char **out, const char *fmt, ...)
-{
-    char args[2048], cmd[4096];
-    va_list ap;
-    va_start(ap, fmt);
-    vsnprintf(args, sizeof args, fmt, ap);
-    va_end(ap);
-    snprintf(cmd, sizeof cmd, "'%s' %s 2>/dev/null", tu_qmix_bin(), args);
-    FILE *f = popen(cmd, "r");
-    ck_assert_msg(f != NULL, "could not run: %s", cmd);
-    size_t cap = 4096, n = 0;
-    char *buf = malloc(cap);
-    ck_assert_ptr_nonnull(buf);
-    size_t got;
-    while ((got = fread(buf + n, 1, cap - n - 1, f)) > 0) {
-        n += got;
-        if (cap - n < 2) {
-            buf = realloc(buf, cap *= 2);
-            ck_assert_ptr_nonnull(buf);
-        }
-    }
-    buf[n] = 0;
-    int st = pclose(f);
-    ck_assert_msg(st != -1 && WIFEXITED(st), "could not run: %s", cmd);
-    if (out) *out = buf;
-    else free(buf);
-    return WEXITSTATUS(st);
-}
-
-static json_t *parse_json(const char *text)
-{
-    json_error_t je;
-    json_t *j = json_loads(text, 0, &je);
-    ck_assert_msg(j != NULL, "bad JSON (%s): %.300s", je.text, text);
-    return j;
-}
-
 static uint64_t json_u64(const json_t *o, const char *key)
 {
     const json_t *v = json_object_get(o, key);
@@ -233,11 +195,11 @@ static uint64_t json_u64(const json_t *o, const char *key)
 START_TEST(cli_json_keys)
 {
     char *out;
-    ck_assert_int_eq(run_qmix_out(&out, "plan --like 35b-a3b --recipe dynamic-2.6 --memory 16G "
+    ck_assert_int_eq(tu_run_out(&out, "plan --like 35b-a3b --recipe dynamic-2.6 --memory 16G "
                                         "--reserve 3.5G --ctx 32768 --kv-bits 16 --threads 2 "
                                         "--json"),
                      0);
-    json_t *j = parse_json(out);
+    json_t *j = tu_json(out);
     static const char *keys[] = {"fits", "max_context", "peak_bytes", "weight_bytes",
                                  "runtime_bytes", "gdn_state_bytes", "kv_bytes_per_token",
                                  "kv_bytes", "engine_bytes", "vision_bytes", "kv_headroom_bytes",
@@ -263,7 +225,7 @@ START_TEST(cli_json_keys)
     free(out);
 
     /* the tables */
-    ck_assert_int_eq(run_qmix_out(&out, "plan --like 35b-a3b --recipe dynamic-2.6 --memory 16G "
+    ck_assert_int_eq(tu_run_out(&out, "plan --like 35b-a3b --recipe dynamic-2.6 --memory 16G "
                                         "--reserve 3.5G"),
                      0);
     ck_assert_ptr_nonnull(strstr(out, "Memory Budget"));
@@ -276,24 +238,24 @@ END_TEST
 
 START_TEST(cli_errors)
 {
-    ck_assert_int_eq(run_qmix_out(NULL, "plan --help"), 0);
-    ck_assert_int_eq(run_qmix_out(NULL, "plan"), 2);
-    ck_assert_int_eq(run_qmix_out(NULL, "plan --like 35b-a3b"), 2);             /* no --memory */
-    ck_assert_int_eq(run_qmix_out(NULL, "plan --like huge --memory 16G"), 2);
-    ck_assert_int_eq(run_qmix_out(NULL, "plan --like 35b-a3b --memory 16X"), 2);
-    ck_assert_int_eq(run_qmix_out(NULL, "plan --like 35b-a3b --memory -16G"), 2);
-    ck_assert_int_eq(run_qmix_out(NULL, "plan --like 35b-a3b --memory 0"), 2);
-    ck_assert_int_eq(run_qmix_out(NULL, "plan --like 35b-a3b --memory 16G --reserve x"), 2);
-    ck_assert_int_eq(run_qmix_out(NULL, "plan --like 35b-a3b --memory 16G --kv-bits 5"), 2);
-    ck_assert_int_eq(run_qmix_out(NULL, "plan --like 35b-a3b --memory 16G --ctx 0"), 2);
-    ck_assert_int_eq(run_qmix_out(NULL, "plan --like 35b-a3b --memory 16G --bogus"), 2);
-    ck_assert_int_eq(run_qmix_out(NULL, "plan --like 35b-a3b --memory"), 2);
-    ck_assert_int_eq(run_qmix_out(NULL, "plan %s --like 35b-a3b --memory 16G", FIXTURE), 2);
-    ck_assert_int_eq(run_qmix_out(NULL, "plan /nonexistent/model --memory 16G"), 1);
-    ck_assert_int_eq(run_qmix_out(NULL, "plan testdata --memory 16G"), 1);     /* no config */
-    ck_assert_int_eq(run_qmix_out(NULL, "plan --like 35b-a3b --memory 16G --recipe nope"), 1);
+    ck_assert_int_eq(tu_run_out(NULL, "plan --help"), 0);
+    ck_assert_int_eq(tu_run_out(NULL, "plan"), 2);
+    ck_assert_int_eq(tu_run_out(NULL, "plan --like 35b-a3b"), 2);             /* no --memory */
+    ck_assert_int_eq(tu_run_out(NULL, "plan --like huge --memory 16G"), 2);
+    ck_assert_int_eq(tu_run_out(NULL, "plan --like 35b-a3b --memory 16X"), 2);
+    ck_assert_int_eq(tu_run_out(NULL, "plan --like 35b-a3b --memory -16G"), 2);
+    ck_assert_int_eq(tu_run_out(NULL, "plan --like 35b-a3b --memory 0"), 2);
+    ck_assert_int_eq(tu_run_out(NULL, "plan --like 35b-a3b --memory 16G --reserve x"), 2);
+    ck_assert_int_eq(tu_run_out(NULL, "plan --like 35b-a3b --memory 16G --kv-bits 5"), 2);
+    ck_assert_int_eq(tu_run_out(NULL, "plan --like 35b-a3b --memory 16G --ctx 0"), 2);
+    ck_assert_int_eq(tu_run_out(NULL, "plan --like 35b-a3b --memory 16G --bogus"), 2);
+    ck_assert_int_eq(tu_run_out(NULL, "plan --like 35b-a3b --memory"), 2);
+    ck_assert_int_eq(tu_run_out(NULL, "plan %s --like 35b-a3b --memory 16G", FIXTURE), 2);
+    ck_assert_int_eq(tu_run_out(NULL, "plan /nonexistent/model --memory 16G"), 1);
+    ck_assert_int_eq(tu_run_out(NULL, "plan testdata --memory 16G"), 1);     /* no config */
+    ck_assert_int_eq(tu_run_out(NULL, "plan --like 35b-a3b --memory 16G --recipe nope"), 1);
     /* a model that does not fit is an answer, not an error */
-    ck_assert_int_eq(run_qmix_out(NULL, "plan --like 397b-a17b --memory 16G"), 0);
+    ck_assert_int_eq(tu_run_out(NULL, "plan --like 397b-a17b --memory 16G"), 0);
 }
 END_TEST
 
@@ -303,21 +265,21 @@ START_TEST(cli_recipe_matches_quantize)
 {
     char *dir = tu_tmpdir();
     char *out;
-    ck_assert_int_eq(run_qmix_out(NULL, "synth --like tiny --quiet '%s/bf16'", dir), 0);
-    ck_assert_int_eq(run_qmix_out(NULL, "quantize '%s/bf16' '%s/q' --recipe uniform-4 --quiet",
+    ck_assert_int_eq(tu_run_out(NULL, "synth --like tiny --quiet '%s/bf16'", dir), 0);
+    ck_assert_int_eq(tu_run_out(NULL, "quantize '%s/bf16' '%s/q' --recipe uniform-4 --quiet",
                                   dir, dir), 0);
-    ck_assert_int_eq(run_qmix_out(&out, "plan '%s/bf16' --recipe uniform-4 --memory 1G --json",
+    ck_assert_int_eq(tu_run_out(&out, "plan '%s/bf16' --recipe uniform-4 --memory 1G --json",
                                   dir), 0);
-    json_t *a = parse_json(out);
+    json_t *a = tu_json(out);
     free(out);
-    ck_assert_int_eq(run_qmix_out(&out, "plan '%s/q' --memory 1G --json", dir), 0);
-    json_t *b = parse_json(out);
+    ck_assert_int_eq(tu_run_out(&out, "plan '%s/q' --memory 1G --json", dir), 0);
+    json_t *b = tu_json(out);
     free(out);
     ck_assert_uint_eq(json_u64(a, "weight_bytes"), json_u64(b, "weight_bytes"));
     ck_assert_uint_eq(json_u64(a, "weight_params"), json_u64(b, "weight_params"));
     /* the bf16 source's MTP block is mapped but never read */
-    ck_assert_int_eq(run_qmix_out(&out, "plan '%s/bf16' --memory 1G --json", dir), 0);
-    json_t *c = parse_json(out);
+    ck_assert_int_eq(tu_run_out(&out, "plan '%s/bf16' --memory 1G --json", dir), 0);
+    json_t *c = tu_json(out);
     free(out);
     ck_assert(json_u64(c, "skipped_bytes") > 0);
     ck_assert(json_u64(c, "weight_bytes") > json_u64(a, "weight_bytes"));
@@ -339,19 +301,19 @@ START_TEST(cli_peak_matches_measured_rss)
         return;
     }
     char *dir = tu_tmpdir(), *out;
-    ck_assert_int_eq(run_qmix_out(NULL, "synth --like tiny --layers 48 --experts 256 --quiet "
+    ck_assert_int_eq(tu_run_out(NULL, "synth --like tiny --layers 48 --experts 256 --quiet "
                                         "'%s/m'", dir), 0);
     const int ctx = 1024, gen = 16;
-    ck_assert_int_eq(run_qmix_out(&out, "bench '%s/m' --ctx %d --gen %d --threads 1 --no-membw "
+    ck_assert_int_eq(tu_run_out(&out, "bench '%s/m' --ctx %d --gen %d --threads 1 --no-membw "
                                         "--json", dir, ctx, gen), 0);
-    json_t *b = parse_json(out);
+    json_t *b = tu_json(out);
     free(out);
     const json_t *row = json_array_get(json_object_get(b, "runs"), 0);
     ck_assert_ptr_nonnull(row);
     double measured = (double)json_u64(row, "peak_rss_bytes");
-    ck_assert_int_eq(run_qmix_out(&out, "plan '%s/m' --memory 1G --ctx %d --threads 1 --json",
+    ck_assert_int_eq(tu_run_out(&out, "plan '%s/m' --memory 1G --ctx %d --threads 1 --json",
                                   dir, ctx + gen), 0);
-    json_t *p = parse_json(out);
+    json_t *p = tu_json(out);
     free(out);
     double predicted = (double)json_u64(p, "peak_bytes");
     fprintf(stderr, "info: test_plan: predicted peak %.1f MiB, measured %.1f MiB (%+.1f%%)\n",

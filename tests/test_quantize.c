@@ -14,25 +14,6 @@ static const char *fixtures[] = {"tiny-a", "tiny-b"};
 #define N_FIX 2
 #define KEEP_MAX_KLD 0.02 /* measured 0.0001 / 0.008: the 1 + w norms rounded to bf16 */
 
-static int32_t *read_tokens(const char *fixture, int *n)
-{
-    char path[256];
-    snprintf(path, sizeof path, "testdata/fixtures/%s/golden/tokens.txt", fixture);
-    char *text = tu_read(path, NULL);
-    int32_t *ids = malloc(4096 * sizeof *ids);
-    int k = 0;
-    char *p = text, *end;
-    for (;;) {
-        while (*p && (*p < '0' || *p > '9')) p++;
-        if (!*p) break;
-        ids[k++] = (int32_t)strtol(p, &end, 10);
-        p = end;
-    }
-    free(text);
-    *n = k;
-    return ids;
-}
-
 static void quantize_to(const char *fixture, const char *recipe, const char *out, int allow,
                         qmix_quant_report *rep)
 {
@@ -50,7 +31,9 @@ static void quantize_to(const char *fixture, const char *recipe, const char *out
 static void measure(const char *fixture, const char *dir, double *kld, double *top1)
 {
     int n;
-    int32_t *tokens = read_tokens(fixture, &n);
+    char tokens_path[256];
+    snprintf(tokens_path, sizeof tokens_path, "testdata/fixtures/%s/golden/tokens.txt", fixture);
+    int32_t *tokens = tu_read_ids(tokens_path, &n);
     qmix_model *m;
     qmix_err err;
     ck_assert_msg(qmix_model_open(dir, &m, &err) == 0, "%s", err.msg);

@@ -11,23 +11,6 @@
 
 #define TOKENS_B "testdata/fixtures/tiny-b/golden/tokens.txt"
 
-static int32_t *read_tokens(const char *path, int *n)
-{
-    char *text = tu_read(path, NULL);
-    int32_t *ids = malloc(4096 * sizeof *ids);
-    int k = 0;
-    char *p = text, *end;
-    for (;;) {
-        while (*p && (*p < '0' || *p > '9')) p++;
-        if (!*p) break;
-        ids[k++] = (int32_t)strtol(p, &end, 10);
-        p = end;
-    }
-    free(text);
-    *n = k;
-    return ids;
-}
-
 static qmix_model *open_fixture(const char *name)
 {
     char path[256];
@@ -122,7 +105,7 @@ START_TEST(kld_small_at_8_bits_larger_at_2)
 {
     qmix_model *m = open_fixture("tiny-b");
     int n;
-    int32_t *tokens = read_tokens(TOKENS_B, &n);
+    int32_t *tokens = tu_read_ids(TOKENS_B, &n);
     int bits[] = {2, 8};
     qmix_sens_opts o = opts_bits(bits, 2, 32);
     o.tokens = tokens;
@@ -164,7 +147,7 @@ START_TEST(topk_base_close_to_full)
 {
     qmix_model *m = open_fixture("tiny-b");
     int n;
-    int32_t *tokens = read_tokens(TOKENS_B, &n);
+    int32_t *tokens = tu_read_ids(TOKENS_B, &n);
     int bits[] = {3};
     qmix_sens_opts o = opts_bits(bits, 1, 32);
     o.tokens = tokens;
@@ -220,7 +203,7 @@ START_TEST(model_restored_exactly)
 {
     qmix_model *m = open_fixture("tiny-b"), *fresh = open_fixture("tiny-b");
     int n;
-    int32_t *tokens = read_tokens(TOKENS_B, &n);
+    int32_t *tokens = tu_read_ids(TOKENS_B, &n);
     int64_t V = qmix_model_config(m)->vocab_size;
     float *before = logits_of(m, tokens, n);
     int bits[] = {2, 3};
@@ -308,7 +291,7 @@ START_TEST(tied_embeddings)
     ck_assert_msg(qmix_model_open(dir, &m, &err) == 0, "%s", err.msg);
     const qmix_config *c = qmix_model_config(m);
     int n;
-    int32_t *tokens = read_tokens(TOKENS_B, &n);
+    int32_t *tokens = tu_read_ids(TOKENS_B, &n);
     float *before = logits_of(m, tokens, n);
     int bits[] = {2, 8};
     qmix_sens_opts o = opts_bits(bits, 2, 32);
@@ -385,7 +368,7 @@ START_TEST(suggested_recipe_parses)
 {
     qmix_model *m = open_fixture("tiny-b");
     int n;
-    int32_t *tokens = read_tokens(TOKENS_B, &n);
+    int32_t *tokens = tu_read_ids(TOKENS_B, &n);
     int bits[] = {2, 3, 4};
     qmix_sens_opts o = opts_bits(bits, 3, 32);
     if (_i) {

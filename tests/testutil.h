@@ -4,6 +4,8 @@
 #define QMIX_TESTUTIL_H
 
 #include <check.h>
+#include <jansson.h>
+#include <stdarg.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -101,6 +103,55 @@ static inline void tu_expect(const char *args, int status, const char *needle)
         ck_assert_msg(strstr(r.out, needle) || strstr(r.err, needle), "qmix %s: no '%s' in\n%s%s",
                       args, needle, r.out, r.err);
     tu_run_free(&r);
+}
+
+/* Runs `$QMIX_BIN` with printf-style arguments; *out (if non-NULL) gets its stdout (malloc'd,
+ * the caller frees it). Returns the exit status (-1 if it did not exit normally). */
+static inline int tu_run_out(char **out, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+static inline int tu_run_out(char **out, const char *fmt, ...)
+{
+    char args[4096];
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(args, sizeof args, fmt, ap);
+    va_end(ap);
+    tu_run_result r = tu_run(args);
+    if (out) *out = r.out;
+    else free(r.out);
+    free(r.err);
+    return r.status;
+}
+
+/* Parses JSON text, failing the test (with the text) if it is not JSON. */
+static inline json_t *tu_json(const char *text)
+{
+    json_error_t je;
+    json_t *j = json_loads(text, 0, &je);
+    ck_assert_msg(j != NULL, "bad JSON (%s): %.300s", je.text, text);
+    return j;
+}
+
+/* Token ids from a file of whitespace-separated integers (a fixture's golden/tokens.txt). */
+static inline int32_t *tu_read_ids(const char *path, int *n)
+{
+    char *text = tu_read(path, NULL), *p = text, *end;
+    size_t cap = 4096;
+    int32_t *ids = malloc(cap * sizeof *ids);
+    ck_assert_ptr_nonnull(ids);
+    int k = 0;
+    for (;;) {
+        while (*p && (*p < '0' || *p > '9')) p++;
+        if (!*p) break;
+        if ((size_t)k == cap) {
+            ids = realloc(ids, (cap *= 2) * sizeof *ids);
+            ck_assert_ptr_nonnull(ids);
+        }
+        ids[k++] = (int32_t)strtol(p, &end, 10);
+        p = end;
+    }
+    free(text);
+    *n = k;
+    return ids;
 }
 
 /* A fixed-seed PRNG (splitmix64) for test data: same inputs on every run. */
