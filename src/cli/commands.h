@@ -20,4 +20,6 @@ int qmix_cmd_sensitivity(int argc, char **argv);
 int qmix_cmd_plan(int argc, char **argv);
 int qmix_cmd_calibrate(int argc, char **argv);
 
+int qmix_cmd_compare(int argc, char **argv);
+
 #endif

@@ -19,6 +19,7 @@ static const struct {
     {"sensitivity", qmix_cmd_sensitivity, "error each tensor role adds when quantized alone, sorted"},
     {"calibrate", qmix_cmd_calibrate, "activation statistics (GPTQ Hessians, importance matrix) for calibrated quantization"},
     {"plan", qmix_cmd_plan, "predict memory for a model + recipe + context; the longest context that fits"},
+    {"compare", qmix_cmd_compare, "structural comparison of two checkpoints (any formats): cosine by role"},
     {"tokenize", qmix_cmd_tokenize, "text to token ids and back with the model's tokenizer.json"},
     {"template", qmix_cmd_template, "render a conversation with the model's chat template"},
     {"convert", qmix_cmd_convert, "write a checkpoint as a GGUF llama.cpp loads (f32/f16/bf16/q8_0)"},
