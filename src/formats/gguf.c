@@ -5,21 +5,17 @@
 #include "formats/gguf.h"
 
 #include <errno.h>
-#include <fcntl.h>
 #include <limits.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/mman.h>
-#include <sys/stat.h>
-#include <unistd.h>
 
 #include "quant/ggml_blocks.h"
 #include "util/err.h"
+#include "util/fileio.h"
 
 typedef struct gg_file {
     char *path;
-    int fd;
     const uint8_t *map;       /* NULL for memory images */
     uint64_t size;
 } gg_file;
@@ -441,7 +437,6 @@ static int add_file(qmix_gguf *g, const char *path)
     g->files = grown;
     gg_file *f = &g->files[g->n_files];
     memset(f, 0, sizeof *f);
-    f->fd = -1;
     f->path = strdup(path);
     if (!f->path) return -1;
     return g->n_files++;
@@ -450,16 +445,7 @@ static int add_file(qmix_gguf *g, const char *path)
 static int map_file(qmix_gguf *g, int fi, qmix_err *err)
 {
     gg_file *f = &g->files[fi];
-    f->fd = open(f->path, O_RDONLY | O_CLOEXEC);
-    if (f->fd < 0) return qmix_errf(err, "%s: %s", f->path, strerror(errno));
-    struct stat sb;
-    if (fstat(f->fd, &sb)) return qmix_errf(err, "%s: %s", f->path, strerror(errno));
-    if (!S_ISREG(sb.st_mode)) return qmix_errf(err, "%s: not a regular file", f->path);
-    f->size = (uint64_t)sb.st_size;
-    if (f->size == 0) return qmix_errf(err, "%s: empty file", f->path);
-    void *m = mmap(NULL, f->size, PROT_READ, MAP_SHARED, f->fd, 0);
-    if (m == MAP_FAILED) return qmix_errf(err, "%s: mmap: %s", f->path, strerror(errno));
-    f->map = m;
+    if (qmix_map_file(f->path, &f->map, &f->size, err)) return -1;
     return 0;
 }
 
@@ -468,8 +454,7 @@ void qmix_gguf_close(qmix_gguf *g)
     if (!g) return;
     for (int i = 0; i < g->n_files; i++) {
         gg_file *f = &g->files[i];
-        if (f->map) munmap((void *)f->map, f->size);
-        if (f->fd >= 0) close(f->fd);
+        qmix_unmap_file(f->map, f->size);
         free(f->path);
     }
     for (uint64_t i = 0; i < g->n_strings; i++) free(g->strings[i]);

@@ -3,17 +3,16 @@
 #include "formats/safetensors.h"
 
 #include <errno.h>
-#include <fcntl.h>
 #include <jansson.h>
 #include <limits.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/mman.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
 #include "util/err.h"
+#include "util/fileio.h"
 
 static const struct {
     const char *name;
@@ -56,7 +55,6 @@ size_t qmix_dtype_size(qmix_dtype dtype)
 
 typedef struct st_file {
     char *path;
-    int fd;
     const uint8_t *map;     /* whole file; NULL for memory images */
     uint64_t size;
     json_t *metadata;       /* __metadata__ object or NULL */
@@ -358,7 +356,6 @@ static int add_file(qmix_st_store *st, const char *path)
     st->files = grown;
     st_file *f = &st->files[st->n_files];
     memset(f, 0, sizeof *f);
-    f->fd = -1;
     f->path = strdup(path);
     if (!f->path) return -1;
     return st->n_files++;
@@ -367,16 +364,7 @@ static int add_file(qmix_st_store *st, const char *path)
 static int map_file(qmix_st_store *st, int fi, qmix_err *err)
 {
     st_file *f = &st->files[fi];
-    f->fd = open(f->path, O_RDONLY | O_CLOEXEC);
-    if (f->fd < 0) return qmix_errf(err, "%s: %s", f->path, strerror(errno));
-    struct stat sb;
-    if (fstat(f->fd, &sb)) return qmix_errf(err, "%s: %s", f->path, strerror(errno));
-    if (!S_ISREG(sb.st_mode)) return qmix_errf(err, "%s: not a regular file", f->path);
-    f->size = (uint64_t)sb.st_size;
-    if (f->size == 0) return qmix_errf(err, "%s: empty file", f->path);
-    void *m = mmap(NULL, f->size, PROT_READ, MAP_SHARED, f->fd, 0);
-    if (m == MAP_FAILED) return qmix_errf(err, "%s: mmap: %s", f->path, strerror(errno));
-    f->map = m;
+    if (qmix_map_file(f->path, &f->map, &f->size, err)) return -1;
     return parse_file(st, fi, f->map, f->size, err);
 }
 
@@ -385,8 +373,7 @@ void qmix_st_close(qmix_st_store *st)
     if (!st) return;
     for (int i = 0; i < st->n_files; i++) {
         st_file *f = &st->files[i];
-        if (f->map) munmap((void *)f->map, f->size);
-        if (f->fd >= 0) close(f->fd);
+        qmix_unmap_file(f->map, f->size);
         if (f->metadata) json_decref(f->metadata);
         free(f->path);
     }
