@@ -78,7 +78,7 @@ $(BUILD)/tests/%: tests/%.c tests/testutil.h $(BUILD)/libqmix.a
 	$(CC) $(CFLAGS_BASE) $(CFLAGS) $(shell pkg-config --cflags check) -o $@ $< $(BUILD)/libqmix.a \
 	    $(LDFLAGS) $(shell pkg-config --libs check) $(LDLIBS)
 
-$(BUILD)/bench/%: bench/%.c $(BUILD)/libqmix.a
+$(BUILD)/bench/%: bench/%.c bench/benchutil.h $(BUILD)/libqmix.a
 	@mkdir -p $(dir $@)
 	$(CC) $(CFLAGS_BASE) $(CFLAGS) -o $@ $< $(BUILD)/libqmix.a $(LDFLAGS) $(LDLIBS)
 

@@ -11,24 +11,10 @@
 #include <strings.h>
 #include <time.h>
 
+#include "benchutil.h"
 #include "kernels/kernels_impl.h"
 #include "quant/ggml_blocks.h"
 
-static double now(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return ts.tv_sec + ts.tv_nsec * 1e-9;
-}
-
-static uint64_t rng = 0x9e3779b97f4a7c15ull;
-static uint64_t next(void)
-{
-    rng ^= rng << 13;
-    rng ^= rng >> 7;
-    rng ^= rng << 17;
-    return rng;
-}
 
 #define ROWS 4096
 #define COLS 2048

@@ -12,27 +12,8 @@
 #include <string.h>
 #include <time.h>
 
+#include "benchutil.h"
 #include "kernels/kernels_impl.h"
-
-static double now(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return ts.tv_sec + ts.tv_nsec * 1e-9;
-}
-
-static uint64_t rng = 0x9e3779b97f4a7c15ull;
-static uint64_t next(void)
-{
-    rng ^= rng << 13;
-    rng ^= rng >> 7;
-    rng ^= rng << 17;
-    return rng;
-}
-static float frand(void) /* uniform in [-1, 1) */
-{
-    return (float)((next() >> 40) * (1.0 / (1 << 23)) - 1.0);
-}
 
 typedef struct pool {
     int64_t rows, cols;
