@@ -8,21 +8,8 @@ set -u
 cd "$(dirname "$0")/.."
 PKG="openai@4.95.0"
 prefix=${QMIX_NPM_OPENAI_PREFIX:-build/npm-openai}
-if ! command -v node >/dev/null 2>&1; then
-    echo "node not found" >&2
-    exit 77
-fi
-if [ ! -f "$prefix/node_modules/openai/package.json" ]; then
-    if ! command -v npm >/dev/null 2>&1; then
-        echo "npm not found (needed once to install $PKG)" >&2
-        exit 77
-    fi
-    mkdir -p "$prefix"
-    if ! npm install --prefix "$prefix" --no-audit --no-fund --no-save "$PKG" >"$prefix/install.log" 2>&1; then
-        echo "npm install $PKG failed (see $prefix/install.log)" >&2
-        exit 77
-    fi
-fi
+. tools/npm-test-package.sh
+need_npm_package "$PKG" openai "$prefix"
 if [ "${1:-}" = "--install" ]; then
     echo "OpenAI client: $PKG in $prefix, node $(node --version)"
     exit 0
