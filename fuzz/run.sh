@@ -55,7 +55,7 @@ for src in "${srcs[@]}"; do
     objs+=("$obj")
     # rebuild when the source or any header is newer than the object
     if [ -f "$obj" ] && [ "$obj" -nt "$src" ] &&
-        [ -z "$(find include src -name '*.h' -newer "$obj" | head -n 1)" ]; then
+        [ -z "$(find include src -name '*.h' -newer "$obj" | sed -n 1p)" ]; then
         continue
     fi
     build_one "$src" "$obj" &
@@ -74,7 +74,7 @@ for h in fuzz/fuzz_*.c; do
         -o "$out/fuzz_$name"
     fuzzers+=("$name")
 done
-echo "fuzz: built ${fuzzers[*]} with $("$CC" --version | head -n 1)"
+echo "fuzz: built ${fuzzers[*]} with $("$CC" --version | sed -n 1p)"
 
 # --- run ---
 failed=()
