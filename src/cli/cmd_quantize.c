@@ -25,6 +25,8 @@ static void usage(FILE *out)
             "sharded safetensors <= 5 GiB, config.json with per-module `quantization`), streaming\n"
             "one tensor at a time. Tokenizer and side files are copied.\n\n"
             "  --recipe NAME|FILE   a preset (qmix presets) or a recipe file (docs/recipes.md)\n"
+            "  --format mlx|gptq|gguf  output layout: MLX mixed precision (default), GPTQModel/vLLM\n"
+            "                       (spec/quant-formats.md §2), or a GGUF file OUT for llama.cpp (§5)\n"
             "  --group-size G       override the group size of every quantized rule\n"
             "  --dtype bf16|f16     dtype of unquantized tensors, scales and biases (bf16)\n"
             "  --allow-requant      accept an already-quantized IN (dequantized, re-quantized)\n"
@@ -60,7 +62,7 @@ int qmix_cmd_quantize(int argc, char **argv)
     qmix_quant_opts o = {.dtype = QMIX_BF16, .progress = 1};
     budget_args budget;
     budget_defaults(&budget);
-    const char *imatrix = NULL, *method = NULL;
+    const char *imatrix = NULL, *method = NULL, *format = "mlx";
     double min_pct = -1;
     o.min_tokens = -1;
     for (int i = 1; i < argc; i++) {
@@ -73,6 +75,15 @@ int qmix_cmd_quantize(int argc, char **argv)
             else if (!strcmp(method, "awq")) o.method = QMIX_METHOD_AWQ;
             else {
                 fprintf(stderr, "qmix quantize: --method must be rtn, gptq, imatrix or awq\n");
+                return 2;
+            }
+            continue;
+        } else if (!strcmp(a, "--format")) {
+            if (!(format = cli_value("quantize", argc, argv, &i))) return 2;
+            if (!strcmp(format, "mlx")) o.format = QMIX_QFORMAT_MLX;
+            else if (!strcmp(format, "gptq")) o.format = QMIX_QFORMAT_GPTQ;
+            else if (strcmp(format, "gguf")) {
+                fprintf(stderr, "qmix quantize: --format must be mlx, gptq or gguf\n");
                 return 2;
             }
             continue;
@@ -158,6 +169,11 @@ int qmix_cmd_quantize(int argc, char **argv)
                     "(quantize with --recipe and the method)\n");
             return 2;
         }
+        if (strcmp(format, "mlx")) {
+            fprintf(stderr, "qmix quantize: a budget writes MLX; write its --recipe-out with "
+                    "--recipe and --format %s\n", format);
+            return 2;
+        }
         if (group) budget.group = (int)group;
         return quantize_with_budget(in, out, &budget, &o);
     }
@@ -187,6 +203,12 @@ int qmix_cmd_quantize(int argc, char **argv)
     }
     o.calib = calib;
     o.imatrix = im;
+    if (!strcmp(format, "gguf")) {
+        int grc = quantize_to_gguf(in, out, &r, &o);
+        qmix_calib_close(calib);
+        qmix_imatrix_free(im);
+        return grc;
+    }
     if (min_pct >= 0) o.min_tokens = calib ? (int64_t)ceil(min_pct / 100.0 * (double)qmix_calib_tokens(calib)) : 0;
     qmix_quant_report rep;
     int qrc = qmix_quantize(in, out, &o, &rep, &err);

@@ -33,4 +33,9 @@ extern const char budget_help[];
 int quantize_with_budget(const char *in, const char *out, const budget_args *b,
                          qmix_quant_opts *o);
 
+/* --format gguf (cmd_quantize_gguf.c): the recipe r with o's method inputs (imatrix, calib,
+ * progress) as a GGUF file out. Prints its own errors; returns the exit status. */
+int quantize_to_gguf(const char *in, const char *out, const qmix_recipe *r,
+                     const qmix_quant_opts *o);
+
 #endif

@@ -1142,6 +1142,8 @@ static int check_method_inputs(wctx *w, const plan *p)
 int qmix_quantize(const char *in, const char *out_dir, const qmix_quant_opts *o,
                   qmix_quant_report *rep, qmix_err *err)
 {
+    if (o->format == QMIX_QFORMAT_GPTQ)
+        return qmix_errf(err, "--format gptq is not implemented yet");
     memset(rep, 0, sizeof *rep);
     double t0 = now_s();
     struct stat sb;

@@ -16,8 +16,12 @@
 struct qmix_calib;
 struct qmix_imatrix;
 
+/* Output layouts of qmix_quantize. */
+enum { QMIX_QFORMAT_MLX = 0, QMIX_QFORMAT_GPTQ = 1 };
+
 typedef struct qmix_quant_opts {
     const qmix_recipe *recipe;
+    int format;                 /* QMIX_QFORMAT_*: MLX mixed precision, or GPTQModel/vLLM (§2) */
     qmix_dtype dtype;           /* unquantized tensors, scales and biases: QMIX_BF16 or QMIX_F16 */
     int allow_requant;          /* accept an already-quantized input (dequantized, re-quantized) */
     int force;                  /* write into a non-empty OUT */
