@@ -4,6 +4,7 @@
 
 #include "cli/cli.h"
 #include "cli/commands.h"
+#include "cli/convert_gptq.h"
 #include "quant/ggml_blocks.h"
 #include "quant/gguf_export.h"
 
@@ -60,6 +61,8 @@ int qmix_cmd_convert(int argc, char **argv)
         usage(stderr);
         return 2;
     }
+    if (!strcmp(to, "gptq") || (!strcmp(to, "mlx") && convert_is_gptq(in)))
+        return convert_gptq(in, out, to, o.progress);
     if (strcmp(to, "gguf")) {
         fprintf(stderr, "qmix convert: --to %s is not supported yet (gguf)\n", to);
         return 2;
