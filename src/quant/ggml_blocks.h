@@ -36,6 +36,29 @@ void qmix_ggml_dequant_row(int type, const void *row, int64_t cols, float *out);
  * cols/32 blocks. */
 void qmix_ggml_quantize_row_q8_0(const float *x, int64_t cols, void *out);
 
+/* Searched quantizers (ggml_quant.c, spec §5.4): each writes cols / block consecutive blocks of
+ * its type (cols a multiple of 32, or of 256 for the K-quants). importance is NULL or cols
+ * non-negative per-element weights (an imatrix row: mean squared input of each column); with it,
+ * the scales minimise the importance-weighted squared error. Finite input always gives valid
+ * blocks; a zero row dequantizes to zeros. */
+void qmix_ggml_quantize_row_q4_0(const float *x, int64_t cols, const float *importance, void *out);
+void qmix_ggml_quantize_row_q4_1(const float *x, int64_t cols, const float *importance, void *out);
+void qmix_ggml_quantize_row_q5_0(const float *x, int64_t cols, const float *importance, void *out);
+void qmix_ggml_quantize_row_q5_1(const float *x, int64_t cols, const float *importance, void *out);
+void qmix_ggml_quantize_row_q2_k(const float *x, int64_t cols, const float *importance, void *out);
+void qmix_ggml_quantize_row_q3_k(const float *x, int64_t cols, const float *importance, void *out);
+void qmix_ggml_quantize_row_q4_k(const float *x, int64_t cols, const float *importance, void *out);
+void qmix_ggml_quantize_row_q5_k(const float *x, int64_t cols, const float *importance, void *out);
+void qmix_ggml_quantize_row_q6_k(const float *x, int64_t cols, const float *importance, void *out);
+
+/* 1 if qmix_ggml_quantize_row can write this type (F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0,
+ * Q5_1, Q2_K…Q6_K). */
+int qmix_ggml_can_quantize(int type);
+/* Any writable type (importance ignored by the float types and Q8_0); -1 if the type cannot be
+ * written or cols is not a multiple of its block. */
+int qmix_ggml_quantize_row(int type, const float *x, int64_t cols, const float *importance,
+                           void *out);
+
 /* The IQ4_NL / IQ4_XS code table (§5.3). */
 extern const int8_t qmix_ggml_iq4_table[16];
 
