@@ -12,6 +12,26 @@
 #include "server/server.h"
 #include "text/chat.h"
 
+/* "1G", "512M", "64K" or plain bytes; -1 if malformed. */
+static long long parse_size(const char *v)
+{
+    char *end;
+    double n = strtod(v, &end);
+    if (end == v || !(n >= 0)) return -1;
+    double unit = 1;
+    switch (*end) {
+    case 'k': case 'K': unit = 1024.0; end++; break;
+    case 'm': case 'M': unit = 1024.0 * 1024; end++; break;
+    case 'g': case 'G': unit = 1024.0 * 1024 * 1024; end++; break;
+    case 't': case 'T': unit = 1024.0 * 1024 * 1024 * 1024; end++; break;
+    default: break;
+    }
+    if (*end == 'i' || *end == 'B') end += *end == 'i' ? 1 : 0;
+    if (*end == 'B') end++;
+    if (*end || n * unit > 9e18) return -1;
+    return (long long)(n * unit);
+}
+
 static void usage(FILE *out)
 {
     fprintf(out,
@@ -24,10 +44,16 @@ static void usage(FILE *out)
             "  --api-key KEY       require 'Authorization: Bearer KEY' (except on /health)\n"
             "  --model-name NAME   the model id clients use (default: the directory's name)\n"
             "  --ctx N             context per slot, prompt plus answer (default 8192)\n"
-            "  --parallel N        slots: requests generated at the same time (default 1);\n"
-            "                      each has its own session and prefix cache\n"
+            "  --parallel N        slots: requests decoded together (default 1), one pass\n"
+            "                      over the weights per step for all of them (continuous\n"
+            "                      batching); each slot holds ctx tokens of KV cache\n"
             "  --queue N           requests that may wait for a slot before 503 (default 64)\n"
-            "  --threads N         threads per slot (default: cores / parallel, at least 1)\n"
+            "  --threads N         compute threads (default: all cores)\n"
+            "  --prefill-chunk N   prompt tokens per step while other requests decode\n"
+            "                      (default 128): bounds how long a new prompt stalls them\n"
+            "  --prefix-cache SIZE memory for prefix snapshots (KV rows + recurrent state),\n"
+            "                      shared by all slots, least recently used evicted first:\n"
+            "                      e.g. 512M, 2G; 0 turns it off (default 1G)\n"
             "  --max-body BYTES    request body limit (default 8388608); larger gets 413\n"
             "  --chat-template-args JSON  default chat_template_kwargs, e.g.\n"
             "                      '{\"enable_thinking\": false}'\n"
@@ -41,7 +67,8 @@ static void usage(FILE *out)
 int qmix_cmd_serve(int argc, char **argv)
 {
     qmix_server_opts o = {.host = "127.0.0.1", .port = 8080, .ctx = 8192, .parallel = 1,
-                          .max_queue = 64, .max_body = 8u << 20,
+                          .max_queue = 64, .max_body = 8u << 20, .prefill_chunk = 128,
+                          .prefix_cache_bytes = (size_t)1 << 30,
                           .sampling = qmix_sampling_greedy()};
     const char *template_args = NULL;
     for (int i = 1; i < argc; i++) {
@@ -61,13 +88,22 @@ int qmix_cmd_serve(int argc, char **argv)
             else if (a[2] == 'a') o.api_key = v;
             else if (a[2] == 'c') template_args = v;
             else o.model_id = v;
+        } else if (!strcmp(a, "--prefix-cache")) {
+            if (!(v = cli_value("serve", argc, argv, &i))) return 2;
+            long long bytes = parse_size(v);
+            if (bytes < 0) {
+                fprintf(stderr, "qmix serve: --prefix-cache: '%s' is not a size (e.g. 512M, "
+                                "2G, 0)\n", v);
+                return 2;
+            }
+            o.prefix_cache_bytes = (size_t)bytes;
         } else if (!strcmp(a, "--port") || !strcmp(a, "--ctx") || !strcmp(a, "--parallel") ||
                    !strcmp(a, "--queue") || !strcmp(a, "--threads") || !strcmp(a, "--max-body") ||
-                   !strcmp(a, "--seed")) {
+                   !strcmp(a, "--seed") || !strcmp(a, "--prefill-chunk")) {
             static const struct { const char *flag; long lo, hi; } ranges[] = {
                 {"--port", 0, 65535}, {"--ctx", 16, 1 << 24}, {"--parallel", 1, 256},
                 {"--queue", 0, 1 << 20}, {"--threads", 0, 1024}, {"--max-body", 1024, 1L << 32},
-                {"--seed", 0, LONG_MAX}};
+                {"--prefill-chunk", 1, 1 << 20}, {"--seed", 0, LONG_MAX}};
             size_t k = 0;
             while (strcmp(a, ranges[k].flag)) k++;
             if (!(v = cli_value("serve", argc, argv, &i)) ||
@@ -80,6 +116,7 @@ int qmix_cmd_serve(int argc, char **argv)
             case 3: o.max_queue = (int)n; break;
             case 4: o.threads = (int)n; break;
             case 5: o.max_body = (size_t)n; break;
+            case 6: o.prefill_chunk = (int)n; break;
             default: o.sampling.seed = (uint64_t)n, o.seed_given = 1; break;
             }
         } else if (a[0] == '-') {

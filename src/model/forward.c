@@ -1,13 +1,32 @@
 /* The Qwen3.5-MoE forward pass, in the order of spec/architecture.md. Every step works on a batch
- * of n tokens: matmuls stream each weight once per batch (qmix_run_matmuls), the recurrences run
- * token by token inside the batch. */
+ * of rows: matmuls stream each weight once per batch (qmix_run_matmuls), the recurrences run
+ * token by token inside the batch. The rows are segments of one or more sequences (continuous
+ * batching): everything per token (norms, projections, MoE) sees only rows, while the causal conv,
+ * the delta rule and attention run per segment on its sequence's state and positions. */
 #include "model/forward.h"
 
 #include <math.h>
 #include <string.h>
 
-typedef struct gdn_ctx { qmix_session *s; const qmix_layer *ly; qmix_layer_state *st; int n; } gdn_ctx;
-typedef struct attn_ctx { qmix_session *s; qmix_layer_state *st; int n; } attn_ctx;
+/* The batch being run: segment i is n_tokens[i] rows of seqs[i], from row s->seg_row[i]. */
+typedef struct batch {
+    qmix_seq *const *seqs;
+    const int *n_tokens;
+    int n_seqs, rows;
+    int layer; /* the layer being run: which state of each sequence to use */
+} batch;
+
+typedef struct gdn_ctx { qmix_session *s; const qmix_layer *ly; const batch *b; } gdn_ctx;
+typedef struct attn_ctx { qmix_session *s; const batch *b; } attn_ctx;
+
+static qmix_layer_state *seg_state(const batch *b, int seg) { return &b->seqs[seg]->state[b->layer]; }
+
+/* Position in its sequence of a batch row. */
+static int64_t row_pos(const qmix_session *s, const batch *b, int row)
+{
+    int seg = s->row_seg[row];
+    return b->seqs[seg]->pos + (row - s->seg_row[seg]);
+}
 
 static void rmsnorm_rows(float *out, const float *x, const float *w, int n, int64_t dim, float eps)
 {
@@ -43,9 +62,9 @@ static void causal_conv_silu(float *qkv, float *conv_state, const float *w, int 
     }
 }
 
-/* One value head over all tokens of the batch: the delta-rule recurrence (chunked for prefill,
- * token by token for short batches) and the gated norm. */
-static void gdn_head(void *arg, int j, int thread)
+/* One value head over one segment's tokens: the delta-rule recurrence (chunked for prefill,
+ * token by token for short segments) and the gated norm. Task = segment * nv + head. */
+static void gdn_head(void *arg, int task, int thread)
 {
     gdn_ctx *g = arg;
     qmix_session *s = g->s;
@@ -54,33 +73,38 @@ static void gdn_head(void *arg, int j, int thread)
     int64_t nk = c->lin_n_k_heads, nv = c->lin_n_v_heads, dk = c->lin_k_head_dim,
             dv = c->lin_v_head_dim;
     int64_t C = 2 * nk * dk + nv * dv;
+    int seg = task / (int)nv, j = task % (int)nv, n = g->b->n_tokens[seg];
+    int64_t row0 = s->seg_row[seg];
     /* value heads grouped by key head (HF order), or tiled (GGUF order, see model_gguf.c) */
     int64_t key_head = s->model->gdn_v_tiled ? j % nk : j / (nv / nk);
     float *log_decay = s->gdn_scratch + (int64_t)thread * s->gdn_scratch_per_thread;
     float *beta = log_decay + s->max_batch, *scratch = beta + s->max_batch;
-    for (int t = 0; t < g->n; t++) {
-        log_decay[t] = ly->neg_exp_A[j] * qk_softplus(s->gdn_a[t * nv + j] + ly->dt_bias[j]);
-        beta[t] = qk_sigmoid(s->gdn_b[t * nv + j]);
+    const float *a = s->gdn_a + row0 * nv, *b = s->gdn_b + row0 * nv;
+    for (int t = 0; t < n; t++) {
+        log_decay[t] = ly->neg_exp_A[j] * qk_softplus(a[t * nv + j] + ly->dt_bias[j]);
+        beta[t] = qk_sigmoid(b[t * nv + j]);
     }
-    const float *q = s->qkv + key_head * dk, *k = s->qkv + nk * dk + key_head * dk,
-                *v = s->qkv + 2 * nk * dk + j * dv;
-    float *o = s->gdn_o + j * dv, *S = g->st->ssm + j * dk * dv;
-    if (g->n >= QMIX_GDN_CHUNK_MIN)
-        qk_delta_rule_chunked(S, (int)dk, (int)dv, g->n, q, k, v, C, C, log_decay, beta, o,
+    const float *qkv = s->qkv + row0 * C;
+    const float *q = qkv + key_head * dk, *k = qkv + nk * dk + key_head * dk,
+                *v = qkv + 2 * nk * dk + j * dv;
+    float *o = s->gdn_o + row0 * nv * dv + j * dv, *S = seg_state(g->b, seg)->ssm + j * dk * dv;
+    if (n >= QMIX_GDN_CHUNK_MIN)
+        qk_delta_rule_chunked(S, (int)dk, (int)dv, n, q, k, v, C, C, log_decay, beta, o,
                               nv * dv, QMIX_GDN_CHUNK, scratch);
     else
-        qk_delta_rule_recurrent(S, (int)dk, (int)dv, g->n, q, k, v, C, C, log_decay, beta, o,
+        qk_delta_rule_recurrent(S, (int)dk, (int)dv, n, q, k, v, C, C, log_decay, beta, o,
                                 nv * dv, scratch);
-    for (int t = 0; t < g->n; t++) { /* gated RMSNorm: rmsnorm(o, w) · silu(z) */
+    for (int t = 0; t < n; t++) { /* gated RMSNorm: rmsnorm(o, w) · silu(z) */
         float *ot = o + t * nv * dv;
-        const float *z = s->z + t * nv * dv + j * dv;
+        const float *z = s->z + (row0 + t) * nv * dv + j * dv;
         qk_rmsnorm(ot, ot, ly->gdn_norm, dv, c->rms_eps);
         for (int64_t d = 0; d < dv; d++) ot[d] *= qk_silu(z[d]);
     }
 }
 
-static void linear_attention(qmix_session *s, const qmix_layer *ly, qmix_layer_state *st, int n)
+static void linear_attention(qmix_session *s, const qmix_layer *ly, const batch *b)
 {
+    int n = b->rows;
     const qmix_config *c = &s->model->cfg;
     int64_t D = c->hidden_size, nk = c->lin_n_k_heads, nv = c->lin_n_v_heads,
             dk = c->lin_k_head_dim, dv = c->lin_v_head_dim;
@@ -91,7 +115,9 @@ static void linear_attention(qmix_session *s, const qmix_layer *ly, qmix_layer_s
                          job(&ly->in_a, s->h, n, D, s->gdn_a, nv)};
     qmix_run_matmuls(s, in, 4);
 
-    causal_conv_silu(s->qkv, st->conv, ly->conv_w, n, C, c->conv_kernel);
+    for (int seg = 0; seg < b->n_seqs; seg++)
+        causal_conv_silu(s->qkv + s->seg_row[seg] * C, seg_state(b, seg)->conv, ly->conv_w,
+                         b->n_tokens[seg], C, c->conv_kernel);
     float q_scale = 1.0f / sqrtf((float)dk);
     for (int t = 0; t < n; t++)
         for (int64_t hd = 0; hd < nk; hd++) {
@@ -100,8 +126,8 @@ static void linear_attention(qmix_session *s, const qmix_layer *ly, qmix_layer_s
             qk_l2norm(k, dk, 1e-6f);
             for (int64_t i = 0; i < dk; i++) q[i] *= q_scale;
         }
-    gdn_ctx g = {s, ly, st, n};
-    qmix_pool_run(s->pool, gdn_head, &g, (int)nv);
+    gdn_ctx g = {s, ly, b};
+    qmix_pool_run(s->pool, gdn_head, &g, b->n_seqs * (int)nv);
 
     qmix_mm_job out = job(&ly->out_proj, s->gdn_o, n, nv * dv, s->out, D);
     qmix_run_matmuls(s, &out, 1);
@@ -122,7 +148,7 @@ static void rope(float *x, int rot, int64_t pos, double theta)
     }
 }
 
-/* Task = (token, query head): softmax over the cached keys up to the token's position. */
+/* Task = (row, query head): softmax over the row's sequence's cached keys up to its position. */
 static void attn_head(void *arg, int task, int thread)
 {
     attn_ctx *a = arg;
@@ -131,17 +157,19 @@ static void attn_head(void *arg, int task, int thread)
     int64_t H = c->n_heads, KV = c->n_kv_heads, hd = c->head_dim;
     int t = task / (int)H;
     int64_t h = task % H, g = h / (H / KV);
-    int64_t p = s->pos + t;
+    int64_t p = row_pos(s, a->b, t);
+    const qmix_layer_state *st = seg_state(a->b, s->row_seg[t]);
     const float *q = s->q + t * H * 2 * hd + h * 2 * hd, *gate = q + hd;
     float *scores = s->scores + (int64_t)thread * s->max_ctx;
     float *o = s->attn + t * H * hd + h * hd;
-    qk_attend(q, a->st->k_cache + g * hd, a->st->v_cache + g * hd, KV * hd, p + 1, hd,
+    qk_attend(q, st->k_cache + g * hd, st->v_cache + g * hd, KV * hd, p + 1, hd,
               1.0f / sqrtf((float)hd), scores, o);
     for (int64_t d = 0; d < hd; d++) o[d] *= qk_sigmoid(gate[d]);
 }
 
-static void full_attention(qmix_session *s, const qmix_layer *ly, qmix_layer_state *st, int n)
+static void full_attention(qmix_session *s, const qmix_layer *ly, const batch *b)
 {
+    int n = b->rows;
     const qmix_config *c = &s->model->cfg;
     int64_t D = c->hidden_size, H = c->n_heads, KV = c->n_kv_heads, hd = c->head_dim;
     qmix_mm_job in[3] = {job(&ly->q_proj, s->h, n, D, s->q, H * 2 * hd),
@@ -150,7 +178,8 @@ static void full_attention(qmix_session *s, const qmix_layer *ly, qmix_layer_sta
     qmix_run_matmuls(s, in, 3);
 
     for (int t = 0; t < n; t++) {
-        int64_t p = s->pos + t;
+        int64_t p = row_pos(s, b, t);
+        qmix_layer_state *st = seg_state(b, s->row_seg[t]);
         for (int64_t h = 0; h < H; h++) { /* q and gate interleave per head: [q(hd); gate(hd)] */
             float *q = s->q + t * H * 2 * hd + h * 2 * hd;
             qk_rmsnorm(q, q, ly->q_norm, hd, c->rms_eps);
@@ -164,7 +193,7 @@ static void full_attention(qmix_session *s, const qmix_layer *ly, qmix_layer_sta
         memcpy(st->k_cache + p * KV * hd, s->k + t * KV * hd, KV * hd * sizeof(float));
         memcpy(st->v_cache + p * KV * hd, s->v + t * KV * hd, KV * hd * sizeof(float));
     }
-    attn_ctx a = {s, st, n};
+    attn_ctx a = {s, b};
     qmix_pool_run(s->pool, attn_head, &a, (int)(n * H));
 
     qmix_mm_job out = job(&ly->o_proj, s->attn, n, H * hd, s->out, D);
@@ -266,19 +295,27 @@ static void moe(qmix_session *s, const qmix_layer *ly, int n)
 
 /* ---- top level --------------------------------------------------------------------------- */
 
-void qmix_forward(qmix_session *s, const int32_t *tokens, int n, float *all_logits)
+void qmix_forward_batch(qmix_session *s, qmix_seq *const *seqs, const int *n_tokens, int n_seqs,
+                        const int32_t *tokens, float *logits, float *all_logits)
 {
     const qmix_model *m = s->model;
     const qmix_config *c = &m->cfg;
     int64_t D = c->hidden_size, V = c->vocab_size;
+    batch b = {.seqs = seqs, .n_tokens = n_tokens, .n_seqs = n_seqs};
+    for (int seg = 0; seg < n_seqs; seg++) {
+        s->seg_row[seg] = b.rows;
+        for (int t = 0; t < n_tokens[seg]; t++) s->row_seg[b.rows++] = seg;
+    }
+    int n = b.rows;
 
     for (int t = 0; t < n; t++) qk_mat_row_f32(&m->embed, tokens[t], s->x + t * D);
 
     for (int i = 0; i < c->n_layers; i++) {
         const qmix_layer *ly = &m->layers[i];
+        b.layer = i;
         rmsnorm_rows(s->h, s->x, ly->input_norm, n, D, c->rms_eps);
-        if (ly->is_full) full_attention(s, ly, &s->state[i], n);
-        else linear_attention(s, ly, &s->state[i], n);
+        if (ly->is_full) full_attention(s, ly, &b);
+        else linear_attention(s, ly, &b);
         add_rows(s->x, s->out, n * D);
         rmsnorm_rows(s->h, s->x, ly->post_norm, n, D, c->rms_eps);
         moe(s, ly, n);
@@ -289,11 +326,23 @@ void qmix_forward(qmix_session *s, const int32_t *tokens, int n, float *all_logi
         rmsnorm_rows(s->h, s->x, m->final_norm, n, D, c->rms_eps);
         qmix_mm_job head = job(&m->lm_head, s->h, n, D, all_logits, V);
         qmix_run_matmuls(s, &head, 1);
-        memcpy(s->logits, all_logits + (int64_t)(n - 1) * V, V * sizeof(float));
-    } else {
-        qk_rmsnorm(s->norm_last, s->x + (int64_t)(n - 1) * D, m->final_norm, D, c->rms_eps);
-        qmix_mm_job head = job(&m->lm_head, s->norm_last, 1, D, s->logits, V);
+        for (int seg = 0; seg < n_seqs; seg++) {
+            int64_t last = s->seg_row[seg] + n_tokens[seg] - 1;
+            memcpy(logits + seg * V, all_logits + last * V, V * sizeof(float));
+        }
+    } else { /* only each segment's last token: its final norm in row seg of h */
+        for (int seg = 0; seg < n_seqs; seg++) {
+            int64_t last = s->seg_row[seg] + n_tokens[seg] - 1;
+            qk_rmsnorm(s->h + seg * D, s->x + last * D, m->final_norm, D, c->rms_eps);
+        }
+        qmix_mm_job head = job(&m->lm_head, s->h, n_seqs, D, logits, V);
         qmix_run_matmuls(s, &head, 1);
     }
-    s->pos += n;
+    for (int seg = 0; seg < n_seqs; seg++) seqs[seg]->pos += n_tokens[seg];
+}
+
+void qmix_forward(qmix_session *s, const int32_t *tokens, int n, float *all_logits)
+{
+    qmix_seq *self = &s->seq;
+    qmix_forward_batch(s, &self, &n, 1, tokens, s->logits, all_logits);
 }

@@ -3,9 +3,19 @@
 
 #include "runtime/session.h"
 
-/* Runs n (<= s->max_batch) tokens at positions s->pos.. through the model, appending to the
- * session's state. all_logits: NULL, or [n][vocab] for every token. s->logits always receives the
- * last token's logits. Token ids and capacity are checked by the caller. */
+/* Runs n (<= s->max_batch) tokens at positions s->seq.pos.. through the model, appending to the
+ * session's own sequence. all_logits: NULL, or [n][vocab] for every token. s->logits always
+ * receives the last token's logits. Token ids and capacity are checked by the caller. */
 void qmix_forward(qmix_session *s, const int32_t *tokens, int n, float *all_logits);
+
+/* The same forward pass over the tokens of several sequences at once (continuous batching):
+ * segment i is n_tokens[i] >= 1 consecutive tokens of seqs[i] (distinct sequences, each with
+ * max_ctx <= the session's), at its positions seqs[i]->pos.., and the segments follow each other
+ * in tokens (at most s->max_batch in all). Every matmul runs once over all rows; the causal conv,
+ * delta rule and attention run per segment on that sequence's state. logits: [n_seqs][vocab],
+ * each segment's last token; all_logits: NULL or [rows][vocab]. Each sequence advances by its
+ * n_tokens[i]. The result for a sequence is that of running it alone, up to float rounding. */
+void qmix_forward_batch(qmix_session *s, qmix_seq *const *seqs, const int *n_tokens, int n_seqs,
+                        const int32_t *tokens, float *logits, float *all_logits);
 
 #endif

@@ -13,57 +13,117 @@ static double now(void)
     return ts.tv_sec + ts.tv_nsec * 1e-9;
 }
 
-/* Text not yet emitted because it may be the start of a stop string. */
-typedef struct pending {
-    char *buf;
-    size_t len, cap, hold; /* hold: longest stop string - 1 */
-} pending;
-
 static int is_cont(unsigned char c) { return (c & 0xc0) == 0x80; }
 
 /* Emits what can no longer become part of a stop string; returns 1 if a stop string was found
  * (the text before it is emitted, the rest dropped). */
-static int release(pending *p, const qmix_gen_opts *o, qmix_gen_text_fn fn, void *user, int final)
+static int release(qmix_gen_stream *g, int final)
 {
-    size_t stop_at = p->len;
+    const qmix_gen_opts *o = g->opts;
+    size_t stop_at = g->pending_len;
     for (int i = 0; i < o->n_stop_strings; i++) {
         const char *s = o->stop_strings[i];
         size_t n = strlen(s);
-        if (!n || n > p->len) continue;
-        for (size_t at = 0; at + n <= p->len && at < stop_at; at++)
-            if (!memcmp(p->buf + at, s, n)) {
+        if (!n || n > g->pending_len) continue;
+        for (size_t at = 0; at + n <= g->pending_len && at < stop_at; at++)
+            if (!memcmp(g->pending + at, s, n)) {
                 stop_at = at;
                 break;
             }
     }
-    if (stop_at < p->len) {
-        if (stop_at && fn) fn(user, p->buf, stop_at);
-        p->len = 0;
+    if (stop_at < g->pending_len) {
+        if (stop_at && g->on_text) g->on_text(g->user, g->pending, stop_at);
+        g->pending_len = 0;
         return 1;
     }
-    size_t emit = final ? p->len : p->len > p->hold ? p->len - p->hold : 0;
-    while (emit > 0 && emit < p->len && is_cont((unsigned char)p->buf[emit])) emit--;
+    size_t len = g->pending_len;
+    size_t emit = final ? len : len > g->hold ? len - g->hold : 0;
+    while (emit > 0 && emit < len && is_cont((unsigned char)g->pending[emit])) emit--;
     if (emit) {
-        if (fn) fn(user, p->buf, emit);
-        memmove(p->buf, p->buf + emit, p->len - emit);
-        p->len -= emit;
+        if (g->on_text) g->on_text(g->user, g->pending, emit);
+        memmove(g->pending, g->pending + emit, len - emit);
+        g->pending_len -= emit;
     }
     return 0;
 }
 
-static int append(pending *p, const char *text, size_t n)
+static int append(qmix_gen_stream *g, const char *text, size_t n)
 {
-    if (!n) return 0; /* p->buf may still be NULL: memcpy must not see it */
-    if (p->len + n > p->cap) {
-        size_t cap = (p->len + n) * 2 + 64;
-        char *grown = realloc(p->buf, cap);
+    if (!n) return 0; /* pending may still be NULL: memcpy must not see it */
+    if (g->pending_len + n > g->pending_cap) {
+        size_t cap = (g->pending_len + n) * 2 + 64;
+        char *grown = realloc(g->pending, cap);
         if (!grown) return -1;
-        p->buf = grown;
-        p->cap = cap;
+        g->pending = grown;
+        g->pending_cap = cap;
     }
-    memcpy(p->buf + p->len, text, n);
-    p->len += n;
+    memcpy(g->pending + g->pending_len, text, n);
+    g->pending_len += n;
     return 0;
+}
+
+int qmix_gen_stream_init(qmix_gen_stream *g, qmix_sampler *smp, const qmix_tokenizer *tok,
+                         const int32_t *prompt, int n_prompt, const qmix_gen_opts *o,
+                         qmix_gen_text_fn on_text, void *user, qmix_err *err)
+{
+    memset(g, 0, sizeof *g);
+    g->sampler = smp;
+    g->opts = o;
+    g->on_text = on_text;
+    g->user = user;
+    g->finish = QMIX_FINISH_LENGTH;
+    for (int i = 0; i < o->n_stop_strings; i++) {
+        size_t n = strlen(o->stop_strings[i]);
+        if (n > g->hold + 1) g->hold = n - 1;
+    }
+    g->piece_cap = qmix_tok_stream_max(tok);
+    if (!(g->piece = malloc(g->piece_cap))) return qmix_errf(err, "out of memory");
+    qmix_tok_stream_init(&g->tok_stream, tok, 1);
+    qmix_sampler_add_prompt(smp, prompt, n_prompt);
+    return 0;
+}
+
+int qmix_gen_stream_next(qmix_gen_stream *g, const float *logits, int32_t *id_out, qmix_err *err)
+{
+    const qmix_gen_opts *o = g->opts;
+    if (g->n_generated >= o->max_tokens) {
+        g->finish = QMIX_FINISH_LENGTH;
+        return 1;
+    }
+    int32_t id = qmix_sampler_sample(g->sampler, logits);
+    *id_out = id;
+    for (int i = 0; i < o->n_stop_ids; i++)
+        if (id == o->stop_ids[i]) {
+            g->finish = QMIX_FINISH_STOP;
+            return 1;
+        }
+    qmix_sampler_accept(g->sampler, id);
+    g->n_generated++;
+    if (g->on_token) g->on_token(g->user, id, logits);
+    size_t n;
+    if (qmix_tok_stream_push(&g->tok_stream, id, g->piece, g->piece_cap, &n, err)) return -1;
+    if (append(g, g->piece, n)) return qmix_errf(err, "out of memory");
+    if (release(g, 0)) {
+        g->finish = QMIX_FINISH_STOP;
+        g->hit_stop_string = 1;
+        return 1;
+    }
+    if (g->n_generated == o->max_tokens) {
+        g->finish = QMIX_FINISH_LENGTH;
+        return 1;
+    }
+    return 0;
+}
+
+void qmix_gen_stream_end(qmix_gen_stream *g, int flush)
+{
+    if (flush && !g->hit_stop_string && g->piece) { /* what was held back is text after all */
+        size_t n = qmix_tok_stream_flush(&g->tok_stream, g->piece);
+        if (append(g, g->piece, n) == 0) release(g, 1);
+    }
+    free(g->piece);
+    free(g->pending);
+    g->piece = g->pending = NULL;
 }
 
 int qmix_generate(qmix_session *s, qmix_sampler *smp, const qmix_tokenizer *tok,
@@ -93,56 +153,29 @@ int qmix_generate(qmix_session *s, qmix_sampler *smp, const qmix_tokenizer *tok,
     *n_history = n_prompt;
     double t1 = now();
     res->prefill_s = t1 - t0;
-    qmix_sampler_add_prompt(smp, prompt, n_prompt);
 
-    pending p = {0};
-    for (int i = 0; i < o->n_stop_strings; i++) {
-        size_t n = strlen(o->stop_strings[i]);
-        if (n > p.hold + 1) p.hold = n - 1;
-    }
-    size_t cap = qmix_tok_stream_max(tok);
-    char *piece = malloc(cap);
-    if (!piece) return qmix_errf(err, "out of memory");
-    qmix_tok_stream stream;
-    qmix_tok_stream_init(&stream, tok, 1);
-    int rc = 0, hit_stop_string = 0;
-    res->finish = QMIX_FINISH_LENGTH;
-    for (int step = 0; step < o->max_tokens; step++) {
+    qmix_gen_stream g;
+    if (qmix_gen_stream_init(&g, smp, tok, prompt, n_prompt, o, on_text, user, err)) return -1;
+    int rc = 0, cancelled = 0;
+    for (;;) {
         if (o->cancel && *o->cancel) {
-            res->finish = QMIX_FINISH_CANCEL;
+            cancelled = 1;
             break;
         }
-        int32_t id = qmix_sampler_sample(smp, qmix_session_logits(s));
-        int stop = 0;
-        for (int i = 0; i < o->n_stop_ids; i++) stop |= id == o->stop_ids[i];
-        if (stop) {
-            res->finish = QMIX_FINISH_STOP;
+        int32_t id;
+        int r = qmix_gen_stream_next(&g, qmix_session_logits(s), &id, err);
+        if (r) {
+            rc = r < 0 ? -1 : 0;
             break;
         }
-        qmix_sampler_accept(smp, id);
-        res->n_generated++;
-        size_t n;
-        if (qmix_tok_stream_push(&stream, id, piece, cap, &n, err) || append(&p, piece, n)) {
-            rc = -1;
-            break;
-        }
-        if (release(&p, o, on_text, user, 0)) {
-            res->finish = QMIX_FINISH_STOP;
-            hit_stop_string = 1;
-            break;
-        }
-        if (step + 1 == o->max_tokens) break;
         qmix_err full;
         if (qmix_session_decode(s, id, &full)) break; /* context full: finish "length" */
         history[(*n_history)++] = id;
     }
-    if (!rc && !hit_stop_string) { /* what was held back is text after all */
-        size_t n = qmix_tok_stream_flush(&stream, piece);
-        if (append(&p, piece, n) == 0) release(&p, o, on_text, user, 1);
-    }
+    qmix_gen_stream_end(&g, rc == 0);
+    res->finish = cancelled ? QMIX_FINISH_CANCEL : g.finish;
+    res->n_generated = g.n_generated;
     res->decode_s = now() - t1;
-    free(piece);
-    free(p.buf);
     return rc;
 }
 

@@ -32,6 +32,37 @@ typedef struct qmix_gen_result {
 /* Receives text as soon as it is complete UTF-8 and known not to start a stop string. */
 typedef void (*qmix_gen_text_fn)(void *user, const char *text, size_t len);
 
+/* The generation loop's text side, one token at a time, for callers that run the model
+ * themselves (the server decodes many sequences in one batch): sampling, stop ids, stop strings,
+ * max_tokens and streaming complete UTF-8 text. */
+typedef struct qmix_gen_stream {
+    qmix_sampler *sampler;
+    const qmix_gen_opts *opts;
+    qmix_gen_text_fn on_text;
+    void *user;
+    /* optional: each generated token (not a stop token) with the logits it was drawn from,
+     * before its text */
+    void (*on_token)(void *user, int32_t id, const float *logits);
+    qmix_tok_stream tok_stream;
+    char *pending;        /* text held back: it may be the start of a stop string */
+    size_t pending_len, pending_cap, hold; /* hold: longest stop string - 1 */
+    char *piece;
+    size_t piece_cap;
+    int n_generated, hit_stop_string;
+    qmix_finish finish;
+} qmix_gen_stream;
+
+/* The prompt counts for the sampler's repetition penalty. */
+int qmix_gen_stream_init(qmix_gen_stream *g, qmix_sampler *sampler, const qmix_tokenizer *tok,
+                         const int32_t *prompt, int n_prompt, const qmix_gen_opts *opts,
+                         qmix_gen_text_fn on_text, void *user, qmix_err *err);
+/* Samples the next token from logits and streams its text. Returns 0 when *id is to be fed to the
+ * model next, 1 when the generation is over (g->finish says why; a stop token is not fed, nor the
+ * max_tokens-th), -1 on error. */
+int qmix_gen_stream_next(qmix_gen_stream *g, const float *logits, int32_t *id, qmix_err *err);
+/* Emits what was held back (unless a stop string or an error ended it) and frees. */
+void qmix_gen_stream_end(qmix_gen_stream *g, int flush);
+
 /* history/n_history: the token ids the session holds (in/out; capacity max_ctx): the prompt's
  * common prefix with them is not recomputed, and on return they are the prompt plus the
  * generated tokens fed back. */

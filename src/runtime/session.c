@@ -57,19 +57,15 @@ static float *carve(sizer *z, size_t count)
 /* Batch size of a session holding max_ctx tokens. */
 static int batch_of(int max_ctx) { return max_ctx < QMIX_MAX_BATCH ? max_ctx : QMIX_MAX_BATCH; }
 
-/* The one list of a session's buffers. The session's fields are written only when s->state is
- * set (the allocating pass); qmix_session_size runs it on a blank session, so the size the planner
- * predicts and the size a session allocates come from the same code. */
-static void carve_all(qmix_session *s, const qmix_config *c, size_t threads, sizer *z)
+/* A sequence's buffers: KV caches of the full-attention layers, conv + delta-rule state of the
+ * linear ones. state NULL: only sized. */
+static void carve_seq(qmix_layer_state *state, const qmix_config *c, int max_ctx, sizer *z)
 {
-    size_t B = (size_t)s->max_batch, D = c->hidden_size, E = c->n_experts, k = c->n_experts_used;
     size_t nk = c->lin_n_k_heads, nv = c->lin_n_v_heads, dk = c->lin_k_head_dim,
            dv = c->lin_v_head_dim, C = 2 * nk * dk + nv * dv, Kc = c->conv_kernel;
-    size_t H = c->n_heads, KV = c->n_kv_heads, hd = c->head_dim, ctx = (size_t)s->max_ctx;
-    size_t per_thread = ctx;
-
+    size_t KV = c->n_kv_heads, hd = c->head_dim, ctx = (size_t)max_ctx;
     for (int i = 0; i < c->n_layers; i++) {
-        qmix_layer_state blank, *st = s->state ? &s->state[i] : &blank;
+        qmix_layer_state blank, *st = state ? &state[i] : &blank;
         size_t before = z->used;
         if (c->layer_is_full[i]) {
             st->k_cache = carve(z, ctx * KV * hd);
@@ -81,6 +77,21 @@ static void carve_all(qmix_session *s, const qmix_config *c, size_t threads, siz
             z->state += z->used - before;
         }
     }
+}
+
+/* The one list of a session's buffers. The session's fields are written only when s->seq.state
+ * is set (the allocating pass); qmix_session_size runs it on a blank session, so the size the
+ * planner predicts and the size a session allocates come from the same code. own_seq: whether
+ * the session holds a sequence of its own (a shared session only lends its scratch). */
+static void carve_all(qmix_session *s, const qmix_config *c, size_t threads, int own_seq, sizer *z)
+{
+    size_t B = (size_t)s->max_batch, D = c->hidden_size, E = c->n_experts, k = c->n_experts_used;
+    size_t nk = c->lin_n_k_heads, nv = c->lin_n_v_heads, dk = c->lin_k_head_dim,
+           dv = c->lin_v_head_dim, C = 2 * nk * dk + nv * dv;
+    size_t H = c->n_heads, KV = c->n_kv_heads, hd = c->head_dim, ctx = (size_t)s->max_ctx;
+    size_t per_thread = ctx;
+
+    if (own_seq) carve_seq(s->seq.state, c, s->max_ctx, z);
     s->x = carve(z, B * D);
     s->h = carve(z, B * D);
     s->out = carve(z, B * D);
@@ -108,13 +119,14 @@ static void carve_all(qmix_session *s, const qmix_config *c, size_t threads, siz
     s->sh_y = carve(z, B * D);
     s->sh_g = carve(z, B);
     s->logits = carve(z, (size_t)c->vocab_size);
-    s->norm_last = carve(z, D);
     /* integer buffers share the arena (int and float are both 4 bytes) */
     s->top_expert = (int *)carve(z, B * k);
     s->expert_count = (int *)carve(z, E);
     s->expert_start = (int *)carve(z, E);
     s->slot_token = (int *)carve(z, B * k);
     s->token_slot = (int *)carve(z, B * k);
+    s->row_seg = (int *)carve(z, B);
+    s->seg_row = (int *)carve(z, B);
 }
 
 static int jobs_of(const qmix_config *c) { return 2 * c->n_experts + 8; }
@@ -126,7 +138,7 @@ void qmix_session_size(const qmix_config *cfg, int max_ctx, int n_threads, qmix_
     int threads = n_threads > 0 ? n_threads : qmix_pool_default_threads();
     qmix_session blank = {.max_ctx = max_ctx, .max_batch = batch_of(max_ctx)};
     sizer z = {0};
-    carve_all(&blank, cfg, (size_t)threads, &z);
+    carve_all(&blank, cfg, (size_t)threads, 1, &z);
     out->kv = z.kv * sizeof(float);
     out->state = z.state * sizeof(float);
     out->scratch = (z.used - z.kv - z.state) * sizeof(float);
@@ -144,8 +156,8 @@ size_t qmix_session_bytes(const qmix_config *cfg, int max_ctx, int n_threads)
     return sz.total;
 }
 
-int qmix_session_new(qmix_model *model, const qmix_session_opts *opts, qmix_session **out,
-                     qmix_err *err)
+static int session_open(qmix_model *model, const qmix_session_opts *opts, int own_seq,
+                        qmix_session **out, qmix_err *err)
 {
     *out = NULL;
     const qmix_config *c = &model->cfg;
@@ -155,19 +167,20 @@ int qmix_session_new(qmix_model *model, const qmix_session_opts *opts, qmix_sess
     s->model = model;
     s->max_ctx = max_ctx;
     s->max_batch = batch_of(max_ctx);
+    s->seq.max_ctx = max_ctx;
     s->pool = qmix_pool_new(opts ? opts->n_threads : 0);
-    s->state = calloc((size_t)c->n_layers, sizeof *s->state);
+    s->seq.state = calloc((size_t)c->n_layers, sizeof *s->seq.state);
     int threads = s->pool ? qmix_pool_threads(s->pool) : 1;
     s->max_jobs = jobs_of(c);
     s->max_tasks = tasks_of(c, threads);
     s->jobs = calloc((size_t)s->max_jobs, sizeof *s->jobs);
     s->tasks = calloc((size_t)s->max_tasks, sizeof *s->tasks);
-    if (!s->pool || !s->state || !s->jobs || !s->tasks) {
+    if (!s->pool || !s->seq.state || !s->jobs || !s->tasks) {
         qmix_session_free(s);
         return qmix_errf(err, "out of memory creating a session");
     }
     sizer z = {0};
-    carve_all(s, c, (size_t)threads, &z);
+    carve_all(s, c, (size_t)threads, own_seq, &z);
     size_t bytes = z.used * sizeof(float);
     void *arena = NULL;
     if (posix_memalign(&arena, 64, bytes)) {
@@ -176,12 +189,24 @@ int qmix_session_new(qmix_model *model, const qmix_session_opts *opts, qmix_sess
                          bytes / 1048576.0);
     }
     z = (sizer){.base = arena};
-    carve_all(s, c, (size_t)threads, &z);
+    carve_all(s, c, (size_t)threads, own_seq, &z);
     s->arena = arena;
     s->arena_bytes = bytes;
-    qmix_session_reset(s);
+    if (own_seq) qmix_session_reset(s);
     *out = s;
     return 0;
+}
+
+int qmix_session_new(qmix_model *model, const qmix_session_opts *opts, qmix_session **out,
+                     qmix_err *err)
+{
+    return session_open(model, opts, 1, out, err);
+}
+
+int qmix_session_new_shared(qmix_model *model, const qmix_session_opts *opts, qmix_session **out,
+                            qmix_err *err)
+{
+    return session_open(model, opts, 0, out, err);
 }
 
 void qmix_session_free(qmix_session *s)
@@ -189,33 +214,117 @@ void qmix_session_free(qmix_session *s)
     if (!s) return;
     if (s->pool) qmix_pool_free(s->pool);
     free(s->arena);
-    free(s->state);
+    free(s->seq.state);
     free(s->jobs);
     free(s->tasks);
     free(s);
 }
 
-void qmix_session_reset(qmix_session *s)
+void qmix_seq_reset(qmix_seq *seq, const qmix_config *c)
 {
-    const qmix_config *c = &s->model->cfg;
     size_t nk = c->lin_n_k_heads, nv = c->lin_n_v_heads, dk = c->lin_k_head_dim,
            dv = c->lin_v_head_dim, C = 2 * nk * dk + nv * dv;
     for (int i = 0; i < c->n_layers; i++) {
-        qmix_layer_state *st = &s->state[i];
+        qmix_layer_state *st = &seq->state[i];
         if (st->conv) memset(st->conv, 0, (size_t)(c->conv_kernel - 1) * C * sizeof(float));
         if (st->ssm) memset(st->ssm, 0, nv * dk * dv * sizeof(float));
         /* the KV cache needs no clearing: positions beyond pos are never read */
     }
-    s->pos = 0;
+    seq->pos = 0;
+}
+
+void qmix_session_reset(qmix_session *s) { qmix_seq_reset(&s->seq, &s->model->cfg); }
+
+int qmix_seq_new(const qmix_config *c, int max_ctx, qmix_seq **out, qmix_err *err)
+{
+    *out = NULL;
+    qmix_seq *seq = calloc(1, sizeof *seq);
+    if (!seq || !(seq->state = calloc((size_t)c->n_layers, sizeof *seq->state))) {
+        free(seq);
+        return qmix_errf(err, "out of memory");
+    }
+    seq->max_ctx = max_ctx;
+    sizer z = {0};
+    carve_seq(NULL, c, max_ctx, &z);
+    if (posix_memalign(&seq->arena, 64, z.used * sizeof(float) + 64)) {
+        free(seq->state);
+        free(seq);
+        return qmix_errf(err, "out of memory: a sequence of %d tokens needs %.1f MiB", max_ctx,
+                         z.used * sizeof(float) / 1048576.0);
+    }
+    z = (sizer){.base = seq->arena};
+    carve_seq(seq->state, c, max_ctx, &z);
+    qmix_seq_reset(seq, c);
+    *out = seq;
+    return 0;
+}
+
+void qmix_seq_free(qmix_seq *seq)
+{
+    if (!seq) return;
+    free(seq->arena);
+    free(seq->state);
+    free(seq);
+}
+
+/* Floats of one linear-attention layer's conv window and delta-rule state. */
+static size_t conv_floats(const qmix_config *c)
+{
+    return (size_t)(c->conv_kernel - 1) *
+           (size_t)(2 * c->lin_n_k_heads * c->lin_k_head_dim + c->lin_n_v_heads * c->lin_v_head_dim);
+}
+static size_t ssm_floats(const qmix_config *c)
+{
+    return (size_t)c->lin_n_v_heads * (size_t)c->lin_k_head_dim * (size_t)c->lin_v_head_dim;
+}
+static size_t kv_row_floats(const qmix_config *c) { return (size_t)c->n_kv_heads * (size_t)c->head_dim; }
+
+size_t qmix_seq_snapshot_bytes(const qmix_config *c, int n)
+{
+    size_t floats = 0;
+    for (int i = 0; i < c->n_layers; i++)
+        floats += c->layer_is_full[i] ? 2 * (size_t)n * kv_row_floats(c)
+                                      : conv_floats(c) + ssm_floats(c);
+    return floats * sizeof(float);
+}
+
+/* One walk over the snapshot layout for both directions, so save and restore cannot disagree. */
+static void seq_copy(qmix_seq *seq, const qmix_config *c, float *buf, int n, int save)
+{
+    size_t conv = conv_floats(c), ssm = ssm_floats(c), kv = (size_t)n * kv_row_floats(c);
+    for (int i = 0; i < c->n_layers; i++) {
+        qmix_layer_state *st = &seq->state[i];
+        float *parts[2] = {c->layer_is_full[i] ? st->k_cache : st->conv,
+                           c->layer_is_full[i] ? st->v_cache : st->ssm};
+        size_t sizes[2] = {c->layer_is_full[i] ? kv : conv, c->layer_is_full[i] ? kv : ssm};
+        for (int p = 0; p < 2; p++) {
+            if (sizes[p]) {
+                if (save) memcpy(buf, parts[p], sizes[p] * sizeof *buf);
+                else memcpy(parts[p], buf, sizes[p] * sizeof *buf);
+            }
+            buf += sizes[p];
+        }
+    }
+}
+
+void qmix_seq_save(const qmix_seq *seq, const qmix_config *c, float *buf)
+{
+    seq_copy((qmix_seq *)seq, c, buf, seq->pos, 1);
+}
+
+void qmix_seq_restore(qmix_seq *seq, const qmix_config *c, const float *buf, int n)
+{
+    seq_copy(seq, c, (float *)buf, n, 0);
+    seq->pos = n;
 }
 
 static int check_tokens(const qmix_session *s, const int32_t *tokens, int n, qmix_err *err)
 {
     const qmix_config *c = &s->model->cfg;
     if (n <= 0) return qmix_errf(err, "no tokens to process");
-    if ((int64_t)s->pos + n > s->max_ctx)
-        return qmix_errf(err, "context full: %d tokens held + %d new exceed max_ctx %d", s->pos, n,
-                         s->max_ctx);
+    if ((int64_t)s->seq.pos + n > s->max_ctx)
+        return qmix_errf(err, "context full: %d tokens held + %d new exceed max_ctx %d",
+                         s->seq.pos, n, s->max_ctx);
     for (int i = 0; i < n; i++)
         if (tokens[i] < 0 || tokens[i] >= c->vocab_size)
             return qmix_errf(err, "token id %d at index %d is outside the vocabulary [0, %d)",
@@ -243,5 +352,5 @@ int qmix_session_decode(qmix_session *s, int32_t token, qmix_err *err)
 }
 
 const float *qmix_session_logits(const qmix_session *s) { return s->logits; }
-int qmix_session_pos(const qmix_session *s) { return s->pos; }
+int qmix_session_pos(const qmix_session *s) { return s->seq.pos; }
 int qmix_session_threads(const qmix_session *s) { return qmix_pool_threads(s->pool); }

@@ -1,5 +1,7 @@
-/* A session: one sequence's state over a model (recurrent state, conv state, KV cache) and every
- * scratch buffer the forward pass needs, all allocated up front so decoding allocates nothing. */
+/* A session: the scratch buffers and thread pool the forward pass needs, plus its own sequence
+ * (recurrent state, conv state, KV cache), all allocated up front so decoding allocates nothing.
+ * More sequences (qmix_seq) can share one session's scratch: qmix_forward_batch runs tokens of
+ * several of them in one pass over the weights (the server's continuous batching). */
 #ifndef QMIX_RUNTIME_SESSION_H
 #define QMIX_RUNTIME_SESSION_H
 
@@ -20,6 +22,13 @@ typedef struct qmix_layer_state {
     float *v_cache;   /* full: [max_ctx][KV*hd] */
 } qmix_layer_state;
 
+/* One sequence's state: where it is and what the layers carry from token to token. */
+typedef struct qmix_seq {
+    int max_ctx, pos;
+    qmix_layer_state *state; /* [n_layers] */
+    void *arena;             /* owned buffers (NULL for a session's own sequence) */
+} qmix_seq;
+
 /* One matmul of a batched step: y = W·x for n tokens. */
 typedef struct qmix_mm_job {
     const qk_mat *w;
@@ -35,8 +44,8 @@ typedef struct qmix_mm_task { int job; int64_t row_begin, row_end; } qmix_mm_tas
 struct qmix_session {
     qmix_model *model;
     qmix_pool *pool;
-    int max_ctx, max_batch, pos;
-    qmix_layer_state *state;
+    int max_ctx, max_batch;
+    qmix_seq seq;                        /* the session's own sequence */
 
     /* activations, [max_batch][...] */
     float *x, *h, *out;                  /* [B][D] */
@@ -54,7 +63,8 @@ struct qmix_session {
     float *moe_x, *moe_gate, *moe_up, *moe_y; /* [B*k][D or F] */
     float *sh_gate, *sh_up, *sh_y, *sh_g; /* shared expert */
     float *logits;                       /* [V]: the last token's */
-    float *norm_last;                    /* [D] */
+    int *row_seg;                        /* [B]: segment of each row of a batch */
+    int *seg_row;                        /* [B]: first row of each segment */
 
     void *arena;                         /* every buffer above, one allocation */
     size_t arena_bytes;
@@ -89,5 +99,23 @@ size_t qmix_session_bytes(const qmix_config *cfg, int max_ctx, int n_threads);
 
 /* Runs n_jobs matmuls as one parallel step over the pool. */
 void qmix_run_matmuls(qmix_session *s, const qmix_mm_job *jobs, int n_jobs);
+
+/* A session for qmix_forward_batch only: scratch and threads, no sequence of its own (its
+ * qmix_session_* calls must not be used). */
+int qmix_session_new_shared(qmix_model *model, const qmix_session_opts *opts, qmix_session **out,
+                            qmix_err *err);
+
+/* A sequence of up to max_ctx tokens over cfg's geometry, at position 0. */
+int qmix_seq_new(const qmix_config *cfg, int max_ctx, qmix_seq **out, qmix_err *err);
+void qmix_seq_free(qmix_seq *seq);
+/* Back to position 0 with zero recurrent state. */
+void qmix_seq_reset(qmix_seq *seq, const qmix_config *cfg);
+/* Bytes of a snapshot of a sequence at n tokens: KV rows [0, n) of the full-attention layers plus
+ * the recurrent (conv + delta-rule) state of the linear-attention layers. */
+size_t qmix_seq_snapshot_bytes(const qmix_config *cfg, int n);
+/* Copies the sequence's state at its position pos into buf (qmix_seq_snapshot_bytes(pos)), or
+ * back (restore: the sequence is then at position n). */
+void qmix_seq_save(const qmix_seq *seq, const qmix_config *cfg, float *buf);
+void qmix_seq_restore(qmix_seq *seq, const qmix_config *cfg, const float *buf, int n);
 
 #endif

@@ -1,93 +1,84 @@
 #include "server/engine.h"
 
 #include <errno.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
 #include <unistd.h>
 
 #include "formats/config.h"
+#include "model/forward.h"
 #include "runtime/session.h"
 #include "util/err.h"
 
+typedef enum slot_phase { SLOT_FREE, SLOT_PREFILL, SLOT_DECODE } slot_phase;
+
 typedef struct slot {
-    srv_engine *eng;
     int index;
-    qmix_session *sess;
-    int32_t *history; /* what the session holds (capacity ctx) */
+    qmix_seq *seq;
+    int32_t *history; /* what seq holds (capacity ctx); kept after a job for the next one */
     int n_history;
-    /* A snapshot of the recurrent state (conv + Gated DeltaNet state of every linear-attention
-     * layer) at snap_pos, taken where a chat prompt's last turn begins. The KV cache needs no
-     * copy: rows below snap_pos stay valid while nothing is written below snap_pos. The next
-     * turn of the conversation re-renders the previous answer differently from how it was
-     * generated (the template drops the think block), so the live state cannot be reused, but
-     * this snapshot can: only the last answer and the new turn are processed again. */
-    float *snap;
-    int32_t *snap_tokens; /* the prompt prefix the snapshot holds */
-    int snap_pos;         /* 0: no snapshot */
-    srv_job *job;     /* running, or assigned and about to run */
-    uint64_t last_used;
-    pthread_cond_t cond;
-    pthread_t thread;
-    int started;
+    srv_job *job;     /* assigned (under the engine lock); the rest is the scheduler's alone */
+    slot_phase phase;
+    int cuts[2], n_cuts; /* prompt positions where a snapshot goes into the prefix cache */
+    qmix_sampler *sampler;
+    qmix_gen_stream gen;
+    qmix_gen_opts gen_opts;
+    int32_t next_token; /* decoding: the token to feed next step */
+    uint64_t last_used, started;
 } slot;
+
+/* A snapshot of a sequence at n tokens (qmix_seq_save's layout), in the LRU list. */
+typedef struct cache_entry {
+    int32_t *tokens;
+    int n;
+    float *data;
+    size_t bytes;
+    uint64_t last_used;
+    struct cache_entry *next;
+} cache_entry;
 
 struct srv_engine {
     qmix_model *model;
+    const qmix_config *cfg;
     const qmix_tokenizer *tok;
     int32_t stop_ids[QMIX_MAX_EOS + 1]; /* chat's stop ids: the eos ids, then <|im_end|> */
     int n_stop_ids, n_chat_stop_ids;    /* completions stop at the first n_stop_ids only */
-    int n_slots, ctx, max_queue, n_vocab;
-    int32_t im_start;   /* chat prompts are snapshotted before their last <|im_start|> */
-    size_t snap_floats; /* recurrent state floats of one session */
+    int n_slots, ctx, max_queue, n_vocab, prefill_chunk;
+    int32_t im_start;   /* chat prompts are snapshotted at their <|im_start|> turn boundaries */
+    qmix_session *sess; /* the batched forward pass's scratch and threads */
     slot *slots;
+    /* one step's batch, built by the scheduler */
+    qmix_seq **step_seqs;
+    slot **step_slots;
+    int *step_n;
+    int32_t *step_tokens;
+    float *step_logits; /* [n_slots][vocab] */
+    pthread_t thread;
+    int started;
+
+    /* the prefix cache: only the scheduler thread changes it; the sizes are read under mu */
+    cache_entry *cache;
+    size_t cache_bytes, cache_limit;
+    int cache_entries;
+
     pthread_mutex_t mu; /* guards slot assignment, the queue, job outputs and counters */
+    pthread_cond_t work; /* a job was submitted, or the engine is stopping */
     srv_job *queue_head, *queue_tail;
-    int queued, stopping;
+    int queued, stopping, active;
     uint64_t tick;
-    /* counters for /health */
+    /* counters for /health and /metrics */
     uint64_t requests, prefix_hits, prefix_misses, prompt_tokens, reused_tokens, generated_tokens;
-    uint64_t snapshot_hits;
+    uint64_t snapshot_hits, cache_stores, cache_evictions, steps, step_rows, finished, failures;
+    double busy_s, started_at;
 };
 
-/* The recurrent state of a session: each linear-attention layer's conv window and delta-rule
- * state, in layer order (sizes as qmix_session_reset clears them). */
-static size_t state_floats(const qmix_config *c)
+static double now_s(void)
 {
-    size_t nk = (size_t)c->lin_n_k_heads, nv = (size_t)c->lin_n_v_heads,
-           dk = (size_t)c->lin_k_head_dim, dv = (size_t)c->lin_v_head_dim;
-    size_t per = (size_t)(c->conv_kernel - 1) * (2 * nk * dk + nv * dv) + nv * dk * dv, n = 0;
-    for (int i = 0; i < c->n_layers; i++)
-        if (!c->layer_is_full[i]) n += per;
-    return n;
-}
-
-static void state_copy(qmix_session *sess, float *snap, int save)
-{
-    const qmix_config *c = &sess->model->cfg;
-    size_t nk = (size_t)c->lin_n_k_heads, nv = (size_t)c->lin_n_v_heads,
-           dk = (size_t)c->lin_k_head_dim, dv = (size_t)c->lin_v_head_dim;
-    size_t conv = (size_t)(c->conv_kernel - 1) * (2 * nk * dk + nv * dv), ssm = nv * dk * dv;
-    for (int i = 0; i < c->n_layers; i++) {
-        qmix_layer_state *st = &sess->state[i];
-        if (c->layer_is_full[i] || !st->conv || !st->ssm) continue;
-        if (save) {
-            memcpy(snap, st->conv, conv * sizeof *snap);
-            memcpy(snap + conv, st->ssm, ssm * sizeof *snap);
-        } else {
-            memcpy(st->conv, snap, conv * sizeof *snap);
-            memcpy(st->ssm, snap + conv, ssm * sizeof *snap);
-        }
-        snap += conv + ssm;
-    }
-}
-
-/* Tokens of a slot's snapshot that begin the prompt (0 if they do not all, or leave nothing). */
-static int snapshot_reuse(const struct slot *s, const srv_job *j)
-{
-    if (!s->snap_pos || s->snap_pos >= j->n_prompt) return 0;
-    return memcmp(s->snap_tokens, j->prompt, sizeof *j->prompt * (size_t)s->snap_pos)
-               ? 0 : s->snap_pos;
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return ts.tv_sec + ts.tv_nsec * 1e-9;
 }
 
 srv_job *srv_job_new(void)
@@ -205,50 +196,100 @@ static int live_reuse(const slot *s, const srv_job *j)
                                                                                    : s->n_history;
 }
 
-static int reusable(const slot *s, const srv_job *j)
-{
-    int live = live_reuse(s, j), snap = snapshot_reuse(s, j);
-    return live > snap ? live : snap;
-}
-
 int srv_engine_submit(srv_engine *e, srv_job *j)
 {
     pthread_mutex_lock(&e->mu);
-    if (e->stopping) {
-        pthread_mutex_unlock(&e->mu);
-        return 1;
-    }
-    slot *best = NULL;
-    int best_reuse = -1;
-    for (int i = 0; i < e->n_slots; i++) {
-        slot *s = &e->slots[i];
-        if (s->job) continue;
-        int r = reusable(s, j);
-        /* ties go to the least recently used slot, keeping fresher histories for their owners */
-        if (r > best_reuse || (r == best_reuse && s->last_used < best->last_used)) {
-            best = s;
-            best_reuse = r;
-        }
-    }
-    if (!best && e->queued >= e->max_queue) {
+    if (e->stopping || (e->active + e->queued >= e->n_slots && e->queued >= e->max_queue)) {
         pthread_mutex_unlock(&e->mu);
         return 1;
     }
     j->eng = e;
-    j->refs = 2; /* the submitter and the worker */
+    j->refs = 2; /* the submitter and the scheduler */
     e->requests++;
-    if (best) {
-        best->job = j;
-        pthread_cond_signal(&best->cond);
-    } else {
-        if (e->queue_tail) e->queue_tail->next = j;
-        else e->queue_head = j;
-        e->queue_tail = j;
-        e->queued++;
-    }
+    if (e->queue_tail) e->queue_tail->next = j;
+    else e->queue_head = j;
+    e->queue_tail = j;
+    e->queued++;
+    pthread_cond_signal(&e->work);
     pthread_mutex_unlock(&e->mu);
     return 0;
 }
+
+/* ---- prefix cache (scheduler thread) --------------------------------------------------------- */
+
+/* The longest entry that is a proper prefix of the prompt (one token must remain to compute). */
+static cache_entry *cache_lookup(srv_engine *e, const srv_job *j)
+{
+    cache_entry *best = NULL;
+    for (cache_entry *c = e->cache; c; c = c->next)
+        if (c->n < j->n_prompt && (!best || c->n > best->n) &&
+            !memcmp(c->tokens, j->prompt, sizeof *c->tokens * (size_t)c->n))
+            best = c;
+    return best;
+}
+
+static void cache_entry_free(cache_entry *c)
+{
+    free(c->tokens);
+    free(c->data);
+    free(c);
+}
+
+/* Drops least recently used entries until need more bytes fit. */
+static void cache_make_room(srv_engine *e, size_t need)
+{
+    while (e->cache && e->cache_bytes + need > e->cache_limit) {
+        cache_entry **oldest = &e->cache;
+        for (cache_entry **c = &e->cache; *c; c = &(*c)->next)
+            if ((*c)->last_used < (*oldest)->last_used) oldest = c;
+        cache_entry *victim = *oldest;
+        *oldest = victim->next;
+        pthread_mutex_lock(&e->mu);
+        e->cache_bytes -= victim->bytes;
+        e->cache_entries--;
+        e->cache_evictions++;
+        pthread_mutex_unlock(&e->mu);
+        cache_entry_free(victim);
+    }
+}
+
+/* Stores the slot's sequence as it is now (history[0, pos)) unless the same prefix is stored. */
+static void cache_store(srv_engine *e, slot *s)
+{
+    int n = s->seq->pos;
+    if (!e->cache_limit || n <= 0) return;
+    for (cache_entry *c = e->cache; c; c = c->next)
+        if (c->n == n && !memcmp(c->tokens, s->history, sizeof *c->tokens * (size_t)n)) {
+            c->last_used = ++e->tick;
+            return;
+        }
+    size_t bytes = qmix_seq_snapshot_bytes(e->cfg, n) + sizeof(int32_t) * (size_t)n;
+    if (bytes > e->cache_limit) return;
+    cache_make_room(e, bytes);
+    cache_entry *c = calloc(1, sizeof *c);
+    if (c) {
+        c->tokens = malloc(sizeof *c->tokens * (size_t)n);
+        c->data = malloc(qmix_seq_snapshot_bytes(e->cfg, n));
+    }
+    if (!c || !c->tokens || !c->data) { /* no room after all: the cache is an optimisation */
+        if (c) cache_entry_free(c);
+        return;
+    }
+    memcpy(c->tokens, s->history, sizeof *c->tokens * (size_t)n);
+    qmix_seq_save(s->seq, e->cfg, c->data);
+    c->n = n;
+    c->bytes = bytes;
+    c->last_used = ++e->tick;
+    c->next = e->cache;
+    e->cache = c;
+    pthread_mutex_lock(&e->mu);
+    e->cache_bytes += bytes;
+    e->cache_entries++;
+    e->cache_stores++;
+    pthread_mutex_unlock(&e->mu);
+}
+
+/* ---- the scheduler ------------------------------------------------------------------------- */
 
 static void on_gen_text(void *user, const char *text, size_t len)
 {
@@ -256,137 +297,267 @@ static void on_gen_text(void *user, const char *text, size_t len)
     if (j->on_text) j->on_text(j, text, len);
 }
 
-/* Brings the slot's session to the longest reusable prefix of the job's prompt (the live state,
- * or the snapshot restored), and for a chat prompt prefills up to its last <|im_start|> and
- * snapshots there. Leaves history a prefix of the prompt (or empty) for qmix_generate; returns
- * the tokens reused (not computed), or -1. */
-static int prepare(slot *s, srv_job *j, qmix_err *err)
+static void on_gen_token(void *user, int32_t id, const float *logits)
 {
-    srv_engine *e = s->eng;
-    int live = live_reuse(s, j), snap = snapshot_reuse(s, j);
-    if (snap > live) {
-        state_copy(s->sess, s->snap, 0);
-        s->sess->pos = snap;
-        memcpy(s->history, s->snap_tokens, sizeof *s->history * (size_t)snap);
-        s->n_history = live = snap;
-        j->used_snapshot = 1;
-    } else if (!live) {
-        qmix_session_reset(s->sess);
-        s->n_history = 0;
-    }
-    j->reused = live;
-    int cut = 0;
-    if (j->chat && e->im_start >= 0)
-        for (int i = j->n_prompt - 1; i > 0; i--)
-            if (j->prompt[i] == e->im_start) {
-                cut = i;
-                break;
-            }
-    if (cut > live) {
-        if (qmix_session_prefill(s->sess, j->prompt + live, cut - live, NULL, err)) return -1;
-        memcpy(s->history + live, j->prompt + live, sizeof *s->history * (size_t)(cut - live));
-        s->n_history = cut;
-        state_copy(s->sess, s->snap, 1);
-        memcpy(s->snap_tokens, j->prompt, sizeof *s->snap_tokens * (size_t)cut);
-        s->snap_pos = cut;
-    } else if (live < s->snap_pos && cut < s->snap_pos) {
-        s->snap_pos = 0; /* what follows overwrites KV rows the snapshot relies on */
-    }
-    return live;
+    srv_job *j = user;
+    if (j->on_token) j->on_token(j, id, logits);
 }
 
-static void run_job(slot *s, srv_job *j)
+/* Ends the slot's job: its result, the counters, the HTTP side told; the slot is free again (its
+ * sequence and history stay for a later prompt that extends them). */
+static void finish(srv_engine *e, slot *s, qmix_finish why, const char *error)
 {
-    srv_engine *e = s->eng;
-    qmix_err err = {{0}};
+    srv_job *j = s->job;
+    int generated = s->sampler ? s->gen.n_generated : 0;
+    if (s->sampler) {
+        qmix_gen_stream_end(&s->gen, !error);
+        if (!error && why != QMIX_FINISH_CANCEL) why = s->gen.finish;
+        qmix_sampler_free(s->sampler);
+        s->sampler = NULL;
+    }
     memset(&j->res, 0, sizeof j->res);
     j->res.n_prompt = j->n_prompt;
-    if (j->cancel) {
-        j->res.finish = QMIX_FINISH_CANCEL;
-    } else {
-        qmix_sampler *smp = qmix_sampler_new(&j->sampling, e->n_vocab);
-        if (!smp) {
-            j->failed = 1;
-            snprintf(j->error, sizeof j->error, "out of memory");
-        } else {
-            if (prepare(s, j, &err) < 0) {
-                j->failed = 1;
-                snprintf(j->error, sizeof j->error, "%s", err.msg);
-                qmix_session_reset(s->sess);
-                s->n_history = 0;
-                s->snap_pos = 0;
-                qmix_sampler_free(smp);
-                smp = NULL;
-            }
-        }
-        if (smp) {
-            const char *const *stops = (const char *const *)j->stop;
-            qmix_gen_opts go = {.max_tokens = j->max_tokens, .stop_ids = e->stop_ids,
-                                .n_stop_ids = j->ignore_eos ? 0
-                                              : j->chat ? e->n_chat_stop_ids : e->n_stop_ids,
-                                .stop_strings = stops, .n_stop_strings = j->n_stop,
-                                .cancel = &j->cancel};
-            if (qmix_generate(s->sess, smp, e->tok, j->prompt, j->n_prompt, s->history,
-                              &s->n_history, &go, on_gen_text, j, &j->res, &err)) {
-                j->failed = 1;
-                snprintf(j->error, sizeof j->error, "%s", err.msg);
-                qmix_session_reset(s->sess);
-                s->n_history = 0;
-                s->snap_pos = 0;
-            }
-            j->res.n_prompt_reused = j->reused;
-            qmix_sampler_free(smp);
-        }
-        pthread_mutex_lock(&e->mu);
-        if (!j->failed) {
-            if (j->used_snapshot) e->snapshot_hits++;
-            if (j->res.n_prompt_reused) e->prefix_hits++;
-            else e->prefix_misses++;
-            e->prompt_tokens += (uint64_t)j->res.n_prompt;
-            e->reused_tokens += (uint64_t)j->res.n_prompt_reused;
-            e->generated_tokens += (uint64_t)j->res.n_generated;
-        }
-        pthread_mutex_unlock(&e->mu);
+    j->res.n_prompt_reused = j->reused;
+    j->res.n_generated = generated;
+    j->res.finish = why;
+    if (error) {
+        j->failed = 1;
+        snprintf(j->error, sizeof j->error, "%s", error);
+        qmix_seq_reset(s->seq, e->cfg); /* the state may be half-updated: forget it */
+        s->n_history = 0;
     }
+    pthread_mutex_lock(&e->mu);
+    if (!j->failed && j->prefilled) { /* a job cancelled before it ran counts as nothing */
+        if (j->used_snapshot) e->snapshot_hits++;
+        if (j->reused) e->prefix_hits++;
+        else e->prefix_misses++;
+        e->prompt_tokens += (uint64_t)j->n_prompt;
+        e->reused_tokens += (uint64_t)j->reused;
+    }
+    e->generated_tokens += (uint64_t)generated;
+    e->failures += j->failed;
+    e->finished++;
+    pthread_mutex_unlock(&e->mu);
     if (j->on_done) j->on_done(j);
+    pthread_mutex_lock(&e->mu);
+    j->done = 1;
+    pthread_cond_broadcast(&j->cond);
+    s->job = NULL;
+    s->phase = SLOT_FREE;
+    s->last_used = ++e->tick;
+    e->active--;
+    int last = --j->refs == 0;
+    pthread_mutex_unlock(&e->mu);
+    if (last) job_free(j);
 }
 
-static void *worker(void *arg)
+/* Brings a newly assigned slot to the longest reusable prefix of its job's prompt (its live
+ * history or a prefix-cache snapshot), and sets up sampling. For a chat prompt the positions of
+ * its second and last <|im_start|> become snapshot points: the end of the system prompt (shared
+ * by conversations that begin alike) and the start of the last turn (the next turn of this
+ * conversation re-renders the previous answer differently from how it was generated — the
+ * template drops the think block — so only a snapshot before that answer can be reused).
+ * A completion is snapshotted at its prompt's end. */
+static void start_job(srv_engine *e, slot *s)
 {
-    slot *s = arg;
-    srv_engine *e = s->eng;
+    srv_job *j = s->job;
+    if (j->cancel) {
+        finish(e, s, QMIX_FINISH_CANCEL, NULL);
+        return;
+    }
+    int live = live_reuse(s, j);
+    cache_entry *hit = cache_lookup(e, j);
+    if (hit && hit->n > live) {
+        qmix_seq_restore(s->seq, e->cfg, hit->data, hit->n);
+        memcpy(s->history, hit->tokens, sizeof *s->history * (size_t)hit->n);
+        s->n_history = live = hit->n;
+        hit->last_used = ++e->tick;
+        j->used_snapshot = 1;
+    } else if (!live) {
+        qmix_seq_reset(s->seq, e->cfg);
+        s->n_history = 0;
+    }
+    /* the live history may run past the prompt's shared prefix only by generated tokens,
+     * which live_reuse excluded: pos == n_history == live here */
+    j->reused = j->prefilled = live;
+    s->n_cuts = 0;
+    if (j->chat && e->im_start >= 0) {
+        int first = -1, second = -1, last = -1;
+        for (int i = 0; i < j->n_prompt; i++)
+            if (j->prompt[i] == e->im_start) {
+                if (first < 0) first = i;
+                else if (second < 0) second = i;
+                last = i;
+            }
+        if (second > live && second < last) s->cuts[s->n_cuts++] = second;
+        if (last > live && last > 0) s->cuts[s->n_cuts++] = last;
+    } else if (j->n_prompt > live) {
+        s->cuts[s->n_cuts++] = j->n_prompt;
+    }
+    qmix_err err = {{0}};
+    s->sampler = qmix_sampler_new(&j->sampling, e->n_vocab);
+    s->gen_opts = (qmix_gen_opts){
+        .max_tokens = j->max_tokens, .stop_ids = e->stop_ids,
+        .n_stop_ids = j->ignore_eos ? 0 : j->chat ? e->n_chat_stop_ids : e->n_stop_ids,
+        .stop_strings = (const char *const *)j->stop, .n_stop_strings = j->n_stop};
+    if (!s->sampler) {
+        finish(e, s, QMIX_FINISH_STOP, "out of memory");
+        return;
+    }
+    if (qmix_gen_stream_init(&s->gen, s->sampler, e->tok, j->prompt, j->n_prompt, &s->gen_opts,
+                             on_gen_text, j, &err)) {
+        qmix_sampler_free(s->sampler);
+        s->sampler = NULL;
+        finish(e, s, QMIX_FINISH_STOP, err.msg);
+        return;
+    }
+    s->gen.on_token = on_gen_token;
+    s->phase = SLOT_PREFILL;
+}
+
+/* After a step: the slot's logits are those of its last token. Samples, streams, and either
+ * queues the token for the next step or ends the job. */
+static void sample(srv_engine *e, slot *s, const float *logits)
+{
+    if (s->job->cancel) {
+        finish(e, s, QMIX_FINISH_CANCEL, NULL);
+        return;
+    }
+    qmix_err err = {{0}};
+    int32_t id;
+    int r = qmix_gen_stream_next(&s->gen, logits, &id, &err);
+    if (r) {
+        finish(e, s, QMIX_FINISH_STOP, r < 0 ? err.msg : NULL);
+        return;
+    }
+    if (s->seq->pos + 1 > s->seq->max_ctx) { /* context full: the answer ends here */
+        finish(e, s, QMIX_FINISH_LENGTH, NULL);
+        return;
+    }
+    s->next_token = id;
+    s->phase = SLOT_DECODE;
+}
+
+/* Takes queued jobs into free slots (oldest job first; the slot holding the longest prefix of
+ * its prompt, ties to the least recently used). Returns how many slots are active. */
+static int admit(srv_engine *e, slot **started, int *n_started)
+{
+    *n_started = 0;
+    while (e->queue_head && e->active < e->n_slots) {
+        srv_job *j = e->queue_head;
+        e->queue_head = j->next;
+        if (!e->queue_head) e->queue_tail = NULL;
+        e->queued--;
+        slot *best = NULL;
+        int best_reuse = -1;
+        for (int i = 0; i < e->n_slots; i++) {
+            slot *s = &e->slots[i];
+            if (s->job) continue;
+            int r = live_reuse(s, j);
+            if (r > best_reuse || (r == best_reuse && s->last_used < best->last_used)) {
+                best = s;
+                best_reuse = r;
+            }
+        }
+        best->job = j;
+        best->started = ++e->tick;
+        e->active++;
+        started[(*n_started)++] = best;
+    }
+    return e->active;
+}
+
+/* One step: every decoding slot's next token, then prompt chunks of prefilling slots (oldest
+ * first) within the step's budget — the whole batch when nothing decodes, prefill_chunk tokens
+ * otherwise so running streams keep their pace. A chunk ends at the slot's next snapshot point. */
+static void step(srv_engine *e)
+{
+    int n_seqs = 0, rows = 0, max_rows = e->sess->max_batch, decoding = 0;
+    for (int i = 0; i < e->n_slots; i++) {
+        slot *s = &e->slots[i];
+        if (s->phase == SLOT_DECODE && s->job->cancel) finish(e, s, QMIX_FINISH_CANCEL, NULL);
+        else if (s->phase == SLOT_PREFILL && s->job->cancel) finish(e, s, QMIX_FINISH_CANCEL, NULL);
+    }
+    for (int i = 0; i < e->n_slots && rows < max_rows; i++) {
+        slot *s = &e->slots[i];
+        if (s->phase != SLOT_DECODE) continue;
+        e->step_slots[n_seqs] = s;
+        e->step_seqs[n_seqs] = s->seq;
+        e->step_n[n_seqs++] = 1;
+        e->step_tokens[rows++] = s->next_token;
+        decoding++;
+    }
+    int budget = decoding ? e->prefill_chunk : max_rows;
+    for (;;) { /* prefilling slots in the order they started */
+        slot *next = NULL;
+        for (int i = 0; i < e->n_slots; i++) {
+            slot *s = &e->slots[i];
+            int taken = 0;
+            for (int k = decoding; k < n_seqs; k++) taken |= e->step_slots[k] == s;
+            if (s->phase == SLOT_PREFILL && !taken && (!next || s->started < next->started))
+                next = s;
+        }
+        int room = max_rows - rows < budget ? max_rows - rows : budget;
+        if (!next || room <= 0) break;
+        srv_job *j = next->job;
+        int end = j->n_prompt;
+        for (int c = 0; c < next->n_cuts; c++)
+            if (next->cuts[c] > j->prefilled && next->cuts[c] < end) end = next->cuts[c];
+        int n = end - j->prefilled < room ? end - j->prefilled : room;
+        e->step_slots[n_seqs] = next;
+        e->step_seqs[n_seqs] = next->seq;
+        e->step_n[n_seqs++] = n;
+        memcpy(e->step_tokens + rows, j->prompt + j->prefilled, sizeof *e->step_tokens * (size_t)n);
+        rows += n;
+        budget -= n;
+    }
+    if (!n_seqs) return;
+    double t0 = now_s();
+    qmix_forward_batch(e->sess, e->step_seqs, e->step_n, n_seqs, e->step_tokens, e->step_logits,
+                       NULL);
+    double t1 = now_s();
+    pthread_mutex_lock(&e->mu);
+    e->steps++;
+    e->step_rows += (uint64_t)rows;
+    e->busy_s += t1 - t0;
+    pthread_mutex_unlock(&e->mu);
+    for (int k = 0, row = 0; k < n_seqs; row += e->step_n[k], k++) {
+        slot *s = e->step_slots[k];
+        srv_job *j = s->job;
+        memcpy(s->history + s->n_history, e->step_tokens + row,
+               sizeof *s->history * (size_t)e->step_n[k]);
+        s->n_history += e->step_n[k];
+        const float *logits = e->step_logits + (int64_t)k * e->n_vocab;
+        if (s->phase == SLOT_DECODE) {
+            sample(e, s, logits);
+            continue;
+        }
+        j->prefilled += e->step_n[k];
+        for (int c = 0; c < s->n_cuts; c++)
+            if (s->cuts[c] == j->prefilled) cache_store(e, s);
+        if (j->prefilled == j->n_prompt) sample(e, s, logits);
+    }
+}
+
+static void *scheduler(void *arg)
+{
+    srv_engine *e = arg;
+    slot **started = malloc(sizeof *started * (size_t)e->n_slots);
     pthread_mutex_lock(&e->mu);
     for (;;) {
-        while (!s->job && !e->queue_head && !e->stopping) pthread_cond_wait(&s->cond, &e->mu);
-        if (!s->job && e->queue_head) { /* the oldest waiting request (cancelled ones too) */
-            s->job = e->queue_head;
-            e->queue_head = s->job->next;
-            if (!e->queue_head) e->queue_tail = NULL;
-            e->queued--;
-        }
-        if (!s->job) break;
-        srv_job *j = s->job;
+        while (!e->active && !e->queue_head && !e->stopping) pthread_cond_wait(&e->work, &e->mu);
+        if (e->stopping) /* everything waiting or running is cancelled, and ends cleanly */
+            for (srv_job *j = e->queue_head; j; j = j->next) j->cancel = 1;
+        int n_started;
+        admit(e, started, &n_started);
+        if (!e->active && e->stopping && !e->queue_head) break;
         pthread_mutex_unlock(&e->mu);
-        run_job(s, j);
+        for (int i = 0; i < n_started; i++) start_job(e, started[i]);
+        step(e);
         pthread_mutex_lock(&e->mu);
-        j->done = 1;
-        pthread_cond_broadcast(&j->cond);
-        s->job = NULL;
-        s->last_used = ++e->tick;
-        if (e->queue_head) { /* a free slot means an empty queue, so take the oldest waiting */
-            s->job = e->queue_head;
-            e->queue_head = s->job->next;
-            if (!e->queue_head) e->queue_tail = NULL;
-            e->queued--;
-        }
-        int last = --j->refs == 0;
-        if (last) {
-            pthread_mutex_unlock(&e->mu);
-            job_free(j);
-            pthread_mutex_lock(&e->mu);
-        }
     }
     pthread_mutex_unlock(&e->mu);
+    free(started);
     return NULL;
 }
 
@@ -399,47 +570,49 @@ int srv_engine_new(qmix_model *model, const qmix_tokenizer *tok,
     srv_engine *e = calloc(1, sizeof *e);
     if (!e) return qmix_errf(err, "out of memory");
     e->model = model;
+    e->cfg = qmix_model_config(model);
     e->tok = tok;
     e->n_chat_stop_ids = qmix_gen_chat_stop_ids(gen, tok, e->stop_ids);
     e->n_stop_ids = gen->n_eos < QMIX_MAX_EOS ? gen->n_eos : QMIX_MAX_EOS;
     e->n_slots = o->n_slots;
     e->ctx = o->ctx;
     e->max_queue = o->max_queue;
-    e->n_vocab = qmix_model_config(model)->vocab_size;
+    e->prefill_chunk = o->prefill_chunk > 0 ? o->prefill_chunk : 128;
+    e->cache_limit = o->cache_bytes;
+    e->n_vocab = e->cfg->vocab_size;
     e->im_start = qmix_tok_special_ids(tok)->im_start;
-    e->snap_floats = state_floats(qmix_model_config(model));
+    e->started_at = now_s();
     pthread_mutex_init(&e->mu, NULL);
-    e->slots = calloc((size_t)e->n_slots, sizeof *e->slots);
-    if (!e->slots) {
-        free(e);
-        return qmix_errf(err, "out of memory");
-    }
-    int threads = o->n_threads;
-    if (threads <= 0) { /* the cores are shared between slots that decode at the same time */
-        long cores = sysconf(_SC_NPROCESSORS_ONLN);
-        threads = cores > e->n_slots ? (int)(cores / e->n_slots) : 1;
-    }
+    pthread_cond_init(&e->work, NULL);
     *out = e;
+    qmix_session_opts so = {.max_ctx = e->ctx, .n_threads = o->n_threads};
+    if (qmix_session_new_shared(model, &so, &e->sess, err)) goto fail;
+    size_t n = (size_t)e->n_slots;
+    e->slots = calloc(n, sizeof *e->slots);
+    e->step_seqs = calloc(n, sizeof *e->step_seqs);
+    e->step_slots = calloc(n, sizeof *e->step_slots);
+    e->step_n = calloc(n, sizeof *e->step_n);
+    e->step_tokens = malloc(sizeof *e->step_tokens * (size_t)e->sess->max_batch);
+    e->step_logits = malloc(sizeof *e->step_logits * n * (size_t)e->n_vocab);
+    if (!e->slots || !e->step_seqs || !e->step_slots || !e->step_n || !e->step_tokens ||
+        !e->step_logits) {
+        qmix_errf(err, "out of memory");
+        goto fail;
+    }
     for (int i = 0; i < e->n_slots; i++) {
         slot *s = &e->slots[i];
-        s->eng = e;
         s->index = i;
-        pthread_cond_init(&s->cond, NULL);
-        qmix_session_opts so = {.max_ctx = e->ctx, .n_threads = threads};
-        if (qmix_session_new(model, &so, &s->sess, err)) goto fail;
-        s->history = malloc(sizeof *s->history * (size_t)e->ctx);
-        s->snap_tokens = malloc(sizeof *s->snap_tokens * (size_t)e->ctx);
-        s->snap = malloc(sizeof *s->snap * (e->snap_floats ? e->snap_floats : 1));
-        if (!s->history || !s->snap_tokens || !s->snap) {
+        if (qmix_seq_new(e->cfg, e->ctx, &s->seq, err)) goto fail;
+        if (!(s->history = malloc(sizeof *s->history * (size_t)e->ctx))) {
             qmix_errf(err, "out of memory");
             goto fail;
         }
-        if (pthread_create(&s->thread, NULL, worker, s)) {
-            qmix_errf(err, "cannot start a worker thread");
-            goto fail;
-        }
-        s->started = 1;
     }
+    if (pthread_create(&e->thread, NULL, scheduler, e)) {
+        qmix_errf(err, "cannot start the scheduler thread");
+        goto fail;
+    }
+    e->started = 1;
     return 0;
 fail:
     srv_engine_free(e);
@@ -453,11 +626,10 @@ void srv_engine_stop(srv_engine *e)
 {
     pthread_mutex_lock(&e->mu);
     e->stopping = 1;
-    for (int i = 0; i < e->n_slots; i++) {
+    for (int i = 0; i < e->n_slots && e->slots; i++)
         if (e->slots[i].job) e->slots[i].job->cancel = 1;
-        pthread_cond_signal(&e->slots[i].cond);
-    }
     for (srv_job *j = e->queue_head; j; j = j->next) j->cancel = 1;
+    pthread_cond_signal(&e->work);
     pthread_mutex_unlock(&e->mu);
 }
 
@@ -465,41 +637,131 @@ void srv_engine_free(srv_engine *e)
 {
     if (!e) return;
     srv_engine_stop(e);
-    for (int i = 0; i < e->n_slots; i++) {
-        slot *s = &e->slots[i];
-        if (s->started) pthread_join(s->thread, NULL);
-        qmix_session_free(s->sess);
-        free(s->history);
-        free(s->snap_tokens);
-        free(s->snap);
-        pthread_cond_destroy(&s->cond);
+    if (e->started) pthread_join(e->thread, NULL);
+    for (int i = 0; e->slots && i < e->n_slots; i++) {
+        qmix_seq_free(e->slots[i].seq);
+        free(e->slots[i].history);
     }
+    while (e->cache) {
+        cache_entry *c = e->cache;
+        e->cache = c->next;
+        cache_entry_free(c);
+    }
+    qmix_session_free(e->sess);
+    pthread_cond_destroy(&e->work);
     pthread_mutex_destroy(&e->mu);
     free(e->slots);
+    free(e->step_seqs);
+    free(e->step_slots);
+    free(e->step_n);
+    free(e->step_tokens);
+    free(e->step_logits);
     free(e);
 }
 
 json_t *srv_engine_stats(srv_engine *e)
 {
     pthread_mutex_lock(&e->mu);
-    int busy = 0;
     json_t *slots = json_array();
     for (int i = 0; i < e->n_slots; i++) {
-        busy += e->slots[i].job != NULL;
         const slot *sl = &e->slots[i];
-        json_array_append_new(slots, json_pack("{s:i, s:b, s:i, s:i}", "id", i, "busy",
+        json_array_append_new(slots, json_pack("{s:i, s:b, s:i}", "id", i, "busy",
                                                sl->job != NULL, "cached_tokens",
-                                               sl->job ? 0 : sl->n_history, "snapshot_tokens",
-                                               sl->job ? 0 : sl->snap_pos));
+                                               sl->job ? 0 : sl->n_history));
     }
     json_t *st = json_pack(
-        "{s:i, s:i, s:i, s:i, s:o, s:{s:I, s:I, s:I, s:I, s:I, s:I}, s:I}", "slots_total", e->n_slots,
-        "slots_busy", busy, "queued", e->queued, "ctx", e->ctx, "slots", slots, "prefix_cache",
-        "hits", (json_int_t)e->prefix_hits, "misses", (json_int_t)e->prefix_misses,
-        "snapshot_hits", (json_int_t)e->snapshot_hits,
+        "{s:i, s:i, s:i, s:i, s:o, s:{s:I, s:I, s:I, s:I, s:I, s:I, s:I, s:i, s:I, s:I}, s:I}",
+        "slots_total", e->n_slots, "slots_busy", e->active, "queued", e->queued, "ctx", e->ctx,
+        "slots", slots, "prefix_cache", "hits", (json_int_t)e->prefix_hits, "misses",
+        (json_int_t)e->prefix_misses, "snapshot_hits", (json_int_t)e->snapshot_hits,
         "prompt_tokens", (json_int_t)e->prompt_tokens, "reused_tokens",
         (json_int_t)e->reused_tokens, "generated_tokens", (json_int_t)e->generated_tokens,
-        "requests", (json_int_t)e->requests);
+        "evicted", (json_int_t)e->cache_evictions, "entries", e->cache_entries, "bytes",
+        (json_int_t)e->cache_bytes, "capacity_bytes", (json_int_t)e->cache_limit, "requests",
+        (json_int_t)e->requests);
     pthread_mutex_unlock(&e->mu);
     return st;
+}
+
+/* Appends one metric (HELP, TYPE and its value) to the text. */
+static void metric(char **buf, size_t *len, size_t *cap, const char *name, const char *type,
+                   const char *help, double value)
+{
+    char line[512];
+    int n = snprintf(line, sizeof line, "# HELP %s %s\n# TYPE %s %s\n%s %.17g\n", name, help, name,
+                     type, name, value);
+    if (n < 0 || !*buf) return;
+    if (*len + (size_t)n + 1 > *cap) {
+        size_t grown_cap = (*len + (size_t)n + 1) * 2;
+        char *grown = realloc(*buf, grown_cap);
+        if (!grown) {
+            free(*buf);
+            *buf = NULL;
+            return;
+        }
+        *buf = grown;
+        *cap = grown_cap;
+    }
+    memcpy(*buf + *len, line, (size_t)n + 1);
+    *len += (size_t)n;
+}
+
+char *srv_engine_metrics(srv_engine *e)
+{
+    size_t len = 0, cap = 4096;
+    char *b = malloc(cap);
+    if (!b) return NULL;
+    b[0] = 0;
+    pthread_mutex_lock(&e->mu);
+    double uptime = now_s() - e->started_at;
+    metric(&b, &len, &cap, "qmix_requests_total", "counter", "Requests accepted.",
+           (double)e->requests);
+    metric(&b, &len, &cap, "qmix_requests_finished_total", "counter",
+           "Requests finished (including cancelled and failed ones).", (double)e->finished);
+    metric(&b, &len, &cap, "qmix_requests_failed_total", "counter", "Requests that failed.",
+           (double)e->failures);
+    metric(&b, &len, &cap, "qmix_prompt_tokens_total", "counter", "Prompt tokens of requests.",
+           (double)e->prompt_tokens);
+    metric(&b, &len, &cap, "qmix_prompt_tokens_cached_total", "counter",
+           "Prompt tokens not computed: resumed from a slot's history or the prefix cache.",
+           (double)e->reused_tokens);
+    metric(&b, &len, &cap, "qmix_generation_tokens_total", "counter", "Tokens generated.",
+           (double)e->generated_tokens);
+    metric(&b, &len, &cap, "qmix_prefix_cache_hits_total", "counter",
+           "Requests that resumed from a stored prefix.", (double)e->prefix_hits);
+    metric(&b, &len, &cap, "qmix_prefix_cache_misses_total", "counter",
+           "Requests processed from the first token.", (double)e->prefix_misses);
+    metric(&b, &len, &cap, "qmix_prefix_cache_snapshot_hits_total", "counter",
+           "Requests that resumed from a prefix-cache snapshot.", (double)e->snapshot_hits);
+    metric(&b, &len, &cap, "qmix_prefix_cache_stores_total", "counter",
+           "Snapshots stored in the prefix cache.", (double)e->cache_stores);
+    metric(&b, &len, &cap, "qmix_prefix_cache_evictions_total", "counter",
+           "Snapshots evicted (least recently used first) to stay within the budget.",
+           (double)e->cache_evictions);
+    metric(&b, &len, &cap, "qmix_prefix_cache_entries", "gauge", "Snapshots held.",
+           (double)e->cache_entries);
+    metric(&b, &len, &cap, "qmix_prefix_cache_bytes", "gauge", "Bytes the snapshots hold.",
+           (double)e->cache_bytes);
+    metric(&b, &len, &cap, "qmix_prefix_cache_capacity_bytes", "gauge",
+           "The prefix cache budget (--prefix-cache).", (double)e->cache_limit);
+    metric(&b, &len, &cap, "qmix_slots_total", "gauge", "Sequences decoded together (--parallel).",
+           (double)e->n_slots);
+    metric(&b, &len, &cap, "qmix_slots_active", "gauge", "Slots running a request.",
+           (double)e->active);
+    metric(&b, &len, &cap, "qmix_requests_queued", "gauge", "Requests waiting for a slot.",
+           (double)e->queued);
+    metric(&b, &len, &cap, "qmix_batch_steps_total", "counter", "Batched forward passes run.",
+           (double)e->steps);
+    metric(&b, &len, &cap, "qmix_batch_rows_total", "counter",
+           "Tokens those passes processed (prompt chunks and decoded tokens).",
+           (double)e->step_rows);
+    metric(&b, &len, &cap, "qmix_busy_seconds_total", "counter",
+           "Seconds spent in forward passes.", e->busy_s);
+    metric(&b, &len, &cap, "qmix_generation_tokens_per_second", "gauge",
+           "Tokens generated per second of forward-pass time, since start.",
+           e->busy_s > 0 ? (double)e->generated_tokens / e->busy_s : 0);
+    metric(&b, &len, &cap, "qmix_uptime_seconds", "gauge", "Seconds since the server started.",
+           uptime);
+    pthread_mutex_unlock(&e->mu);
+    return b;
 }

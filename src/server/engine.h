@@ -1,8 +1,12 @@
-/* The server's generation side: one model, N slots (a session, its token history and a worker
- * thread each), and jobs that the HTTP side submits and reads back. A job runs on the free slot
- * whose history is the longest prefix of its prompt (that prefix is not recomputed); when every
- * slot is busy it waits in a bounded FIFO queue. Sequences are decoded independently, one per
- * slot: batching several sequences into one pass over the weights is a later step. */
+/* The server's generation side: one model, N slots (a sequence state and its token history each)
+ * and one scheduler thread that runs them all together (continuous batching). Each step it gathers
+ * the active slots — one token of every decoding slot, a chunk of the prompt of slots still in
+ * prefill — and runs them as one batched forward pass (one pass over the weights per step), then
+ * samples each slot with its own sampler and streams its text. Requests join and leave between
+ * steps; prompts are prefilled in chunks so running streams are not stalled for long. A job runs
+ * on the free slot whose history is the longest prefix of its prompt, or resumes from the longest
+ * matching snapshot in the prefix cache (KV rows + conv/delta-rule state at a prefix, shared by
+ * all slots, LRU within a byte budget); when every slot is busy it waits in a bounded FIFO. */
 #ifndef QMIX_SERVER_ENGINE_H
 #define QMIX_SERVER_ENGINE_H
 
@@ -31,8 +35,11 @@ struct srv_job {
     int n_stop;
     int chat; /* chat stops at <|im_end|> too; completions only at the model's eos ids */
     int ignore_eos; /* vLLM's extension: run to max_tokens (benchmarks, tests) */
-    /* called on the worker thread: text as it is generated, then once at the end (res is set) */
+    /* called on the scheduler thread: text as it is generated, then once at the end (res is set);
+     * on_token (may be NULL) for each generated token with the logits it was drawn from, before
+     * its text */
     void (*on_text)(srv_job *job, const char *text, size_t len);
+    void (*on_token)(srv_job *job, int32_t id, const float *logits);
     void (*on_done)(srv_job *job);
     void *user;
     void (*free_user)(void *user);
@@ -49,6 +56,7 @@ struct srv_job {
     size_t out_len, out_cap, out_sent;
     int done, refs, oom;
     int reused, used_snapshot; /* prompt tokens not recomputed; whether a snapshot gave them */
+    int prefilled;             /* prompt tokens the slot holds so far */
     pthread_cond_t cond;
     srv_job *next;
 };
@@ -56,8 +64,10 @@ struct srv_job {
 typedef struct srv_engine_opts {
     int n_slots;
     int ctx;       /* tokens per slot */
-    int n_threads; /* per slot; 0: max(1, cores / n_slots) */
+    int n_threads; /* compute threads of the batched forward pass; 0: all cores */
     int max_queue; /* requests waiting for a slot before new ones get 503 */
+    int prefill_chunk;  /* prompt tokens per step while other slots decode (0: 128) */
+    size_t cache_bytes; /* prefix cache budget; 0: no prefix cache */
 } srv_engine_opts;
 
 /* Takes no ownership of model and tok; they must outlive the engine. gen: the model's
@@ -87,5 +97,7 @@ size_t srv_job_read(srv_job *job, char *buf, size_t max, int timeout_ms, int *eo
 
 /* Slots, queue and prefix-reuse counters, for /health. */
 json_t *srv_engine_stats(srv_engine *eng);
+/* The same counters and more in the Prometheus text format, for /metrics (malloc'd). */
+char *srv_engine_metrics(srv_engine *eng);
 
 #endif

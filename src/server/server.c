@@ -1,6 +1,6 @@
 /* The HTTP side of `qmix serve`, on libmicrohttpd: one thread per connection, so a handler may
- * block while its request waits for a slot or its generation runs (the engine's workers do the
- * computing). Streaming responses are read from the job's output as the worker produces it. */
+ * block while its request waits for a slot or its generation runs (the engine's scheduler does the
+ * computing). Streaming responses are read from the job's output as the scheduler produces it. */
 #include "server/server.h"
 
 #include <microhttpd.h>
@@ -160,6 +160,22 @@ static enum MHD_Result respond_job(struct MHD_Connection *conn, api_reply *r)
     return send_body(conn, (unsigned)status, body, 0);
 }
 
+/* Prometheus text exposition format. */
+static enum MHD_Result send_metrics(struct MHD_Connection *conn, char *text)
+{
+    if (!text) return send_body(conn, MHD_HTTP_INTERNAL_SERVER_ERROR, NULL, 0);
+    struct MHD_Response *resp =
+        MHD_create_response_from_buffer(strlen(text), text, MHD_RESPMEM_MUST_FREE);
+    if (!resp) {
+        free(text);
+        return MHD_NO;
+    }
+    MHD_add_response_header(resp, MHD_HTTP_HEADER_CONTENT_TYPE, "text/plain; version=0.0.4");
+    enum MHD_Result ret = MHD_queue_response(conn, MHD_HTTP_OK, resp);
+    MHD_destroy_response(resp);
+    return ret;
+}
+
 /* Constant-time comparison, so the key cannot be guessed byte by byte from response times. */
 static int same_secret(const char *a, const char *b)
 {
@@ -187,6 +203,12 @@ static enum MHD_Result handle(void *cls, struct MHD_Connection *conn, const char
                 return send_error(conn, MHD_HTTP_METHOD_NOT_ALLOWED, "invalid_request_error",
                                   NULL, "use GET");
             return send_body(conn, MHD_HTTP_OK, api_health(&s->api), 0);
+        }
+        if (!strcmp(url, "/metrics")) { /* like /health, open to scrapers without the key */
+            if (!is_get)
+                return send_error(conn, MHD_HTTP_METHOD_NOT_ALLOWED, "invalid_request_error",
+                                  NULL, "use GET");
+            return send_metrics(conn, srv_engine_metrics(s->eng));
         }
         if (s->api_key) {
             const char *auth = MHD_lookup_connection_value(conn, MHD_HEADER_KIND,
@@ -287,7 +309,8 @@ int qmix_server_start(const qmix_server_opts *o, qmix_server **out, qmix_err *er
     }
     s->max_body = o->max_body ? o->max_body : 8u << 20;
     srv_engine_opts eo = {.n_slots = o->parallel > 0 ? o->parallel : 1, .ctx = o->ctx,
-                          .n_threads = o->threads, .max_queue = o->max_queue};
+                          .n_threads = o->threads, .max_queue = o->max_queue,
+                          .prefill_chunk = o->prefill_chunk, .cache_bytes = o->prefix_cache_bytes};
     if (srv_engine_new(s->model, s->tok, &gen, &eo, &s->eng, err)) goto fail;
 
     qmix_sampling sp = o->sampling;

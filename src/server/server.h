@@ -1,5 +1,6 @@
 /* `qmix serve`: an OpenAI-compatible HTTP server (libmicrohttpd) over one model.
- * Endpoints: GET /health, GET /v1/models, POST /v1/chat/completions, POST /v1/completions. */
+ * Endpoints: GET /health, GET /metrics (Prometheus), GET /v1/models, POST /v1/chat/completions,
+ * POST /v1/completions. */
 #ifndef QMIX_SERVER_SERVER_H
 #define QMIX_SERVER_SERVER_H
 
@@ -19,7 +20,9 @@ typedef struct qmix_server_opts {
     const char *api_key;     /* NULL: no authentication */
     int ctx;                 /* tokens per slot */
     int parallel;            /* slots: requests generated at the same time */
-    int threads;             /* per slot; 0: max(1, cores / parallel) */
+    int threads;             /* compute threads; 0: all cores */
+    int prefill_chunk;       /* prompt tokens per step while others decode (0: 128) */
+    size_t prefix_cache_bytes; /* prefix snapshot budget; 0: none */
     int max_queue;           /* requests waiting for a slot before 503 */
     size_t max_body;         /* request body limit in bytes */
     const json_t *template_args; /* default chat_template_kwargs (an object) or NULL */
