@@ -27,6 +27,12 @@ static void usage(FILE *out)
             "  --recipe NAME|FILE   a preset (qmix presets) or a recipe file (docs/recipes.md)\n"
             "  --format mlx|gptq|gguf  output layout: MLX mixed precision (default), GPTQModel/vLLM\n"
             "                       (spec/quant-formats.md §2), or a GGUF file OUT for llama.cpp (§5)\n"
+            "                       gptq: symmetric 2/3/4/8-bit (vLLM Marlin: 4/8), desc_act false,\n"
+            "                       v1 zeros, HF names, routed experts as per-expert modules, MTP\n"
+            "                       and vision copied; per-module bits as `dynamic` rules; routed\n"
+            "                       experts 4 or 8 bits with one setting per layer, q/k/v (and\n"
+            "                       other vLLM-fused groups) alike; router, shared-expert gate and\n"
+            "                       embedding kept 16-bit; scales f16 (README.md: serving)\n"
             "  --group-size G       override the group size of every quantized rule\n"
             "  --dtype bf16|f16     dtype of unquantized tensors, scales and biases (bf16)\n"
             "  --allow-requant      accept an already-quantized IN (dequantized, re-quantized)\n"
@@ -240,6 +246,16 @@ int qmix_cmd_quantize(int argc, char **argv)
                (long long)rep.awq_unfolded);
     if (rep.fb_nostats)
         printf("no statistics for %lld matrices (rounded to nearest)\n", (long long)rep.fb_nostats);
+    if (o.format == QMIX_QFORMAT_GPTQ) {
+        printf("gptq: symmetric, desc_act false, v1 zeros (serve with vLLM: see README.md)\n");
+        if (rep.gptq_kept16)
+            printf("gptq: %lld tensors the recipe quantizes kept 16-bit (vLLM never quantizes the "
+                   "router, shared-expert gate, embedding or vision tower)\n",
+                   (long long)rep.gptq_kept16);
+        if (rep.gptq_non_marlin)
+            fprintf(stderr, "qmix quantize: warning: %d modules at 2/3 bits: vLLM serves them "
+                    "with its slower gptq kernel, not Marlin (4/8 bits)\n", rep.gptq_non_marlin);
+    }
     printf("\n%-20s %-10s %16s %12s %7s\n", "role", "bits", "parameters", "bytes", "share");
     for (int i = 0; i < QMIX_ROLE_COUNT; i++) {
         const qmix_quant_role_stat *s = &rep.roles[i];

@@ -12,6 +12,8 @@
 
 #include "formats/config.h"
 #include "formats/gguf.h"
+#include "quant/affine.h"
+#include "quant/gptq_format.h"
 #include "quant/quantize.h"
 #include "util/err.h"
 
@@ -73,6 +75,47 @@ static qk_mat mat_view(const qmix_tensor *t, int64_t rows, int64_t cols, uint64_
                     .data = (const uint8_t *)t->data + byte_offset};
 }
 
+static int keep_block(qmix_model *m, void *p)
+{
+    if (m->n_repacked == m->cap_repacked) {
+        size_t cap = m->cap_repacked ? 2 * m->cap_repacked : 256;
+        void **a = realloc(m->repacked, cap * sizeof *a);
+        if (!a) return -1;
+        m->repacked = a;
+        m->cap_repacked = cap;
+    }
+    m->repacked[m->n_repacked++] = p;
+    return 0;
+}
+
+/* A GPTQ module (spec/quant-formats.md §2): module.{qweight,qzeros,scales,g_idx}. It is repacked
+ * at load time into qmix's MLX-affine matrix (codes transposed to rows, float32 scales and
+ * biases −s·z), so every kernel runs it unchanged; this costs a heap copy of the module instead
+ * of a zero-copy view of the mapping. Only trivial g_idx is accepted (act-order files with
+ * scattered groups cannot be contiguous groups). */
+static int bind_gptq(binder *b, const char *module, int64_t rows, int64_t cols, qk_mat *out)
+{
+    const qmix_st_store *st = b->m->store;
+    char n[4][540];
+    static const char *const suffix[4] = {"qweight", "qzeros", "scales", "g_idx"};
+    for (int k = 0; k < 4; k++) snprintf(n[k], sizeof n[k], "%s.%s", module, suffix[k]);
+    qmix_gptq_unpacked u;
+    if (qmix_gptq_unpack(module, qmix_st_find(st, n[0]), qmix_st_find(st, n[1]),
+                         qmix_st_find(st, n[2]), qmix_st_find(st, n[3]), rows, cols, b->m->gptq,
+                         &u, b->err))
+        return -1;
+    if (keep_block(b->m, u.codes) || keep_block(b->m, u.scales) || keep_block(b->m, u.biases)) {
+        qmix_gptq_unpacked_free(&u);
+        return qmix_errf(b->err, "out of memory");
+    }
+    int64_t G = cols / u.group;
+    *out = (qk_mat){.dtype = QMIX_U32, .rows = rows, .cols = cols,
+                    .row_bytes = (size_t)qmix_affine_row_words(cols, u.bits) * 4, .data = u.codes,
+                    .bits = u.bits, .group_size = u.group, .scale_dtype = QMIX_F32,
+                    .scales = u.scales, .biases = u.biases, .scale_row_bytes = (size_t)G * 4};
+    return 0;
+}
+
 /* Binds b->name (a module's ".weight"): nmat stacked [rows, cols] matrices (nmat 0: a plain 2-D
  * tensor) into out[max(nmat, 1)]. A U32 weight is MLX affine codes: bits and group size come from
  * the config's quantization block (§1.6 rule) and are cross-checked against the packed widths. */
@@ -88,6 +131,11 @@ static int bind_any(binder *b, int64_t nmat, int64_t rows, int64_t cols, qk_mat 
     size_t nl = strlen(b->name);
     int is_weight = nl > 7 && !strcmp(b->name + nl - 7, ".weight");
     snprintf(module, sizeof module, "%.*s", (int)(is_weight ? nl - 7 : nl), b->name);
+    if (!t && b->m->gptq && is_weight && !nmat) {
+        char qn[530];
+        snprintf(qn, sizeof qn, "%s.qweight", module);
+        if (qmix_st_find(b->m->store, qn)) return bind_gptq(b, module, rows, cols, out);
+    }
     if (!t || t->dtype != QMIX_U32) {
         if (check_shape(b, t, nd, dims)) return -1;
         if (b->q && is_weight) {
@@ -399,7 +447,9 @@ static int bind_model(qmix_model *m, qmix_err *err)
         bind_1d(&b, &m->final_norm, D, m->norms_shifted ? AS_IS : ONE_PLUS, "%snorm.weight",
                 m->prefix))
         return -1;
-    if (c->tie_embeddings && !qmix_st_find(m->store, lm_head)) m->lm_head = m->embed;
+    if (c->tie_embeddings && !qmix_st_find(m->store, lm_head) &&
+        !(m->gptq && qmix_st_find(m->store, "lm_head.qweight")))
+        m->lm_head = m->embed;
     else if (bind_mat(&b, &m->lm_head, V, D, "%s", lm_head)) return -1;
     for (int i = 0; i < c->n_layers; i++)
         if (bind_layer(&b, i)) return -1;
@@ -412,6 +462,9 @@ void qmix_model_close(qmix_model *m)
     qmix_st_close(m->store);
     qmix_gguf_close(m->gguf);
     qmix_qconfig_free(m->qconfig);
+    for (size_t i = 0; i < m->n_repacked; i++) free(m->repacked[i]);
+    free(m->repacked);
+    free(m->gptq);
     free(m->layers);
     free(m->expert_pool);
     free(m->f32_pool);
@@ -446,7 +499,14 @@ int qmix_model_open(const char *path, qmix_model **out, qmix_err *err)
     }
     char cfg_path[PATH_MAX];
     snprintf(cfg_path, sizeof cfg_path, "%s/config.json", m->dir);
-    if (qmix_config_load(cfg_path, &m->cfg, err) || qmix_qconfig_load(cfg_path, &m->qconfig, err) ||
+    /* a GPTQ quantization_config (quant_method "gptq") is not an MLX block: the loader takes
+     * its modules from qweight tensors (bind_gptq) and the config for cross-checks */
+    qmix_gptq_info gi;
+    int is_gptq = qmix_config_load(cfg_path, &m->cfg, err) ? -1
+                  : qmix_gptq_info_load(cfg_path, &gi, err);
+    if (is_gptq > 0 && (m->gptq = malloc(sizeof *m->gptq))) *m->gptq = gi;
+    if (is_gptq > 0 && !m->gptq) is_gptq = qmix_errf(err, "out of memory");
+    if (is_gptq < 0 || qmix_qconfig_load(cfg_path, &m->qconfig, err) ||
         qmix_st_open(path, &m->store, err) ||
         bind_model(m, err)) {
         qmix_err_prefix(err, "loading %s", path);

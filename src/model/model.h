@@ -45,6 +45,9 @@ struct qmix_model {
     const char *prefix;                  /* "model.language_model.", "language_model.model." or "model." */
     struct qmix_gguf *gguf;              /* GGUF checkpoint (then store is NULL), or NULL */
     int gdn_v_tiled;                     /* GDN value heads in GGUF's tiled order (key head p % nk) */
+    struct qmix_gptq_info *gptq;         /* GPTQ quantization_config, or NULL */
+    void **repacked;                     /* GPTQ modules repacked at load (codes, scales, biases) */
+    size_t n_repacked, cap_repacked;
 };
 
 /* Opens path as a qwen35moe GGUF and binds every weight (model_gguf.c); fills m->cfg. */

@@ -171,6 +171,7 @@ int qmix_gptq_prepare(const double *h_upper, const double *h_full, int64_t k, in
     }
     out->k = k;
     out->group = group;
+    out->grid = o ? o->grid : QMIX_GRID_MLX;
     out->block = block;
     /* symmetric H, original order */
     for (int64_t i = 0, t = 0; i < k; i++)
@@ -268,7 +269,10 @@ void qmix_gptq_quantize_row(const qmix_gptq_prep *p, const float *w, int bits,
         int64_t b1 = b0 + B < k ? b0 + B : k;
         for (int64_t i = b0; i < b1; i++) {
             if (i % g == 0) { /* group parameters from the fully updated values (gptq.h) */
-                if (p->hdiag) wsearch(x + i, p->hdiag + i, g, bits, sdt, e + (B < k ? B : k), &s, &b);
+                if (p->grid == QMIX_GRID_SYM)
+                    qmix_sym_group_params(x + i, p->hdiag ? p->hdiag + i : NULL, g, bits, sdt,
+                                          p->hdiag != NULL, &s, &b);
+                else if (p->hdiag) wsearch(x + i, p->hdiag + i, g, bits, sdt, e + (B < k ? B : k), &s, &b);
                 else qmix_mlx_group_params(x + i, g, bits, sdt, &s, &b);
                 int64_t grp = p->perm[i] / g;
                 scales[grp] = s;
@@ -365,5 +369,68 @@ void qmix_wrtn_quantize_row(const float *w, const float *imp, int64_t k, int bit
         biases[g0 / group] = bb;
         for (int j = 0; j < group; j++)
             qmix_affine_set_code(packed, g0 + j, bits, (uint32_t)code_of(x[j], bs, bb, n_bins));
+    }
+}
+
+/* ---- the symmetric (GPTQ) grid -------------------------------------------------------------- */
+
+static float sym_code(float x, float s, int bits)
+{
+    const float zero = (float)(1 << (bits - 1)), maxq = (float)((1 << bits) - 1);
+    if (s == 0) return zero; /* an all-zero group (or a scale that underflowed): every weight 0 */
+    float q = nearbyintf(x / s) + zero;
+    return q > 0 ? (q < maxq ? q : maxq) : 0; /* NaN → 0 */
+}
+
+static double sym_err(const float *x, const float *c, int n, float s, int bits)
+{
+    const float zero = (float)(1 << (bits - 1));
+    double e = 0;
+    for (int j = 0; j < n; j++) {
+        double d = (double)x[j] - (double)s * (sym_code(x[j], s, bits) - zero);
+        e += (c ? c[j] : 1.0) * d * d;
+    }
+    return e;
+}
+
+void qmix_sym_group_params(const float *x, const float *c, int n, int bits, qmix_dtype sdt,
+                           int search, float *s_out, float *b_out)
+{
+    const float half = (float)(1 << (bits - 1));
+    float mn = 0, mx = 0;
+    for (int j = 0; j < n; j++) {
+        mn = x[j] < mn ? x[j] : mn;
+        mx = x[j] > mx ? x[j] : mx;
+    }
+    /* codes 0 … maxq mean −half … half − 1 steps: the negative side has one step more */
+    float s0 = fmaxf(-mn / half, mx / (half - 1));
+    float best_s = qmix_round_to_dtype(s0, sdt);
+    if (search && s0 > 0) {
+        double best = sym_err(x, c, n, best_s, bits);
+        for (int t = 1; t <= 8; t++) { /* shrink by 4 % steps: clipping pays at low bits */
+            float s = qmix_round_to_dtype(s0 * (1.0f - 0.04f * (float)t), sdt);
+            double e = sym_err(x, c, n, s, bits);
+            if (e < best) {
+                best = e;
+                best_s = s;
+            }
+        }
+    }
+    *s_out = best_s;
+    *b_out = -best_s * half; /* exact: half is a power of two */
+}
+
+void qmix_sym_quantize_row(const float *w, const float *imp, int64_t k, int bits, int group,
+                           qmix_dtype sdt, int search, uint32_t *packed, float *scales,
+                           float *biases)
+{
+    memset(packed, 0, (size_t)qmix_affine_row_words(k, bits) * sizeof *packed);
+    for (int64_t g0 = 0; g0 + group <= k; g0 += group) {
+        float s, b;
+        qmix_sym_group_params(w + g0, imp ? imp + g0 : NULL, group, bits, sdt, search, &s, &b);
+        scales[g0 / group] = s;
+        biases[g0 / group] = b;
+        for (int j = 0; j < group; j++)
+            qmix_affine_set_code(packed, g0 + j, bits, (uint32_t)sym_code(w[g0 + j], s, bits));
     }
 }

@@ -33,7 +33,13 @@ typedef struct qmix_gptq_opts {
     int act_order;    /* group-aware act-order (GAR) */
     int block;        /* column block of the lazy update; 0 → 128 */
     int mlx_rule;     /* group parameters by MLX's min/max rule instead of the search below */
+    int grid;         /* QMIX_GRID_*: the code grid group parameters must lie on */
 } qmix_gptq_opts;
+
+/* Code grids. MLX: any scale and bias. SYM: GPTQ's symmetric grid w ≈ s·(q − 2^(bits−1)) (§2.3,
+ * §3.6), written as an MLX group with bias −s·2^(bits−1) (exact: a power-of-two multiple), so a
+ * GPTQ checkpoint (sym, integer zero) holds exactly the codes and scales chosen. */
+enum { QMIX_GRID_MLX = 0, QMIX_GRID_SYM = 1 };
 
 /* What rows of one matrix share: the factor U in processing order and the order itself. */
 typedef struct qmix_gptq_prep {
@@ -45,6 +51,7 @@ typedef struct qmix_gptq_prep {
     uint8_t *dead;    /* [k] original column never saw a non-zero input */
     float *hdiag;     /* [k] diag(H) in processing order: group search weights; NULL: MLX rule */
     double damp;      /* damping actually used */
+    int grid;         /* QMIX_GRID_* (from the options) */
     int n_dead;
 } qmix_gptq_prep;
 
@@ -68,6 +75,18 @@ void qmix_gptq_quantize_row(const qmix_gptq_prep *p, const float *w, int bits,
 void qmix_wrtn_quantize_row(const float *w, const float *imp, int64_t k, int bits, int group,
                             qmix_dtype scale_dtype, float *work, uint32_t *packed, float *scales,
                             float *biases);
+
+/* One group of n values on the symmetric grid: s rounded to scale_dtype, *b = −s·2^(bits−1).
+ * Without c (or search 0): the smallest scale that represents both extremes (the negative one at
+ * code 0, the positive one at code maxq), not GPTQModel's 2·absmax/maxq, which clips a positive
+ * extreme (§3.6 quirk). With search: that scale shrunk in steps, keeping the least Σ c·err². */
+void qmix_sym_group_params(const float *x, const float *c, int n, int bits, qmix_dtype scale_dtype,
+                           int search, float *s, float *b);
+/* A row on the symmetric grid (RTN when imp is NULL and search 0, else importance-weighted).
+ * Same outputs as qmix_affine_quantize_row, scales/biases rounded to scale_dtype. */
+void qmix_sym_quantize_row(const float *w, const float *imp, int64_t k, int bits, int group,
+                           qmix_dtype scale_dtype, int search, uint32_t *packed, float *scales,
+                           float *biases);
 
 /* MLX's min/max rule (§1.2) for one group of n values, with s and β rounded to scale_dtype. */
 void qmix_mlx_group_params(const float *x, int n, int bits, qmix_dtype scale_dtype, float *s,

@@ -3,6 +3,8 @@
 
 #include <dirent.h>
 #include <errno.h>
+#include <stdarg.h>
+#include <stddef.h>
 #include <jansson.h>
 #include <limits.h>
 #include <math.h>
@@ -20,6 +22,7 @@
 #include "quant/affine.h"
 #include "quant/awq.h"
 #include "quant/calib.h"
+#include "quant/gptq_format.h"
 #include "quant/imatrix.h"
 #include "runtime/threadpool.h"
 #include "util/err.h"
@@ -39,6 +42,10 @@ int qmix_qconfig_load(const char *config_path, qmix_qconfig **out, qmix_err *err
     if (!root) return qmix_errf(err, "%s: bad JSON at line %d: %s", config_path, je.line, je.text);
     json_t *q = json_object_get(root, "quantization");
     if (!q) q = json_object_get(root, "quantization_config");
+    /* GPTQ/AWQ blocks name their quant_method; MLX's never does (GPTQ: src/quant/gptq_format.h) */
+    if (q && !json_object_get(root, "quantization") &&
+        json_is_string(json_object_get(q, "quant_method")))
+        q = NULL;
     int rc = 0;
     if (q && json_is_object(q) && (json_object_get(q, "bits") || json_object_get(q, "group_size"))) {
         const char *mode = json_string_value(json_object_get(q, "mode"));
@@ -170,7 +177,9 @@ typedef struct item {
     int ndim;
     int64_t shape[QMIX_MAX_DIMS];
     int kind;
-    int one_plus;
+    int one_plus;                  /* 1: store 1 + w (MLX); 2: HF norm kept as w (GPTQ), shifted
+                                      only around an AWQ fold: (1 + w)·m − 1 */
+    int raw;                       /* GPTQ: copied byte for byte (MTP, vision) */
     const src_t *src;
     int64_t nmat, rows, cols;      /* logical matrices, rows and cols (K) of each */
     int64_t src_row0, src_rows;    /* first row inside each source matrix, rows per matrix */
@@ -244,6 +253,8 @@ typedef struct pctx {
     qmix_err *err;
     const qmix_st_store *st;   /* for stacking per-expert tensors; NULL in estimates */
     src_t *owned;              /* stacked sources made here, freed with the plan */
+    int gptq;                  /* planning --format gptq */
+    int64_t kept16;            /* GPTQ: quantized by the recipe, kept 16-bit for vLLM */
 } pctx;
 
 static int add_module(pctx *c, const char *out_name, const src_t *s, int64_t nmat, int64_t rows,
@@ -320,6 +331,12 @@ static int add_module(pctx *c, const char *out_name, const src_t *s, int64_t nma
     int is_full = layer >= 0 && layer < c->cfg->n_layers ? c->cfg->layer_is_full[layer] : 0;
     qmix_qdecision d = qmix_recipe_resolve(c->recipe, out_name, out_ndim, out_shape, is_full,
                                            c->cfg->n_layers);
+    if (c->gptq && d.bits &&
+        (d.role == QMIX_ROLE_ROUTER || d.role == QMIX_ROLE_SHARED_EXPERT_GATE ||
+         d.role == QMIX_ROLE_EMBED || d.role == QMIX_ROLE_VISION)) {
+        d.bits = 0; /* vLLM builds these without quantization (§2.8 item 5) */
+        c->kept16++;
+    }
     if (d.bits) {
         char mod[320];
         if (module_of(out_name, mod, sizeof mod)) d.bits = 0; /* not a .weight: keep */
@@ -364,6 +381,22 @@ static int add_module(pctx *c, const char *out_name, const src_t *s, int64_t nma
 static int plan_source(pctx *c, const src_t *s, int hf)
 {
     char out[320];
+    if (c->gptq && (!strncmp(s->name, "mtp.", 4) || !strncmp(s->name, "model.visual.", 13))) {
+        /* GPTQ keeps the MTP block and the vision tower as the source has them (§2.6) */
+        item *t = plan_add(c->p);
+        if (!t) return qmix_errf(c->err, "out of memory");
+        if (snprintf(t->name, sizeof t->name, "%s", s->name) >= (int)sizeof t->name)
+            return qmix_errf(c->err, "%s: name too long", s->name);
+        t->kind = K_PLAIN;
+        t->raw = 1;
+        t->dtype = s->dtype;
+        t->ndim = s->ndim;
+        memcpy(t->shape, s->shape, sizeof t->shape);
+        t->src = s;
+        t->role = qmix_role_of(s->name);
+        t->nbytes = n_elems(s->ndim, s->shape) * qmix_dtype_size(s->dtype);
+        return 0;
+    }
     if (hf) {
         if (!mlx_name(s->name, c->cfg->tie_embeddings, out, sizeof out)) return 0;
     } else {
@@ -410,7 +443,7 @@ static int plan_source(pctx *c, const src_t *s, int hf)
     int64_t rows = nd > 1 ? (int64_t)(n_elems(nd, s->shape) / (uint64_t)s->shape[nd - 1]) : 1;
     qmix_dtype odt = c->dtype;
     if (ends_with(out, "A_log")) odt = QMIX_F32;
-    int one_plus = hf && is_shifted_norm(out);
+    int one_plus = hf && is_shifted_norm(out) ? (c->gptq ? 2 : 1) : 0;
     if (hf && ends_with(out, "conv1d.weight")) return add_module(c, out, s, 1, rows, K, 0, rows, 0,
                                                                   nd, shp, odt);
     if (nd == 3 && !strstr(out, "switch_mlp"))
@@ -611,6 +644,9 @@ typedef struct wctx {
     float *gwork;          /* [n_threads][2 · max cols + 128]: GPTQ / search scratch */
     float **awq_bufs;      /* AWQ scale vectors the items point at */
     int n_awq_bufs;
+    qmix_dtype sdt;        /* scales/biases: the output dtype (MLX), F16 (GPTQ) */
+    int grid;              /* QMIX_GRID_*: SYM when writing GPTQ */
+    uint32_t *qout;        /* GPTQ: quantized rows go here (a whole matrix) instead of chunk */
 } wctx;
 
 static double now_s(void)
@@ -668,12 +704,15 @@ static void row_task(void *ctx, int task, int thread)
     int64_t g = w->g0 + task, m = g / t->rows, r = g % t->rows;
     float *row = w->rows + (size_t)thread * w->max_cols;
     source_row(row, t, m, r);
-    if (t->one_plus)
+    int shift = t->one_plus == 1 || (t->one_plus == 2 && t->colmul);
+    if (shift)
         for (int64_t i = 0; i < t->cols; i++) row[i] += 1.0f;
     if (t->colmul) {
         const float *cm = t->colmul + m * t->colmul_stride;
         for (int64_t i = 0; i < t->cols; i++) row[i] *= cm[i];
     }
+    if (shift && t->one_plus == 2)
+        for (int64_t i = 0; i < t->cols; i++) row[i] -= 1.0f;
     if (t->rowmul) {
         float f = t->rowmul[m * t->rowmul_stride + r];
         for (int64_t i = 0; i < t->cols; i++) row[i] *= f;
@@ -682,18 +721,22 @@ static void row_task(void *ctx, int task, int thread)
         int64_t words = qmix_affine_row_words(t->cols, t->bits);
         size_t ng = (size_t)(t->cols / t->group);
         float *sc = w->scr + (size_t)thread * 2 * w->max_cols, *bi = sc + w->max_cols;
-        uint32_t *out = (uint32_t *)w->chunk + (size_t)task * (size_t)words;
+        uint32_t *out = (w->qout ? w->qout : (uint32_t *)w->chunk) + (size_t)task * (size_t)words;
         float *gw = w->gwork ? w->gwork + (size_t)thread * (2 * w->max_cols + 128) : NULL;
         if (w->mode == 1)
-            qmix_gptq_quantize_row(&w->prep, row, t->bits, w->o->dtype, gw, out, sc, bi);
+            qmix_gptq_quantize_row(&w->prep, row, t->bits, w->sdt, gw, out, sc, bi);
+        else if (w->mode == 2 && w->grid == QMIX_GRID_SYM)
+            qmix_sym_quantize_row(row, w->imp, t->cols, t->bits, t->group, w->sdt, 1, out, sc, bi);
         else if (w->mode == 2)
-            qmix_wrtn_quantize_row(row, w->imp, t->cols, t->bits, t->group, w->o->dtype, gw, out,
+            qmix_wrtn_quantize_row(row, w->imp, t->cols, t->bits, t->group, w->sdt, gw, out,
                                    sc, bi);
+        else if (w->grid == QMIX_GRID_SYM)
+            qmix_sym_quantize_row(row, NULL, t->cols, t->bits, t->group, w->sdt, 0, out, sc, bi);
         else
             qmix_affine_quantize_row(row, t->cols, t->bits, t->group, out, sc, bi);
         for (size_t k = 0; k < ng; k++) {
-            w->sbuf[(size_t)g * ng + k] = to16(sc[k], w->o->dtype);
-            w->bbuf[(size_t)g * ng + k] = to16(bi[k], w->o->dtype);
+            w->sbuf[(size_t)g * ng + k] = to16(sc[k], w->sdt);
+            w->bbuf[(size_t)g * ng + k] = to16(bi[k], w->sdt);
         }
         return;
     }
@@ -752,7 +795,9 @@ static int prepare_matrix(wctx *w, const item *t, int64_t m)
             w->rep->fb_tokens++;
             return 0;
         }
-        int r = qmix_gptq_prepare(e->xtx, NULL, t->cols, t->group, &o->gptq, &w->prep, w->err);
+        qmix_gptq_opts go = o->gptq;
+        go.grid = w->grid;
+        int r = qmix_gptq_prepare(e->xtx, NULL, t->cols, t->group, &go, &w->prep, w->err);
         if (r < 0) return qmix_err_prefix(w->err, "%s matrix %lld", t->name, (long long)m);
         if (r > 0) {
             w->rep->fb_cholesky++;
@@ -1139,11 +1184,465 @@ static int check_method_inputs(wctx *w, const plan *p)
     return 0;
 }
 
+/* ---- --format gptq: the GPTQModel/vLLM layout (spec/quant-formats.md §2) ------------------- */
+
+/* The plan above is the MLX one (recipes, statistics and imatrix entries are keyed by MLX names);
+ * the GPTQ writer maps each planned module onto GPTQ output tensors: HF names, routed experts as
+ * per-expert modules (§2.6), quantized modules as qweight/qzeros/scales/g_idx (§2.1), codes on
+ * the symmetric grid (QMIX_GRID_SYM) so the file holds exactly what was chosen. */
+
+enum { GO_RAW, GO_PLAIN, GO_QWEIGHT, GO_QZEROS, GO_SCALES, GO_GIDX };
+
+typedef struct gout {
+    const char *name;         /* in the name arena */
+    qmix_dtype dtype;
+    int ndim;
+    int64_t shape[QMIX_MAX_DIMS];
+    int kind;                 /* GO_* */
+    size_t item;              /* plan item */
+    int64_t m;                /* matrix of the item; -1: all of it */
+    uint64_t nbytes;
+    int shard;
+} gout;
+
+/* Names live in fixed blocks that never move, so gout names stay valid while more are added. */
+typedef struct name_arena {
+    char **blocks;
+    size_t n_blocks, used;
+} name_arena;
+
+#define ARENA_BLOCK ((size_t)1 << 20)
+
+static const char *arena_printf(name_arena *a, const char *fmt, ...)
+    __attribute__((format(printf, 2, 3)));
+
+static const char *arena_printf(name_arena *a, const char *fmt, ...)
+{
+    char buf[640];
+    va_list ap;
+    va_start(ap, fmt);
+    int n = vsnprintf(buf, sizeof buf, fmt, ap);
+    va_end(ap);
+    if (n < 0 || (size_t)n >= sizeof buf) return NULL;
+    if (!a->n_blocks || a->used + (size_t)n + 1 > ARENA_BLOCK) {
+        char **b = realloc(a->blocks, (a->n_blocks + 1) * sizeof *b);
+        if (!b) return NULL;
+        a->blocks = b;
+        if (!(b[a->n_blocks] = malloc(ARENA_BLOCK))) return NULL;
+        a->n_blocks++;
+        a->used = 0;
+    }
+    char *s = a->blocks[a->n_blocks - 1] + a->used;
+    memcpy(s, buf, (size_t)n + 1);
+    a->used += (size_t)n + 1;
+    return s;
+}
+
+static void arena_free(name_arena *a)
+{
+    for (size_t i = 0; i < a->n_blocks; i++) free(a->blocks[i]);
+    free(a->blocks);
+}
+
+static int item_is_expert(const item *t) { return strstr(t->name, "switch_mlp.") != NULL; }
+
+/* HF module path of matrix m of an expert item: the source's "…mlp.experts." prefix, the expert,
+ * and the projection of the MLX name ("…switch_mlp.gate_proj.weight" → "gate_proj"). */
+static const char *expert_module(name_arena *a, const item *t, int64_t m)
+{
+    const char *e = strstr(t->src->name, "mlp.experts."), *p = strstr(t->name, "switch_mlp.");
+    if (!e || !p) return NULL;
+    p += 11;
+    const char *dot = strchr(p, '.');
+    return arena_printf(a, "%.*s%lld.%.*s", (int)(e + 12 - t->src->name), t->src->name,
+                        (long long)m, (int)(dot ? dot - p : (ptrdiff_t)strlen(p)), p);
+}
+
+typedef struct gplan {
+    gout *o;
+    size_t n, cap;
+    qmix_gptq_module *mods;
+    size_t n_mods, cap_mods;
+    name_arena names;
+} gplan;
+
+static gout *gplan_add(gplan *g, const char *name, qmix_dtype dt, int kind, size_t it, int64_t m)
+{
+    if (!name) return NULL;
+    if (g->n == g->cap) {
+        size_t cap = g->cap ? 2 * g->cap : 1024;
+        gout *o = realloc(g->o, cap * sizeof *o);
+        if (!o) return NULL;
+        g->o = o;
+        g->cap = cap;
+    }
+    gout *o = &g->o[g->n++];
+    memset(o, 0, sizeof *o);
+    o->name = name;
+    o->dtype = dt;
+    o->kind = kind;
+    o->item = it;
+    o->m = m;
+    return o;
+}
+
+static int gplan_module(gplan *g, const char *name, int bits, int group)
+{
+    if (g->n_mods == g->cap_mods) {
+        size_t cap = g->cap_mods ? 2 * g->cap_mods : 1024;
+        qmix_gptq_module *m = realloc(g->mods, cap * sizeof *m);
+        if (!m) return -1;
+        g->mods = m;
+        g->cap_mods = cap;
+    }
+    g->mods[g->n_mods++] = (qmix_gptq_module){.name = name, .bits = bits, .group = group, .sym = 1};
+    return 0;
+}
+
+static void set_shape(gout *o, int nd, int64_t a, int64_t b)
+{
+    o->ndim = nd;
+    o->shape[0] = a;
+    o->shape[1] = b;
+    o->nbytes = (uint64_t)a * (uint64_t)(nd > 1 ? b : 1) * qmix_dtype_size(o->dtype);
+}
+
+/* The GPTQ output tensors of the plan, in plan order (one pass). */
+static int gptq_outputs(const plan *p, gplan *g, qmix_err *err)
+{
+    for (size_t i = 0; i < p->n; i++) {
+        const item *t = &p->it[i];
+        if (t->kind == K_SCALES || t->kind == K_BIASES) continue;
+        if (t->raw) {
+            gout *o = gplan_add(g, t->src->name, t->dtype, GO_RAW, i, -1);
+            if (!o) return qmix_errf(err, "out of memory");
+            o->ndim = t->ndim;
+            memcpy(o->shape, t->shape, sizeof o->shape);
+            o->nbytes = t->nbytes;
+            continue;
+        }
+        int expert = item_is_expert(t);
+        if (t->kind == K_PLAIN) {
+            if (!expert) {
+                gout *o = gplan_add(g, t->src->name, t->dtype, GO_PLAIN, i, -1);
+                if (!o) return qmix_errf(err, "out of memory");
+                o->ndim = t->src->ndim; /* the HF shape (conv1d stays [C, 1, K]) */
+                memcpy(o->shape, t->src->shape, sizeof o->shape);
+                o->nbytes = t->nbytes;
+                size_t nl = strlen(t->src->name);
+                if (t->ndim == 2 && nl > 7 && !strcmp(t->src->name + nl - 7, ".weight")) {
+                    const char *mod = arena_printf(&g->names, "%.*s", (int)(nl - 7), t->src->name);
+                    if (!mod || gplan_module(g, mod, 0, 0)) return qmix_errf(err, "out of memory");
+                }
+                continue;
+            }
+            for (int64_t m = 0; m < t->nmat; m++) {
+                const char *mod = expert_module(&g->names, t, m);
+                gout *o = mod ? gplan_add(g, arena_printf(&g->names, "%s.weight", mod), t->dtype,
+                                          GO_PLAIN, i, m) : NULL;
+                if (!o || gplan_module(g, mod, 0, 0)) return qmix_errf(err, "out of memory");
+                set_shape(o, 2, t->rows, t->cols);
+            }
+            continue;
+        }
+        /* K_QWEIGHT */
+        int b = t->bits;
+        if (!qmix_gptq_bits_valid(b))
+            return qmix_errf(err, "%s: the recipe asks for %d bits; GPTQ holds 2, 3, 4 or 8 bits "
+                             "(vLLM's Marlin kernels 4 or 8): use --format mlx, or change the "
+                             "recipe", t->name, b);
+        if ((t->rows * b) % 32)
+            return qmix_errf(err, "%s: %lld output channels cannot be packed into GPTQ qzeros at "
+                             "%d bits (needs a multiple of %d); keep it 16-bit in the recipe",
+                             t->name, (long long)t->rows, b, b == 3 ? 32 : 32 / b);
+        int64_t K = t->cols, N = t->rows, G = K / t->group;
+        for (int64_t m = 0; m < t->nmat; m++) {
+            const char *mod;
+            if (expert) mod = expert_module(&g->names, t, m);
+            else mod = arena_printf(&g->names, "%.*s", (int)(strlen(t->src->name) - 7),
+                                    t->src->name);
+            if (!mod || gplan_module(g, mod, b, t->group)) return qmix_errf(err, "out of memory");
+            static const char *const suffix[4] = {"qweight", "qzeros", "scales", "g_idx"};
+            for (int k = 0; k < 4; k++) {
+                gout *o = gplan_add(g, arena_printf(&g->names, "%s.%s", mod, suffix[k]),
+                                    k == 2 ? QMIX_F16 : QMIX_I32, GO_QWEIGHT + k, i, m);
+                if (!o) return qmix_errf(err, "out of memory");
+                if (k == 0) set_shape(o, 2, K * b / 32, N);
+                else if (k == 1) set_shape(o, 2, G, N * b / 32);
+                else if (k == 2) set_shape(o, 2, G, N);
+                else set_shape(o, 1, K, 0);
+            }
+        }
+    }
+    return 0;
+}
+
+/* Rows [g_begin, g_end) of item t converted to its output dtype, in chunks. */
+static int gptq_write_rows(wctx *w, qmix_stw *f, const item *t, int64_t g_begin, int64_t g_end)
+{
+    size_t row_out = (size_t)t->cols * qmix_dtype_size(t->dtype);
+    int64_t per_chunk = (int64_t)(CHUNK_ELEMS / (size_t)t->cols);
+    if (per_chunk < 1) per_chunk = 1;
+    w->t = t;
+    w->qout = NULL;
+    for (int64_t g0 = g_begin, n; g0 < g_end; g0 += n) {
+        n = g_end - g0 < per_chunk ? g_end - g0 : per_chunk;
+        w->g0 = g0;
+        qmix_pool_run(w->pool, row_task, w, (int)n);
+        if (qmix_stw_write(f, w->chunk, (size_t)n * row_out, w->err)) return -1;
+        w->done_bytes += (uint64_t)n * (uint64_t)t->cols * qmix_dtype_size(t->src->dtype);
+        progress(w, 0);
+    }
+    return 0;
+}
+
+/* Quantizes matrix m of t into w->qout (its packed rows, MLX layout) and w->sbuf (its f16
+ * scales), with the item's method. */
+static int gptq_quantize_matrix(wctx *w, const item *t, int64_t m, uint32_t *mbuf)
+{
+    int64_t words = qmix_affine_row_words(t->cols, t->bits);
+    size_t ng = (size_t)(t->cols / t->group), need = (size_t)(t->nmat * t->rows) * ng;
+    if (need > w->sbuf_cap) {
+        uint16_t *a = realloc(w->sbuf, need * 2);
+        if (a) w->sbuf = a;
+        uint16_t *b = a ? realloc(w->bbuf, need * 2) : NULL;
+        if (b) w->bbuf = b;
+        if (!a || !b) return qmix_errf(w->err, "out of memory");
+        w->sbuf_cap = need;
+    }
+    w->t = t;
+    w->mode = 0;
+    if (item_method(w, t) != QMIX_METHOD_RTN && prepare_matrix(w, t, m)) return -1;
+    int64_t per_chunk = (int64_t)(CHUNK_ELEMS / (size_t)t->cols);
+    if (per_chunk < 1) per_chunk = 1;
+    for (int64_t r0 = 0, n; r0 < t->rows; r0 += n) {
+        n = t->rows - r0 < per_chunk ? t->rows - r0 : per_chunk;
+        w->g0 = m * t->rows + r0;
+        w->qout = mbuf + (size_t)r0 * (size_t)words;
+        qmix_pool_run(w->pool, row_task, w, (int)n);
+        w->done_bytes += (uint64_t)n * (uint64_t)t->cols * qmix_dtype_size(t->src->dtype);
+        progress(w, 0);
+    }
+    w->qout = NULL;
+    qmix_gptq_prep_free(&w->prep);
+    w->mode = 0;
+    return 0;
+}
+
+/* One GPTQ output tensor. mbuf holds the current matrix's packed rows (after GO_QWEIGHT). */
+static int gptq_write_one(wctx *w, qmix_stw *f, const plan *p, const gout *o, uint32_t *mbuf)
+{
+    const item *t = &p->it[o->item];
+    qmix_err *err = w->err;
+    if (qmix_stw_begin(f, o->name, err)) return -1;
+    if (o->kind == GO_RAW) /* not counted in the progress total (the MLX plan drops these) */
+        return qmix_stw_write(f, t->src->data, o->nbytes, err);
+    if (o->kind == GO_PLAIN)
+        return o->m < 0 ? gptq_write_rows(w, f, t, 0, t->nmat * t->rows)
+                        : gptq_write_rows(w, f, t, o->m * t->rows, (o->m + 1) * t->rows);
+    int64_t N = t->rows, K = t->cols, G = K / t->group, W = qmix_affine_row_words(K, t->bits);
+    uint32_t *c32 = (uint32_t *)w->chunk;
+    size_t cap32 = CHUNK_ELEMS; /* the chunk holds CHUNK_ELEMS · 4 bytes */
+    if (o->kind == GO_QWEIGHT) {
+        if (gptq_quantize_matrix(w, t, o->m, mbuf)) return -1;
+        /* qweight[r][n] = MLX row n's word r (§2.2): transpose through the chunk */
+        int64_t per = (int64_t)(cap32 / (size_t)N);
+        if (per < 1) return qmix_errf(err, "%s: %lld output channels exceed the chunk", o->name,
+                                      (long long)N);
+        for (int64_t r0 = 0, n; r0 < W; r0 += n) {
+            n = W - r0 < per ? W - r0 : per;
+            for (int64_t r = 0; r < n; r++)
+                for (int64_t c = 0; c < N; c++) c32[r * N + c] = mbuf[c * W + r0 + r];
+            if (qmix_stw_write(f, c32, (size_t)(n * N) * 4, err)) return -1;
+        }
+        return 0;
+    }
+    if (o->kind == GO_QZEROS) { /* symmetric: every true zero is 2^(bits−1), v1 offset */
+        int64_t words = N * t->bits / 32;
+        qmix_gptq_zeros_row(N, t->bits, 1u << (t->bits - 1), 1, c32);
+        for (int64_t g = 0; g < G; g++)
+            if (qmix_stw_write(f, c32, (size_t)words * 4, err)) return -1;
+        return 0;
+    }
+    if (o->kind == GO_SCALES) { /* [G][N] from the rows' f16 scales */
+        uint16_t *c16 = (uint16_t *)w->chunk;
+        const uint16_t *s = w->sbuf + (size_t)(o->m * N) * (size_t)G;
+        int64_t per = (int64_t)(2 * cap32 / (size_t)N);
+        for (int64_t g0 = 0, n; g0 < G; g0 += n) {
+            n = G - g0 < per ? G - g0 : per;
+            for (int64_t g = 0; g < n; g++)
+                for (int64_t c = 0; c < N; c++) c16[g * N + c] = s[c * G + g0 + g];
+            if (qmix_stw_write(f, c16, (size_t)(n * N) * 2, err)) return -1;
+        }
+        return 0;
+    }
+    /* g_idx: contiguous groups (desc_act false; GAR undoes its order, §2.4) */
+    for (int64_t k0 = 0, n; k0 < K; k0 += n) {
+        n = K - k0 < (int64_t)cap32 ? K - k0 : (int64_t)cap32;
+        for (int64_t k = 0; k < n; k++) c32[k] = (uint32_t)((k0 + k) / t->group);
+        if (qmix_stw_write(f, c32, (size_t)n * 4, err)) return -1;
+    }
+    return 0;
+}
+
+static int write_gptq_config(const char *in_dir, const char *out_dir, json_t *qc, qmix_err *err)
+{
+    char *src = path_join(in_dir, "config.json"), *dst = path_join(out_dir, "config.json");
+    char *qdst = path_join(out_dir, "quantize_config.json");
+    int rc = -1;
+    json_error_t je;
+    json_t *root = src ? json_load_file(src, JSON_REJECT_DUPLICATES, &je) : NULL;
+    if (!root || !json_is_object(root) || !dst || !qdst) {
+        qmix_errf(err, "%s: cannot read config.json", in_dir);
+        goto out;
+    }
+    json_object_del(root, "quantization");
+    json_object_set(root, "quantization_config", qc);
+    /* insertion order kept (no key sorting): `dynamic` rules are ordered, first match wins */
+    if (json_dump_file(root, dst, JSON_INDENT(2)))
+        qmix_errf(err, "%s: cannot write", dst);
+    else if (json_dump_file(qc, qdst, JSON_INDENT(2))) /* GPTQModel writes both (§2.5) */
+        qmix_errf(err, "%s: cannot write", qdst);
+    else rc = 0;
+out:
+    json_decref(root);
+    free(src);
+    free(dst);
+    free(qdst);
+    return rc;
+}
+
+/* Writes the planned model as a GPTQ checkpoint into out_dir (config and side files by the
+ * caller's code path). */
+static int write_gptq(wctx *w, const plan *p, const char *in, const char *out_dir,
+                      const qmix_config *cfg, int64_t kept16, qmix_err *err)
+{
+    const qmix_quant_opts *o = w->o;
+    qmix_quant_report *rep = w->rep;
+    gplan g = {0};
+    json_t *qc = NULL;
+    uint32_t *mbuf = NULL;
+    const char **names = NULL, **files = NULL;
+    char (*fnames)[64] = NULL;
+    qmix_stw_tensor *specs = NULL;
+    int rc = -1;
+    if (gptq_outputs(p, &g, err)) goto done;
+    int has_mtp = 0, has_vision = 0;
+    for (size_t i = 0; i < p->n; i++) {
+        has_mtp |= p->it[i].raw && !strncmp(p->it[i].name, "mtp.", 4);
+        has_vision |= p->it[i].raw && !strncmp(p->it[i].name, "model.visual.", 13);
+    }
+    qmix_gptq_qconfig_opts qo = {.n_layers = cfg->n_layers, .has_mtp = has_mtp,
+                                 .has_vision = has_vision, .act_group_aware = o->gptq.act_order,
+                                 .damp = o->method == QMIX_METHOD_GPTQ
+                                         ? (o->gptq.damp > 0 ? o->gptq.damp : 0.01) : 0,
+                                 .quantizer = "qmix"};
+    int non_marlin = 0;
+    if (qmix_gptq_build_qconfig(g.mods, g.n_mods, &qo, &qc, &non_marlin, err)) goto done;
+    rep->gptq_non_marlin = non_marlin;
+    rep->gptq_kept16 = kept16;
+    /* report in GPTQ terms: bytes on disk, parameters as logical weights */
+    rep->params = rep->bytes = 0;
+    for (int r = 0; r < QMIX_ROLE_COUNT; r++) rep->roles[r].params = rep->roles[r].bytes = 0;
+    size_t max_words = 1;
+    for (size_t i = 0; i < g.n; i++) {
+        const gout *x = &g.o[i];
+        const item *t = &p->it[x->item];
+        uint64_t params = x->kind == GO_QWEIGHT ? (uint64_t)t->rows * (uint64_t)t->cols
+                          : x->kind == GO_RAW || x->kind == GO_PLAIN ? n_elems(x->ndim, x->shape)
+                                                                     : 0;
+        rep->params += params;
+        rep->bytes += x->nbytes;
+        rep->roles[t->role].params += params;
+        rep->roles[t->role].bytes += x->nbytes;
+        if (x->kind == GO_QWEIGHT && (size_t)(t->rows * qmix_affine_row_words(t->cols, t->bits)) > max_words)
+            max_words = (size_t)(t->rows * qmix_affine_row_words(t->cols, t->bits));
+    }
+    rep->bpw = rep->params ? 8.0 * (double)rep->bytes / (double)rep->params : 0;
+    rep->n_tensors = (int)g.n;
+    if (o->dry_run) {
+        rc = 0;
+        goto done;
+    }
+    uint64_t limit = o->shard_bytes ? o->shard_bytes : (uint64_t)5 << 30, cur = 0;
+    int shard = 0;
+    for (size_t i = 0; i < g.n; i++) {
+        if (cur && cur + g.o[i].nbytes > limit) {
+            shard++;
+            cur = 0;
+        }
+        cur += g.o[i].nbytes;
+        g.o[i].shard = shard;
+    }
+    int n_shards = g.n ? shard + 1 : 0;
+    rep->n_shards = n_shards;
+    mbuf = malloc(max_words * 4); /* one quantized matrix: qweight is its transpose */
+    names = calloc(g.n + 1, sizeof *names);
+    files = calloc(g.n + 1, sizeof *files);
+    fnames = calloc((size_t)n_shards + 1, sizeof *fnames);
+    specs = calloc(g.n + 1, sizeof *specs);
+    if (!mbuf || !names || !files || !fnames || !specs) {
+        qmix_errf(err, "out of memory");
+        goto done;
+    }
+    qmix_stw_kv meta[1] = {{"format", "pt"}};
+    size_t j = 0;
+    for (int sh = 0; sh < n_shards; sh++) {
+        if (n_shards == 1) snprintf(fnames[sh], sizeof fnames[sh], "model.safetensors");
+        else snprintf(fnames[sh], sizeof fnames[sh], "model-%05d-of-%05d.safetensors", sh + 1,
+                      n_shards);
+        size_t k0 = j;
+        while (j < g.n && g.o[j].shard == sh) {
+            specs[j - k0] = (qmix_stw_tensor){.name = g.o[j].name, .dtype = g.o[j].dtype,
+                                              .ndim = g.o[j].ndim};
+            memcpy(specs[j - k0].shape, g.o[j].shape, sizeof specs[0].shape);
+            names[j] = g.o[j].name;
+            files[j] = fnames[sh];
+            j++;
+        }
+        char *path = path_join(out_dir, fnames[sh]);
+        qmix_stw *f = NULL;
+        if (!path || qmix_stw_open(path, specs, j - k0, meta, 1, &f, err)) {
+            free(path);
+            goto done;
+        }
+        free(path);
+        for (size_t k = k0; k < j; k++) {
+            if (gptq_write_one(w, f, p, &g.o[k], mbuf)) {
+                qmix_stw_discard(f);
+                goto done;
+            }
+            const src_t *s = p->it[g.o[k].item].src;
+            if ((k + 1 == g.n || p->it[g.o[k + 1].item].src != s) && !s->parts)
+                release_source(s, n_elems(s->ndim, s->shape) * qmix_dtype_size(s->dtype));
+        }
+        if (qmix_stw_close(f, err)) goto done;
+    }
+    progress(w, 1);
+    char *ip = path_join(out_dir, "model.safetensors.index.json");
+    int irc = !ip || qmix_st_write_index(ip, rep->bytes, rep->params, names, files, g.n, err);
+    free(ip);
+    if (irc || write_gptq_config(in, out_dir, qc, err)) goto done;
+    rc = 0;
+done:
+    json_decref(qc);
+    free(mbuf);
+    free(names);
+    free(files);
+    free(fnames);
+    free(specs);
+    free(g.o);
+    free(g.mods);
+    arena_free(&g.names);
+    return rc;
+}
+
 int qmix_quantize(const char *in, const char *out_dir, const qmix_quant_opts *o,
                   qmix_quant_report *rep, qmix_err *err)
 {
-    if (o->format == QMIX_QFORMAT_GPTQ)
-        return qmix_errf(err, "--format gptq is not implemented yet");
+    const int gptq = o->format == QMIX_QFORMAT_GPTQ;
+    if (o->format != QMIX_QFORMAT_MLX && !gptq)
+        return qmix_errf(err, "output format %d is not supported", o->format);
     memset(rep, 0, sizeof *rep);
     double t0 = now_s();
     struct stat sb;
@@ -1165,20 +1664,27 @@ int qmix_quantize(const char *in, const char *out_dir, const qmix_quant_opts *o,
     src_t *srcs = NULL;
     plan p = {0};
     pctx c = {0};
-    wctx w = {.o = o, .err = err};
+    wctx w = {.o = o, .err = err, .sdt = gptq ? QMIX_F16 : o->dtype,
+              .grid = gptq ? QMIX_GRID_SYM : QMIX_GRID_MLX};
     int rc = -1;
     char *cfg_path = path_join(in, "config.json");
     if (!cfg_path || qmix_config_load(cfg_path, &cfg, err) || qmix_qconfig_load(cfg_path, &qin, err) ||
         qmix_st_open(in, &st, err))
         goto done;
     int hf = !is_mlx_input(st);
+    if (gptq && !hf) {
+        qmix_errf(err, "--format gptq reads the HF bf16 checkpoint (an MLX checkpoint converts "
+                  "with qmix convert IN OUT --to gptq)");
+        goto done;
+    }
     uint64_t n = qmix_st_count(st);
     srcs = calloc(n ? n : 1, sizeof *srcs);
     if (!srcs) {
         qmix_errf(err, "out of memory");
         goto done;
     }
-    c = (pctx){.cfg = &cfg, .recipe = o->recipe, .dtype = o->dtype, .p = &p, .err = err, .st = st};
+    c = (pctx){.cfg = &cfg, .recipe = o->recipe, .dtype = o->dtype, .p = &p, .err = err, .st = st,
+               .gptq = gptq};
     for (uint64_t i = 0; i < n; i++) {
         const qmix_tensor *t = qmix_st_at(st, i);
         src_t *s = &srcs[i];
@@ -1238,7 +1744,7 @@ int qmix_quantize(const char *in, const char *out_dir, const qmix_quant_opts *o,
     w.cfg = &cfg;
     w.rep = rep;
     if (check_method_inputs(&w, &p)) goto done;
-    if (o->dry_run) {
+    if (o->dry_run && !gptq) {
         rc = 0;
         goto done;
     }
@@ -1278,8 +1784,16 @@ int qmix_quantize(const char *in, const char *out_dir, const qmix_quant_opts *o,
         qmix_errf(err, "out of memory");
         goto done2;
     }
-    if (awq_prepass(&w, &p)) goto done2;
+    if (!o->dry_run && awq_prepass(&w, &p)) goto done2;
     w.t0 = w.last = now_s();
+    if (gptq) {
+        if (write_gptq(&w, &p, in, out_dir, &cfg, c.kept16, err)) goto done2;
+        if (o->dry_run) {
+            rc = 0;
+            goto done2;
+        }
+        goto side_files;
+    }
     qmix_stw_kv meta[1] = {{"format", "mlx"}};
     size_t j = 0;
     for (int sh = 0; sh < n_shards; sh++) {
@@ -1325,6 +1839,7 @@ int qmix_quantize(const char *in, const char *out_dir, const qmix_quant_opts *o,
         if (irc) goto done2;
     }
     if (write_config(in, out_dir, &p, rep->default_bits, rep->default_group, err)) goto done2;
+side_files:;
     static const char *side[] = {"tokenizer.json", "tokenizer_config.json",
                                  "generation_config.json", "chat_template.jinja",
                                  "chat_template.json", "vocab.json", "merges.txt",

@@ -62,6 +62,11 @@ typedef struct qmix_quant_report {
     int64_t fb_cholesky;        /* GPTQ → RTN: no damping made H positive definite */
     int64_t fb_nostats;         /* asked for a calibrated method, no statistics for the input */
     int64_t min_tokens;         /* the failsafe threshold used */
+    /* --format gptq */
+    int64_t gptq_kept16;        /* modules the recipe quantizes that vLLM builds unquantized
+                                   (router, shared-expert gate, embedding, vision): kept 16-bit */
+    int gptq_non_marlin;        /* quantized modules outside Marlin (2/3 bits): vLLM's slower
+                                   gptq kernel serves them */
 } qmix_quant_report;
 
 int qmix_quantize(const char *in, const char *out_dir, const qmix_quant_opts *o,
