@@ -1,6 +1,7 @@
 /* qmix convert: between checkpoint formats. So far any checkpoint qmix opens -> GGUF. */
 #include <stdio.h>
 #include <string.h>
+#include <strings.h>
 
 #include "cli/cli.h"
 #include "cli/commands.h"
@@ -34,12 +35,12 @@ int qmix_cmd_convert(int argc, char **argv)
             if (!(to = cli_value("convert", argc, argv, &i))) return 2;
         } else if (!strcmp(a, "--type")) {
             if (!(v = cli_value("convert", argc, argv, &i))) return 2;
-            if (!strcmp(v, "f32")) o.type = QMIX_GGML_F32;
-            else if (!strcmp(v, "f16")) o.type = QMIX_GGML_F16;
-            else if (!strcmp(v, "bf16")) o.type = QMIX_GGML_BF16;
-            else if (!strcmp(v, "q8_0")) o.type = QMIX_GGML_Q8_0;
-            else {
-                fprintf(stderr, "qmix convert: --type must be f32, f16, bf16 or q8_0\n");
+            o.type = -1;
+            for (int t = 0; t < QMIX_GGML_TYPE_LIMIT; t++)
+                if (qmix_ggml_can_quantize(t) && !strcasecmp(v, qmix_ggml_type_name(t))) o.type = t;
+            if (o.type < 0) {
+                fprintf(stderr, "qmix convert: --type must be f32, f16, bf16, q8_0, q6_k, q5_k, "
+                        "q4_k, q3_k, q2_k, q5_1, q5_0, q4_1 or q4_0\n");
                 return 2;
             }
         } else if (!strcmp(a, "--quiet")) {

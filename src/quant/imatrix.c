@@ -22,6 +22,7 @@ void qmix_imatrix_free(qmix_imatrix *im)
     }
     free(im->e);
     free(im->dataset);
+    free(im->path);
     free(im);
 }
 
@@ -292,12 +293,22 @@ int qmix_imatrix_load(const char *path, qmix_imatrix **out, qmix_err *err)
     char magic[4] = {0};
     size_t got = fread(magic, 1, 4, f);
     fclose(f);
-    if (got == 4 && !memcmp(magic, "GGUF", 4)) return load_gguf(path, out, err);
-    char *buf;
-    size_t len;
-    if (qmix_read_file(path, (size_t)4 << 30, &buf, &len, err)) return -1;
-    int rc = qmix_imatrix_load_dat_memory(buf, len, path, out, err);
-    free(buf);
+    int rc;
+    if (got == 4 && !memcmp(magic, "GGUF", 4)) {
+        rc = load_gguf(path, out, err);
+    } else {
+        char *buf;
+        size_t len;
+        if (qmix_read_file(path, (size_t)4 << 30, &buf, &len, err)) return -1;
+        rc = qmix_imatrix_load_dat_memory(buf, len, path, out, err);
+        free(buf);
+    }
+    /* remembered for writers that record their inputs (GGUF's quantize.imatrix.file) */
+    if (!rc && !((*out)->path = strdup(path))) {
+        qmix_imatrix_free(*out);
+        *out = NULL;
+        return qmix_errf(err, "out of memory");
+    }
     return rc;
 }
 

@@ -27,6 +27,7 @@ typedef struct qmix_imatrix {
     qmix_imatrix_entry *e;
     int64_t chunk_count, chunk_size; /* chunk_size −1 when unknown (.dat) */
     char *dataset;
+    char *path;          /* the file it was loaded from (qmix_imatrix_load), or NULL */
     int gguf;            /* read from the GGUF form */
 } qmix_imatrix;
 
