@@ -1,5 +1,6 @@
 #include "server/api.h"
 
+#include <math.h>
 #include <stdarg.h>
 #include <stdatomic.h>
 #include <stdio.h>
@@ -21,6 +22,12 @@ typedef struct gen_state {
     char *text; /* completions, non-streaming: the generated text */
     size_t text_len, text_cap;
     int oom;
+    /* logprobs: per generated token, OpenAI's entries; "pending" ones go out with the next
+     * streamed chunk, "all" ones in the final body */
+    int logprobs, top_logprobs;
+    const qmix_tokenizer *tok;
+    json_t *lp_pending, *lp_all;
+    size_t text_offset; /* completions: bytes of text generated before the next token */
 } gen_state;
 
 static atomic_ullong id_counter;
@@ -30,6 +37,8 @@ static void gen_state_free(void *p)
     gen_state *g = p;
     if (!g) return;
     qmix_toolcall_parser_free(g->parser);
+    json_decref(g->lp_pending);
+    json_decref(g->lp_all);
     free(g->model);
     free(g->text);
     free(g);
@@ -138,6 +147,7 @@ typedef struct common_req {
     qmix_sampling sp;
     long long max_tokens;
     int has_max_tokens, stream, include_usage, ignore_eos;
+    int logprobs, top_logprobs; /* logprobs wanted; alternatives per token (0..20) */
     char **stop;
     int n_stop;
 } common_req;
@@ -226,16 +236,19 @@ static int parse_common(const api_ctx *ctx, json_t *root, int chat, common_req *
         }
         if (get_bool(so, "include_usage", &c->include_usage, r)) return -1;
     }
-    int lp = 0;
-    json_t *lpv = json_object_get(root, "logprobs");
-    if (chat) {
-        if (get_bool(root, "logprobs", &lp, r)) return -1;
-    } else if (lpv && !json_is_null(lpv)) {
-        lp = 1;
-    }
-    if (lp) {
-        fail(r, 400, "logprobs", "unsupported", "'logprobs' is not supported by this server yet");
-        return -1;
+    if (chat) { /* logprobs: bool, top_logprobs: how many alternatives (needs logprobs) */
+        if (get_bool(root, "logprobs", &c->logprobs, r)) return -1;
+        if (get_int(root, "top_logprobs", 0, 20, &given, &n, r)) return -1;
+        if (given && n > 0 && !c->logprobs) {
+            fail(r, 400, "top_logprobs", "invalid_value",
+                 "'top_logprobs' needs 'logprobs': true");
+            return -1;
+        }
+        if (given) c->top_logprobs = (int)n;
+    } else { /* completions: logprobs is the number of alternatives, 0 the sampled token only */
+        if (get_int(root, "logprobs", 0, 20, &given, &n, r)) return -1;
+        c->logprobs = given;
+        if (given) c->top_logprobs = (int)n;
     }
     json_t *stop = json_object_get(root, "stop");
     if (stop && !json_is_null(stop)) {
@@ -269,7 +282,146 @@ static int parse_common(const api_ctx *ctx, json_t *root, int chat, common_req *
     return 0;
 }
 
-/* ---- output formatting (worker thread) */
+/* ---- log probabilities (scheduler thread) */
+
+/* A token's text as a JSON string: its bytes where they are valid UTF-8, U+FFFD for each byte
+ * that is not (a token may hold part of a character). */
+static json_t *token_string(const char *b, size_t len)
+{
+    json_t *v = json_stringn(b, len);
+    if (v) return v;
+    char *out = malloc(len * 3 + 1);
+    if (!out) return NULL;
+    size_t o = 0;
+    for (size_t i = 0; i < len;) {
+        unsigned char c = (unsigned char)b[i];
+        size_t n = c < 0x80 ? 1 : (c & 0xe0) == 0xc0 ? 2 : (c & 0xf0) == 0xe0 ? 3
+                 : (c & 0xf8) == 0xf0 ? 4 : 0;
+        int ok = n > 0 && i + n <= len;
+        for (size_t k = 1; ok && k < n; k++) ok = ((unsigned char)b[i + k] & 0xc0) == 0x80;
+        json_t *probe = ok ? json_stringn(b + i, n) : NULL; /* also rejects overlongs, surrogates */
+        if (probe) {
+            json_decref(probe);
+            memcpy(out + o, b + i, n);
+            o += n;
+            i += n;
+        } else {
+            memcpy(out + o, "\xef\xbf\xbd", 3);
+            o += 3;
+            i++;
+        }
+    }
+    v = json_stringn(out, o);
+    free(out);
+    return v;
+}
+
+static json_t *token_bytes(const char *b, size_t len)
+{
+    json_t *a = json_array();
+    for (size_t i = 0; i < len && a; i++) json_array_append_new(a, json_integer((unsigned char)b[i]));
+    return a;
+}
+
+/* log p(id) under the model's distribution: log-softmax of the raw logits (before temperature
+ * and the other sampling filters, as OpenAI and vLLM report them). */
+static double log_sum_exp(const float *logits, int n)
+{
+    float max = logits[0];
+    for (int i = 1; i < n; i++)
+        if (logits[i] > max) max = logits[i];
+    double sum = 0;
+    for (int i = 0; i < n; i++) sum += exp((double)logits[i] - max);
+    return max + log(sum);
+}
+
+/* The k most likely ids, most likely first (ties: lower id), in one pass over the vocabulary. */
+static int top_ids(const float *logits, int n, int k, int32_t *out)
+{
+    int have = 0;
+    for (int i = 0; i < n; i++) {
+        if (have == k && logits[i] <= logits[out[k - 1]]) continue;
+        int at = have < k ? have++ : k - 1;
+        while (at > 0 && logits[out[at - 1]] < logits[i]) {
+            out[at] = out[at - 1];
+            at--;
+        }
+        out[at] = i;
+    }
+    return have;
+}
+
+static void on_token(srv_job *job, int32_t id, const float *logits)
+{
+    gen_state *g = job->user;
+    if (!g->logprobs) return;
+    int V = qmix_tok_vocab_size(g->tok);
+    double lse = log_sum_exp(logits, V);
+    size_t len;
+    const char *b = qmix_tok_id_bytes(g->tok, id, &len);
+    if (!b) len = 0;
+    int32_t top[20];
+    int n_top = g->top_logprobs > 0 ? top_ids(logits, V, g->top_logprobs, top) : 0;
+    json_t *e;
+    if (g->chat) { /* {token, logprob, bytes, top_logprobs: [{token, logprob, bytes}]} */
+        json_t *alts = json_array();
+        for (int i = 0; i < n_top; i++) {
+            size_t tl;
+            const char *tb = qmix_tok_id_bytes(g->tok, top[i], &tl);
+            if (!tb) tl = 0;
+            json_array_append_new(alts, json_pack("{s:o, s:f, s:o}", "token",
+                                                  token_string(tb ? tb : "", tl), "logprob",
+                                                  logits[top[i]] - lse, "bytes",
+                                                  token_bytes(tb, tl)));
+        }
+        e = json_pack("{s:o, s:f, s:o, s:o}", "token", token_string(b ? b : "", len), "logprob",
+                      logits[id] - lse, "bytes", token_bytes(b, len), "top_logprobs", alts);
+    } else { /* one token of the legacy shape, merged into the arrays when sent */
+        json_t *alts = json_object();
+        for (int i = 0; i < n_top; i++) {
+            size_t tl;
+            const char *tb = qmix_tok_id_bytes(g->tok, top[i], &tl);
+            json_t *key = token_string(tb ? tb : "", tb ? tl : 0);
+            if (key) json_object_set_new(alts, json_string_value(key), json_real(logits[top[i]] - lse));
+            json_decref(key);
+        }
+        e = json_pack("{s:o, s:f, s:o, s:I}", "token", token_string(b ? b : "", len), "logprob",
+                      logits[id] - lse, "top", alts, "offset", (json_int_t)g->text_offset);
+        g->text_offset += len;
+    }
+    if (!e || json_array_append_new(g->stream ? g->lp_pending : g->lp_all, e)) {
+        g->oom = 1;
+        job->cancel = 1;
+    }
+}
+
+/* The logprobs object of a choice for the given entries (and empties the list): chat's
+ * {"content": [...]}, or the completions' parallel arrays. */
+static json_t *logprobs_json(gen_state *g, json_t *entries)
+{
+    if (!g->logprobs) return json_null();
+    json_t *v;
+    if (g->chat) {
+        v = json_pack("{s:o}", "content", json_copy(entries)); /* shallow: shares the entries */
+    } else {
+        json_t *tokens = json_array(), *lps = json_array(), *tops = json_array(),
+               *offs = json_array();
+        size_t i;
+        json_t *e;
+        json_array_foreach(entries, i, e) {
+            json_array_append(tokens, json_object_get(e, "token"));
+            json_array_append(lps, json_object_get(e, "logprob"));
+            json_array_append(tops, json_object_get(e, "top"));
+            json_array_append(offs, json_object_get(e, "offset"));
+        }
+        v = json_pack("{s:o, s:o, s:o, s:o}", "tokens", tokens, "token_logprobs", lps,
+                      "top_logprobs", tops, "text_offset", offs);
+    }
+    json_array_clear(entries);
+    return v ? v : json_null();
+}
+
+/* ---- output formatting (scheduler thread) */
 
 static void emit_json(srv_job *job, json_t *v)
 {
@@ -295,8 +447,11 @@ static void emit_delta(srv_job *job, const char *field, const char *text, size_t
     gen_state *g = job->user;
     json_t *s = json_stringn(text, len);
     if (!s) return;
-    emit_json(job, chunk(g, json_pack("{s:i, s:{s:o}, s:n}", "index", 0, "delta", field, s,
-                                      "finish_reason")));
+    json_t *choice = json_pack("{s:i, s:{s:o}, s:n}", "index", 0, "delta", field, s,
+                               "finish_reason");
+    if (choice && g->logprobs) /* the tokens sampled since the last chunk */
+        json_object_set_new(choice, "logprobs", logprobs_json(g, g->lp_pending));
+    emit_json(job, chunk(g, choice));
 }
 
 static void chat_stream_new_text(srv_job *job)
@@ -328,8 +483,9 @@ static void on_text(srv_job *job, const char *text, size_t len)
     } else if (g->stream) {
         json_t *s = json_stringn(text, len);
         if (s)
-            emit_json(job, chunk(g, json_pack("{s:i, s:o, s:n, s:n}", "index", 0, "text", s,
-                                              "logprobs", "finish_reason")));
+            emit_json(job, chunk(g, json_pack("{s:i, s:o, s:o, s:n}", "index", 0, "text", s,
+                                              "logprobs", logprobs_json(g, g->lp_pending),
+                                              "finish_reason")));
     } else {
         if (g->text_len + len + 1 > g->text_cap) {
             size_t cap = (g->text_len + len + 1) * 2;
@@ -403,11 +559,15 @@ static void on_done(srv_job *job)
                 emit_json(job, chunk(g, json_pack("{s:i, s:{s:o}, s:n}", "index", 0, "delta",
                                                   "tool_calls", tool_calls_json(g, 1),
                                                   "finish_reason")));
-            emit_json(job, chunk(g, json_pack("{s:i, s:{}, s:s}", "index", 0, "delta",
-                                              "finish_reason", finish_reason(job))));
+            json_t *last = json_pack("{s:i, s:{}, s:s}", "index", 0, "delta", "finish_reason",
+                                     finish_reason(job));
+            if (last && g->logprobs) /* tokens whose text was held back or shown as no delta */
+                json_object_set_new(last, "logprobs", logprobs_json(g, g->lp_pending));
+            emit_json(job, chunk(g, last));
         } else {
-            emit_json(job, chunk(g, json_pack("{s:i, s:s, s:n, s:s}", "index", 0, "text", "",
-                                              "logprobs", "finish_reason", finish_reason(job))));
+            emit_json(job, chunk(g, json_pack("{s:i, s:s, s:o, s:s}", "index", 0, "text", "",
+                                              "logprobs", logprobs_json(g, g->lp_pending),
+                                              "finish_reason", finish_reason(job))));
         }
         if (g->include_usage) { /* OpenAI's last chunk: no choices, the usage */
             json_t *u = json_pack("{s:s, s:s, s:I, s:s, s:[], s:o}", "id", g->id, "object",
@@ -436,12 +596,12 @@ char *api_final(srv_job *job, int *status)
         if (msg && rl) json_object_set_new(msg, "reasoning_content", json_stringn(rs, rl));
         if (msg && qmix_toolcall_count(g->parser))
             json_object_set_new(msg, "tool_calls", tool_calls_json(g, 0));
-        choice = json_pack("{s:i, s:o, s:n, s:s}", "index", 0, "message", msg, "logprobs",
-                           "finish_reason", finish_reason(job));
+        choice = json_pack("{s:i, s:o, s:o, s:s}", "index", 0, "message", msg, "logprobs",
+                           logprobs_json(g, g->lp_all), "finish_reason", finish_reason(job));
     } else {
-        choice = json_pack("{s:i, s:s#, s:n, s:s}", "index", 0, "text",
-                           g->text ? g->text : "", g->text_len, "logprobs", "finish_reason",
-                           finish_reason(job));
+        choice = json_pack("{s:i, s:s#, s:o, s:s}", "index", 0, "text",
+                           g->text ? g->text : "", g->text_len, "logprobs",
+                           logprobs_json(g, g->lp_all), "finish_reason", finish_reason(job));
     }
     json_t *v = json_pack("{s:s, s:s, s:I, s:s, s:[o], s:o}", "id", g->id, "object",
                           g->chat ? "chat.completion" : "text_completion", "created",
@@ -500,12 +660,21 @@ static void submit(const api_ctx *ctx, int chat, common_req *c, int32_t *prompt,
     job->chat = chat;
     job->ignore_eos = c->ignore_eos;
     job->on_text = on_text;
+    job->on_token = on_token;
     job->on_done = on_done;
     job->user = g;
     job->free_user = gen_state_free;
     g->chat = chat;
     g->stream = c->stream;
     g->include_usage = c->stream && c->include_usage;
+    g->logprobs = c->logprobs;
+    g->top_logprobs = c->top_logprobs;
+    g->tok = ctx->tok;
+    if (g->logprobs && (!(g->lp_pending = json_array()) || !(g->lp_all = json_array()))) {
+        srv_job_release(job);
+        fail(r, 500, NULL, NULL, "out of memory");
+        return;
+    }
     snprintf(g->id, sizeof g->id, "%s-%llx%06llx", chat ? "chatcmpl" : "cmpl",
              (unsigned long long)time(NULL), atomic_fetch_add(&id_counter, 1) & 0xffffff);
     g->created = (long long)time(NULL);
@@ -647,14 +816,53 @@ void api_chat_completions(const api_ctx *ctx, const char *body, size_t len, api_
             goto done;
         }
     }
+    /* tool_choice: "none" hides the tools from the model; "required" and a named function are
+     * forced by writing the opening of the call after the generation prompt (the model
+     * continues inside <tool_call>, and for a named function after <function=NAME>); the
+     * arguments are the model's own (no constrained decoding). Forcing skips the thinking. */
     json_t *choice = json_object_get(root, "tool_choice");
+    int force_call = 0;
+    const char *force_name = NULL;
     if (choice && !json_is_null(choice)) {
         const char *cs = json_string_value(choice);
         if (cs && !strcmp(cs, "none")) {
             tools = NULL; /* the model is not told about them, so it cannot call them */
+        } else if (cs && !strcmp(cs, "required")) {
+            force_call = 1;
+        } else if (json_is_object(choice)) {
+            const char *type = json_string_value(json_object_get(choice, "type"));
+            force_name = json_string_value(json_object_get(json_object_get(choice, "function"),
+                                                           "name"));
+            if (!type || strcmp(type, "function") || !force_name) {
+                fail(r, 400, "tool_choice", "invalid_type", "'tool_choice' must be \"none\", "
+                     "\"auto\", \"required\" or {\"type\": \"function\", \"function\": "
+                     "{\"name\": ...}}");
+                goto done;
+            }
+            force_call = 1;
         } else if (!cs || strcmp(cs, "auto")) {
-            fail(r, 400, "tool_choice", "unsupported", "'tool_choice' may be \"auto\" or \"none\": "
-                 "forcing a call (constrained decoding) is not supported yet");
+            fail(r, 400, "tool_choice", "invalid_value", "'tool_choice' must be \"none\", "
+                 "\"auto\", \"required\" or a named function");
+            goto done;
+        }
+    }
+    if (force_call && (!tools || !json_array_size(tools))) {
+        fail(r, 400, "tool_choice", "invalid_value", "'tool_choice' forces a tool call, but the "
+             "request has no 'tools'");
+        goto done;
+    }
+    if (force_name) {
+        int known = 0;
+        json_array_foreach(tools, ti, t) {
+            const char *name = json_string_value(json_object_get(json_object_get(t, "function"),
+                                                                 "name"));
+            known |= name && !strcmp(name, force_name);
+        }
+        size_t nl = strlen(force_name);
+        if (!known || !nl || nl > 64 || strspn(force_name, "abcdefghijklmnopqrstuvwxyz"
+                                               "ABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_-.") != nl) {
+            fail(r, 400, "tool_choice", "invalid_value", "'tool_choice' names function '%s', "
+                 "which is not one of the request's tools", force_name);
             goto done;
         }
     }
@@ -689,6 +897,21 @@ void api_chat_completions(const api_ctx *ctx, const char *body, size_t len, api_
         fail(r, 400, "messages", "invalid_value", "%s", err.msg);
         goto done;
     }
+    char forced[160] = "";
+    if (force_call) { /* the call's opening, after the thinking (closed empty if it was open) */
+        snprintf(forced, sizeof forced, "%s<tool_call>\n%s%s%s", thinking ? "</think>\n\n" : "",
+                 force_name ? "<function=" : "", force_name ? force_name : "",
+                 force_name ? ">\n" : "");
+        size_t fl = strlen(forced);
+        char *grown = realloc(text, text_len + fl + 1);
+        if (!grown) {
+            fail(r, 500, NULL, NULL, "out of memory");
+            goto done;
+        }
+        text = grown;
+        memcpy(text + text_len, forced, fl + 1);
+        text_len += fl;
+    }
     pthread_mutex_lock(ctx->tok_mu);
     int erc = qmix_chat_encode(ctx->tok, text, text_len, messages, &prompt, &n_prompt, &err);
     pthread_mutex_unlock(ctx->tok_mu);
@@ -706,6 +929,10 @@ void api_chat_completions(const api_ctx *ctx, const char *body, size_t len, api_
     if (g) {
         g->model = strdup(ctx->model_id);
         g->parser = qmix_toolcall_parser_new(tools, thinking);
+    }
+    if (g && g->parser && forced[0] && qmix_toolcall_feed(g->parser, forced, strlen(forced))) {
+        qmix_toolcall_parser_free(g->parser); /* the parser reads the output as if generated */
+        g->parser = NULL;
     }
     if (!g || !g->model || !g->parser) {
         gen_state_free(g);
