@@ -19,7 +19,15 @@ static void usage(FILE *out)
             "-exp(A_log), squeezed conv1d, split gate/up experts, tiled GDN value heads). Norms,\n"
             "1-D tensors, the router, ffn_gate_inp_shexp and ssm_conv1d are F32; other matrices\n"
             "are --type (default bf16; q8_0 falls back to f16 for rows not a multiple of 32).\n"
-            "Streams row by row. The MTP block is not written.\n");
+            "Streams row by row. The MTP block is not written.\n\n"
+            "       qmix convert IN OUT --to mlx|gptq [--quiet]\n\n"
+            "GPTQ <-> MLX (spec/quant-formats.md §2.9). --to mlx from a GPTQ checkpoint keeps the\n"
+            "codes (scale s, bias -s*z; F32 scales/biases for asymmetric modules so nothing is\n"
+            "rounded), stacks per-expert modules into switch_mlp, 1 + w norms, drops MTP; needs\n"
+            "desc_act false (trivial g_idx). --to gptq from a quantized MLX checkpoint keeps the\n"
+            "codes where every group is s*(q - z) with an integer z in [1, maxq] (negative scales\n"
+            "flipped), else re-quantizes that matrix symmetrically with a warning; 2/3/4/8-bit\n"
+            "modules only; router, shared-expert gate and embedding are dequantized to bf16.\n");
 }
 
 int qmix_cmd_convert(int argc, char **argv)
