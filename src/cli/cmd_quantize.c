@@ -180,7 +180,10 @@ int qmix_cmd_quantize(int argc, char **argv)
                     "--recipe and --format %s\n", format);
             return 2;
         }
-        if (group) budget.group = (int)group;
+        if (group) {
+            budget.groups[0] = (int)group;
+            budget.n_groups = 1;
+        }
         return quantize_with_budget(in, out, &budget, &o);
     }
     if (!in || !out || !recipe) {

@@ -31,10 +31,13 @@ const char budget_help[] =
     "                       --vision, --threads N as in qmix plan\n"
     "  --calib FILE         calibration text: measure each group's KLD (qmix sensitivity)\n"
     "  --tokens FILE        calibration token ids instead of text\n"
-    "  --sensitivity FILE   use a saved `qmix sensitivity --json` instead of measuring\n"
+    "  --sensitivity FILE   use a saved `qmix sensitivity --json` instead of measuring;\n"
+    "                       repeat with files measured at other --group-size to let the\n"
+    "                       allocation choose the group size too\n"
     "  --calib-ctx N        window length (512); --calib-windows N windows (8)\n"
     "  --candidates LIST    bit widths to choose from (2,3,4,6,8) besides keep\n"
-    "  --group G            group size of the chosen rules (64)\n"
+    "  --group G[,G...]     candidate group sizes of 32, 64, 128 (64); with several, each\n"
+    "                       group of tensors gets the (bits, group size) that pays best\n"
     "  --layer-bands N      allocate per role and band of N contiguous layer ranges (1)\n"
     "  --min ROLE=B         at least B bits for a role (repeatable); gdn, attn, experts name\n"
     "                       their roles together, e.g. --min gdn=3\n"
@@ -56,7 +59,8 @@ void budget_defaults(budget_args *b)
     b->kv_bits = 32;
     b->calib_ctx = 512;
     b->calib_windows = 8;
-    b->group = 64;
+    b->groups[0] = 64;
+    b->n_groups = 1;
     b->bands = 1;
     b->verify = 1;
     b->bpw = -1;
@@ -148,7 +152,13 @@ int budget_option(int argc, char **argv, int *i, budget_args *b)
     case 6: if (cli_int(CMD, a, v, 0, 1024, &n)) return -1; b->threads = (int)n; return 1;
     case 7: b->calib = v; return 1;
     case 8: b->tokens = v; return 1;
-    case 9: b->sensitivity = v; return 1;
+    case 9:
+        if (b->n_sensitivity == 3) {
+            fprintf(stderr, "qmix %s: at most 3 --sensitivity files (one per group size)\n", CMD);
+            return -1;
+        }
+        b->sensitivity[b->n_sensitivity++] = v;
+        return 1;
     case 10: if (cli_int(CMD, a, v, 2, 1 << 20, &n)) return -1; b->calib_ctx = (int)n; return 1;
     case 11: if (cli_int(CMD, a, v, 1, 1 << 20, &n)) return -1; b->calib_windows = (int)n; return 1;
     case 12: {
@@ -170,11 +180,21 @@ int budget_option(int argc, char **argv, int *i, budget_args *b)
         return 1;
     }
     case 13:
-        if (cli_int(CMD, a, v, 32, 128, &n) || (n != 32 && n != 64 && n != 128)) {
-            fprintf(stderr, "qmix %s: --group must be 32, 64 or 128\n", CMD);
-            return -1;
+        b->n_groups = 0;
+        for (const char *p = v; *p;) {
+            char *end;
+            long g = strtol(p, &end, 10);
+            int ok = end != p && (*end == ',' || !*end) && b->n_groups < 3 &&
+                     (g == 32 || g == 64 || g == 128);
+            for (int j = 0; ok && j < b->n_groups; j++) ok = b->groups[j] != g;
+            if (!ok) {
+                fprintf(stderr, "qmix %s: --group: distinct sizes of 32, 64, 128, got '%s'\n",
+                        CMD, v);
+                return -1;
+            }
+            b->groups[b->n_groups++] = (int)g;
+            p = *end ? end + 1 : end;
         }
-        b->group = (int)n;
         return 1;
     case 14: if (cli_int(CMD, a, v, 1, 64, &n)) return -1; b->bands = (int)n; return 1;
     case 15: {
@@ -213,12 +233,15 @@ int budget_option(int argc, char **argv, int *i, budget_args *b)
 
 typedef struct sens_row {
     int role, layer;
+    int group;                   /* the group size it was measured at */
     int64_t params, params_measured; /* measured < params: experts were sampled */
     int quantizable;
     double kld[9];               /* by bits; NAN where not measured */
 } sens_row;
 
-static int load_sensitivity_json(const char *path, sens_row **rows, int *n, int *layers_seen)
+/* Appends the rows of a saved `qmix sensitivity --json` to *rows; *group: its group size. */
+static int load_sensitivity_json(const char *path, sens_row **rows, int *n, int *layers_seen,
+                                 int *group)
 {
     json_error_t je;
     json_t *root = json_load_file(path, JSON_REJECT_DUPLICATES, &je);
@@ -226,16 +249,25 @@ static int load_sensitivity_json(const char *path, sens_row **rows, int *n, int 
         fprintf(stderr, "qmix %s: %s:%d: %s\n", CMD, path, je.line, je.text);
         return -1;
     }
-    json_t *arr = json_object_get(root, "rows");
+    json_t *arr = json_object_get(root, "rows"), *gs = json_object_get(root, "group_size");
     size_t count = json_array_size(arr);
-    *rows = calloc(count ? count : 1, sizeof **rows);
-    *n = 0;
-    *layers_seen = 0;
-    const char *why = !json_is_array(arr) ? "no \"rows\" array" : NULL;
+    *group = json_is_integer(gs) ? (int)json_integer_value(gs) : 64;
+    sens_row *grown = realloc(*rows, (*n + count + 1) * sizeof **rows);
+    if (!grown) {
+        json_decref(root);
+        fprintf(stderr, "qmix %s: out of memory\n", CMD);
+        return -1;
+    }
+    *rows = grown;
+    memset(*rows + *n, 0, (count + 1) * sizeof **rows);
+    const char *why = !json_is_array(arr) ? "no \"rows\" array"
+                      : *group != 32 && *group != 64 && *group != 128 ? "group_size not 32, 64 or 128"
+                      : NULL;
     for (size_t i = 0; !why && i < count; i++) {
         json_t *o = json_array_get(arr, i), *bits = json_object_get(o, "bits");
         const char *role = json_string_value(json_object_get(o, "role"));
         sens_row *s = &(*rows)[(*n)++];
+        s->group = *group;
         s->role = role ? role_by_name(role, (int)strlen(role)) : -1;
         json_t *layer = json_object_get(o, "layer");
         s->layer = json_is_integer(layer) ? (int)json_integer_value(layer) : -1;
@@ -261,8 +293,6 @@ static int load_sensitivity_json(const char *path, sens_row **rows, int *n, int 
     if (why) {
         fprintf(stderr, "qmix %s: %s: %s (expected `qmix sensitivity --json` output)\n", CMD, path,
                 why);
-        free(*rows);
-        *rows = NULL;
         return -1;
     }
     return 0;
@@ -273,8 +303,9 @@ static void on_progress(void *user, int64_t done, int64_t total)
     cli_progress("sensitivity", done, total, *(const double *)user);
 }
 
-static int measure_sensitivity(const char *in, const budget_args *b, const int32_t *tokens,
-                               int64_t n_tokens, sens_row **rows, int *n)
+/* Appends the rows measured at group size `group`. */
+static int measure_sensitivity(const char *in, const budget_args *b, int group,
+                               const int32_t *tokens, int64_t n_tokens, sens_row **rows, int *n)
 {
     qmix_err err;
     qmix_model *m = NULL;
@@ -282,7 +313,7 @@ static int measure_sensitivity(const char *in, const budget_args *b, const int32
         fprintf(stderr, "qmix %s: %s\n", CMD, err.msg);
         return -1;
     }
-    qmix_sens_opts o = {.n_bits = b->n_cand, .group_size = b->group, .per_layer = b->bands > 1,
+    qmix_sens_opts o = {.n_bits = b->n_cand, .group_size = group, .per_layer = b->bands > 1,
                         .tokens = tokens, .n_tokens = n_tokens, .ctx = b->calib_ctx,
                         .n_windows = b->calib_windows, .n_threads = b->threads,
                         .progress = on_progress, .stop = &cli_stop};
@@ -302,12 +333,20 @@ static int measure_sensitivity(const char *in, const budget_args *b, const int32
         qmix_sens_result_free(&r);
         return -1;
     }
-    fprintf(stderr, "qmix %s: measured %d groups at %d widths on %lld calibration tokens in %.1f s\n",
-            CMD, r.n_rows, r.n_bits, (long long)r.calib_rows, r.elapsed_s);
-    *rows = calloc((size_t)r.n_rows, sizeof **rows);
-    *n = r.n_rows;
+    fprintf(stderr, "qmix %s: measured %d groups at %d widths, group size %d, on %lld calibration "
+            "tokens in %.1f s\n", CMD, r.n_rows, r.n_bits, group, (long long)r.calib_rows,
+            r.elapsed_s);
+    sens_row *grown = realloc(*rows, (size_t)(*n + r.n_rows + 1) * sizeof **rows);
+    if (!grown) {
+        qmix_sens_result_free(&r);
+        fprintf(stderr, "qmix %s: out of memory\n", CMD);
+        return -1;
+    }
+    *rows = grown;
     for (int i = 0; i < r.n_rows; i++) {
-        sens_row *s = &(*rows)[i];
+        sens_row *s = &(*rows)[(*n)++];
+        memset(s, 0, sizeof *s);
+        s->group = group;
         s->role = r.rows[i].role;
         s->layer = r.rows[i].layer;
         s->params = r.rows[i].params;
@@ -350,7 +389,7 @@ static int allocated_role(int r)
 int quantize_with_budget(const char *in, const char *out, const budget_args *b,
                          qmix_quant_opts *qo)
 {
-    if (!b->sensitivity && !b->calib && !b->tokens) {
+    if (!b->n_sensitivity && !b->calib && !b->tokens) {
         fprintf(stderr, "qmix %s: a budget needs measured sensitivity: give --calib FILE, --tokens "
                 "FILE or --sensitivity FILE\n", CMD);
         return 2;
@@ -377,16 +416,49 @@ int quantize_with_budget(const char *in, const char *out, const budget_args *b,
         goto done;
     }
 
-    /* 1. what every role costs at each candidate width, and kept */
-    qmix_quant_report keep, at[9];
-    if (dry_run(in, "default keep\n", qo, &keep)) goto done;
-    for (int k = 0; k < b->n_cand; k++) {
-        char line[64];
-        snprintf(line, sizeof line, "default bits=%d group=%d\n", b->cand_bits[k], b->group);
-        if (dry_run(in, line, qo, &at[b->cand_bits[k]])) goto done;
+    /* 1. the measured loss of every group at every width, per candidate group size: the
+     * --sensitivity files say which group sizes they were measured at */
+    int groups[3], n_groups = b->n_groups;
+    memcpy(groups, b->groups, sizeof groups);
+    if (b->n_sensitivity) {
+        n_groups = 0;
+        for (int f = 0; f < b->n_sensitivity; f++) {
+            int gs, seen = 0;
+            if (load_sensitivity_json(b->sensitivity[f], &rows, &n_rows, &seen, &gs)) goto done;
+            if (f && seen != layers_seen) {
+                fprintf(stderr, "qmix %s: --sensitivity files mix per-role and per-layer rows\n", CMD);
+                goto done;
+            }
+            layers_seen = seen;
+            for (int j = 0; j < n_groups; j++)
+                if (groups[j] == gs) {
+                    fprintf(stderr, "qmix %s: two --sensitivity files at group size %d\n", CMD, gs);
+                    goto done;
+                }
+            groups[n_groups++] = gs;
+        }
+    } else {
+        for (int j = 0; j < n_groups; j++)
+            if (measure_sensitivity(in, b, groups[j], tokens, n_tokens, &rows, &n_rows)) goto done;
+        layers_seen = b->bands > 1;
+    }
+    if (b->bands > 1 && !layers_seen) {
+        fprintf(stderr, "qmix %s: --layer-bands needs per-layer sensitivity (qmix sensitivity "
+                "--per-layer --json)\n", CMD);
+        goto done;
     }
 
-    /* 2. the budget for the weights */
+    /* 2. what every role costs at each candidate (width, group size), and kept */
+    qmix_quant_report keep, at[3][9];
+    if (dry_run(in, "default keep\n", qo, &keep)) goto done;
+    for (int j = 0; j < n_groups; j++)
+        for (int k = 0; k < b->n_cand; k++) {
+            char line[64];
+            snprintf(line, sizeof line, "default bits=%d group=%d\n", b->cand_bits[k], groups[j]);
+            if (dry_run(in, line, qo, &at[j][b->cand_bits[k]])) goto done;
+        }
+
+    /* 3. the budget for the weights */
     uint64_t weights_budget;
     qmix_plan plan = {0};
     if (b->bpw > 0) {
@@ -411,17 +483,6 @@ int quantize_with_budget(const char *in, const char *out, const budget_args *b,
         weights_budget = plan.available - runtime;
     }
 
-    /* 3. the measured loss of every group at every width */
-    if (b->sensitivity ? load_sensitivity_json(b->sensitivity, &rows, &n_rows, &layers_seen)
-                       : measure_sensitivity(in, b, tokens, n_tokens, &rows, &n_rows))
-        goto done;
-    if (!b->sensitivity) layers_seen = b->bands > 1;
-    if (b->bands > 1 && !layers_seen) {
-        fprintf(stderr, "qmix %s: --layer-bands needs per-layer sensitivity (qmix sensitivity "
-                "--per-layer --json)\n", CMD);
-        goto done;
-    }
-
     /* 4. groups: a role (or a role in a band of layers) with its settings */
     int n_layers = 0, n = 0;
     for (int i = 0; i < n_rows; i++)
@@ -436,26 +497,29 @@ int quantize_with_budget(const char *in, const char *out, const budget_args *b,
             fixed_bytes += keep.roles[r].bytes;
             continue;
         }
+        /* rows repeat per group size: parameters are counted from the first's */
         int64_t role_params = 0;
         for (int i = 0; i < n_rows; i++)
-            if (rows[i].role == r) role_params += rows[i].params;
+            if (rows[i].role == r && rows[i].group == groups[0]) role_params += rows[i].params;
         for (int band = 0; band < bands; band++) {
             int lo = bands > 1 ? band * n_layers / bands : -1;
             int hi = bands > 1 ? (band + 1) * n_layers / bands - 1 : -1;
-            double kld[9], params = 0, measured = 0;
+            double kld[3][9] = {{0}}, params = 0, measured = 0;
             int quantizable = 1, any = 0;
-            for (int k = 0; k < 9; k++) kld[k] = 0;
             for (int i = 0; i < n_rows; i++) {
                 const sens_row *s = &rows[i];
                 /* global rows (embed, lm_head) fall in the first band only */
                 int in_band = s->role == r && (bands == 1 || (s->layer < 0 ? band == 0
                                                                : s->layer >= lo && s->layer <= hi));
-                if (!in_band) continue;
+                int gi = 0;
+                while (gi < n_groups && groups[gi] != s->group) gi++;
+                if (!in_band || gi == n_groups) continue;
+                for (int k = 2; k <= 8; k++) kld[gi][k] += s->kld[k]; /* NAN if unmeasured */
+                if (gi) continue;
                 any = 1;
                 params += (double)s->params;
                 measured += (double)(s->params_measured > 0 ? s->params_measured : s->params);
                 quantizable &= s->quantizable;
-                for (int k = 2; k <= 8; k++) kld[k] += s->kld[k]; /* NAN if unmeasured */
             }
             if (!any) continue;
             /* A sampled measurement (some layers, some experts) stands for the whole group: its
@@ -463,7 +527,8 @@ int quantize_with_budget(const char *in, const char *out, const budget_args *b,
              * group is the whole role, else the rows' own (their sampled experts). */
             double whole = bands == 1 ? (double)keep.roles[r].params : params;
             if (measured > 0 && whole > measured)
-                for (int k = 2; k <= 8; k++) kld[k] *= whole / measured;
+                for (int j = 0; j < n_groups; j++)
+                    for (int k = 2; k <= 8; k++) kld[j][k] *= whole / measured;
             if (n == MAX_GROUPS) {
                 fprintf(stderr, "qmix %s: more than %d groups: use fewer --layer-bands\n", CMD,
                         MAX_GROUPS);
@@ -475,15 +540,17 @@ int quantize_with_budget(const char *in, const char *out, const budget_args *b,
             gr->layer_lo = global ? -1 : lo;
             gr->layer_hi = global ? -1 : hi;
             double share = role_params > 0 ? params / (double)role_params : 1;
-            gr->opt[gr->n_opts++] = (qmix_alloc_opt){0, (uint64_t)(keep.roles[r].bytes * share), 0};
+            gr->opt[gr->n_opts++] = (qmix_alloc_opt){.bytes = (uint64_t)(keep.roles[r].bytes * share)};
             if (!quantizable || (b->keep_roles & (1u << r)) || b->min_bits[r] > 8) continue;
-            for (int k = 0; k < b->n_cand; k++) {
-                int bits = b->cand_bits[k];
-                if (bits < b->min_bits[r] || isnan(kld[bits])) continue;
-                gr->opt[gr->n_opts++] =
-                    (qmix_alloc_opt){bits, (uint64_t)(at[bits].roles[r].bytes * share),
-                                     kld[bits] > 0 ? kld[bits] : 0};
-            }
+            for (int j = 0; j < n_groups; j++)
+                for (int k = 0; k < b->n_cand; k++) {
+                    int bits = b->cand_bits[k];
+                    if (bits < b->min_bits[r] || isnan(kld[j][bits])) continue;
+                    gr->opt[gr->n_opts++] =
+                        (qmix_alloc_opt){bits, groups[j],
+                                         (uint64_t)(at[j][bits].roles[r].bytes * share),
+                                         kld[j][bits] > 0 ? kld[j][bits] : 0};
+                }
         }
     }
     if (weights_budget <= fixed_bytes) {
@@ -498,18 +565,21 @@ int quantize_with_budget(const char *in, const char *out, const budget_args *b,
     uint64_t target = weights_budget - fixed_bytes;
     qmix_quant_report final;
     qmix_recipe recipe;
-    char header[512];
+    char header[512], group_list[32] = "";
+    for (int j = 0, off = 0; j < n_groups; j++)
+        off += snprintf(group_list + off, sizeof group_list - (size_t)off, "%s%d", j ? "/" : "",
+                        groups[j]);
     snprintf(header, sizeof header,
              "# chosen by qmix quantize for a weight budget of %.1f MiB (%s)\n"
-             "# candidates: keep and %d widths at group %d; predicted KLD is the sum of the\n"
-             "# groups' measured KLDs\n", weights_budget / 1048576.0,
-             b->bpw > 0 ? "--bpw" : b->budget ? "--budget" : "--memory", b->n_cand, b->group);
+             "# candidates: keep and %d widths at group size %s; predicted KLD is the sum of\n"
+             "# the groups' measured KLDs\n", weights_budget / 1048576.0,
+             b->bpw > 0 ? "--bpw" : b->budget ? "--budget" : "--memory", b->n_cand, group_list);
     for (int attempt = 0;; attempt++) {
         if (qmix_allocate(g, n, target, &err)) {
             fprintf(stderr, "qmix %s: %s\n", CMD, err.msg);
             goto done;
         }
-        if (qmix_alloc_recipe(g, n, b->group, header, text, RECIPE_BYTES, &err)) {
+        if (qmix_alloc_recipe(g, n, groups[0], header, text, RECIPE_BYTES, &err)) {
             fprintf(stderr, "qmix %s: %s\n", CMD, err.msg);
             goto done;
         }
@@ -533,21 +603,22 @@ int quantize_with_budget(const char *in, const char *out, const budget_args *b,
     cli_human_bytes((double)weights_budget, hb, sizeof hb);
     if (b->json) js = json_object();
     if (js) {
-        json_t *groups = json_array();
+        json_t *jgroups = json_array();
         for (int i = 0; i < n; i++) {
             const qmix_alloc_opt *c = &g[i].opt[g[i].choice];
-            json_array_append_new(groups, json_pack("{s:s, s:i, s:i, s:i, s:I, s:f}", "role",
-                                                    qmix_role_name(g[i].role), "layer_lo",
-                                                    g[i].layer_lo, "layer_hi", g[i].layer_hi,
-                                                    "bits", c->bits ? c->bits : 16, "bytes",
-                                                    (json_int_t)c->bytes, "kld", c->kld));
+            json_array_append_new(jgroups, json_pack("{s:s, s:i, s:i, s:i, s:i, s:I, s:f}", "role",
+                                                     qmix_role_name(g[i].role), "layer_lo",
+                                                     g[i].layer_lo, "layer_hi", g[i].layer_hi,
+                                                     "bits", c->bits ? c->bits : 16, "group_size",
+                                                     c->bits ? c->group : 0, "bytes",
+                                                     (json_int_t)c->bytes, "kld", c->kld));
         }
         json_object_set_new(js, "budget_bytes", json_integer((json_int_t)weights_budget));
         json_object_set_new(js, "bytes", json_integer((json_int_t)final.bytes));
         json_object_set_new(js, "fixed_bytes", json_integer((json_int_t)fixed_bytes));
         json_object_set_new(js, "bpw", json_real(final.bpw));
         json_object_set_new(js, "predicted_kld", json_real(predicted));
-        json_object_set_new(js, "groups", groups);
+        json_object_set_new(js, "groups", jgroups);
         json_object_set_new(js, "recipe", json_string(text));
     } else {
         if (b->bpw > 0) {
@@ -563,14 +634,15 @@ int quantize_with_budget(const char *in, const char *out, const budget_args *b,
         printf("allocation   %s, %.3f bpw, predicted KLD %.5f (sum over %d groups)%s\n\n", ha,
                final.bpw, predicted, n,
                final.bytes > weights_budget ? "  -- OVER BUDGET (the --fixed rules)" : "");
-        printf("| Group | Layers | Bits | Params | Bytes | Share | Predicted KLD |\n"
-               "|---|---|---|---|---|---|---|\n");
+        printf("| Group | Layers | Bits | Group size | Params | Bytes | Share | Predicted KLD |\n"
+               "|---|---|---|---|---|---|---|---|\n");
         for (int i = 0; i < n; i++) {
             const qmix_alloc_opt *c = &g[i].opt[g[i].choice];
-            char layers[32] = "all", bits[8] = "bf16";
+            char layers[32] = "all", bits[8] = "bf16", gsize[8] = "-";
             if (g[i].layer_lo >= 0)
                 snprintf(layers, sizeof layers, "%d-%d", g[i].layer_lo, g[i].layer_hi);
             if (c->bits) snprintf(bits, sizeof bits, "%d", c->bits);
+            if (c->bits) snprintf(gsize, sizeof gsize, "%d", c->group);
             /* a whole role: the dry run's count (sampled rows cover only some layers) */
             double params = g[i].layer_lo < 0 ? (double)keep.roles[g[i].role].params : 0;
             for (int k = 0; k < n_rows && g[i].layer_lo >= 0; k++)
@@ -578,12 +650,12 @@ int quantize_with_budget(const char *in, const char *out, const budget_args *b,
                     rows[k].layer <= g[i].layer_hi)
                     params += (double)rows[k].params;
             cli_human_bytes((double)c->bytes, ha, sizeof ha);
-            printf("| %s | %s | %s | %.0f | %s | %.1f%% | %.5f |\n", qmix_role_name(g[i].role),
-                   layers, bits, params, ha,
+            printf("| %s | %s | %s | %s | %.0f | %s | %.1f%% | %.5f |\n", qmix_role_name(g[i].role),
+                   layers, bits, gsize, params, ha,
                    final.bytes ? 100.0 * (double)c->bytes / (double)final.bytes : 0, c->kld);
         }
         cli_human_bytes((double)fixed_bytes, ha, sizeof ha);
-        printf("| (always kept: norms, GDN parameters, vision, MTP) | | bf16 | | %s | %.1f%% | 0 |\n\n",
+        printf("| (always kept: norms, GDN parameters, vision, MTP) | | bf16 | - | | %s | %.1f%% | 0 |\n\n",
                ha, final.bytes ? 100.0 * (double)fixed_bytes / (double)final.bytes : 0);
     }
     if (b->recipe_out) {
@@ -638,7 +710,7 @@ int quantize_with_budget(const char *in, const char *out, const budget_args *b,
                 printf("verified     measured KLD %.5f vs predicted %.5f on %lld calibration "
                        "tokens (top-1 %.1f %%)%s\n", mean, predicted, (long long)kr.n,
                        100.0 * top1,
-                       b->sensitivity ? "" : " (the tokens the prediction was measured on)");
+                       b->n_sensitivity ? "" : " (the tokens the prediction was measured on)");
             }
         }
         qmix_kld_result_free(&kr);

@@ -11,10 +11,13 @@ typedef struct budget_args {
     uint64_t memory, reserve;   /* --memory/--reserve */
     double bpw;                 /* --bpw */
     int ctx, kv_bits, vision, threads;
-    const char *calib, *tokens, *sensitivity; /* calibration text / ids, or a saved --json */
+    const char *calib, *tokens;  /* calibration text / ids */
+    const char *sensitivity[3];  /* saved `qmix sensitivity --json`, one per group size */
+    int n_sensitivity;
     int calib_ctx, calib_windows;
     int cand_bits[6], n_cand;   /* candidate bits (default 2,3,4,6,8) */
-    int group;                  /* group size of the allocated rules (64) */
+    int groups[3], n_groups;    /* candidate group sizes (--group 32,64,128; default 64): each
+                                   is measured; the first is the recipe's default */
     int bands;                  /* layer bands per role (1: per role) */
     int min_bits[32];           /* per role; 0: none */
     uint32_t keep_roles;        /* bit r: keep role r at 16 bits */

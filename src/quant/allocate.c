@@ -81,7 +81,7 @@ int qmix_alloc_recipe(const qmix_alloc_group *g, int n, int group_size, const ch
                      g[i].layer_lo, g[i].layer_hi);
         if (c->bits)
             w = snprintf(buf + off, len - off, "%s%s bits=%d group=%d\n", qmix_role_name(g[i].role),
-                         sel, c->bits, group_size);
+                         sel, c->bits, c->group ? c->group : group_size);
         else
             w = snprintf(buf + off, len - off, "%s%s keep\n", qmix_role_name(g[i].role), sel);
         if (w < 0 || (size_t)w >= len - off)

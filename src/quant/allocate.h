@@ -13,10 +13,12 @@
 #include "model/roles.h"
 #include "qmix.h"
 
-#define QMIX_ALLOC_MAX_OPTS 8
+/* keep + 6 widths × 3 group sizes, and room to spare */
+#define QMIX_ALLOC_MAX_OPTS 32
 
 typedef struct qmix_alloc_opt {
     int bits;          /* 0: keep (16-bit) */
+    int group;         /* group size; 0: the allocation's default */
     uint64_t bytes;    /* what the group is written in with this setting */
     double kld;        /* predicted loss: KLD with only this group so quantized (keep: 0) */
 } qmix_alloc_opt;
@@ -39,8 +41,8 @@ int qmix_allocate(qmix_alloc_group *g, int n, uint64_t budget, qmix_err *err);
 uint64_t qmix_alloc_bytes(const qmix_alloc_group *g, int n);
 double qmix_alloc_kld(const qmix_alloc_group *g, int n);
 
-/* The allocation as recipe text (docs/recipes.md format): one rule per group, at group_size,
- * after the header comment lines. -1 with err if buf is too small. */
+/* The allocation as recipe text (docs/recipes.md format): one rule per group, at its setting's
+ * group size (group_size where that is 0), after the header comment lines. -1 with err if buf is too small. */
 int qmix_alloc_recipe(const qmix_alloc_group *g, int n, int group_size, const char *header,
                       char *buf, size_t len, qmix_err *err);
 
