@@ -475,11 +475,12 @@ static void step(srv_engine *e)
     int n_seqs = 0, rows = 0, max_rows = e->sess->max_batch, decoding = 0;
     for (int i = 0; i < e->n_slots; i++) {
         slot *s = &e->slots[i];
-        if (s->phase == SLOT_DECODE && s->job->cancel) finish(e, s, QMIX_FINISH_CANCEL, NULL);
-        else if (s->phase == SLOT_PREFILL && s->job->cancel) finish(e, s, QMIX_FINISH_CANCEL, NULL);
+        if (s->phase != SLOT_FREE && s->job->cancel) finish(e, s, QMIX_FINISH_CANCEL, NULL);
     }
-    for (int i = 0; i < e->n_slots && rows < max_rows; i++) {
-        slot *s = &e->slots[i];
+    /* when more slots decode than a batch holds (a tiny --ctx), the first slot taken rotates so
+     * none waits for ever */
+    for (int k = 0; k < e->n_slots && rows < max_rows; k++) {
+        slot *s = &e->slots[(k + e->steps) % (uint64_t)e->n_slots];
         if (s->phase != SLOT_DECODE) continue;
         e->step_slots[n_seqs] = s;
         e->step_seqs[n_seqs] = s->seq;
