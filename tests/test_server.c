@@ -524,11 +524,12 @@ static const char *client_body(int i, char *buf, size_t cap)
 }
 
 /* Eight clients stream at once through eight slots decoded together (continuous batching):
- * each gets exactly the tokens it gets alone with the same seed. */
+ * each gets exactly the tokens it gets alone with the same seed. A prompt is prefilled 5 tokens
+ * per step while others decode (alone: at once), so chunked prefill is covered too. */
 START_TEST(eight_batched_streams)
 {
     server s;
-    const char *extra[] = {"--parallel", "8", "--prefix-cache", "0", NULL};
+    const char *extra[] = {"--parallel", "8", "--prefix-cache", "0", "--prefill-chunk", "5", NULL};
     start(&s, extra);
     enum { N = 8 };
     char body[2048];
