@@ -801,6 +801,8 @@ START_TEST(prefix_cache_lru)
     ck_assert_int_eq((long long)metric(&s, "qmix_prefix_cache_snapshot_hits_total"), 0);
     ck_assert_int_eq(stop(&s), 0);
 
+    tu_expect("serve " MODEL " --prefix-cache 5X", 2, "not a size");
+    tu_expect("serve " MODEL " --prefill-chunk 0", 2, "prefill-chunk");
     const char *off[] = {"--prefix-cache", "0", NULL};
     start(&s, off);
     completion(&s, p1, 3, NULL, NULL, NULL);

@@ -12,24 +12,23 @@
 #include "server/server.h"
 #include "text/chat.h"
 
-/* "1G", "512M", "64K" or plain bytes; -1 if malformed. */
+/* "1G", "512M", "64KiB", "2GB" (binary units) or plain bytes; -1 if malformed. */
 static long long parse_size(const char *v)
 {
     char *end;
     double n = strtod(v, &end);
     if (end == v || !(n >= 0)) return -1;
-    double unit = 1;
-    switch (*end) {
-    case 'k': case 'K': unit = 1024.0; end++; break;
-    case 'm': case 'M': unit = 1024.0 * 1024; end++; break;
-    case 'g': case 'G': unit = 1024.0 * 1024 * 1024; end++; break;
-    case 't': case 'T': unit = 1024.0 * 1024 * 1024 * 1024; end++; break;
-    default: break;
+    static const char units[] = "KMGT";
+    const char *u = *end ? strchr(units, *end & ~0x20) : NULL;
+    double scale = 1;
+    if (u) {
+        for (const char *k = units; k <= u; k++) scale *= 1024;
+        end++;
+        if (*end == 'i') end++;
+        if (*end == 'B') end++;
     }
-    if (*end == 'i' || *end == 'B') end += *end == 'i' ? 1 : 0;
-    if (*end == 'B') end++;
-    if (*end || n * unit > 9e18) return -1;
-    return (long long)(n * unit);
+    if (*end || n * scale > 9e18) return -1;
+    return (long long)(n * scale);
 }
 
 static void usage(FILE *out)

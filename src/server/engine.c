@@ -15,7 +15,6 @@
 typedef enum slot_phase { SLOT_FREE, SLOT_PREFILL, SLOT_DECODE } slot_phase;
 
 typedef struct slot {
-    int index;
     qmix_seq *seq;
     int32_t *history; /* what seq holds (capacity ctx); kept after a job for the next one */
     int n_history;
@@ -439,8 +438,8 @@ static void sample(srv_engine *e, slot *s, const float *logits)
 }
 
 /* Takes queued jobs into free slots (oldest job first; the slot holding the longest prefix of
- * its prompt, ties to the least recently used). Returns how many slots are active. */
-static int admit(srv_engine *e, slot **started, int *n_started)
+ * its prompt, ties to the least recently used). */
+static void admit(srv_engine *e, slot **started, int *n_started)
 {
     *n_started = 0;
     while (e->queue_head && e->active < e->n_slots) {
@@ -464,7 +463,6 @@ static int admit(srv_engine *e, slot **started, int *n_started)
         e->active++;
         started[(*n_started)++] = best;
     }
-    return e->active;
 }
 
 /* One step: every decoding slot's next token, then prompt chunks of prefilling slots (oldest
@@ -602,7 +600,6 @@ int srv_engine_new(qmix_model *model, const qmix_tokenizer *tok,
     }
     for (int i = 0; i < e->n_slots; i++) {
         slot *s = &e->slots[i];
-        s->index = i;
         if (qmix_seq_new(e->cfg, e->ctx, &s->seq, err)) goto fail;
         if (!(s->history = malloc(sizeof *s->history * (size_t)e->ctx))) {
             qmix_errf(err, "out of memory");
