@@ -813,6 +813,56 @@ START_TEST(prefix_cache_lru)
 }
 END_TEST
 
+/* Two conversations with the same system prompt: the second resumes from the snapshot at the
+ * end of the system prompt (its second <|im_start|>) and answers as a cold server does. */
+static char *system_chat(const char *user)
+{
+    json_t *v = json_pack("{s:[{s:s, s:s}, {s:s, s:s}], s:i, s:i, s:{s:b}}", "messages", "role",
+                          "system", "content", "You are a helpful assistant who answers briefly "
+                          "and precisely, in plain words.", "role", "user", "content", user,
+                          "max_tokens", 6, "temperature", 0, "chat_template_kwargs",
+                          "enable_thinking", 0);
+    char *body = json_dumps(v, JSON_COMPACT);
+    json_decref(v);
+    return body;
+}
+
+START_TEST(shared_system_prompt)
+{
+    server s;
+    start(&s, NULL);
+    char *a = system_chat("What is a cat?"), *b = system_chat("Name a river.");
+    resp r = http(&s, "/v1/chat/completions", a, NULL);
+    json_t *v = parse(r.body);
+    ck_assert_int_eq(int_at(v, "usage.prompt_tokens_details.cached_tokens"), 0);
+    json_decref(v);
+    free(r.body);
+    r = http(&s, "/v1/chat/completions", b, NULL);
+    v = parse(r.body);
+    long long cached = int_at(v, "usage.prompt_tokens_details.cached_tokens");
+    long long prompt = int_at(v, "usage.prompt_tokens");
+    ck_assert_int_gt(cached, 10); /* the system turn */
+    ck_assert_int_lt(cached, prompt - 5); /* not the user's */
+    char *warm = strdup(str_at(v, "choices.0.message.content"));
+    json_decref(v);
+    free(r.body);
+    ck_assert_int_eq((long long)metric(&s, "qmix_prefix_cache_snapshot_hits_total"), 1);
+    ck_assert_int_eq(stop(&s), 0);
+
+    start(&s, NULL);
+    r = http(&s, "/v1/chat/completions", b, NULL);
+    v = parse(r.body);
+    ck_assert_int_eq(int_at(v, "usage.prompt_tokens_details.cached_tokens"), 0);
+    ck_assert_str_eq(str_at(v, "choices.0.message.content"), warm);
+    json_decref(v);
+    free(r.body);
+    ck_assert_int_eq(stop(&s), 0);
+    free(warm);
+    free(a);
+    free(b);
+}
+END_TEST
+
 /* GET /metrics: Prometheus text, every line a comment or "name value"; only GET. */
 START_TEST(metrics_endpoint)
 {
@@ -1066,6 +1116,7 @@ static Suite *make_suite(void)
     tcase_add_test(tc, disconnect_busy_and_shutdown);
     tcase_add_test(tc, multi_turn_snapshot);
     tcase_add_test(tc, prefix_cache_lru);
+    tcase_add_test(tc, shared_system_prompt);
     tcase_add_test(tc, metrics_endpoint);
     tcase_add_test(tc, logprobs);
     tcase_add_test(tc, tool_choice);
