@@ -24,6 +24,8 @@ static void usage(FILE *out)
             "  --tokens FILE       token ids (whitespace-separated) instead of --text\n"
             "  --ctx N             tokens per window (512)\n"
             "  --samples N         use the first N windows (default: all); --windows is the same\n"
+            "  --skip N            start after the first N windows (statistics from text that\n"
+            "                      an evaluation of the first N windows does not see)\n"
             "  -o, --out STATS     the statistics file (format in src/quant/calib.h)\n"
             "  --imatrix-out F     also write an llama.cpp importance matrix: legacy .dat, or the\n"
             "                      GGUF form when F ends in .gguf\n"
@@ -69,6 +71,7 @@ int qmix_cmd_calibrate(int argc, char **argv)
     const char *model_path = NULL, *out_path = NULL, *imatrix_out = NULL, *v;
     cli_eval_args ea = {.ctx = 512};
     int hessian = 1;
+    long skip = 0;
     uint64_t max_mem = (uint64_t)8 << 30;
     for (int i = 1; i < argc; i++) {
         const char *a = argv[i];
@@ -83,6 +86,10 @@ int qmix_cmd_calibrate(int argc, char **argv)
             if (!(out_path = cli_value("calibrate", argc, argv, &i))) return 2;
         } else if (!strcmp(a, "--imatrix-out")) {
             if (!(imatrix_out = cli_value("calibrate", argc, argv, &i))) return 2;
+        } else if (!strcmp(a, "--skip")) {
+            if (!(v = cli_value("calibrate", argc, argv, &i)) ||
+                cli_int("calibrate", a, v, 0, 1 << 24, &skip))
+                return 2;
         } else if (!strcmp(a, "--no-hessian")) {
             hessian = 0;
         } else if (!strcmp(a, "--max-memory")) {
@@ -111,6 +118,17 @@ int qmix_cmd_calibrate(int argc, char **argv)
     int32_t *tokens = NULL;
     int64_t n_tokens = 0;
     if (cli_eval_tokens("calibrate", model_path, ea.text, ea.tokens, &tokens, &n_tokens)) return 1;
+    if (skip) {
+        int64_t drop = (int64_t)skip * ctx;
+        if (drop >= n_tokens) {
+            fprintf(stderr, "qmix calibrate: --skip %ld windows of %d tokens leaves nothing of the "
+                    "text's %lld tokens\n", skip, ctx, (long long)n_tokens);
+            free(tokens);
+            return 1;
+        }
+        memmove(tokens, tokens + drop, (size_t)(n_tokens - drop) * sizeof *tokens);
+        n_tokens -= drop;
+    }
     int n_windows = qmix_eval_n_windows(n_tokens, ctx, (int)ea.windows);
     if (n_windows < 1) {
         fprintf(stderr, "qmix calibrate: the text has %lld tokens, fewer than one window of --ctx "

@@ -75,11 +75,7 @@ int qmix_cmd_quantize(int argc, char **argv)
         const char *a = argv[i], *v;
         if (!strcmp(a, "--method")) {
             if (!(method = cli_value("quantize", argc, argv, &i))) return 2;
-            if (!strcmp(method, "rtn")) o.method = QMIX_METHOD_RTN;
-            else if (!strcmp(method, "gptq")) o.method = QMIX_METHOD_GPTQ;
-            else if (!strcmp(method, "imatrix")) o.method = QMIX_METHOD_IMATRIX;
-            else if (!strcmp(method, "awq")) o.method = QMIX_METHOD_AWQ;
-            else {
+            if ((o.method = qmix_method_parse(method)) < 0) {
                 fprintf(stderr, "qmix quantize: --method must be rtn, gptq, imatrix or awq\n");
                 return 2;
             }

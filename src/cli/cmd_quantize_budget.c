@@ -15,6 +15,7 @@
 #include "eval/sensitivity.h"
 #include "eval/windows.h"
 #include "quant/allocate.h"
+#include "quant/calib.h"
 #include "quant/recipe.h"
 #include "util/fileio.h"
 
@@ -32,12 +33,16 @@ const char budget_help[] =
     "  --calib FILE         calibration text: measure each group's KLD (qmix sensitivity)\n"
     "  --tokens FILE        calibration token ids instead of text\n"
     "  --sensitivity FILE   use a saved `qmix sensitivity --json` instead of measuring;\n"
-    "                       repeat with files measured at other --group-size to let the\n"
-    "                       allocation choose the group size too\n"
+    "                       repeat with files measured at other --group-size or --method to\n"
+    "                       let the allocation choose those too (at most 9 files)\n"
     "  --calib-ctx N        window length (512); --calib-windows N windows (8)\n"
     "  --candidates LIST    bit widths to choose from (2,3,4,6,8) besides keep\n"
     "  --group G[,G...]     candidate group sizes of 32, 64, 128 (64); with several, each\n"
     "                       group of tensors gets the (bits, group size) that pays best\n"
+    "  --methods M[,M...]   candidate methods of rtn, gptq, imatrix (rtn), each measured;\n"
+    "                       calibrated ones need --stats\n"
+    "  --stats STATS        statistics from qmix calibrate: for measuring and quantizing with\n"
+    "                       gptq/imatrix (the rules chosen with them say method=)\n"
     "  --layer-bands N      allocate per role and band of N contiguous layer ranges (1)\n"
     "  --min ROLE=B         at least B bits for a role (repeatable); gdn, attn, experts name\n"
     "                       their roles together, e.g. --min gdn=3\n"
@@ -61,6 +66,8 @@ void budget_defaults(budget_args *b)
     b->calib_windows = 8;
     b->groups[0] = 64;
     b->n_groups = 1;
+    b->methods[0] = QMIX_METHOD_RTN;
+    b->n_methods = 1;
     b->bands = 1;
     b->verify = 1;
     b->bpw = -1;
@@ -118,7 +125,8 @@ int budget_option(int argc, char **argv, int *i, budget_args *b)
                                          "--kv-bits", "--threads", "--calib", "--tokens",
                                          "--sensitivity", "--calib-ctx", "--calib-windows",
                                          "--candidates", "--group", "--layer-bands", "--min",
-                                         "--keep", "--fixed", "--recipe-out"};
+                                         "--keep", "--fixed", "--recipe-out", "--methods",
+                                         "--stats"};
     size_t k = 0;
     while (k < sizeof valued / sizeof *valued && strcmp(a, valued[k])) k++;
     if (k == sizeof valued / sizeof *valued) return 0;
@@ -153,8 +161,8 @@ int budget_option(int argc, char **argv, int *i, budget_args *b)
     case 7: b->calib = v; return 1;
     case 8: b->tokens = v; return 1;
     case 9:
-        if (b->n_sensitivity == 3) {
-            fprintf(stderr, "qmix %s: at most 3 --sensitivity files (one per group size)\n", CMD);
+        if (b->n_sensitivity == 9) {
+            fprintf(stderr, "qmix %s: at most 9 --sensitivity files\n", CMD);
             return -1;
         }
         b->sensitivity[b->n_sensitivity++] = v;
@@ -225,23 +233,59 @@ int budget_option(int argc, char **argv, int *i, budget_args *b)
         return 1;
     }
     case 17: b->fixed = v; return 1;
-    default: b->recipe_out = v; return 1;
+    case 18: b->recipe_out = v; return 1;
+    case 19: {
+        b->n_methods = 0;
+        for (const char *p = v; *p;) {
+            const char *c = strchr(p, ',');
+            int len = c ? (int)(c - p) : (int)strlen(p), m = -1;
+            char name[16];
+            if (len < (int)sizeof name) {
+                memcpy(name, p, (size_t)len);
+                name[len] = 0;
+                m = qmix_method_parse(name);
+            }
+            int ok = (m == QMIX_METHOD_RTN || m == QMIX_METHOD_GPTQ || m == QMIX_METHOD_IMATRIX) &&
+                     b->n_methods < 3;
+            for (int j = 0; ok && j < b->n_methods; j++) ok = b->methods[j] != m;
+            if (!ok) {
+                fprintf(stderr, "qmix %s: --methods: distinct methods of rtn, gptq, imatrix, got "
+                        "'%s'\n", CMD, v);
+                return -1;
+            }
+            b->methods[b->n_methods++] = m;
+            p += len + (c != NULL);
+        }
+        return 1;
+    }
+    default: b->stats = v; return 1;
     }
 }
 
 /* ---- sensitivity: measured now or read back ---------------------------------------------- */
 
+/* How a group is quantized besides its bits: a candidate of the allocation. */
+typedef struct variant { int group, method; } variant;
+#define MAX_VARIANTS 9
+
+/* qmix quantize's GPTQ failsafe default: 0.5 % of the calibration tokens */
+static int64_t min_tokens(const qmix_calib *stats)
+{
+    return (int64_t)ceil(0.005 * (double)qmix_calib_tokens(stats));
+}
+
 typedef struct sens_row {
     int role, layer;
-    int group;                   /* the group size it was measured at */
+    int group, method;           /* the group size and method it was measured with */
     int64_t params, params_measured; /* measured < params: experts were sampled */
     int quantizable;
     double kld[9];               /* by bits; NAN where not measured */
 } sens_row;
 
-/* Appends the rows of a saved `qmix sensitivity --json` to *rows; *group: its group size. */
+/* Appends the rows of a saved `qmix sensitivity --json` to *rows; *v: its group size and
+ * method. */
 static int load_sensitivity_json(const char *path, sens_row **rows, int *n, int *layers_seen,
-                                 int *group)
+                                 variant *v)
 {
     json_error_t je;
     json_t *root = json_load_file(path, JSON_REJECT_DUPLICATES, &je);
@@ -250,8 +294,10 @@ static int load_sensitivity_json(const char *path, sens_row **rows, int *n, int 
         return -1;
     }
     json_t *arr = json_object_get(root, "rows"), *gs = json_object_get(root, "group_size");
+    const char *method = json_string_value(json_object_get(root, "method"));
     size_t count = json_array_size(arr);
-    *group = json_is_integer(gs) ? (int)json_integer_value(gs) : 64;
+    v->group = json_is_integer(gs) ? (int)json_integer_value(gs) : 64;
+    v->method = method ? qmix_method_parse(method) : QMIX_METHOD_RTN; /* older files: RTN */
     sens_row *grown = realloc(*rows, (*n + count + 1) * sizeof **rows);
     if (!grown) {
         json_decref(root);
@@ -261,13 +307,18 @@ static int load_sensitivity_json(const char *path, sens_row **rows, int *n, int 
     *rows = grown;
     memset(*rows + *n, 0, (count + 1) * sizeof **rows);
     const char *why = !json_is_array(arr) ? "no \"rows\" array"
-                      : *group != 32 && *group != 64 && *group != 128 ? "group_size not 32, 64 or 128"
-                      : NULL;
+                      : v->group != 32 && v->group != 64 && v->group != 128
+                          ? "group_size not 32, 64 or 128"
+                      : v->method != QMIX_METHOD_RTN && v->method != QMIX_METHOD_GPTQ &&
+                              v->method != QMIX_METHOD_IMATRIX
+                          ? "method not rtn, gptq or imatrix"
+                          : NULL;
     for (size_t i = 0; !why && i < count; i++) {
         json_t *o = json_array_get(arr, i), *bits = json_object_get(o, "bits");
         const char *role = json_string_value(json_object_get(o, "role"));
         sens_row *s = &(*rows)[(*n)++];
-        s->group = *group;
+        s->group = v->group;
+        s->method = v->method;
         s->role = role ? role_by_name(role, (int)strlen(role)) : -1;
         json_t *layer = json_object_get(o, "layer");
         s->layer = json_is_integer(layer) ? (int)json_integer_value(layer) : -1;
@@ -303,9 +354,10 @@ static void on_progress(void *user, int64_t done, int64_t total)
     cli_progress("sensitivity", done, total, *(const double *)user);
 }
 
-/* Appends the rows measured at group size `group`. */
-static int measure_sensitivity(const char *in, const budget_args *b, int group,
-                               const int32_t *tokens, int64_t n_tokens, sens_row **rows, int *n)
+/* Appends the rows measured with variant v (statistics: calibrated methods). */
+static int measure_sensitivity(const char *in, const budget_args *b, variant v,
+                               const qmix_calib *stats, const int32_t *tokens, int64_t n_tokens,
+                               sens_row **rows, int *n)
 {
     qmix_err err;
     qmix_model *m = NULL;
@@ -313,7 +365,8 @@ static int measure_sensitivity(const char *in, const budget_args *b, int group,
         fprintf(stderr, "qmix %s: %s\n", CMD, err.msg);
         return -1;
     }
-    qmix_sens_opts o = {.n_bits = b->n_cand, .group_size = group, .per_layer = b->bands > 1,
+    qmix_sens_opts o = {.n_bits = b->n_cand, .group_size = v.group, .method = v.method,
+                        .calib = stats, .min_tokens = stats ? min_tokens(stats) : 0, .per_layer = b->bands > 1,
                         .tokens = tokens, .n_tokens = n_tokens, .ctx = b->calib_ctx,
                         .n_windows = b->calib_windows, .n_threads = b->threads,
                         .progress = on_progress, .stop = &cli_stop};
@@ -333,9 +386,9 @@ static int measure_sensitivity(const char *in, const budget_args *b, int group,
         qmix_sens_result_free(&r);
         return -1;
     }
-    fprintf(stderr, "qmix %s: measured %d groups at %d widths, group size %d, on %lld calibration "
-            "tokens in %.1f s\n", CMD, r.n_rows, r.n_bits, group, (long long)r.calib_rows,
-            r.elapsed_s);
+    fprintf(stderr, "qmix %s: measured %d groups at %d widths, group size %d, %s, on %lld "
+            "calibration tokens in %.1f s\n", CMD, r.n_rows, r.n_bits, v.group,
+            qmix_method_name(v.method), (long long)r.calib_rows, r.elapsed_s);
     sens_row *grown = realloc(*rows, (size_t)(*n + r.n_rows + 1) * sizeof **rows);
     if (!grown) {
         qmix_sens_result_free(&r);
@@ -346,7 +399,8 @@ static int measure_sensitivity(const char *in, const budget_args *b, int group,
     for (int i = 0; i < r.n_rows; i++) {
         sens_row *s = &(*rows)[(*n)++];
         memset(s, 0, sizeof *s);
-        s->group = group;
+        s->group = v.group;
+        s->method = v.method;
         s->role = r.rows[i].role;
         s->layer = r.rows[i].layer;
         s->params = r.rows[i].params;
@@ -406,6 +460,7 @@ int quantize_with_budget(const char *in, const char *out, const budget_args *b,
     qmix_alloc_group *g = calloc(MAX_GROUPS, sizeof *g);
     char *text = malloc(RECIPE_BYTES), *fixed = NULL;
     json_t *js = NULL;
+    qmix_calib *stats = NULL;
     qmix_err err;
     cli_catch_sigint();
     if (!g || !text) goto done;
@@ -415,32 +470,58 @@ int quantize_with_budget(const char *in, const char *out, const budget_args *b,
         fprintf(stderr, "qmix %s: --fixed: %s\n", CMD, err.msg);
         goto done;
     }
+    if (b->stats && qmix_calib_open(b->stats, &stats, &err)) {
+        fprintf(stderr, "qmix %s: --stats: %s\n", CMD, err.msg);
+        goto done;
+    }
+    qo->calib = stats; /* the dry runs check a method= rule has what it needs */
+    if (stats && qo->min_tokens < 0) qo->min_tokens = min_tokens(stats);
 
-    /* 1. the measured loss of every group at every width, per candidate group size: the
-     * --sensitivity files say which group sizes they were measured at */
-    int groups[3], n_groups = b->n_groups;
-    memcpy(groups, b->groups, sizeof groups);
+    /* 1. the measured loss of every group at every width, per candidate variant (group size,
+     * method): the --sensitivity files say what they were measured with; measuring, every
+     * --group with every --methods */
+    variant var[MAX_VARIANTS];
+    int n_var = 0;
     if (b->n_sensitivity) {
-        n_groups = 0;
         for (int f = 0; f < b->n_sensitivity; f++) {
-            int gs, seen = 0;
-            if (load_sensitivity_json(b->sensitivity[f], &rows, &n_rows, &seen, &gs)) goto done;
+            int seen = 0;
+            variant v;
+            if (load_sensitivity_json(b->sensitivity[f], &rows, &n_rows, &seen, &v)) goto done;
             if (f && seen != layers_seen) {
                 fprintf(stderr, "qmix %s: --sensitivity files mix per-role and per-layer rows\n", CMD);
                 goto done;
             }
             layers_seen = seen;
-            for (int j = 0; j < n_groups; j++)
-                if (groups[j] == gs) {
-                    fprintf(stderr, "qmix %s: two --sensitivity files at group size %d\n", CMD, gs);
+            for (int j = 0; j < n_var; j++)
+                if (var[j].group == v.group && var[j].method == v.method) {
+                    fprintf(stderr, "qmix %s: two --sensitivity files at group size %d with %s\n",
+                            CMD, v.group, qmix_method_name(v.method));
                     goto done;
                 }
-            groups[n_groups++] = gs;
+            var[n_var++] = v;
         }
     } else {
-        for (int j = 0; j < n_groups; j++)
-            if (measure_sensitivity(in, b, groups[j], tokens, n_tokens, &rows, &n_rows)) goto done;
+        for (int j = 0; j < b->n_groups; j++)
+            for (int k = 0; k < b->n_methods; k++)
+                var[n_var++] = (variant){b->groups[j], b->methods[k]};
+        for (int j = 0; j < n_var; j++)
+            if (measure_sensitivity(in, b, var[j], stats, tokens, n_tokens, &rows, &n_rows))
+                goto done;
         layers_seen = b->bands > 1;
+    }
+    for (int j = 0; j < n_var; j++)
+        if (var[j].method != QMIX_METHOD_RTN && !stats) {
+            fprintf(stderr, "qmix %s: %s candidates need --stats (the statistics of qmix "
+                    "calibrate) to quantize with\n", CMD, qmix_method_name(var[j].method));
+            goto done;
+        }
+    /* the distinct group sizes, each sized once below */
+    int groups[MAX_VARIANTS], n_groups = 0, var_group[MAX_VARIANTS];
+    for (int j = 0; j < n_var; j++) {
+        int gi = 0;
+        while (gi < n_groups && groups[gi] != var[j].group) gi++;
+        if (gi == n_groups) groups[n_groups++] = var[j].group;
+        var_group[j] = gi;
     }
     if (b->bands > 1 && !layers_seen) {
         fprintf(stderr, "qmix %s: --layer-bands needs per-layer sensitivity (qmix sensitivity "
@@ -449,7 +530,7 @@ int quantize_with_budget(const char *in, const char *out, const budget_args *b,
     }
 
     /* 2. what every role costs at each candidate (width, group size), and kept */
-    qmix_quant_report keep, at[3][9];
+    qmix_quant_report keep, at[MAX_VARIANTS][9];
     if (dry_run(in, "default keep\n", qo, &keep)) goto done;
     for (int j = 0; j < n_groups; j++)
         for (int k = 0; k < b->n_cand; k++) {
@@ -500,22 +581,25 @@ int quantize_with_budget(const char *in, const char *out, const budget_args *b,
         /* rows repeat per group size: parameters are counted from the first's */
         int64_t role_params = 0;
         for (int i = 0; i < n_rows; i++)
-            if (rows[i].role == r && rows[i].group == groups[0]) role_params += rows[i].params;
+            if (rows[i].role == r && rows[i].group == var[0].group &&
+                rows[i].method == var[0].method)
+                role_params += rows[i].params;
         for (int band = 0; band < bands; band++) {
             int lo = bands > 1 ? band * n_layers / bands : -1;
             int hi = bands > 1 ? (band + 1) * n_layers / bands - 1 : -1;
-            double kld[3][9] = {{0}}, params = 0, measured = 0;
+            double kld[MAX_VARIANTS][9] = {{0}}, params = 0, measured = 0;
             int quantizable = 1, any = 0;
             for (int i = 0; i < n_rows; i++) {
                 const sens_row *s = &rows[i];
                 /* global rows (embed, lm_head) fall in the first band only */
                 int in_band = s->role == r && (bands == 1 || (s->layer < 0 ? band == 0
                                                                : s->layer >= lo && s->layer <= hi));
-                int gi = 0;
-                while (gi < n_groups && groups[gi] != s->group) gi++;
-                if (!in_band || gi == n_groups) continue;
-                for (int k = 2; k <= 8; k++) kld[gi][k] += s->kld[k]; /* NAN if unmeasured */
-                if (gi) continue;
+                int vi = 0;
+                while (vi < n_var && (var[vi].group != s->group || var[vi].method != s->method))
+                    vi++;
+                if (!in_band || vi == n_var) continue;
+                for (int k = 2; k <= 8; k++) kld[vi][k] += s->kld[k]; /* NAN if unmeasured */
+                if (vi) continue;
                 any = 1;
                 params += (double)s->params;
                 measured += (double)(s->params_measured > 0 ? s->params_measured : s->params);
@@ -527,7 +611,7 @@ int quantize_with_budget(const char *in, const char *out, const budget_args *b,
              * group is the whole role, else the rows' own (their sampled experts). */
             double whole = bands == 1 ? (double)keep.roles[r].params : params;
             if (measured > 0 && whole > measured)
-                for (int j = 0; j < n_groups; j++)
+                for (int j = 0; j < n_var; j++)
                     for (int k = 2; k <= 8; k++) kld[j][k] *= whole / measured;
             if (n == MAX_GROUPS) {
                 fprintf(stderr, "qmix %s: more than %d groups: use fewer --layer-bands\n", CMD,
@@ -542,14 +626,14 @@ int quantize_with_budget(const char *in, const char *out, const budget_args *b,
             double share = role_params > 0 ? params / (double)role_params : 1;
             gr->opt[gr->n_opts++] = (qmix_alloc_opt){.bytes = (uint64_t)(keep.roles[r].bytes * share)};
             if (!quantizable || (b->keep_roles & (1u << r)) || b->min_bits[r] > 8) continue;
-            for (int j = 0; j < n_groups; j++)
+            for (int j = 0; j < n_var; j++)
                 for (int k = 0; k < b->n_cand; k++) {
                     int bits = b->cand_bits[k];
                     if (bits < b->min_bits[r] || isnan(kld[j][bits])) continue;
-                    gr->opt[gr->n_opts++] =
-                        (qmix_alloc_opt){bits, groups[j],
-                                         (uint64_t)(at[j][bits].roles[r].bytes * share),
-                                         kld[j][bits] > 0 ? kld[j][bits] : 0};
+                    gr->opt[gr->n_opts++] = (qmix_alloc_opt){
+                        .bits = bits, .group = var[j].group, .method = var[j].method,
+                        .bytes = (uint64_t)(at[var_group[j]][bits].roles[r].bytes * share),
+                        .kld = kld[j][bits] > 0 ? kld[j][bits] : 0};
                 }
         }
     }
@@ -565,21 +649,21 @@ int quantize_with_budget(const char *in, const char *out, const budget_args *b,
     uint64_t target = weights_budget - fixed_bytes;
     qmix_quant_report final;
     qmix_recipe recipe;
-    char header[512], group_list[32] = "";
-    for (int j = 0, off = 0; j < n_groups; j++)
-        off += snprintf(group_list + off, sizeof group_list - (size_t)off, "%s%d", j ? "/" : "",
-                        groups[j]);
+    char header[768], var_list[256] = "";
+    for (int j = 0, off = 0; j < n_var; j++)
+        off += snprintf(var_list + off, sizeof var_list - (size_t)off, "%sgroup %d %s",
+                        j ? ", " : "", var[j].group, qmix_method_name(var[j].method));
     snprintf(header, sizeof header,
              "# chosen by qmix quantize for a weight budget of %.1f MiB (%s)\n"
-             "# candidates: keep and %d widths at group size %s; predicted KLD is the sum of\n"
-             "# the groups' measured KLDs\n", weights_budget / 1048576.0,
-             b->bpw > 0 ? "--bpw" : b->budget ? "--budget" : "--memory", b->n_cand, group_list);
+             "# candidates: keep and %d widths with %s;\n"
+             "# predicted KLD is the sum of the groups' measured KLDs\n", weights_budget / 1048576.0,
+             b->bpw > 0 ? "--bpw" : b->budget ? "--budget" : "--memory", b->n_cand, var_list);
     for (int attempt = 0;; attempt++) {
         if (qmix_allocate(g, n, target, &err)) {
             fprintf(stderr, "qmix %s: %s\n", CMD, err.msg);
             goto done;
         }
-        if (qmix_alloc_recipe(g, n, groups[0], header, text, RECIPE_BYTES, &err)) {
+        if (qmix_alloc_recipe(g, n, var[0].group, header, text, RECIPE_BYTES, &err)) {
             fprintf(stderr, "qmix %s: %s\n", CMD, err.msg);
             goto done;
         }
@@ -606,11 +690,13 @@ int quantize_with_budget(const char *in, const char *out, const budget_args *b,
         json_t *jgroups = json_array();
         for (int i = 0; i < n; i++) {
             const qmix_alloc_opt *c = &g[i].opt[g[i].choice];
-            json_array_append_new(jgroups, json_pack("{s:s, s:i, s:i, s:i, s:i, s:I, s:f}", "role",
+            json_array_append_new(jgroups, json_pack("{s:s, s:i, s:i, s:i, s:i, s:s, s:I, s:f}", "role",
                                                      qmix_role_name(g[i].role), "layer_lo",
                                                      g[i].layer_lo, "layer_hi", g[i].layer_hi,
                                                      "bits", c->bits ? c->bits : 16, "group_size",
-                                                     c->bits ? c->group : 0, "bytes",
+                                                     c->bits ? c->group : 0, "method",
+                                                     c->bits ? qmix_method_name(c->method) : "keep",
+                                                     "bytes",
                                                      (json_int_t)c->bytes, "kld", c->kld));
         }
         json_object_set_new(js, "budget_bytes", json_integer((json_int_t)weights_budget));
@@ -634,8 +720,8 @@ int quantize_with_budget(const char *in, const char *out, const budget_args *b,
         printf("allocation   %s, %.3f bpw, predicted KLD %.5f (sum over %d groups)%s\n\n", ha,
                final.bpw, predicted, n,
                final.bytes > weights_budget ? "  -- OVER BUDGET (the --fixed rules)" : "");
-        printf("| Group | Layers | Bits | Group size | Params | Bytes | Share | Predicted KLD |\n"
-               "|---|---|---|---|---|---|---|---|\n");
+        printf("| Group | Layers | Bits | Group size | Method | Params | Bytes | Share | Predicted KLD |\n"
+               "|---|---|---|---|---|---|---|---|---|\n");
         for (int i = 0; i < n; i++) {
             const qmix_alloc_opt *c = &g[i].opt[g[i].choice];
             char layers[32] = "all", bits[8] = "bf16", gsize[8] = "-";
@@ -650,12 +736,13 @@ int quantize_with_budget(const char *in, const char *out, const budget_args *b,
                     rows[k].layer <= g[i].layer_hi)
                     params += (double)rows[k].params;
             cli_human_bytes((double)c->bytes, ha, sizeof ha);
-            printf("| %s | %s | %s | %s | %.0f | %s | %.1f%% | %.5f |\n", qmix_role_name(g[i].role),
-                   layers, bits, gsize, params, ha,
+            printf("| %s | %s | %s | %s | %s | %.0f | %s | %.1f%% | %.5f |\n",
+                   qmix_role_name(g[i].role), layers, bits, gsize,
+                   c->bits ? qmix_method_name(c->method) : "-", params, ha,
                    final.bytes ? 100.0 * (double)c->bytes / (double)final.bytes : 0, c->kld);
         }
         cli_human_bytes((double)fixed_bytes, ha, sizeof ha);
-        printf("| (always kept: norms, GDN parameters, vision, MTP) | | bf16 | - | | %s | %.1f%% | 0 |\n\n",
+        printf("| (always kept: norms, GDN parameters, vision, MTP) | | bf16 | - | - | | %s | %.1f%% | 0 |\n\n",
                ha, final.bytes ? 100.0 * (double)fixed_bytes / (double)final.bytes : 0);
     }
     if (b->recipe_out) {
@@ -729,6 +816,7 @@ done:
         }
         json_decref(js);
     }
+    qmix_calib_close(stats);
     free(g);
     free(text);
     free(fixed);

@@ -9,6 +9,8 @@
 #include "cli/cli.h"
 #include "cli/commands.h"
 #include "eval/sensitivity.h"
+#include "quant/calib.h"
+#include "quant/recipe.h"
 
 #define CMD "sensitivity"
 
@@ -18,10 +20,12 @@ static void usage(FILE *out)
             "usage: qmix sensitivity MODEL [--bits 2,3,4] [--group-size 64]\n"
             "                        [--calib FILE | --tokens FILE] [--ctx 512] [--windows 8]\n"
             "                        [--per-layer] [--sample N] [--json] [--threads N]\n"
-            "                        [--target-bits X] [--recipe-out FILE] [--quiet]\n\n"
+            "                        [--target-bits X] [--recipe-out FILE] [--quiet]\n"
+            "                        [--method rtn|gptq|imatrix --stats STATS]\n\n"
             "For every tensor role (embed, lm_head, attention, GDN projections, router, shared\n"
-            "expert and its gate, routed experts), quantizes that role ALONE (round to nearest,\n"
-            "MLX affine, bf16 scales) in memory and measures the error it adds:\n"
+            "expert and its gate, routed experts), quantizes that role ALONE (MLX affine, bf16\n"
+            "scales; round to nearest unless --method says) in memory and measures the error it\n"
+            "adds:\n"
             "  weight error   ||W - Q(W)|| / ||W|| over the role's matrices (always);\n"
             "  output error   ||(W - Q(W))x|| / ||Wx|| on the calibration activations x;\n"
             "  KLD            mean KL(base || model with the role quantized) per calibration token.\n"
@@ -42,6 +46,10 @@ static void usage(FILE *out)
             "  --target-bits X    code bits per weight the suggested recipe may spend on average\n"
             "                     (before scales; default: the lowest --bits + 0.25)\n"
             "  --recipe-out FILE  also write the suggested recipe to FILE\n"
+            "  --method M         rtn (default), gptq or imatrix: quantize each role as qmix\n"
+            "                     quantize --method M would (GPTQ with its RTN failsafe below 0.5%%\n"
+            "                     of the calibration tokens), with the statistics of --stats\n"
+            "  --stats STATS      statistics from qmix calibrate (for gptq and imatrix)\n"
             "  --quiet            no progress on stderr\n\n"
             "Ctrl-C stops the run and prints what was measured so far.\n");
 }
@@ -105,7 +113,8 @@ static int row_measured(const qmix_sens_row *row)
 static void print_table(const char *model, const qmix_sens_result *r, const char *recipe)
 {
     char buf[64], t1[32], t2[32];
-    printf("qmix sensitivity: %s: round-to-nearest MLX affine, group %d, bits", model,
+    printf("qmix sensitivity: %s: MLX affine by %s, group %d, bits", model,
+           r->method == QMIX_METHOD_RTN ? "round to nearest" : qmix_method_name(r->method),
            r->group_size);
     for (int b = 0; b < r->n_bits; b++) printf("%s%d", b ? "," : " ", r->bits[b]);
     if (r->has_calib)
@@ -196,6 +205,7 @@ static void print_json(const char *model, const qmix_sens_result *r, const char 
     for (int b = 0; b < r->n_bits; b++) json_array_append_new(bits, json_integer(r->bits[b]));
     json_object_set_new(o, "bits", bits);
     json_object_set_new(o, "group_size", json_integer(r->group_size));
+    json_object_set_new(o, "method", json_string(qmix_method_name(r->method)));
     json_object_set_new(o, "per_layer", json_boolean(r->per_layer));
     json_object_set_new(o, "sample", r->sample > 0 ? json_integer(r->sample) : json_null());
     if (r->has_calib) {
@@ -246,7 +256,8 @@ static void print_json(const char *model, const qmix_sens_result *r, const char 
 
 int qmix_cmd_sensitivity(int argc, char **argv)
 {
-    const char *model_path = NULL, *calib = NULL, *token_file = NULL, *recipe_out = NULL;
+    const char *model_path = NULL, *calib = NULL, *token_file = NULL, *recipe_out = NULL,
+               *stats = NULL;
     long group = 64, ctx = 512, windows = 8, sample = 0, threads = 0;
     double target = 0;
     int json = 0, per_layer = 0, quiet = 0;
@@ -294,6 +305,16 @@ int qmix_cmd_sensitivity(int argc, char **argv)
             }
         } else if (!strcmp(a, "--recipe-out")) {
             if (!(recipe_out = cli_value(CMD, argc, argv, &i))) return 2;
+        } else if (!strcmp(a, "--stats")) {
+            if (!(stats = cli_value(CMD, argc, argv, &i))) return 2;
+        } else if (!strcmp(a, "--method")) {
+            if (!(v = cli_value(CMD, argc, argv, &i))) return 2;
+            o.method = qmix_method_parse(v);
+            if (o.method != QMIX_METHOD_RTN && o.method != QMIX_METHOD_GPTQ &&
+                o.method != QMIX_METHOD_IMATRIX) {
+                fprintf(stderr, "qmix %s: --method must be rtn, gptq or imatrix\n", CMD);
+                return 2;
+            }
         } else if (!strcmp(a, "--per-layer")) {
             per_layer = 1;
         } else if (!strcmp(a, "--json")) {
@@ -319,6 +340,12 @@ int qmix_cmd_sensitivity(int argc, char **argv)
         return 2;
     }
 
+    if ((o.method == QMIX_METHOD_GPTQ || o.method == QMIX_METHOD_IMATRIX) && !stats) {
+        fprintf(stderr, "qmix %s: --method %s needs --stats (from qmix calibrate)\n", CMD,
+                qmix_method_name(o.method));
+        return 2;
+    }
+
     int32_t *tokens = NULL;
     int64_t n_tokens = 0;
     if ((calib || token_file) &&
@@ -326,11 +353,21 @@ int qmix_cmd_sensitivity(int argc, char **argv)
         return 1;
     qmix_err err;
     qmix_model *m = NULL;
-    if (qmix_model_open(model_path, &m, &err)) {
-        fprintf(stderr, "qmix %s: %s\n", CMD, err.msg);
+    qmix_calib *cstats = NULL;
+    if (stats && qmix_calib_open(stats, &cstats, &err)) {
+        fprintf(stderr, "qmix %s: --stats: %s\n", CMD, err.msg);
         free(tokens);
         return 1;
     }
+    if (qmix_model_open(model_path, &m, &err)) {
+        fprintf(stderr, "qmix %s: %s\n", CMD, err.msg);
+        qmix_calib_close(cstats);
+        free(tokens);
+        return 1;
+    }
+    o.calib = cstats;
+    /* GPTQ's RTN failsafe at qmix quantize's default: 0.5 % of the calibration tokens */
+    if (cstats) o.min_tokens = (int64_t)ceil(0.005 * (double)qmix_calib_tokens(cstats));
     double t_start = cli_now();
     o.group_size = (int)group;
     o.per_layer = per_layer;
@@ -351,6 +388,7 @@ int qmix_cmd_sensitivity(int argc, char **argv)
     if (rc) {
         fprintf(stderr, "qmix %s: %s\n", CMD, err.msg);
         qmix_model_close(m);
+        qmix_calib_close(cstats);
         free(tokens);
         return 1;
     }
@@ -377,6 +415,7 @@ int qmix_cmd_sensitivity(int argc, char **argv)
     free(recipe);
     qmix_sens_result_free(&res);
     qmix_model_close(m);
+    qmix_calib_close(cstats);
     free(tokens);
     return status ? status : (res.stopped ? 130 : 0);
 }

@@ -12,12 +12,14 @@ typedef struct budget_args {
     double bpw;                 /* --bpw */
     int ctx, kv_bits, vision, threads;
     const char *calib, *tokens;  /* calibration text / ids */
-    const char *sensitivity[3];  /* saved `qmix sensitivity --json`, one per group size */
+    const char *sensitivity[9];  /* saved `qmix sensitivity --json`, one per (group, method) */
     int n_sensitivity;
     int calib_ctx, calib_windows;
     int cand_bits[6], n_cand;   /* candidate bits (default 2,3,4,6,8) */
     int groups[3], n_groups;    /* candidate group sizes (--group 32,64,128; default 64): each
                                    is measured; the first is the recipe's default */
+    int methods[3], n_methods;  /* candidate methods (--methods rtn,gptq; default rtn) */
+    const char *stats;          /* --stats: qmix calibrate's statistics for gptq/imatrix */
     int bands;                  /* layer bands per role (1: per role) */
     int min_bits[32];           /* per role; 0: none */
     uint32_t keep_roles;        /* bit r: keep role r at 16 bits */

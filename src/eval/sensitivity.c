@@ -17,6 +17,9 @@
 #include "kernels/kernels.h"
 #include "model/model.h"
 #include "quant/affine.h"
+#include "quant/calib.h"
+#include "quant/gptq.h"
+#include "quant/recipe.h"
 #include "runtime/session.h"
 #include "runtime/threadpool.h"
 #include "util/err.h"
@@ -49,11 +52,13 @@ typedef struct target {
     uint16_t *scales, *biases;
     int alias;            /* index of the target it shares a copy with, or -1 */
     int quantizable;
+    int layer, kind, expert; /* its calibration input (quant/calib.h); kind -1: none */
 } target;
 
 typedef struct tset { target *t; int n, cap; } tset;
 
-static int tset_add(tset *ts, qk_mat *field, int alias, int group)
+static int tset_add(tset *ts, qk_mat *field, int alias, int group, int layer, int kind,
+                    int expert)
 {
     if (ts->n == ts->cap) {
         int cap = ts->cap ? 2 * ts->cap : 16;
@@ -67,6 +72,9 @@ static int tset_add(tset *ts, qk_mat *field, int alias, int group)
     t->field = field;
     t->orig = *field;
     t->alias = alias;
+    t->layer = layer;
+    t->kind = kind;
+    t->expert = expert;
     /* as qmix_recipe_resolve: only an input dimension divisible by the group is quantized */
     t->quantizable = field->rows > 0 && field->cols > 0 && field->cols % group == 0;
     return 0;
@@ -136,35 +144,38 @@ static int add_layer(tset *ts, qmix_model *m, qmix_role role, int i, const int *
 {
     qmix_layer *ly = &m->layers[i];
     int rc = 0;
+/* a view of this layer, reading calibration input QMIX_CIN_kind */
+#define ADD(field, kind, expert) tset_add(ts, &ly->field, -1, group, i, QMIX_CIN_##kind, expert)
     switch (role) {
-    case QMIX_ROLE_ATTN_Q: return tset_add(ts, &ly->q_proj, -1, group);
-    case QMIX_ROLE_ATTN_K: return tset_add(ts, &ly->k_proj, -1, group);
-    case QMIX_ROLE_ATTN_V: return tset_add(ts, &ly->v_proj, -1, group);
-    case QMIX_ROLE_ATTN_O: return tset_add(ts, &ly->o_proj, -1, group);
-    case QMIX_ROLE_GDN_QKV: return tset_add(ts, &ly->in_qkv, -1, group);
-    case QMIX_ROLE_GDN_Z: return tset_add(ts, &ly->in_z, -1, group);
-    case QMIX_ROLE_GDN_A: return tset_add(ts, &ly->in_a, -1, group);
-    case QMIX_ROLE_GDN_B: return tset_add(ts, &ly->in_b, -1, group);
-    case QMIX_ROLE_GDN_OUT: return tset_add(ts, &ly->out_proj, -1, group);
-    case QMIX_ROLE_ROUTER: return tset_add(ts, &ly->router, -1, group);
-    case QMIX_ROLE_SHARED_EXPERT_GATE: return tset_add(ts, &ly->shared_expert_gate, -1, group);
+    case QMIX_ROLE_ATTN_Q: return ADD(q_proj, ATTN, -1);
+    case QMIX_ROLE_ATTN_K: return ADD(k_proj, ATTN, -1);
+    case QMIX_ROLE_ATTN_V: return ADD(v_proj, ATTN, -1);
+    case QMIX_ROLE_ATTN_O: return ADD(o_proj, ATTN_O, -1);
+    case QMIX_ROLE_GDN_QKV: return ADD(in_qkv, ATTN, -1);
+    case QMIX_ROLE_GDN_Z: return ADD(in_z, ATTN, -1);
+    case QMIX_ROLE_GDN_A: return ADD(in_a, ATTN, -1);
+    case QMIX_ROLE_GDN_B: return ADD(in_b, ATTN, -1);
+    case QMIX_ROLE_GDN_OUT: return ADD(out_proj, GDN_OUT, -1);
+    case QMIX_ROLE_ROUTER: return ADD(router, FFN, -1);
+    case QMIX_ROLE_SHARED_EXPERT_GATE: return ADD(shared_expert_gate, FFN, -1);
     case QMIX_ROLE_SHARED_EXPERT:
-        return tset_add(ts, &ly->shared_gate, -1, group) ||
-               tset_add(ts, &ly->shared_up, -1, group) ||
-               tset_add(ts, &ly->shared_down, -1, group);
+        return ADD(shared_gate, FFN, -1) ||
+               ADD(shared_up, FFN, -1) ||
+               ADD(shared_down, SHARED_DOWN, -1);
     case QMIX_ROLE_EXPERTS_GATE_UP:
         for (int j = 0; j < n_exp && !rc; j++)
-            rc = tset_add(ts, &ly->experts[experts[j]].gate, -1, group) ||
-                 tset_add(ts, &ly->experts[experts[j]].up, -1, group);
+            rc = ADD(experts[experts[j]].gate, EXPERT, experts[j]) ||
+                 ADD(experts[experts[j]].up, EXPERT, experts[j]);
         return rc;
     case QMIX_ROLE_EXPERTS_DOWN:
         for (int j = 0; j < n_exp && !rc; j++)
-            rc = tset_add(ts, &ly->experts[experts[j]].down, -1, group);
+            rc = ADD(experts[experts[j]].down, EXPERT_DOWN, experts[j]);
         return rc;
     default:
         return 0;
     }
 }
+#undef ADD
 
 /* The views a row quantizes: layers (the row's one, or the role's sampled ones) and, for routed
  * experts, the sampled experts. experts == NULL: every expert (to count parameters). */
@@ -173,11 +184,12 @@ static int collect(tset *ts, qmix_model *m, qmix_role role, int layer, int sampl
 {
     ts->n = 0;
     if (role == QMIX_ROLE_EMBED) {
-        if (tset_add(ts, &m->embed, -1, group)) return -1;
-        if (tied_head(m) && tset_add(ts, &m->lm_head, 0, group)) return -1;
+        if (tset_add(ts, &m->embed, -1, group, -1, -1, -1)) return -1;
+        if (tied_head(m) && tset_add(ts, &m->lm_head, 0, group, -1, -1, -1)) return -1;
         return 0;
     }
-    if (role == QMIX_ROLE_LM_HEAD) return tset_add(ts, &m->lm_head, -1, group);
+    if (role == QMIX_ROLE_LM_HEAD)
+        return tset_add(ts, &m->lm_head, -1, group, -1, QMIX_CIN_HEAD, -1);
     int layers[QMIX_MAX_LAYERS], nl;
     if (layer >= 0) {
         layers[0] = layer;
@@ -204,9 +216,11 @@ static int64_t tset_params(const tset *ts, int quantizable_only)
 typedef struct qjob {
     target *t;
     int bits, group;
+    const qmix_gptq_prep *prep;    /* GPTQ for this matrix, or NULL */
+    const float *imp;              /* importance-weighted RTN: E[x²] per input channel, or NULL */
     int64_t rows_per_task;
     double *err2, *norm2;          /* per task, summed in task order: thread-count independent */
-    float *scratch;                /* [threads][2·cols + 2·cols/32] */
+    float *scratch;                /* [threads][4·cols + 2·cols/32 + 128] */
     int64_t scratch_per_thread;
 } qjob;
 
@@ -224,7 +238,14 @@ static void quant_task(void *arg, int task, int thread)
         uint32_t *codes = t->codes + r * words;
         uint16_t *s16 = t->scales + r * ng, *b16 = t->biases + r * ng;
         qk_mat_row_f32(&t->orig, r, w);
-        qmix_affine_quantize_row(w, cols, q->bits, q->group, codes, sc, bi);
+        float *work = bi + ng; /* [2·cols + 128] */
+        if (q->prep)
+            qmix_gptq_quantize_row(q->prep, w, q->bits, QMIX_BF16, work, codes, sc, bi);
+        else if (q->imp)
+            qmix_wrtn_quantize_row(w, q->imp, cols, q->bits, q->group, QMIX_BF16, work, codes, sc,
+                                   bi);
+        else
+            qmix_affine_quantize_row(w, cols, q->bits, q->group, codes, sc, bi);
         /* stored as qmix quantize stores them (bf16), so the error is the checkpoint's */
         for (int64_t g = 0; g < ng; g++) {
             s16[g] = qk_f32_to_bf16(sc[g]);
@@ -253,10 +274,36 @@ static void tset_free_copies(tset *ts)
     }
 }
 
+/* What a calibrated method needs for target t: *prep prepared for GPTQ (returns 1), *imp filled
+ * for importance-weighted RTN (returns 2), or 0: round to nearest (RTN asked, no statistics,
+ * too few calibration rows, or no damping made H positive definite — as qmix quantize falls
+ * back). -1 on error. */
+static int prepare_method(const qmix_sens_opts *o, const target *t, int group,
+                          qmix_gptq_prep *prep, float *imp, qmix_err *err)
+{
+    if ((o->method != QMIX_METHOD_GPTQ && o->method != QMIX_METHOD_IMATRIX) || !o->calib ||
+        t->kind < 0)
+        return 0;
+    const qmix_calib_entry *e = qmix_calib_get(o->calib, t->layer, t->kind, t->expert);
+    if (!e || e->n == 0) return 0;
+    if (e->k != t->orig.cols)
+        return qmix_errf(err, "the statistics of layer %d (%s) have %lld input channels, the "
+                         "matrix %lld (calibrated on another model?)", t->layer,
+                         qmix_calib_kind_name(t->kind), (long long)e->k, (long long)t->orig.cols);
+    if (o->method == QMIX_METHOD_IMATRIX) {
+        for (int64_t j = 0; j < e->k; j++) imp[j] = (float)(e->sumsq[j] / (double)e->n);
+        return 2;
+    }
+    if (!e->xtx || (int64_t)e->n < o->min_tokens) return 0;
+    qmix_gptq_opts go = {0};
+    int r = qmix_gptq_prepare(e->xtx, NULL, e->k, group, &go, prep, err);
+    return r < 0 ? -1 : r == 0 ? 1 : 0;
+}
+
 /* Quantizes every quantizable, non-alias target at bits into fresh copies (aliases share
- * them); adds the weight error to cell. */
-static int tset_quantize(tset *ts, qmix_pool *pool, int bits, int group, qmix_sens_cell *cell,
-                         qmix_err *err)
+ * them) with the options' method; adds the weight error to cell. */
+static int tset_quantize(tset *ts, qmix_pool *pool, const qmix_sens_opts *o, int bits, int group,
+                         qmix_sens_cell *cell, qmix_err *err)
 {
     const int64_t rows_per_task = 16;
     int threads = qmix_pool_threads(pool);
@@ -269,12 +316,14 @@ static int tset_quantize(tset *ts, qmix_pool *pool, int bits, int group, qmix_se
         if (tasks > max_tasks) max_tasks = tasks;
     }
     if (max_tasks > (1 << 30)) return qmix_errf(err, "matrix too large to quantize in memory");
-    int64_t per_thread = 2 * max_cols + 2 * (max_cols / 32 + 1);
+    int64_t per_thread = 4 * max_cols + 2 * (max_cols / 32 + 1) + 128;
     float *scratch = malloc((size_t)(threads * per_thread + 1) * sizeof *scratch);
     double *sums = malloc((size_t)(2 * max_tasks) * sizeof *sums);
-    if (!scratch || !sums) {
+    float *imp = malloc((size_t)(max_cols + 1) * sizeof *imp);
+    if (!scratch || !sums || !imp) {
         free(scratch);
         free(sums);
+        free(imp);
         return qmix_errf(err, "out of memory quantizing");
     }
     double e2 = 0, n2 = 0;
@@ -293,10 +342,17 @@ static int tset_quantize(tset *ts, qmix_pool *pool, int bits, int group, qmix_se
             break;
         }
         int64_t tasks = (rows + rows_per_task - 1) / rows_per_task;
-        qjob q = {.t = t, .bits = bits, .group = group, .rows_per_task = rows_per_task,
-                  .err2 = sums, .norm2 = sums + max_tasks, .scratch = scratch,
-                  .scratch_per_thread = per_thread};
+        qmix_gptq_prep prep = {0};
+        int how = prepare_method(o, t, group, &prep, imp, err);
+        if (how < 0) {
+            rc = -1;
+            break;
+        }
+        qjob q = {.t = t, .bits = bits, .group = group, .prep = how == 1 ? &prep : NULL,
+                  .imp = how == 2 ? imp : NULL, .rows_per_task = rows_per_task, .err2 = sums,
+                  .norm2 = sums + max_tasks, .scratch = scratch, .scratch_per_thread = per_thread};
         qmix_pool_run(pool, quant_task, &q, (int)tasks);
+        qmix_gptq_prep_free(&prep);
         for (int64_t j = 0; j < tasks; j++) {
             e2 += q.err2[j];
             n2 += q.norm2[j];
@@ -311,6 +367,7 @@ static int tset_quantize(tset *ts, qmix_pool *pool, int bits, int group, qmix_se
         if (ts->t[k].alias >= 0) ts->t[k].quant = ts->t[ts->t[k].alias].quant;
     free(scratch);
     free(sums);
+    free(imp);
     if (rc) {
         tset_free_copies(ts);
         return -1;
@@ -512,6 +569,15 @@ static int check_opts(const qmix_model *m, const qmix_sens_opts *o, int *bits, q
     for (int i = 1; i < o->n_bits; i++)
         if (bits[i] == bits[i - 1]) return qmix_errf(err, "%d bits given twice", bits[i]);
     if (o->sample < 0) return qmix_errf(err, "sample must be >= 0");
+    if (o->method != 0 && o->method != QMIX_METHOD_RTN && o->method != QMIX_METHOD_GPTQ &&
+        o->method != QMIX_METHOD_IMATRIX)
+        return qmix_errf(err, "sensitivity measures rtn, gptq or imatrix, not method %d", o->method);
+    if ((o->method == QMIX_METHOD_GPTQ || o->method == QMIX_METHOD_IMATRIX) && !o->calib)
+        return qmix_errf(err, "%s needs the statistics of qmix calibrate",
+                         o->method == QMIX_METHOD_GPTQ ? "gptq" : "imatrix");
+    if (o->method == QMIX_METHOD_GPTQ && !qmix_calib_has_hessian(o->calib))
+        return qmix_errf(err, "gptq needs statistics with Hessians (qmix calibrate without "
+                         "--no-hessian)");
     if (o->tokens) {
         if (o->ctx < 2) return qmix_errf(err, "ctx must be at least 2 tokens, got %d", o->ctx);
         if (qmix_eval_n_windows(o->n_tokens, o->ctx, o->n_windows) < 1)
@@ -576,6 +642,7 @@ int qmix_sensitivity_run(qmix_model *m, const qmix_sens_opts *o, qmix_sens_resul
     res->n_bits = o->n_bits;
     memcpy(res->bits, bits, sizeof bits);
     res->group_size = o->group_size;
+    res->method = o->method ? o->method : QMIX_METHOD_RTN;
     res->per_layer = o->per_layer;
     res->sample = o->sample;
     int E = c->n_experts, experts[4096], n_exp = E, all_experts[4096];
@@ -685,7 +752,7 @@ int qmix_sensitivity_run(qmix_model *m, const qmix_sens_opts *o, qmix_sens_resul
             }
             qmix_sens_cell *cell = &row->cell[b];
             double tq = now_s();
-            if (tset_quantize(&ts, pool, bits[b], o->group_size, cell, err)) {
+            if (tset_quantize(&ts, pool, o, bits[b], o->group_size, cell, err)) {
                 rc = -1;
                 break;
             }

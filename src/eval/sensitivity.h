@@ -1,5 +1,5 @@
-/* Sensitivity analysis: the error that quantizing ONE tensor role alone (round-to-nearest MLX
- * affine, given bits and group size) adds to a model, per role or per (role, layer):
+/* Sensitivity analysis: the error that quantizing ONE tensor role alone (MLX affine at given bits
+ * and group size, rounded to nearest or by a calibrated method) adds to a model, per role or per (role, layer):
  *   - relative weight error ‖W − Q(W)‖_F / ‖W‖_F over the role's matrices (no data needed);
  *   - with calibration tokens, the relative output error of the role's matmuls on the real
  *     activations entering them, sqrt(Σ‖(W − Q(W))x‖² / Σ‖Wx‖²) over every token (x as the
@@ -20,6 +20,8 @@
 #include "model/roles.h"
 #include "qmix.h"
 
+struct qmix_calib;
+
 #define QMIX_SENS_MAX_BITS 6
 /* Base logits are kept whole while n_rows · vocab · 4 bytes stays under this; above it, the
  * top-k compact rows of eval/kld.h (QMIX_KLD_TOPK_DEFAULT tokens per row). */
@@ -29,6 +31,13 @@ typedef struct qmix_sens_opts {
     int bits[QMIX_SENS_MAX_BITS];  /* each in {2,3,4,5,6,8}, distinct */
     int n_bits;
     int group_size;                /* 32, 64 or 128 */
+    /* How the role is quantized: QMIX_METHOD_RTN (or 0), _GPTQ or _IMATRIX (quant/recipe.h),
+       with the statistics of qmix calibrate for the calibrated ones; matrices without
+       statistics, and GPTQ inputs with fewer than min_tokens rows, are rounded to nearest as
+       qmix quantize does. */
+    int method;
+    const struct qmix_calib *calib;
+    int64_t min_tokens;
     int per_layer;                 /* one row per (role, layer) instead of per role */
     int sample;                    /* > 0: that many layers per role (evenly spaced) and experts
                                       per layer; 0: everything */
@@ -69,7 +78,7 @@ typedef struct qmix_sens_row {
 } qmix_sens_row;
 
 typedef struct qmix_sens_result {
-    int n_bits, bits[QMIX_SENS_MAX_BITS], group_size, per_layer, sample;
+    int n_bits, bits[QMIX_SENS_MAX_BITS], group_size, per_layer, sample, method;
     qmix_sens_row *rows;
     int n_rows;
     int has_calib;

@@ -2,6 +2,7 @@
 
 #include <stdio.h>
 
+#include "quant/recipe.h"
 #include "util/err.h"
 
 static int cheapest(const qmix_alloc_group *g)
@@ -80,8 +81,10 @@ int qmix_alloc_recipe(const qmix_alloc_group *g, int n, int group_size, const ch
             snprintf(sel, sizeof sel, g[i].layer_lo == g[i].layer_hi ? " layers=%d" : " layers=%d-%d",
                      g[i].layer_lo, g[i].layer_hi);
         if (c->bits)
-            w = snprintf(buf + off, len - off, "%s%s bits=%d group=%d\n", qmix_role_name(g[i].role),
-                         sel, c->bits, c->group ? c->group : group_size);
+            w = snprintf(buf + off, len - off, "%s%s bits=%d group=%d%s%s\n",
+                         qmix_role_name(g[i].role), sel, c->bits, c->group ? c->group : group_size,
+                         c->method > QMIX_METHOD_RTN ? " method=" : "",
+                         c->method > QMIX_METHOD_RTN ? qmix_method_name(c->method) : "");
         else
             w = snprintf(buf + off, len - off, "%s%s keep\n", qmix_role_name(g[i].role), sel);
         if (w < 0 || (size_t)w >= len - off)

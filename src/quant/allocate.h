@@ -13,12 +13,13 @@
 #include "model/roles.h"
 #include "qmix.h"
 
-/* keep + 6 widths × 3 group sizes, and room to spare */
-#define QMIX_ALLOC_MAX_OPTS 32
+/* keep + 6 widths × 9 (group size, method) variants, and room to spare */
+#define QMIX_ALLOC_MAX_OPTS 64
 
 typedef struct qmix_alloc_opt {
     int bits;          /* 0: keep (16-bit) */
     int group;         /* group size; 0: the allocation's default */
+    int method;        /* QMIX_METHOD_* (quant/recipe.h); 0 or RTN: no method= in the recipe */
     uint64_t bytes;    /* what the group is written in with this setting */
     double kld;        /* predicted loss: KLD with only this group so quantized (keep: 0) */
 } qmix_alloc_opt;

@@ -197,11 +197,9 @@ static int parse_line(char *line, const char *label, int lineno, qmix_recipe_rul
                                  "characters", label, lineno, sizeof rule->match - 1);
             strcpy(rule->match, v);
         } else if (!strcmp(k, "method")) {
-            if (!strcmp(v, "rtn")) rule->method = QMIX_METHOD_RTN;
-            else if (!strcmp(v, "gptq")) rule->method = QMIX_METHOD_GPTQ;
-            else if (!strcmp(v, "imatrix")) rule->method = QMIX_METHOD_IMATRIX;
-            else if (!strcmp(v, "awq")) rule->method = QMIX_METHOD_AWQ;
-            else return qmix_errf(err, "recipe %s:%d: method=%s: expected rtn, gptq, imatrix or "
+            rule->method = qmix_method_parse(v);
+            if (rule->method <= QMIX_METHOD_DEFAULT)
+                return qmix_errf(err, "recipe %s:%d: method=%s: expected rtn, gptq, imatrix or "
                                   "awq", label, lineno, v);
         } else {
             return qmix_errf(err, "recipe %s:%d: unknown key '%s' (bits, group, layers, first, "
@@ -321,4 +319,18 @@ qmix_qdecision qmix_recipe_resolve(const qmix_recipe *r, const char *name, int n
     if (d.bits && (shape[ndim - 1] % d.group || !qmix_affine_valid(d.bits, d.group))) d.bits = 0;
     if (!d.bits) d.group = d.method = 0;
     return d;
+}
+
+static const char *const method_names[] = {"default", "rtn", "gptq", "imatrix", "awq"};
+
+const char *qmix_method_name(int method)
+{
+    return method >= 0 && method <= QMIX_METHOD_AWQ ? method_names[method] : "unknown";
+}
+
+int qmix_method_parse(const char *name)
+{
+    for (int m = QMIX_METHOD_RTN; m <= QMIX_METHOD_AWQ; m++)
+        if (!strcmp(name, method_names[m])) return m;
+    return -1;
 }

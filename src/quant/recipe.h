@@ -14,6 +14,9 @@ enum { QMIX_LAYERS_ANY = 0, QMIX_LAYERS_FULL = 1, QMIX_LAYERS_LINEAR = 2 };
 /* How a quantized tensor's codes are chosen (method=... in a rule; DEFAULT: the run's --method). */
 enum { QMIX_METHOD_DEFAULT = 0, QMIX_METHOD_RTN, QMIX_METHOD_GPTQ, QMIX_METHOD_IMATRIX,
        QMIX_METHOD_AWQ };
+/* "rtn", "gptq", "imatrix", "awq" (DEFAULT: "default"), and back (-1 if unknown). */
+const char *qmix_method_name(int method);
+int qmix_method_parse(const char *name);
 
 typedef struct qmix_recipe_rule {
     uint32_t roles;          /* bit r set: applies to role r */
