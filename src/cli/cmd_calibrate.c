@@ -1,6 +1,7 @@
 /* qmix calibrate: the statistics calibrated quantization needs (src/quant/calib.h), collected by
  * running the model over calibration windows; optionally an llama.cpp importance matrix. */
 #include <errno.h>
+#include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -9,8 +10,11 @@
 #include "cli/commands.h"
 #include "eval/windows.h"
 #include "quant/calib.h"
+#include "quant/fakequant.h"
 #include "quant/imatrix.h"
+#include "quant/recipe.h"
 #include "runtime/session.h"
+#include "util/err.h"
 
 static void usage(FILE *out)
 {
@@ -32,7 +36,23 @@ static void usage(FILE *out)
             "  --no-hessian        importance only (k floats per input instead of k^2/2)\n"
             "  --max-memory SIZE   statistics held at once (8G): more layers than fit are collected\n"
             "                      in several passes over the text, one band of layers per pass\n"
-            "  --threads N         worker threads (default: all cores)\n");
+            "  --threads N         worker threads (default: all cores)\n\n"
+            "Sequential scheme (spec/quant-formats.md §3.1): the statistics of layer L are\n"
+            "collected while layers 0..L-1 already run quantized as the recipe will quantize\n"
+            "them, so later layers see the inputs the quantized model really produces:\n"
+            "  --sequential        one pass over the text per layer (n_layers passes: about\n"
+            "                      n_layers times the time of a plain run); after each pass the\n"
+            "                      layer is quantized in memory from the statistics just\n"
+            "                      collected and runs quantized from then on. Memory: one layer's\n"
+            "                      statistics plus the quantized codes of the layers done.\n"
+            "                      Embedding and lm_head stay unquantized; the lm_head input is\n"
+            "                      collected in the last pass (every layer but the last quantized)\n"
+            "  --recipe NAME|FILE  the recipe qmix quantize will use (required with --sequential)\n"
+            "  --method rtn|gptq|imatrix  rules without method= (rtn); gptq and imatrix use the\n"
+            "                      layer's statistics just collected, with qmix quantize's\n"
+            "                      defaults (damping 0.01, RTN failsafe below 0.5%% of the tokens);\n"
+            "                      awq rules are rounded to nearest here\n"
+            "  --group-size G      override the recipe's group sizes (as qmix quantize's)\n");
 }
 
 static int parse_size(const char *v, uint64_t *out)
@@ -57,20 +77,52 @@ static int no_logits(void *user, int window, int row0, int n_rows, const float *
     return 0;
 }
 
-typedef struct prog { double t0; int pass, passes; int64_t done0, total; } prog;
+typedef struct prog { double t0; int pass, passes, sequential; int64_t done0, total; } prog;
 static void on_progress(void *user, int done, int total)
 {
     prog *p = user;
-    char label[32];
-    snprintf(label, sizeof label, "calibrate %d/%d", p->pass + 1, p->passes);
+    char label[48];
+    snprintf(label, sizeof label, "calibrate %s%d/%d", p->sequential ? "layer " : "", p->pass + 1,
+             p->passes);
     cli_progress(label, p->done0 + done, p->total, p->t0);
+}
+
+/* Sequential scheme: quantizes layer L in memory from the statistics just collected (col) as
+ * the recipe asks and points the model at the copies, so the next passes run it quantized.
+ * Reports the layer on stderr with the ETA of the remaining passes. */
+static int quantize_layer(qmix_model *model, qmix_pool *pool, qmix_fq_set *set,
+                          const qmix_recipe *recipe, int method, int64_t min_tokens,
+                          const qmix_calib_collector *col, int L, const prog *pr,
+                          uint64_t *held, qmix_err *err)
+{
+    int n = qmix_fq_add_layer(set, model, recipe, L, method);
+    if (n < 0) return qmix_errf(err, "out of memory");
+    qmix_fq_opts fo = {.collector = col, .min_tokens = min_tokens};
+    qmix_fq_counts cnt = {0};
+    if (qmix_fq_quantize(set, pool, &fo, NULL, NULL, &cnt, err))
+        return qmix_err_prefix(err, "quantizing layer %d", L);
+    qmix_fq_install(set);
+    *held += qmix_fq_bytes(set);
+    double el = cli_now() - pr->t0, eta = el / (L + 1) * (pr->passes - L - 1);
+    char hb[32];
+    cli_human_bytes((double)*held, hb, sizeof hb);
+    cli_progress_end();
+    fprintf(stderr, "calibrate: layer %d/%d quantized: %d matrices (gptq %lld, imatrix %lld, rtn "
+            "%lld; rtn failsafe: %lld too few rows, %lld no statistics, %lld not positive "
+            "definite); %s of codes held; %.1f s elapsed, ETA %.1f s\n", L + 1, pr->passes, n,
+            (long long)cnt.gptq, (long long)cnt.imatrix, (long long)cnt.rtn,
+            (long long)cnt.fb_tokens, (long long)cnt.fb_nostats, (long long)cnt.fb_cholesky, hb,
+            el, eta);
+    return 0;
 }
 
 int qmix_cmd_calibrate(int argc, char **argv)
 {
     const char *model_path = NULL, *out_path = NULL, *imatrix_out = NULL, *v;
+    const char *recipe_name = NULL, *method_name = NULL;
     cli_eval_args ea = {.ctx = 512};
-    int hessian = 1;
+    int hessian = 1, sequential = 0, method = QMIX_METHOD_RTN;
+    long group = 0;
     long skip = 0;
     uint64_t max_mem = (uint64_t)8 << 30;
     for (int i = 1; i < argc; i++) {
@@ -92,6 +144,27 @@ int qmix_cmd_calibrate(int argc, char **argv)
                 return 2;
         } else if (!strcmp(a, "--no-hessian")) {
             hessian = 0;
+        } else if (!strcmp(a, "--sequential")) {
+            sequential = 1;
+        } else if (!strcmp(a, "--recipe")) {
+            if (!(recipe_name = cli_value("calibrate", argc, argv, &i))) return 2;
+        } else if (!strcmp(a, "--method")) {
+            if (!(method_name = cli_value("calibrate", argc, argv, &i))) return 2;
+            method = qmix_method_parse(method_name);
+            if (method != QMIX_METHOD_RTN && method != QMIX_METHOD_GPTQ &&
+                method != QMIX_METHOD_IMATRIX) {
+                fprintf(stderr, "qmix calibrate: --method must be rtn, gptq or imatrix, not "
+                        "'%s'\n", method_name);
+                return 2;
+            }
+        } else if (!strcmp(a, "--group-size")) {
+            if (!(v = cli_value("calibrate", argc, argv, &i)) ||
+                cli_int("calibrate", a, v, 32, 128, &group))
+                return 2;
+            if (group != 32 && group != 64 && group != 128) {
+                fprintf(stderr, "qmix calibrate: --group-size must be 32, 64 or 128\n");
+                return 2;
+            }
         } else if (!strcmp(a, "--max-memory")) {
             if (!(v = cli_value("calibrate", argc, argv, &i))) return 2;
             if (parse_size(v, &max_mem)) {
@@ -113,6 +186,35 @@ int qmix_cmd_calibrate(int argc, char **argv)
             fprintf(stderr, "qmix calibrate: give exactly one of --text and --tokens\n");
         else usage(stderr);
         return 2;
+    }
+    if (sequential && !recipe_name) {
+        fprintf(stderr, "qmix calibrate: --sequential needs --recipe NAME|FILE: the quantization "
+                "the layers already calibrated run with (the one qmix quantize will use)\n");
+        return 2;
+    }
+    if (!sequential && (recipe_name || method_name || group)) {
+        fprintf(stderr, "qmix calibrate: --recipe, --method and --group-size only apply with "
+                "--sequential\n");
+        return 2;
+    }
+    if (sequential && method == QMIX_METHOD_GPTQ && !hessian) {
+        fprintf(stderr, "qmix calibrate: --method gptq needs the Hessians (drop --no-hessian)\n");
+        return 2;
+    }
+    qmix_recipe recipe;
+    qmix_err err;
+    if (sequential) {
+        if (qmix_recipe_get(recipe_name, &recipe, &err)) {
+            fprintf(stderr, "qmix calibrate: %s\n", err.msg);
+            return 1;
+        }
+        if (group) qmix_recipe_set_group(&recipe, (int)group);
+        for (int r = 0; r < recipe.n_rules; r++)
+            if (recipe.rules[r].bits && recipe.rules[r].method == QMIX_METHOD_GPTQ && !hessian) {
+                fprintf(stderr, "qmix calibrate: recipe %s asks for gptq, which needs the "
+                        "Hessians (drop --no-hessian)\n", recipe_name);
+                return 2;
+            }
     }
     int ctx = (int)ea.ctx;
     int32_t *tokens = NULL;
@@ -137,10 +239,10 @@ int qmix_cmd_calibrate(int argc, char **argv)
         return 1;
     }
 
-    qmix_err err;
     qmix_model *model = NULL;
     qmix_session *sess = NULL;
     qmix_calib_collector *col = NULL;
+    qmix_fq_set *layer_sets = NULL; /* sequential: the quantized copies, one set per layer */
     FILE *f = NULL;
     char *tmp_path = NULL;
     int rc = 1;
@@ -148,6 +250,13 @@ int qmix_cmd_calibrate(int argc, char **argv)
     const qmix_config *cfg = qmix_model_config(model);
     qmix_session_opts opts = {.max_ctx = ctx, .n_threads = (int)ea.threads};
     if (qmix_session_new(model, &opts, &sess, &err)) goto fail;
+    if (sequential) {
+        layer_sets = calloc((size_t)cfg->n_layers, sizeof *layer_sets);
+        if (!layer_sets) {
+            fprintf(stderr, "qmix calibrate: out of memory\n");
+            goto fail_quiet;
+        }
+    }
 
     /* bands of consecutive layers whose statistics fit --max-memory; the lm_head input rides
      * with the last band */
@@ -165,7 +274,7 @@ int qmix_cmd_calibrate(int argc, char **argv)
                     "%s (raise it, or --no-hessian for the importance matrix only)\n", l, hb, hm);
             goto fail_quiet;
         }
-        if (!n_bands || cur + b > max_mem) {
+        if (!n_bands || cur + b > max_mem || sequential) { /* sequential: a pass per layer */
             band_lo[n_bands++] = l;
             cur = 0;
         }
@@ -176,8 +285,9 @@ int qmix_cmd_calibrate(int argc, char **argv)
         char ht[32];
         cli_human_bytes((double)total, ht, sizeof ht);
         fprintf(stderr, "calibrate: %d windows x %d tokens, statistics %s (%s), %d pass%s over the "
-                "text\n", n_windows, ctx, ht, hessian ? "Hessians + importance" : "importance",
-                n_bands, n_bands == 1 ? "" : "es");
+                "text%s\n", n_windows, ctx, ht, hessian ? "Hessians + importance" : "importance",
+                n_bands, n_bands == 1 ? "" : "es",
+                sequential ? " (sequential: one per layer, earlier layers quantized)" : "");
     }
     size_t pl = strlen(out_path) + 8;
     tmp_path = malloc(pl);
@@ -189,14 +299,19 @@ int qmix_cmd_calibrate(int argc, char **argv)
         goto fail_quiet;
     }
     const char *dataset = ea.text ? ea.text : ea.tokens;
-    qmix_calib_header h = {.hessian = hessian, .n_layers = cfg->n_layers,
+    qmix_calib_header h = {.hessian = hessian, .sequential = sequential, .n_layers = cfg->n_layers,
                            .n_experts = cfg->n_experts, .n_entries = qmix_calib_total_entries(cfg),
                            .ctx = ctx, .n_windows = n_windows,
                            .n_tokens = (uint64_t)n_windows * (uint64_t)(ctx - 1), /* the last token of a window is not fed */
                            .dataset = dataset};
     if (qmix_calib_write_header(f, &h, &err)) goto fail;
     cli_catch_sigint();
-    prog pr = {.t0 = cli_now(), .passes = n_bands, .total = (int64_t)n_windows * n_bands};
+    prog pr = {.t0 = cli_now(), .passes = n_bands, .sequential = sequential,
+               .total = (int64_t)n_windows * n_bands};
+    /* the RTN failsafe threshold qmix quantize --calib derives from this file's token count */
+    int64_t min_tokens = (int64_t)ceil(0.005 * (double)h.n_tokens);
+    if (min_tokens < 1) min_tokens = 1;
+    uint64_t held = 0;
     int written = 0;
     for (int b = 0; b < n_bands; b++) {
         pr.pass = b;
@@ -217,6 +332,11 @@ int qmix_cmd_calibrate(int argc, char **argv)
         int w = qmix_calib_write_records(f, col, &err);
         if (w < 0) goto fail;
         written += w;
+        /* the last layer's copy would feed nothing: the pass that needed it is the one just run */
+        if (sequential && b + 1 < n_bands &&
+            quantize_layer(model, sess->pool, &layer_sets[b], &recipe, method, min_tokens, col, b, &pr,
+                           &held, &err))
+            goto fail;
         qmix_calib_collector_free(col);
         col = NULL;
     }
@@ -244,8 +364,9 @@ int qmix_cmd_calibrate(int argc, char **argv)
         if (e->n < mn) mn = e->n;
         if (e->n > mx) mx = e->n;
     }
-    printf("calibrated %s on %llu tokens (%d windows x %d) -> %s\n", model_path,
-           (unsigned long long)h.n_tokens, n_windows, ctx, out_path);
+    printf("calibrated %s on %llu tokens (%d windows x %d)%s -> %s\n", model_path,
+           (unsigned long long)h.n_tokens, n_windows, ctx,
+           sequential ? ", sequential" : "", out_path);
     printf("%d inputs; %lld routed experts: rows per expert %llu..%llu, %lld never routed; "
            "%.1f s\n", qmix_calib_count(c), (long long)n_exp, (unsigned long long)(n_exp ? mn : 0),
            (unsigned long long)mx, (long long)n_zero, cli_now() - pr.t0);
@@ -269,6 +390,9 @@ fail_quiet:
     }
 done:
     qmix_calib_collector_free(col);
+    if (layer_sets)
+        for (int l = 0; l < qmix_model_config(model)->n_layers; l++) qmix_fq_free(&layer_sets[l]);
+    free(layer_sets);
     free(tmp_path);
     qmix_session_free(sess);
     qmix_model_close(model);

@@ -18,7 +18,7 @@
 #include "model/model.h"
 #include "quant/affine.h"
 #include "quant/calib.h"
-#include "quant/gptq.h"
+#include "quant/fakequant.h"
 #include "quant/recipe.h"
 #include "runtime/session.h"
 #include "runtime/threadpool.h"
@@ -43,41 +43,16 @@ static double now_s(void)
 
 /* ---- the matrices of a row --------------------------------------------------------------- */
 
-/* One model view under test. The quantized copy is owned here; a tied lm_head (the same tensor
- * as embed) is an alias of the embed target: installed too, but quantized and counted once. */
-typedef struct target {
-    qk_mat *field;
-    qk_mat orig, quant;
-    uint32_t *codes;
-    uint16_t *scales, *biases;
-    int alias;            /* index of the target it shares a copy with, or -1 */
-    int quantizable;
-    int layer, kind, expert; /* its calibration input (quant/calib.h); kind -1: none */
-} target;
-
-typedef struct tset { target *t; int n, cap; } tset;
+/* The views under test are a fake-quantization set (quant/fakequant.h): one target per model
+ * view; a tied lm_head (the same tensor as embed) is an alias of the embed target, installed
+ * too, but quantized and counted once. Bits and method are set per measurement. */
+typedef qmix_fq_target target;
+typedef qmix_fq_set tset;
 
 static int tset_add(tset *ts, qk_mat *field, int alias, int group, int layer, int kind,
                     int expert)
 {
-    if (ts->n == ts->cap) {
-        int cap = ts->cap ? 2 * ts->cap : 16;
-        target *t = realloc(ts->t, (size_t)cap * sizeof *t);
-        if (!t) return -1;
-        ts->t = t;
-        ts->cap = cap;
-    }
-    target *t = &ts->t[ts->n++];
-    memset(t, 0, sizeof *t);
-    t->field = field;
-    t->orig = *field;
-    t->alias = alias;
-    t->layer = layer;
-    t->kind = kind;
-    t->expert = expert;
-    /* as qmix_recipe_resolve: only an input dimension divisible by the group is quantized */
-    t->quantizable = field->rows > 0 && field->cols > 0 && field->cols % group == 0;
-    return 0;
+    return qmix_fq_add(ts, field, alias, 0, group, QMIX_METHOD_RTN, layer, kind, expert);
 }
 
 static int tied_head(const qmix_model *m)
@@ -213,180 +188,24 @@ static int64_t tset_params(const tset *ts, int quantizable_only)
 
 /* ---- quantizing a set: the copies and the weight error ----------------------------------- */
 
-typedef struct qjob {
-    target *t;
-    int bits, group;
-    const qmix_gptq_prep *prep;    /* GPTQ for this matrix, or NULL */
-    const float *imp;              /* importance-weighted RTN: E[x²] per input channel, or NULL */
-    int64_t rows_per_task;
-    double *err2, *norm2;          /* per task, summed in task order: thread-count independent */
-    float *scratch;                /* [threads][4·cols + 2·cols/32 + 128] */
-    int64_t scratch_per_thread;
-} qjob;
-
-static void quant_task(void *arg, int task, int thread)
-{
-    qjob *q = arg;
-    target *t = q->t;
-    int64_t cols = t->orig.cols, ng = cols / q->group, words = qmix_affine_row_words(cols, q->bits);
-    float *w = q->scratch + (int64_t)thread * q->scratch_per_thread, *deq = w + cols,
-          *sc = deq + cols, *bi = sc + ng;
-    int64_t r0 = (int64_t)task * q->rows_per_task, r1 = r0 + q->rows_per_task;
-    if (r1 > t->orig.rows) r1 = t->orig.rows;
-    double e2 = 0, n2 = 0;
-    for (int64_t r = r0; r < r1; r++) {
-        uint32_t *codes = t->codes + r * words;
-        uint16_t *s16 = t->scales + r * ng, *b16 = t->biases + r * ng;
-        qk_mat_row_f32(&t->orig, r, w);
-        float *work = bi + ng; /* [2·cols + 128] */
-        if (q->prep)
-            qmix_gptq_quantize_row(q->prep, w, q->bits, QMIX_BF16, work, codes, sc, bi);
-        else if (q->imp)
-            qmix_wrtn_quantize_row(w, q->imp, cols, q->bits, q->group, QMIX_BF16, work, codes, sc,
-                                   bi);
-        else
-            qmix_affine_quantize_row(w, cols, q->bits, q->group, codes, sc, bi);
-        /* stored as qmix quantize stores them (bf16), so the error is the checkpoint's */
-        for (int64_t g = 0; g < ng; g++) {
-            s16[g] = qk_f32_to_bf16(sc[g]);
-            b16[g] = qk_f32_to_bf16(bi[g]);
-        }
-        qmix_affine_dequantize_row(codes, s16, b16, QMIX_BF16, cols, q->bits, q->group, deq);
-        for (int64_t c = 0; c < cols; c++) {
-            double d = (double)w[c] - deq[c];
-            e2 += d * d;
-            n2 += (double)w[c] * w[c];
-        }
-    }
-    q->err2[task] = e2;
-    q->norm2[task] = n2;
-}
-
-static void tset_free_copies(tset *ts)
-{
-    for (int k = 0; k < ts->n; k++) {
-        target *t = &ts->t[k];
-        free(t->codes);
-        free(t->scales);
-        free(t->biases);
-        t->codes = NULL;
-        t->scales = t->biases = NULL;
-    }
-}
-
-/* What a calibrated method needs for target t: *prep prepared for GPTQ (returns 1), *imp filled
- * for importance-weighted RTN (returns 2), or 0: round to nearest (RTN asked, no statistics,
- * too few calibration rows, or no damping made H positive definite — as qmix quantize falls
- * back). -1 on error. */
-static int prepare_method(const qmix_sens_opts *o, const target *t, int group,
-                          qmix_gptq_prep *prep, float *imp, qmix_err *err)
-{
-    if ((o->method != QMIX_METHOD_GPTQ && o->method != QMIX_METHOD_IMATRIX) || !o->calib ||
-        t->kind < 0)
-        return 0;
-    const qmix_calib_entry *e = qmix_calib_get(o->calib, t->layer, t->kind, t->expert);
-    if (!e || e->n == 0) return 0;
-    if (e->k != t->orig.cols)
-        return qmix_errf(err, "the statistics of layer %d (%s) have %lld input channels, the "
-                         "matrix %lld (calibrated on another model?)", t->layer,
-                         qmix_calib_kind_name(t->kind), (long long)e->k, (long long)t->orig.cols);
-    if (o->method == QMIX_METHOD_IMATRIX) {
-        for (int64_t j = 0; j < e->k; j++) imp[j] = (float)(e->sumsq[j] / (double)e->n);
-        return 2;
-    }
-    if (!e->xtx || (int64_t)e->n < o->min_tokens) return 0;
-    qmix_gptq_opts go = {0};
-    int r = qmix_gptq_prepare(e->xtx, NULL, e->k, group, &go, prep, err);
-    return r < 0 ? -1 : r == 0 ? 1 : 0;
-}
-
-/* Quantizes every quantizable, non-alias target at bits into fresh copies (aliases share
- * them) with the options' method; adds the weight error to cell. */
-static int tset_quantize(tset *ts, qmix_pool *pool, const qmix_sens_opts *o, int bits, int group,
+/* Quantizes every quantizable, non-alias target at bits into fresh copies (aliases share them)
+ * with the options' method; adds the weight error to cell. */
+static int tset_quantize(tset *ts, qmix_pool *pool, const qmix_sens_opts *o, int bits,
                          qmix_sens_cell *cell, qmix_err *err)
 {
-    const int64_t rows_per_task = 16;
-    int threads = qmix_pool_threads(pool);
-    int64_t max_cols = 0, max_tasks = 1;
+    int method = o->method == QMIX_METHOD_GPTQ || o->method == QMIX_METHOD_IMATRIX
+                     ? o->method : QMIX_METHOD_RTN;
     for (int k = 0; k < ts->n; k++) {
-        const target *t = &ts->t[k];
-        if (!t->quantizable || t->alias >= 0) continue;
-        if (t->orig.cols > max_cols) max_cols = t->orig.cols;
-        int64_t tasks = (t->orig.rows + rows_per_task - 1) / rows_per_task;
-        if (tasks > max_tasks) max_tasks = tasks;
+        ts->t[k].bits = bits;
+        ts->t[k].method = method;
     }
-    if (max_tasks > (1 << 30)) return qmix_errf(err, "matrix too large to quantize in memory");
-    int64_t per_thread = 4 * max_cols + 2 * (max_cols / 32 + 1) + 128;
-    float *scratch = malloc((size_t)(threads * per_thread + 1) * sizeof *scratch);
-    double *sums = malloc((size_t)(2 * max_tasks) * sizeof *sums);
-    float *imp = malloc((size_t)(max_cols + 1) * sizeof *imp);
-    if (!scratch || !sums || !imp) {
-        free(scratch);
-        free(sums);
-        free(imp);
-        return qmix_errf(err, "out of memory quantizing");
-    }
+    qmix_fq_opts fo = {.calib = o->calib, .min_tokens = o->min_tokens};
     double e2 = 0, n2 = 0;
-    int rc = 0;
-    for (int k = 0; k < ts->n && !rc; k++) {
-        target *t = &ts->t[k];
-        if (!t->quantizable || t->alias >= 0) continue;
-        int64_t rows = t->orig.rows, cols = t->orig.cols, ng = cols / group;
-        int64_t words = qmix_affine_row_words(cols, bits);
-        t->codes = malloc((size_t)(rows * words) * sizeof *t->codes);
-        t->scales = malloc((size_t)(rows * ng) * sizeof *t->scales);
-        t->biases = malloc((size_t)(rows * ng) * sizeof *t->biases);
-        if (!t->codes || !t->scales || !t->biases) {
-            rc = qmix_errf(err, "out of memory for a %lld x %lld quantized copy", (long long)rows,
-                           (long long)cols);
-            break;
-        }
-        int64_t tasks = (rows + rows_per_task - 1) / rows_per_task;
-        qmix_gptq_prep prep = {0};
-        int how = prepare_method(o, t, group, &prep, imp, err);
-        if (how < 0) {
-            rc = -1;
-            break;
-        }
-        qjob q = {.t = t, .bits = bits, .group = group, .prep = how == 1 ? &prep : NULL,
-                  .imp = how == 2 ? imp : NULL, .rows_per_task = rows_per_task, .err2 = sums,
-                  .norm2 = sums + max_tasks, .scratch = scratch, .scratch_per_thread = per_thread};
-        qmix_pool_run(pool, quant_task, &q, (int)tasks);
-        qmix_gptq_prep_free(&prep);
-        for (int64_t j = 0; j < tasks; j++) {
-            e2 += q.err2[j];
-            n2 += q.norm2[j];
-        }
-        t->quant = (qk_mat){.dtype = QMIX_U32, .rows = rows, .cols = cols,
-                            .row_bytes = (size_t)words * sizeof(uint32_t), .data = t->codes,
-                            .bits = bits, .group_size = group, .scale_dtype = QMIX_BF16,
-                            .scales = t->scales, .biases = t->biases,
-                            .scale_row_bytes = (size_t)ng * sizeof(uint16_t)};
-    }
-    for (int k = 0; k < ts->n && !rc; k++)
-        if (ts->t[k].alias >= 0) ts->t[k].quant = ts->t[ts->t[k].alias].quant;
-    free(scratch);
-    free(sums);
-    free(imp);
-    if (rc) {
-        tset_free_copies(ts);
-        return -1;
-    }
+    if (qmix_fq_quantize(ts, pool, &fo, &e2, &n2, NULL, err)) return -1;
     cell->w_err2 += e2;
     cell->w_norm2 += n2;
     cell->has_weight = 1;
     return 0;
-}
-
-static void tset_install(tset *ts)
-{
-    for (int k = 0; k < ts->n; k++)
-        if (ts->t[k].quantizable) *ts->t[k].field = ts->t[k].quant;
-}
-
-static void tset_restore(tset *ts)
-{
-    for (int k = 0; k < ts->n; k++) *ts->t[k].field = ts->t[k].orig;
 }
 
 /* ---- calibration: base logits, the matmul tap, the logits callback ----------------------- */
@@ -752,7 +571,7 @@ int qmix_sensitivity_run(qmix_model *m, const qmix_sens_opts *o, qmix_sens_resul
             }
             qmix_sens_cell *cell = &row->cell[b];
             double tq = now_s();
-            if (tset_quantize(&ts, pool, o, bits[b], o->group_size, cell, err)) {
+            if (tset_quantize(&ts, pool, o, bits[b], cell, err)) {
                 rc = -1;
                 break;
             }
@@ -764,12 +583,12 @@ int qmix_sensitivity_run(qmix_model *m, const qmix_sens_opts *o, qmix_sens_resul
                 double te = now_s();
                 memset(&r.acc, 0, sizeof r.acc);
                 r.failed = 0;
-                tset_install(&ts);
+                qmix_fq_install(&ts);
                 r.s->mm_tap = tap;
                 r.s->mm_tap_user = &r;
                 int w = run_windows(&r, n_windows, err);
                 r.s->mm_tap = NULL;
-                tset_restore(&ts);
+                qmix_fq_restore(&ts);
                 row->t_eval += now_s() - te;
                 if (w < 0) {
                     rc = -1;
@@ -784,7 +603,7 @@ int qmix_sensitivity_run(qmix_model *m, const qmix_sens_opts *o, qmix_sens_resul
                     cell->has_kld = 1;
                 }
             }
-            tset_free_copies(&ts);
+            qmix_fq_free_copies(&ts);
             if (res->stopped) break;
         }
         free(by);
@@ -794,8 +613,8 @@ int qmix_sensitivity_run(qmix_model *m, const qmix_sens_opts *o, qmix_sens_resul
 oom:
     rc = qmix_errf(err, "out of memory");
 done:
-    tset_restore(&ts);
-    tset_free_copies(&ts);
+    qmix_fq_restore(&ts);
+    qmix_fq_free_copies(&ts);
     free(ts.t);
     if (r.s) qmix_session_free(r.s);
     qmix_pool_free(pool);

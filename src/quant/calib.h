@@ -13,6 +13,9 @@
  *     char   magic[8] = "QMIXCAL1"
  *     u32    version = 1
  *     u32    flags            bit 0: records carry Hessians
+ *                              bit 1: sequential (qmix calibrate --sequential): layer L's
+ *                                     statistics were collected with layers 0…L−1 running
+ *                                     quantized; the records are the same either way
  *     u32    n_layers, n_experts
  *     u32    n_entries
  *     u32    ctx              tokens per calibration window
@@ -72,6 +75,7 @@ int qmix_calib_count(const qmix_calib *c);
 const qmix_calib_entry *qmix_calib_at(const qmix_calib *c, int i);
 uint64_t qmix_calib_tokens(const qmix_calib *c);
 int qmix_calib_has_hessian(const qmix_calib *c);
+int qmix_calib_sequential(const qmix_calib *c);
 int qmix_calib_layers(const qmix_calib *c);
 int qmix_calib_experts(const qmix_calib *c);
 const char *qmix_calib_dataset(const qmix_calib *c);
@@ -79,6 +83,8 @@ const char *qmix_calib_dataset(const qmix_calib *c);
 /* ---- collecting ---- */
 struct qmix_session;
 
+/* Data bytes of one record with k input channels (sums of squares, and the Hessian triangle). */
+uint64_t qmix_calib_record_bytes(int64_t k, int hessian);
 /* Bytes the statistics of layer `layer` (−1: the lm_head input) take while collected. */
 uint64_t qmix_calib_layer_bytes(const qmix_config *cfg, int layer, int hessian);
 /* Entries a whole model has (the header's n_entries). */
@@ -93,9 +99,13 @@ int qmix_calib_collector_new(struct qmix_session *s, int lo, int hi, int with_he
 void qmix_calib_collector_free(qmix_calib_collector *c);
 /* Out of memory inside the tap (it cannot return errors) is reported here. */
 int qmix_calib_collector_failed(const qmix_calib_collector *c);
+/* The statistics accumulated so far for (layer, kind, expert), as a reader's entry whose arrays
+ * point into the collector (valid until it is freed): 1, or 0 when it does not collect them. */
+int qmix_calib_collector_entry(const qmix_calib_collector *c, int layer, int kind, int expert,
+                               qmix_calib_entry *out);
 
 typedef struct qmix_calib_header {
-    int hessian, n_layers, n_experts, n_entries, ctx, n_windows;
+    int hessian, sequential, n_layers, n_experts, n_entries, ctx, n_windows;
     uint64_t n_tokens;
     const char *dataset;
 } qmix_calib_header;
