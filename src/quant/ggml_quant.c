@@ -119,7 +119,8 @@ static float fit_affine(int n, const float *x, const float *w, int nmax, search 
     }
     float iscale = (float)nmax / (hi - lo), best_a = (hi - lo) / (float)nmax, best_b = lo;
     for (int j = 0; j < n; j++) L[j] = (uint8_t)clampi(nearest(iscale * (x[j] - lo)), 0, nmax);
-    float best = wsq_err_affine(n, x, w, L, best_a, best_b);
+    float best = wsq_err_affine(n, x, w, L, best_a, best_b), sxx = 0;
+    for (int j = 0; j < n; j++) sxx += w[j] * x[j] * x[j];
     uint8_t cand[256];
     for (int i = 0; i <= s.nstep; i++) {
         iscale = ((float)nmax + s.rmin + s.rdelta * (float)i) / (hi - lo);
@@ -142,7 +143,8 @@ static float fit_affine(int n, const float *x, const float *w, int nmax, search 
             a = slx / sll;
         }
         if (!(a >= 0)) continue;
-        float e = wsq_err_affine(n, x, w, cand, a, b);
+        /* Σw(aL + b − x)² expanded over the sums at hand: no second pass over the elements */
+        float e = a * a * sll + 2 * a * b * sl + b * b * sw - 2 * a * slx - 2 * b * sx + sxx;
         if (e < best) {
             best = e;
             best_a = a;
