@@ -7,6 +7,7 @@
 
 #include "kernels/kernels.h"
 #include "quant/affine.h"
+#include "quant/linalg.h"
 #include "util/err.h"
 
 float qmix_round_to_dtype(float v, qmix_dtype dt)
@@ -46,62 +47,10 @@ static inline float code_of(float x, float s, float b, float n_bins)
     return q > 0 ? (q < n_bins ? q : n_bins) : 0; /* NaN → 0 */
 }
 
-/* ---- factorisations (double precision: H of a long calibration run is ill-conditioned) ---- */
-
-/* In place: the lower triangle of a (row-major, n×n) becomes L with L Lᵀ = A; -1 if A is not
- * positive definite. Only the lower triangle of a is read. */
-static int cholesky_lower(double *a, int64_t n)
-{
-    for (int64_t j = 0; j < n; j++) {
-        double *rj = a + j * n;
-        double d = rj[j];
-        for (int64_t k = 0; k < j; k++) d -= rj[k] * rj[k];
-        if (!(d > 0) || !isfinite(d)) return -1;
-        double l = sqrt(d);
-        rj[j] = l;
-        for (int64_t i = j + 1; i < n; i++) {
-            double *ri = a + i * n, v = ri[j];
-            for (int64_t k = 0; k < j; k++) v -= ri[k] * rj[k];
-            ri[j] = v / l;
-        }
-    }
-    return 0;
-}
-
-/* L (lower, in a) → the lower triangle of A⁻¹ = L⁻ᵀ L⁻¹ in a; tmp[n·n] scratch. */
-static void inverse_from_cholesky(double *a, double *tmp, int64_t n)
-{
-    /* tmp = L⁻¹ (lower) by forward substitution: T[i][j] = −Σ_{k<i} L[i][k]·T[k][j] / L[i][i]
-     * (T[k][j] = 0 for j > k), accumulated row by row so every inner loop is contiguous */
-    memset(tmp, 0, (size_t)(n * n) * sizeof *tmp);
-    for (int64_t i = 0; i < n; i++) {
-        const double *li = a + i * n;
-        double *ti = tmp + i * n;
-        for (int64_t k = 0; k < i; k++) {
-            double l = li[k];
-            if (l == 0) continue;
-            const double *tk = tmp + k * n;
-            for (int64_t j = 0; j <= k; j++) ti[j] += l * tk[j];
-        }
-        double d = li[i];
-        for (int64_t j = 0; j < i; j++) ti[j] = -ti[j] / d;
-        ti[i] = 1.0 / d;
-    }
-    /* A⁻¹[i][j] = Σ_{k ≥ i} T[k][i]·T[k][j] for j ≤ i */
-    for (int64_t i = 0; i < n; i++)
-        for (int64_t j = 0; j <= i; j++) a[i * n + j] = 0;
-    for (int64_t k = 0; k < n; k++) {
-        const double *tk = tmp + k * n;
-        for (int64_t i = 0; i <= k; i++) {
-            double t = tk[i];
-            if (t == 0) continue;
-            double *ai = a + i * n;
-            for (int64_t j = 0; j <= i; j++) ai[j] += t * tk[j];
-        }
-    }
-}
-
 /* ---- GPTQ preparation ------------------------------------------------------------------ */
+
+/* Square tiles of the transposing copies below: two 64×64 tiles of doubles fit L1/L2. */
+#define TILE 64
 
 typedef struct keyed { double key; int32_t idx; } keyed;
 
@@ -173,12 +122,15 @@ int qmix_gptq_prepare(const double *h_upper, const double *h_full, int64_t k, in
     out->group = group;
     out->grid = o ? o->grid : QMIX_GRID_MLX;
     out->block = block;
-    /* symmetric H, original order */
-    for (int64_t i = 0, t = 0; i < k; i++)
-        for (int64_t j = i; j < k; j++, t++) {
-            double v = h_upper ? h_upper[t] : h_full[i * k + j];
-            h[i * k + j] = h[j * k + i] = v;
-        }
+    /* H's lower triangle, original order (the packed upper triangle read row by row, in
+     * tiles so the transposed writes stay in cache) */
+    for (int64_t ib = 0; ib < k; ib += TILE)
+        for (int64_t jb = ib; jb < k; jb += TILE)
+            for (int64_t i = ib; i < ib + TILE && i < k; i++) {
+                const double *src = h_upper ? h_upper + i * k - i * (i - 1) / 2 - i
+                                            : h_full + i * k;
+                for (int64_t j = jb > i ? jb : i; j < jb + TILE && j < k; j++) h[j * k + i] = src[j];
+            }
     for (int64_t i = 0; i < k; i++) {
         if (h[i * k + i] == 0) { /* §3.3: a channel that was never non-zero */
             out->dead[i] = 1;
@@ -196,9 +148,12 @@ int qmix_gptq_prepare(const double *h_upper, const double *h_full, int64_t k, in
     } else {
         for (int64_t i = 0; i < k; i++) out->perm[i] = (int32_t)i;
     }
-    /* permute once: h becomes H[perm][perm] */
+    /* permute once: h becomes H[perm][perm] (only h's lower triangle is filled) */
     for (int64_t i = 0; i < k; i++)
-        for (int64_t j = 0; j <= i; j++) a[i * k + j] = h[(int64_t)out->perm[i] * k + out->perm[j]];
+        for (int64_t j = 0; j <= i; j++) {
+            int64_t pi = out->perm[i], pj = out->perm[j];
+            a[i * k + j] = pi >= pj ? h[pi * k + pj] : h[pj * k + pi];
+        }
     for (int64_t i = 0; i < k; i++)
         for (int64_t j = 0; j <= i; j++) h[i * k + j] = a[i * k + j];
     double mean = 0, maxd = 0;
@@ -216,15 +171,24 @@ int qmix_gptq_prepare(const double *h_upper, const double *h_full, int64_t k, in
         }
         for (int64_t i = 0; i < k; i++) out->hdiag[i] = (float)h[i * k + i];
     }
-    /* §3.4 step 3: raise the damping, then add growing diagonal floors */
+    /* U with UᵀU = (H + λI)⁻¹ without forming the inverse: with J the order reversal,
+     * J(H + λI)J = W Wᵀ (Cholesky) gives (H + λI)⁻¹ = J W⁻ᵀ W⁻¹ J = UᵀU for U = J W⁻¹ J, which is
+     * upper triangular. One factorisation and one triangular inverse (≈ k³/2 flops) instead of
+     * factor, invert, factor again (≈ k³), and never the explicit inverse's rounding.
+     * §3.4 step 3: raise the damping, then add growing diagonal floors. */
+    qmix_pool *pool = o ? o->pool : NULL;
     int ok = 0;
     for (int t = 0; t <= 6 && !ok; t++) {
         double floor_v = t ? maxd * 1e-6 * pow(10.0, t - 1) : 0;
         for (double damp = damp0; damp < 1 && !ok; damp += 0.01) {
-            for (int64_t i = 0; i < k; i++)
-                for (int64_t j = 0; j <= i; j++) a[i * k + j] = h[i * k + j];
+            /* (JHJ)[i][j] = H[k-1-i][k-1-j] = h[k-1-j][k-1-i] (lower half), in cache tiles */
+            for (int64_t ib = 0; ib < k; ib += TILE)
+                for (int64_t jb = 0; jb <= ib; jb += TILE)
+                    for (int64_t i = ib; i < ib + TILE && i < k; i++)
+                        for (int64_t j = jb; j < jb + TILE && j <= i; j++)
+                            a[i * k + j] = h[(k - 1 - j) * k + (k - 1 - i)];
             for (int64_t i = 0; i < k; i++) a[i * k + i] += damp * mean + floor_v;
-            if (!cholesky_lower(a, k)) {
+            if (!qmix_cholesky_lower(a, k, pool)) {
                 ok = 1;
                 out->damp = damp;
             }
@@ -232,13 +196,10 @@ int qmix_gptq_prepare(const double *h_upper, const double *h_full, int64_t k, in
     }
     int rc = 0;
     if (ok) {
-        inverse_from_cholesky(a, h, k); /* h reused as scratch */
-        if (cholesky_lower(a, k)) ok = 0;
-    }
-    if (ok) { /* U = L₂ᵀ: Uᵀ U = L₂ L₂ᵀ = H⁻¹ */
+        qmix_tri_inverse_lower(a, h, k, pool); /* h = W⁻¹ (h's copy of H is no longer needed) */
         for (int64_t i = 0; i < k; i++)
             for (int64_t j = 0; j < k; j++)
-                out->u[i * k + j] = j >= i ? (float)a[j * k + i] : 0.0f;
+                out->u[i * k + j] = j >= i ? (float)h[(k - 1 - i) * k + (k - 1 - j)] : 0.0f;
     } else {
         qmix_gptq_prep_free(out);
         rc = 1;
@@ -254,7 +215,7 @@ static void wsearch(const float *x, const float *c, int group, int bits, qmix_dt
 
 /* ---- the column loop, one row ----------------------------------------------------------- */
 
-void qmix_gptq_quantize_row(const qmix_gptq_prep *p, const float *w, int bits,
+QMIX_HOT_LOOP void qmix_gptq_quantize_row(const qmix_gptq_prep *p, const float *w, int bits,
                             qmix_dtype sdt, float *work, uint32_t *packed, float *scales,
                             float *biases)
 {

@@ -34,6 +34,8 @@ typedef struct qmix_gptq_opts {
     int block;        /* column block of the lazy update; 0 → 128 */
     int mlx_rule;     /* group parameters by MLX's min/max rule instead of the search below */
     int grid;         /* QMIX_GRID_*: the code grid group parameters must lie on */
+    struct qmix_pool *pool; /* threads for the factorisation of qmix_gptq_prepare; NULL: this one.
+                               Must not be running a job (qmix_pool_run is not reentrant). */
 } qmix_gptq_opts;
 
 /* Code grids. MLX: any scale and bias. SYM: GPTQ's symmetric grid w ≈ s·(q − 2^(bits−1)) (§2.3,

@@ -797,6 +797,7 @@ static int prepare_matrix(wctx *w, const item *t, int64_t m)
         }
         qmix_gptq_opts go = o->gptq;
         go.grid = w->grid;
+        go.pool = w->pool; /* called between row jobs: the pool is idle */
         int r = qmix_gptq_prepare(e->xtx, NULL, t->cols, t->group, &go, &w->prep, w->err);
         if (r < 0) return qmix_err_prefix(w->err, "%s matrix %lld", t->name, (long long)m);
         if (r > 0) {
