@@ -61,8 +61,8 @@ static void remove_tree(const char *dir)
         char path[PATH_MAX];
         while ((e = readdir(d)))
             if (strcmp(e->d_name, ".") && strcmp(e->d_name, "..")) {
-                snprintf(path, sizeof path, "%s/%s", dir, e->d_name);
-                unlink(path);
+                if (snprintf(path, sizeof path, "%s/%s", dir, e->d_name) < (int)sizeof path)
+                    unlink(path);
             }
         closedir(d);
     }
