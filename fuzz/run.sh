@@ -37,8 +37,12 @@ for d in ${FUZZ_SRC_DIRS:-util formats}; do
     [ "$d" = cli ] && continue
     for f in src/"$d"/*.c; do [ -e "$f" ] && srcs+=("$f"); done
 done
-# the ggml type table the GGUF parser sizes tensors with (self-contained on purpose)
-case " ${FUZZ_SRC_DIRS:-util formats} " in *" quant "*) ;; *) srcs+=(src/quant/ggml_blocks.c) ;; esac
+# the ggml type table the GGUF parser sizes tensors with, and the .qcal reader (both
+# self-contained on purpose)
+case " ${FUZZ_SRC_DIRS:-util formats} " in
+    *" quant "*) ;;
+    *) srcs+=(src/quant/ggml_blocks.c src/quant/calib_read.c) ;;
+esac
 build_one() { # src obj
     local src=$1 obj=$2 extra=()
     case $src in

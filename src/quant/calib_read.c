@@ -81,13 +81,29 @@ struct qmix_calib {
     uint64_t n_tokens;
     char dataset[4097];
     qmix_calib_entry *e;
-    int32_t *index;      /* [(n_layers + 1) · KINDS · (n_experts + 1)] → entry or −1 */
+    int32_t *index;      /* [n] entry numbers sorted by slot: memory follows the file's size,
+                            not the layers × experts its header claims */
 };
 
 static size_t slot_of(const qmix_calib *c, int layer, int kind, int expert)
 {
     return (((size_t)(layer + 1) * QMIX_CIN_COUNT + (size_t)kind) * (size_t)(c->n_experts + 1)) +
            (size_t)(expert + 1);
+}
+
+/* qsort has no context argument: the table being sorted, during parse (per thread) */
+static _Thread_local const qmix_calib *sort_calib;
+
+static size_t entry_slot(const qmix_calib *c, int32_t i)
+{
+    return slot_of(c, c->e[i].layer, c->e[i].kind, c->e[i].expert);
+}
+
+static int cmp_slot(const void *a, const void *b)
+{
+    size_t x = entry_slot(sort_calib, *(const int32_t *)a),
+           y = entry_slot(sort_calib, *(const int32_t *)b);
+    return (x > y) - (x < y);
 }
 
 static uint32_t rd32(const uint8_t *p) { uint32_t v; memcpy(&v, p, 4); return v; }
@@ -119,10 +135,14 @@ static int parse(qmix_calib *c, const uint8_t *b, uint64_t len, const char *labe
     c->hessian = (int)(flags & 1);
     c->sequential = (int)(flags >> 1 & 1);
     c->n_tokens = ntok;
+    /* every record takes 32 bytes and one float64 at least: no allocation larger than the file
+       asks for */
+    if ((uint64_t)n > (len - off) / 40)
+        return qmix_errf(err, "%s: %u records cannot fit in the %llu bytes after the header",
+                         label, n, (unsigned long long)(len - off));
     c->e = calloc(n ? n : 1, sizeof *c->e);
-    c->index = malloc(max_entries * sizeof *c->index);
+    c->index = malloc((n ? n : 1) * sizeof *c->index);
     if (!c->e || !c->index) return qmix_errf(err, "out of memory");
-    memset(c->index, 0xff, max_entries * sizeof *c->index);
     for (uint32_t i = 0; i < n; i++) {
         if (len - off < 32) return qmix_errf(err, "%s: record %u: truncated", label, i);
         const uint8_t *r = b + off;
@@ -146,11 +166,7 @@ static int parse(qmix_calib *c, const uint8_t *b, uint64_t len, const char *labe
             return qmix_errf(err, "%s: record %u (layer %d %s): %llu bytes of data, %llu left",
                              label, i, layer, kind_names[kind], (unsigned long long)need,
                              (unsigned long long)(len - off));
-        size_t sl = slot_of(c, layer, (int)kind, expert);
-        if (c->index[sl] >= 0)
-            return qmix_errf(err, "%s: record %u: duplicate entry layer %d %s expert %d", label, i,
-                             layer, kind_names[kind], expert);
-        c->index[sl] = (int32_t)i;
+        c->index[i] = (int32_t)i;
         const double *d = (const double *)(const void *)(b + off);
         for (uint64_t j = 0; j < need / 8; j++)
             if (!isfinite(d[j]) || (j < k && d[j] < 0))
@@ -164,6 +180,15 @@ static int parse(qmix_calib *c, const uint8_t *b, uint64_t len, const char *labe
     if (off != len)
         return qmix_errf(err, "%s: %llu bytes after the last record", label,
                          (unsigned long long)(len - off));
+    sort_calib = c;
+    qsort(c->index, n, sizeof *c->index, cmp_slot);
+    for (uint32_t j = 1; j < n; j++) {
+        int32_t a = c->index[j - 1], i = c->index[j];
+        if (entry_slot(c, a) != entry_slot(c, i)) continue;
+        if (a > i) i = a; /* name the later of the two */
+        return qmix_errf(err, "%s: record %d: duplicate entry layer %d %s expert %d", label, i,
+                         c->e[i].layer, kind_names[c->e[i].kind], c->e[i].expert);
+    }
     c->n = (int)n;
     return 0;
 }
@@ -229,8 +254,16 @@ const qmix_calib_entry *qmix_calib_get(const qmix_calib *c, int layer, int kind,
     if (!c || kind < 0 || kind >= QMIX_CIN_COUNT || layer < -1 || layer >= c->n_layers ||
         expert < -1 || expert >= c->n_experts)
         return NULL;
-    int32_t i = c->index[slot_of(c, layer, kind, expert)];
-    return i >= 0 ? &c->e[i] : NULL;
+    size_t want = slot_of(c, layer, kind, expert);
+    int lo = 0, hi = c->n - 1;
+    while (lo <= hi) {
+        int mid = lo + (hi - lo) / 2;
+        size_t s = entry_slot(c, c->index[mid]);
+        if (s == want) return &c->e[c->index[mid]];
+        if (s < want) lo = mid + 1;
+        else hi = mid - 1;
+    }
+    return NULL;
 }
 
 int qmix_calib_count(const qmix_calib *c) { return c->n; }
