@@ -52,7 +52,10 @@ static void usage(FILE *out)
             "                      layer's statistics just collected, with qmix quantize's\n"
             "                      defaults (damping 0.01, RTN failsafe below 0.5%% of the tokens);\n"
             "                      awq rules are rounded to nearest here\n"
-            "  --group-size G      override the recipe's group sizes (as qmix quantize's)\n");
+            "  --group-size G      override the recipe's group sizes (as qmix quantize's)\n"
+            "  --act-order, --mlx-groups, --damp X, --min-tokens N|P%%\n"
+            "                      GPTQ options as qmix quantize takes them: give the ones the\n"
+            "                      quantize run will use, so the layers run as they will be\n");
 }
 
 static int parse_size(const char *v, uint64_t *out)
@@ -91,13 +94,14 @@ static void on_progress(void *user, int done, int total)
  * the recipe asks and points the model at the copies, so the next passes run it quantized.
  * Reports the layer on stderr with the ETA of the remaining passes. */
 static int quantize_layer(qmix_model *model, qmix_pool *pool, qmix_fq_set *set,
-                          const qmix_recipe *recipe, int method, int64_t min_tokens,
+                          const qmix_recipe *recipe, int method, const qmix_gptq_opts *gptq,
+                          int64_t min_tokens,
                           const qmix_calib_collector *col, int L, const prog *pr,
                           uint64_t *held, qmix_err *err)
 {
     int n = qmix_fq_add_layer(set, model, recipe, L, method);
     if (n < 0) return qmix_errf(err, "out of memory");
-    qmix_fq_opts fo = {.collector = col, .min_tokens = min_tokens};
+    qmix_fq_opts fo = {.collector = col, .min_tokens = min_tokens, .gptq = *gptq};
     qmix_fq_counts cnt = {0};
     if (qmix_fq_quantize(set, pool, &fo, NULL, NULL, &cnt, err))
         return qmix_err_prefix(err, "quantizing layer %d", L);
@@ -121,8 +125,11 @@ int qmix_cmd_calibrate(int argc, char **argv)
     const char *model_path = NULL, *out_path = NULL, *imatrix_out = NULL, *v;
     const char *recipe_name = NULL, *method_name = NULL;
     cli_eval_args ea = {.ctx = 512};
-    int hessian = 1, sequential = 0, method = QMIX_METHOD_RTN;
+    int hessian = 1, sequential = 0, method = QMIX_METHOD_RTN, gptq_opts_given = 0;
     long group = 0;
+    qmix_gptq_opts gptq = {0};
+    double min_pct = 0.5;   /* the RTN failsafe as qmix quantize's default: 0.5 % of the tokens */
+    int64_t min_count = -1; /* or a count */
     long skip = 0;
     uint64_t max_mem = (uint64_t)8 << 30;
     for (int i = 1; i < argc; i++) {
@@ -157,6 +164,33 @@ int qmix_cmd_calibrate(int argc, char **argv)
                         "'%s'\n", method_name);
                 return 2;
             }
+        } else if (!strcmp(a, "--act-order")) {
+            gptq.act_order = 1;
+            gptq_opts_given = 1;
+        } else if (!strcmp(a, "--mlx-groups")) {
+            gptq.mlx_rule = 1;
+            gptq_opts_given = 1;
+        } else if (!strcmp(a, "--damp")) {
+            if (!(v = cli_value("calibrate", argc, argv, &i)) ||
+                cli_double("calibrate", a, v, &gptq.damp))
+                return 2;
+            if (!(gptq.damp > 0 && gptq.damp < 1)) {
+                fprintf(stderr, "qmix calibrate: --damp must be in (0, 1)\n");
+                return 2;
+            }
+            gptq_opts_given = 1;
+        } else if (!strcmp(a, "--min-tokens")) {
+            if (!(v = cli_value("calibrate", argc, argv, &i))) return 2;
+            char *end;
+            double x = strtod(v, &end);
+            if (end == v || x < 0 || (*end && strcmp(end, "%")) || (!*end && x != floor(x))) {
+                fprintf(stderr, "qmix calibrate: --min-tokens takes a count or a percentage "
+                        "(0.5%%)\n");
+                return 2;
+            }
+            if (*end) min_pct = x;
+            else min_count = (int64_t)x;
+            gptq_opts_given = 1;
         } else if (!strcmp(a, "--group-size")) {
             if (!(v = cli_value("calibrate", argc, argv, &i)) ||
                 cli_int("calibrate", a, v, 32, 128, &group))
@@ -192,9 +226,9 @@ int qmix_cmd_calibrate(int argc, char **argv)
                 "the layers already calibrated run with (the one qmix quantize will use)\n");
         return 2;
     }
-    if (!sequential && (recipe_name || method_name || group)) {
-        fprintf(stderr, "qmix calibrate: --recipe, --method and --group-size only apply with "
-                "--sequential\n");
+    if (!sequential && (recipe_name || method_name || group || gptq_opts_given)) {
+        fprintf(stderr, "qmix calibrate: --recipe, --method, --group-size and the GPTQ options "
+                "only apply with --sequential\n");
         return 2;
     }
     if (sequential && method == QMIX_METHOD_GPTQ && !hessian) {
@@ -309,7 +343,8 @@ int qmix_cmd_calibrate(int argc, char **argv)
     prog pr = {.t0 = cli_now(), .passes = n_bands, .sequential = sequential,
                .total = (int64_t)n_windows * n_bands};
     /* the RTN failsafe threshold qmix quantize --calib derives from this file's token count */
-    int64_t min_tokens = (int64_t)ceil(0.005 * (double)h.n_tokens);
+    int64_t min_tokens = min_count >= 0 ? min_count
+                                        : (int64_t)ceil(min_pct / 100.0 * (double)h.n_tokens);
     if (min_tokens < 1) min_tokens = 1;
     uint64_t held = 0;
     int written = 0;
@@ -334,8 +369,8 @@ int qmix_cmd_calibrate(int argc, char **argv)
         written += w;
         /* the last layer's copy would feed nothing: the pass that needed it is the one just run */
         if (sequential && b + 1 < n_bands &&
-            quantize_layer(model, sess->pool, &layer_sets[b], &recipe, method, min_tokens, col, b, &pr,
-                           &held, &err))
+            quantize_layer(model, sess->pool, &layer_sets[b], &recipe, method, &gptq, min_tokens,
+                           col, b, &pr, &held, &err))
             goto fail;
         qmix_calib_collector_free(col);
         col = NULL;
