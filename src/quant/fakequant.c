@@ -180,8 +180,8 @@ static const qmix_calib_entry *stats_of(const qmix_fq_opts *o, const qmix_fq_tar
  * imp filled for importance-weighted RTN (QMIX_FQ_IMATRIX), or QMIX_FQ_RTN: round to nearest
  * (RTN asked, no statistics, too few calibration rows, or no damping made H positive definite —
  * as qmix quantize falls back). -1 on error. */
-static int prepare_method(const qmix_fq_opts *o, const qmix_fq_target *t, qmix_gptq_prep *prep,
-                          float *imp, qmix_fq_counts *cnt, qmix_err *err)
+static int prepare_method(const qmix_fq_opts *o, const qmix_fq_target *t, qmix_pool *pool,
+                          qmix_gptq_prep *prep, float *imp, qmix_fq_counts *cnt, qmix_err *err)
 {
     if (t->method != QMIX_METHOD_GPTQ && t->method != QMIX_METHOD_IMATRIX) return QMIX_FQ_RTN;
     qmix_calib_entry tmp;
@@ -207,7 +207,9 @@ static int prepare_method(const qmix_fq_opts *o, const qmix_fq_target *t, qmix_g
         cnt->fb_tokens++;
         return QMIX_FQ_RTN;
     }
-    int r = qmix_gptq_prepare(e->xtx, NULL, e->k, t->group, &o->gptq, prep, err);
+    qmix_gptq_opts go = o->gptq;
+    go.pool = pool; /* between the row jobs: idle */
+    int r = qmix_gptq_prepare(e->xtx, NULL, e->k, t->group, &go, prep, err);
     if (r < 0) return -1;
     if (r > 0) {
         cnt->fb_cholesky++;
@@ -270,7 +272,7 @@ int qmix_fq_quantize(qmix_fq_set *s, qmix_pool *pool, const qmix_fq_opts *o, dou
         }
         int64_t tasks = (rows + rows_per_task - 1) / rows_per_task;
         qmix_gptq_prep prep = {0};
-        int how = prepare_method(o, t, &prep, imp, &cnt, err);
+        int how = prepare_method(o, t, pool, &prep, imp, &cnt, err);
         if (how < 0) {
             rc = -1;
             break;
