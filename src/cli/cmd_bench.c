@@ -13,6 +13,7 @@
 #include "cli/commands.h"
 #include "runtime/sampler.h"
 #include "eval/membw.h"
+#include "formats/gguf.h"
 #include "kernels/kernels.h"
 #include "model/model.h"
 
@@ -352,8 +353,12 @@ int qmix_cmd_bench(int argc, char **argv)
     int n_full = 0;
     for (int i = 0; i < c->n_layers; i++) n_full += c->layer_is_full[i];
     uint64_t file_bytes = 0;
-    for (uint64_t i = 0; i < qmix_st_count(model->store); i++)
-        file_bytes += qmix_st_at(model->store, i)->nbytes;
+    if (model->store)
+        for (uint64_t i = 0; i < qmix_st_count(model->store); i++)
+            file_bytes += qmix_st_at(model->store, i)->nbytes;
+    else if (model->gguf)
+        for (uint64_t i = 0; i < qmix_gguf_tensor_count(model->gguf); i++)
+            file_bytes += qmix_gguf_tensor_at(model->gguf, i)->nbytes;
     uint64_t tok_bytes = qmix_model_decode_bytes(model);
     const char *isa = qk_isa_name(qk_isa_active());
 
