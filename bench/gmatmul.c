@@ -4,7 +4,9 @@
  * this CPU supports, on a 4096 x 2048 matrix of random blocks:
  *   decode  (n = 1): GB/s of blocks streamed, rotating over copies filling --pool-mib (default
  *                    512 MiB, beyond the LLC) like a decoded token;
- *   prefill (n = 64): GFLOP/s (2·rows·cols·n per call) over a calibrated row prefix. */
+ *   prefill (n = 64): GFLOP/s (2·rows·cols·n per call) over a calibrated row prefix.
+ * AVX-512 runs with float activations; "avx512-i8" again with int8 ones (QMIX_ACT_INT8), which
+ * only decode uses (its prefill column is the float path's). */
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -60,7 +62,7 @@ int main(int argc, char **argv)
     }
     float *x = malloc(sizeof(float) * 64 * COLS), *y = malloc(sizeof(float) * 64 * ROWS);
     for (int i = 0; i < 64 * COLS; i++) x[i] = (float)((int)(next() % 2001) - 1000) / 1000.0f;
-    printf("%-8s %-7s %14s %16s\n", "type", "isa", "decode GB/s", "prefill GFLOP/s");
+    printf("%-8s %-9s %14s %16s\n", "type", "isa", "decode GB/s", "prefill GFLOP/s");
     char list[256];
     snprintf(list, sizeof list, "%s", types);
     for (char *tok = strtok(list, ","); tok; tok = strtok(NULL, ",")) {
@@ -77,9 +79,17 @@ int main(int argc, char **argv)
         uint8_t *pool = malloc(mat * (size_t)copies);
         if (!pool) return 1;
         fill(type, pool, mat * (size_t)copies);
-        for (int isa = 0; isa < QK_ISA_COUNT; isa++) {
+        /* the AVX-512 rows twice: float activations, then int8 ones (decode only; "avx512-i8",
+         * where the type has an int8 kernel and the CPU VNNI) */
+        for (int row = 0; row <= QK_ISA_COUNT; row++) {
+            int isa = row < QK_ISA_COUNT ? row : QK_ISA_AVX512, i8 = row == QK_ISA_COUNT;
             if (!qk_isa_supported((qk_isa)isa)) continue;
             if (only_isa && strcmp(only_isa, qk_isa_name((qk_isa)isa))) continue;
+            qk_mat probe = {.dtype = QMIX_U8, .ggml_type = type, .rows = ROWS, .cols = COLS,
+                            .row_bytes = rb, .data = pool};
+            if (i8 && !qk_gq8_supported(&probe)) continue;
+            qk_set_act_int8(i8);
+            if (i8 && !qk_act_int8()) continue;
             qk_matmul_fn fn = qk_matmul_for((qk_isa)isa);
             qk_mat m = {.dtype = QMIX_U8, .ggml_type = type, .rows = ROWS, .cols = COLS,
                         .row_bytes = rb, .data = pool};
@@ -107,8 +117,8 @@ int main(int argc, char **argv)
                 t = now() - t0;
             } while (t < min_time || calls < 2);
             double gf = 2.0 * (double)rows * COLS * 64 * (double)calls / t / 1e9;
-            printf("%-8s %-7s %14.1f %16.1f\n", qmix_ggml_type_name(type),
-                   qk_isa_name((qk_isa)isa), gbs, gf);
+            printf("%-8s %-9s %14.1f %16.1f\n", qmix_ggml_type_name(type),
+                   i8 ? "avx512-i8" : qk_isa_name((qk_isa)isa), gbs, gf);
         }
         free(pool);
     }

@@ -1066,10 +1066,15 @@ START_TEST(test_model_errors)
 }
 END_TEST
 
+/* The fused matmuls above are checked against the float reference at float tolerance: int8
+ * activations (their decode path, tests/test_gq8.c) off. */
+static void float_activations(void) { qk_set_act_int8(0); }
+
 static Suite *suite(void)
 {
     Suite *s = suite_create("gguf");
     TCase *tc = tcase_create("blocks");
+    tcase_add_checked_fixture(tc, float_activations, NULL);
     tcase_add_test(tc, test_q8_0_worked);
     tcase_add_test(tc, test_q4_0_worked);
     tcase_add_test(tc, test_q4_k_scales_worked);

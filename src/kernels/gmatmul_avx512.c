@@ -199,6 +199,10 @@ void qk_gmatmul_avx512(const qk_mat *w, int64_t row_begin, int64_t row_end, cons
         qk_gmatmul_scalar(w, row_begin, row_end, x, n, ldx, y, ldy);
         return;
     }
+    if (n == 1 && qk_act_int8() && qk_gq8_supported(w)) { /* decode with int8 activations */
+        qk_gmatvec_q8_vnni(w, row_begin, row_end, x, y);
+        return;
+    }
     const int type = w->ggml_type, be = qmix_ggml_block_elems(type);
     const size_t bb = qmix_ggml_block_bytes(type);
     float buf[256] __attribute__((aligned(64)));
