@@ -1,4 +1,4 @@
-/* Int8-activation decode of ggml blocks (Q4_K, Q5_K, Q6_K, Q8_0): the scalar reference within the
+/* Int8-activation decode of ggml blocks (Q4_K, Q5_K, Q6_K, Q8_0, Q4_0, Q5_0): the scalar reference within the
  * exact bound that rounding x to int8 allows of the float64 dot with the dequantized rows; the
  * AVX-512 VNNI kernel equal to the reference up to float summation order, and bitwise equal where
  * every float in the sums is an exact integer (so any difference in an int32 sub-block sum
@@ -15,7 +15,8 @@
     } while (0)
 #define COUNT(a) (sizeof(a) / sizeof((a)[0]))
 
-static const int TYPES[] = {QMIX_GGML_Q4_K, QMIX_GGML_Q5_K, QMIX_GGML_Q6_K, QMIX_GGML_Q8_0};
+static const int TYPES[] = {QMIX_GGML_Q4_K, QMIX_GGML_Q5_K, QMIX_GGML_Q6_K,
+                            QMIX_GGML_Q8_0, QMIX_GGML_Q4_0, QMIX_GGML_Q5_0};
 static const uint32_t SENTINEL = 0x7fa1b2c3u;
 
 static void put_f16(uint8_t *p, float v)
@@ -92,8 +93,9 @@ START_TEST(gq8_vs_float)
             int type = TYPES[ti], be = qmix_ggml_block_elems(type);
             tu_rng_seed(900 + ti * 11 + (uint64_t)shape);
             int64_t rows = shape == 0 ? 1 : shape == 1 ? 7 : 13;
-            int64_t cols = be == 256 ? (shape == 0 ? 256 : shape == 1 ? 768 : 2304)
-                                     : (shape == 0 ? 64 : shape == 1 ? 192 : 2112);
+            /* Q8_0 runs in 64-wide steps, Q4_0/Q5_0 in 128-wide ones */
+            int64_t step = be == 256 ? 256 : type == QMIX_GGML_Q8_0 ? 64 : 128;
+            int64_t cols = shape == 0 ? step : shape == 1 ? 3 * step : 2048 + step;
             size_t rb;
             uint8_t *wb = random_rows(type, rows, cols, &rb, 0);
             qk_mat m = {.dtype = QMIX_U8, .ggml_type = type, .rows = rows, .cols = cols,
@@ -165,7 +167,7 @@ START_TEST(gq8_vs_float)
             free(wb);
             cases++;
         }
-    ck_assert_int_eq(cases, 12);
+    ck_assert_int_eq(cases, 18);
 }
 END_TEST
 
@@ -210,10 +212,12 @@ START_TEST(gq8_unsupported)
 {
     uint8_t blk[210 * 2] = {0};
     float x[512] = {0}, y[2];
-    qk_mat m = {.dtype = QMIX_U8, .ggml_type = QMIX_GGML_Q4_0, .rows = 1, .cols = 32,
-                .row_bytes = 18, .data = blk};
+    qk_mat m = {.dtype = QMIX_U8, .ggml_type = QMIX_GGML_Q4_1, .rows = 1, .cols = 32,
+                .row_bytes = 20, .data = blk};
     ck_assert(!qk_gq8_supported(&m));
     m.ggml_type = QMIX_GGML_Q8_0, m.cols = 32, m.row_bytes = 34; /* half a 64-wide vector */
+    ck_assert(!qk_gq8_supported(&m));
+    m.ggml_type = QMIX_GGML_Q4_0, m.cols = 64, m.row_bytes = 36; /* half of 4 blocks */
     ck_assert(!qk_gq8_supported(&m));
     m.ggml_type = QMIX_GGML_Q6_K, m.cols = 256, m.row_bytes = 200; /* row too short */
     ck_assert(!qk_gq8_supported(&m));

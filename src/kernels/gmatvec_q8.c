@@ -1,11 +1,12 @@
-/* ggml block-format matrix × int8 vector: the decode path (n = 1) for Q4_K, Q5_K, Q6_K and Q8_0
- * (spec/quant-formats.md §5.3). x is quantized once per call with the MLX path's quantizer
+/* ggml block-format matrix × int8 vector: the decode path (n = 1) for Q4_K, Q5_K, Q6_K, Q8_0, Q4_0
+ * and Q5_0 (spec/quant-formats.md §5.3). x is quantized once per call with the MLX path's quantizer
  * (qk_quantize_x_q8: blocks of 32, d_b = max|x|/127) and its exact float sum per block of 32 is
  * kept. Every format's sub-blocks are 16 or 32 wide and start on a 16-element border, so each
  * sub-block's dot with x is an integer sum times one float factor:
  *   Q4_K/Q5_K (32-wide, w = d·sc·q − dmin·m):  d·sc·d_b·Σ q·xq − dmin·m·Σx
  *   Q6_K      (16-wide, w = d·sc·(q − 32)):    d·sc·d_b·Σ (q − 32)·xq
  *   Q8_0      (32-wide, w = d·q):              d·d_b·Σ q·xq
+ *   Q4_0/Q5_0 (32-wide, w = d·(q − 8 or 16)):  d·d_b·Σ (q − 8 or 16)·xq
  * (the min term uses the exact Σx, as the MLX path does for its bias). This file holds the
  * support test and the scalar reference, which states that arithmetic plainly; gmatvec_q8_vnni.c
  * does the same integer sums with AVX-512 VNNI. */
@@ -21,6 +22,8 @@ int qk_gq8_supported(const qk_mat *w)
     case QMIX_GGML_Q4_K: case QMIX_GGML_Q5_K: case QMIX_GGML_Q6_K: break;
     /* the VNNI kernel takes Q8_0 two blocks (one 64-byte vector) at a time */
     case QMIX_GGML_Q8_0: if (w->cols % 64) return 0; break;
+    /* and Q4_0/Q5_0 four blocks (two vectors of codes) at a time */
+    case QMIX_GGML_Q4_0: case QMIX_GGML_Q5_0: if (w->cols % 128) return 0; break;
     default: return 0;
     }
     return qk_gmat_valid(w) && w->cols <= QK_Q8_MAX_COLS;
@@ -54,6 +57,20 @@ static float row_dot(int type, const uint8_t *b, int64_t cols, const int8_t *xq,
         for (int64_t k0 = 0; k0 < cols; k0 += 32, b += 34) {
             int32_t isum = 0;
             for (int i = 0; i < 32; i++) isum += (int8_t)b[2 + i] * xq[k0 + i];
+            acc += f16_at(b) * d[k0 / 32] * (float)isum;
+        }
+    } else if (type == QMIX_GGML_Q4_0 || type == QMIX_GGML_Q5_0) {
+        const int q5 = type == QMIX_GGML_Q5_0;
+        const uint8_t *qs = b + (q5 ? 6 : 2);
+        for (int64_t k0 = 0; k0 < cols; k0 += 32, b += q5 ? 22 : 18, qs += q5 ? 22 : 18) {
+            uint32_t qh;
+            memcpy(&qh, b + 2, 4);
+            int32_t isum = 0;
+            for (int j = 0; j < 32; j++) {
+                int q = j < 16 ? qs[j] & 15 : qs[j - 16] >> 4;
+                if (q5) q |= (int)((qh >> j) & 1) << 4;
+                isum += (q - (q5 ? 16 : 8)) * xq[k0 + j];
+            }
             acc += f16_at(b) * d[k0 / 32] * (float)isum;
         }
     } else if (type == QMIX_GGML_Q6_K) {

@@ -7,8 +7,10 @@
  *   Q4_K/Q5_K: the low nibbles of 64 code bytes are sub-blocks s and s+2, the high nibbles s+1
  *              and s+3, so x is stored per super-block in sub-block order 0,2,1,3,4,6,5,7;
  *   Q6_K:      ql's nibbles with qh's bit pairs give 64 consecutive elements per vector;
- *   Q8_0:      two blocks per vector, x in natural order.
- * Q6_K codes (0..63 for q − 32) and Q8_0 codes (int8, made unsigned by flipping the sign bit, so
+ *   Q8_0:      two blocks per vector, x in natural order;
+ *   Q4_0/Q5_0: four blocks' 16 code bytes side by side: the low nibbles are elements 0..15 of
+ *              each block, the high ones 16..31, and x is stored so per four blocks.
+ * Q6_K codes (0..63 for q − 32), Q4_0/Q5_0 codes (q − 8 / q − 16) and Q8_0 codes (int8, made unsigned by flipping the sign bit, so
  * q + 128) are offset; the offset times Σxq of each lane is precomputed and seeds the
  * accumulator. Decode runs four rows at once: the x vectors are loaded once for them and four
  * independent FMA chains hide the latency. */
@@ -30,6 +32,9 @@ typedef struct gxcache {
     float info[MAXC / 256 * 16] __attribute__((aligned(64))); /* per super-block: d_b ×8, Σx ×8 */
     float dl[MAXC / 4] __attribute__((aligned(64)));          /* d_b of each 4-element lane */
     int32_t n32[MAXC / 4] __attribute__((aligned(64)));       /* −32·Σxq of each lane */
+    int8_t xq0[MAXC] __attribute__((aligned(64)));  /* Q4_0/Q5_0 order */
+    float dl0[MAXC / 8] __attribute__((aligned(64)));   /* per 4 blocks: d_b of lane l's block */
+    int32_t n8[MAXC / 4] __attribute__((aligned(64)));  /* −8·Σxq of each lane of xq0 */
 } gxcache;
 
 static _Thread_local gxcache cache;
@@ -52,6 +57,17 @@ static void prepare(gxcache *c, const float *x, int64_t cols)
             c->info[16 * sb + j] = d[8 * sb + j];
             c->info[16 * sb + 8 + j] = bsum[8 * sb + j];
         }
+    }
+    for (int64_t g = 0; g < cols / 128; g++)
+        for (int k = 0; k < 4; k++) {
+            memcpy(c->xq0 + 128 * g + 16 * k, c->xq + 128 * g + 32 * k, 16);
+            memcpy(c->xq0 + 128 * g + 64 + 16 * k, c->xq + 128 * g + 32 * k + 16, 16);
+            for (int l = 0; l < 4; l++) c->dl0[16 * g + 4 * k + l] = d[4 * g + k];
+        }
+    for (int64_t i = 0; i < cols / 128 * 32; i++) {
+        int32_t s = 0;
+        for (int k = 0; k < 4; k++) s += c->xq0[4 * i + k];
+        c->n8[i] = -8 * s;
     }
     memcpy(c->x, x, (size_t)cols * sizeof *x);
     c->cols = cols;
@@ -222,6 +238,57 @@ static inline __attribute__((always_inline)) void q80_rows(int R, const uint8_t 
     for (int r = 0; r < R; r++) out[r] = _mm512_reduce_add_ps(acc[r]);
 }
 
+static inline __attribute__((always_inline)) void q40_rows(int R, int q5, const uint8_t *row0,
+                                                           size_t rb, int64_t cols,
+                                                           const gxcache *c, float *out)
+{
+    const size_t bb = q5 ? 22 : 18, qoff = q5 ? 6 : 2;
+    const __m512i m4 = _mm512_set1_epi8(0x0f), k16 = _mm512_set1_epi8(0x10);
+    int32_t ix[16];
+    for (int l = 0; l < 16; l++) ix[l] = l / 4;
+    const __m512i blk = _mm512_loadu_si512(ix); /* lane l of either code vector: block l/4 */
+    __m512 acc[4];
+    for (int r = 0; r < R; r++) acc[r] = _mm512_setzero_ps();
+    for (int64_t g = 0; g < cols / 128; g++) {
+        const __m512i x0 = _mm512_load_si512(c->xq0 + 128 * g),
+                      x1 = _mm512_load_si512(c->xq0 + 128 * g + 64);
+        /* both vectors' lanes map to the same blocks, so one chain takes both offsets */
+        __m512i init = _mm512_add_epi32(_mm512_load_si512(c->n8 + 32 * g),
+                                        _mm512_load_si512(c->n8 + 32 * g + 16));
+        if (q5) init = _mm512_slli_epi32(init, 1); /* −16·Σ */
+        const __m512 dl = _mm512_load_ps(c->dl0 + 16 * g);
+        for (int r = 0; r < R; r++) {
+            const uint8_t *p = row0 + (size_t)r * rb + (size_t)g * 4 * bb;
+            _mm_prefetch((const char *)(p + 8 * bb), _MM_HINT_T0);
+            _mm_prefetch((const char *)(p + 8 * bb + 64), _MM_HINT_T0);
+            __m512i v = _mm512_castsi128_si512(_mm_loadu_si128((const __m128i *)(p + qoff)));
+            v = _mm512_inserti32x4(v, _mm_loadu_si128((const __m128i *)(p + bb + qoff)), 1);
+            v = _mm512_inserti32x4(v, _mm_loadu_si128((const __m128i *)(p + 2 * bb + qoff)), 2);
+            v = _mm512_inserti32x4(v, _mm_loadu_si128((const __m128i *)(p + 3 * bb + qoff)), 3);
+            __m512i w0 = _mm512_and_si512(v, m4), w1 = _mm512_and_si512(_mm512_srli_epi16(v, 4), m4);
+            uint16_t h[4];
+            for (int k = 0; k < 4; k++) memcpy(&h[k], p + (size_t)k * bb, 2);
+            if (q5) { /* qh bit j is bit 4 of code j: byte masks straight from the bits */
+                uint64_t mlo = 0, mhi = 0;
+                for (int k = 0; k < 4; k++) {
+                    uint32_t qh;
+                    memcpy(&qh, p + (size_t)k * bb + 2, 4);
+                    mlo |= (uint64_t)(qh & 0xffffu) << (16 * k);
+                    mhi |= (uint64_t)(qh >> 16) << (16 * k);
+                }
+                            w0 = _mm512_mask_add_epi8(w0, (__mmask64)mlo, w0, k16);
+                w1 = _mm512_mask_add_epi8(w1, (__mmask64)mhi, w1, k16);
+            }
+            __m512i isum = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(init, w0, x0), w1, x1);
+            __m128 d4 = _mm_cvtph_ps(_mm_setr_epi16((short)h[0], (short)h[1], (short)h[2],
+                                                    (short)h[3], 0, 0, 0, 0));
+            __m512 f = _mm512_mul_ps(_mm512_permutexvar_ps(blk, _mm512_castps128_ps512(d4)), dl);
+            acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum), f, acc[r]);
+        }
+    }
+    for (int r = 0; r < R; r++) out[r] = _mm512_reduce_add_ps(acc[r]);
+}
+
 typedef void (*rows_fn)(const uint8_t *row0, size_t rb, int64_t cols, const gxcache *c,
                         float *out);
 
@@ -239,6 +306,10 @@ ROWS(q6k, 4, q6_rows(4, row0, rb, cols / 256, c, out))
 ROWS(q6k, 1, q6_rows(1, row0, rb, cols / 256, c, out))
 ROWS(q80, 4, q80_rows(4, row0, rb, cols, c, out))
 ROWS(q80, 1, q80_rows(1, row0, rb, cols, c, out))
+ROWS(q40, 4, q40_rows(4, 0, row0, rb, cols, c, out))
+ROWS(q40, 1, q40_rows(1, 0, row0, rb, cols, c, out))
+ROWS(q50, 4, q40_rows(4, 1, row0, rb, cols, c, out))
+ROWS(q50, 1, q40_rows(1, 1, row0, rb, cols, c, out))
 
 void qk_gmatvec_q8_vnni(const qk_mat *w, int64_t row_begin, int64_t row_end, const float *x,
                         float *y)
@@ -255,6 +326,8 @@ void qk_gmatvec_q8_vnni(const qk_mat *w, int64_t row_begin, int64_t row_end, con
     case QMIX_GGML_Q4_K: four = q4k_4, one = q4k_1; break;
     case QMIX_GGML_Q5_K: four = q5k_4, one = q5k_1; break;
     case QMIX_GGML_Q6_K: four = q6k_4, one = q6k_1; break;
+    case QMIX_GGML_Q4_0: four = q40_4, one = q40_1; break;
+    case QMIX_GGML_Q5_0: four = q50_4, one = q50_1; break;
     default: four = q80_4, one = q80_1; break;
     }
     const uint8_t *base = (const uint8_t *)w->data;

@@ -50,8 +50,8 @@ void qk_qmatvec_q8_vnni(const qk_mat *w, int64_t row_begin, int64_t row_end, con
 void qk_qmatvec_q8_vbmi(const qk_mat *w, int64_t row_begin, int64_t row_end, const float *x,
                         float *y);
 
-/* Decode with int8 activations for ggml blocks (gmatvec_q8.c): Q4_K, Q5_K, Q6_K and Q8_0 (cols a
- * multiple of 64), rows of at most QK_Q8_MAX_COLS inputs (qk_gq8_supported; outputs are NaN
+/* Decode with int8 activations for ggml blocks (gmatvec_q8.c): Q4_K, Q5_K, Q6_K, Q8_0 (cols a
+ * multiple of 64) and Q4_0/Q5_0 (cols a multiple of 128), rows of at most QK_Q8_MAX_COLS inputs (qk_gq8_supported; outputs are NaN
  * otherwise). x is quantized with qk_quantize_x_q8; y[o] for rows [row_begin, row_end). The
  * scalar reference and the AVX-512 VNNI kernel do the same integer sums. */
 int qk_gq8_supported(const qk_mat *w);
