@@ -85,7 +85,7 @@ $(BUILD)/bench/%: bench/%.c bench/benchutil.h $(BUILD)/libqmix.a
 
 # Tests run from the repo root so they find testdata/; QMIX_BIN lets CLI tests run the binary.
 test: $(BUILD)/qmix $(TEST_BIN)
-	@QMIX_BIN=$(BUILD)/qmix tools/run-tests.sh $(TEST_BIN)
+	@QMIX_BIN=$(BUILD)/qmix QMIX_TEST_LIGHT=$(SAN) tools/run-tests.sh $(TEST_BIN)
 
 # The bundled trained model (testdata/demo): quantized with seed 002's preset, then what it cost
 # (bpw and size by role, perplexity of both, KLD) and what it writes.

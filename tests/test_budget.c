@@ -200,6 +200,14 @@ END_TEST
 
 START_TEST(command_errors)
 {
+    /* variants: the same one twice, bad lists, a GPTQ candidate without statistics */
+    tu_expect("quantize testdata/demo /tmp/x --bpw 3 --dry-run --sensitivity "
+              "testdata/demo/sensitivity-wiki.json --sensitivity testdata/demo/sensitivity-wiki.json",
+              1, "two --sensitivity files at group size 64");
+    tu_expect("quantize testdata/demo /tmp/x --bpw 3 --group 64,48", 2, "--group");
+    tu_expect("quantize testdata/demo /tmp/x --bpw 3 --dry-run --sensitivity "
+              "testdata/demo/sensitivity-wiki-gptq.json", 1, "need --stats");
+    tu_expect("quantize testdata/demo /tmp/x --bpw 3 --methods rtn,awq --calib x", 2, "--methods");
     tu_expect("quantize --help", 0, "--budget");
     tu_expect("quantize " TINY_B " /tmp/x --bpw 4", 2, "needs measured sensitivity");
     tu_expect("quantize " TINY_B " /tmp/x --bpw 4 --recipe uniform-4 --tokens " TOKENS, 2, "not both");
@@ -226,6 +234,7 @@ END_TEST
  * KLD on the model's held-out text. Measured: 0.112 vs 0.123, 0.0024 vs 0.0041, 0.040 vs 0.088. */
 START_TEST(auto_beats_presets_on_demo)
 {
+    if (tu_light_skip("automatic vs presets on the demo model")) return;
     const char *presets[] = {"dynamic-2.6", "tiered-4.7", "uniform-3"};
     char *dir = tu_tmpdir(), args[4096];
     for (int p = 0; p < 3; p++) {
@@ -268,6 +277,7 @@ END_TEST
  * 0.112 (and 0.0371 vs 0.0397 at uniform-3's size, 0.00230 vs 0.00239 at tiered-4.7's). */
 START_TEST(group_size_choice_on_demo)
 {
+    if (tu_light_skip("group size choice on the demo model")) return;
     char *dir = tu_tmpdir(), args[4096];
     const char *sens[2] = {"--sensitivity testdata/demo/sensitivity-wiki.json",
                            "--sensitivity testdata/demo/sensitivity-wiki.json --sensitivity "
@@ -302,10 +312,6 @@ START_TEST(group_size_choice_on_demo)
     }
     printf("info: demo at 2.966 bpw: group 64 only KLD %.5f, group size chosen %.5f\n", kld[0], kld[1]);
     ck_assert_msg(kld[1] < kld[0], "choosing the group size did not help: %g vs %g", kld[1], kld[0]);
-    tu_expect("quantize testdata/demo /tmp/x --bpw 3 --dry-run --sensitivity "
-              "testdata/demo/sensitivity-wiki.json --sensitivity testdata/demo/sensitivity-wiki.json",
-              1, "two --sensitivity files at group size 64");
-    tu_expect("quantize testdata/demo /tmp/x --bpw 3 --group 64,48", 2, "--group");
     tu_rmdir(dir);
 }
 END_TEST
@@ -320,6 +326,7 @@ END_TEST
  * at 2-bit GPTQ, whose errors compound more than the sum of their separate KLDs.) */
 START_TEST(method_choice_on_demo)
 {
+    if (tu_light_skip("method choice on the demo model")) return;
     char *dir = tu_tmpdir(), args[4096];
     snprintf(args, sizeof args, "calibrate testdata/demo --text testdata/assets/wiki.test.raw "
              "--ctx 512 --skip 8 --samples 16 -o '%s/s.qcal'", dir);
@@ -357,10 +364,6 @@ START_TEST(method_choice_on_demo)
         ck_assert_msg(kld[1] < kld[0], "choosing GPTQ did not help at %.3f bpw: %g vs %g", bpws[p],
                       kld[1], kld[0]);
     }
-    /* a GPTQ candidate without statistics to quantize with */
-    tu_expect("quantize testdata/demo /tmp/x --bpw 3 --dry-run --sensitivity "
-              "testdata/demo/sensitivity-wiki-gptq.json", 1, "need --stats");
-    tu_expect("quantize testdata/demo /tmp/x --bpw 3 --methods rtn,awq --calib x", 2, "--methods");
     tu_rmdir(dir);
 }
 END_TEST

@@ -300,6 +300,7 @@ static double demo_kld(const char *quant)
 
 START_TEST(demo_kld_sequential)
 {
+    if (tu_light_skip("sequential vs plain statistics on the demo model")) return;
     struct stat sb;
     if (stat("testdata/demo/model.safetensors", &sb)) {
         printf("info: testdata/demo absent, skipped\n");

@@ -260,6 +260,7 @@ static double kld_mean(const char *base, const char *quant)
  * 0.01162 on the first 4 windows, 0.0100 → 0.0091 on the last 60 kB; the bound asks "lower"). */
 START_TEST(imatrix_demo)
 {
+    if (tu_light_skip("imatrix vs none on the demo model")) return;
     char *dir = tu_tmpdir(), imf[700], calib[700];
     snprintf(imf, sizeof imf, "%s/imatrix.gguf", dir);
     snprintf(calib, sizeof calib, "%s/calib.txt", dir);

@@ -863,6 +863,7 @@ static double cli_kld(const char *quant, const char *text)
 
 START_TEST(demo_model_kld)
 {
+    if (tu_light_skip("methods x bits KLD on the demo model")) return;
     struct stat sb;
     if (stat("testdata/demo/model.safetensors", &sb)) {
         printf("info: testdata/demo absent, skipped\n");
