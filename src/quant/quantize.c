@@ -1513,6 +1513,118 @@ out:
     return rc;
 }
 
+/* ---- sharded safetensors output (MLX and GPTQ alike) --------------------------------------- */
+
+typedef struct shard_writer {
+    size_t n;          /* output tensors, in file order */
+    int n_shards;
+    const char *format; /* the header's "format" entry */
+    /* tensor i's header entry and shard (shards ascending with i) */
+    void (*describe)(void *user, size_t i, qmix_stw_tensor *spec, int *shard);
+    /* streams tensor i's bytes into f; -1 with err */
+    int (*write)(void *user, qmix_stw *f, size_t i);
+    void *user;
+} shard_writer;
+
+/* Writes model.safetensors (or model-0000k-of-0000n.safetensors) and the index, whose totals
+ * are rep's bytes and params. */
+static int write_shards(const char *out_dir, const shard_writer *sw, const qmix_quant_report *rep,
+                        qmix_err *err)
+{
+    const char **names = calloc(sw->n + 1, sizeof *names), **files = calloc(sw->n + 1, sizeof *files);
+    char (*fnames)[64] = calloc((size_t)sw->n_shards + 1, sizeof *fnames);
+    qmix_stw_tensor *specs = calloc(sw->n + 1, sizeof *specs);
+    int rc = -1;
+    if (!names || !files || !fnames || !specs) {
+        qmix_errf(err, "out of memory");
+        goto done;
+    }
+    qmix_stw_kv meta[1] = {{"format", sw->format}};
+    size_t j = 0;
+    int shard = 0;
+    if (sw->n) sw->describe(sw->user, 0, &specs[0], &shard);
+    for (int sh = 0; sh < sw->n_shards; sh++) {
+        if (sw->n_shards == 1) snprintf(fnames[sh], sizeof fnames[sh], "model.safetensors");
+        else snprintf(fnames[sh], sizeof fnames[sh], "model-%05d-of-%05d.safetensors", sh + 1,
+                      sw->n_shards);
+        size_t k0 = j;
+        while (j < sw->n) {
+            sw->describe(sw->user, j, &specs[j - k0], &shard);
+            if (shard != sh) break;
+            names[j] = specs[j - k0].name;
+            files[j] = fnames[sh];
+            j++;
+        }
+        char *path = path_join(out_dir, fnames[sh]);
+        qmix_stw *f = NULL;
+        if (!path || qmix_stw_open(path, specs, j - k0, meta, 1, &f, err)) {
+            free(path);
+            goto done;
+        }
+        free(path);
+        for (size_t k = k0; k < j; k++)
+            if (sw->write(sw->user, f, k)) {
+                qmix_stw_discard(f);
+                goto done;
+            }
+        if (qmix_stw_close(f, err)) goto done;
+    }
+    char *ip = path_join(out_dir, "model.safetensors.index.json");
+    rc = !ip || qmix_st_write_index(ip, rep->bytes, rep->params, names, files, sw->n, err) ? -1 : 0;
+    free(ip);
+done:
+    free(names);
+    free(files);
+    free(fnames);
+    free(specs);
+    return rc;
+}
+
+/* The GPTQ outputs as a shard_writer sees them. */
+typedef struct gptq_shards { wctx *w; const plan *p; const gplan *g; uint32_t *mbuf; } gptq_shards;
+
+static void gptq_describe(void *user, size_t i, qmix_stw_tensor *spec, int *shard)
+{
+    const gout *x = &((gptq_shards *)user)->g->o[i];
+    *spec = (qmix_stw_tensor){.name = x->name, .dtype = x->dtype, .ndim = x->ndim};
+    memcpy(spec->shape, x->shape, sizeof spec->shape);
+    *shard = x->shard;
+}
+
+static int gptq_write(void *user, qmix_stw *f, size_t k)
+{
+    gptq_shards *gs = user;
+    const gplan *g = gs->g;
+    if (gptq_write_one(gs->w, f, gs->p, &g->o[k], gs->mbuf)) return -1;
+    const src_t *s = gs->p->it[g->o[k].item].src;
+    if ((k + 1 == g->n || gs->p->it[g->o[k + 1].item].src != s) && !s->parts)
+        release_source(s, n_elems(s->ndim, s->shape) * qmix_dtype_size(s->dtype));
+    return 0;
+}
+
+/* The MLX plan's items as a shard_writer sees them. */
+typedef struct mlx_shards { wctx *w; const plan *p; } mlx_shards;
+
+static void mlx_describe(void *user, size_t i, qmix_stw_tensor *spec, int *shard)
+{
+    const item *t = &((mlx_shards *)user)->p->it[i];
+    *spec = (qmix_stw_tensor){.name = t->name, .dtype = t->dtype, .ndim = t->ndim};
+    memcpy(spec->shape, t->shape, sizeof spec->shape);
+    *shard = t->shard;
+}
+
+static int mlx_write(void *user, qmix_stw *f, size_t k)
+{
+    mlx_shards *ms = user;
+    const plan *p = ms->p;
+    if (write_item(ms->w, f, &p->it[k])) return -1;
+    /* the source is done when its last output item is */
+    const src_t *s = p->it[k].src;
+    if ((k + 1 == p->n || p->it[k + 1].src != s) && !s->qbits && !s->parts)
+        release_source(s, n_elems(s->ndim, s->shape) * qmix_dtype_size(s->dtype));
+    return 0;
+}
+
 /* Writes the planned model as a GPTQ checkpoint into out_dir (config and side files by the
  * caller's code path). */
 static int write_gptq(wctx *w, const plan *p, const char *in, const char *out_dir,
@@ -1523,9 +1635,6 @@ static int write_gptq(wctx *w, const plan *p, const char *in, const char *out_di
     gplan g = {0};
     json_t *qc = NULL;
     uint32_t *mbuf = NULL;
-    const char **names = NULL, **files = NULL;
-    char (*fnames)[64] = NULL;
-    qmix_stw_tensor *specs = NULL;
     int rc = -1;
     if (gptq_outputs(p, &g, err)) goto done;
     int has_mtp = 0, has_vision = 0;
@@ -1578,60 +1687,20 @@ static int write_gptq(wctx *w, const plan *p, const char *in, const char *out_di
     int n_shards = g.n ? shard + 1 : 0;
     rep->n_shards = n_shards;
     mbuf = malloc(max_words * 4); /* one quantized matrix: qweight is its transpose */
-    names = calloc(g.n + 1, sizeof *names);
-    files = calloc(g.n + 1, sizeof *files);
-    fnames = calloc((size_t)n_shards + 1, sizeof *fnames);
-    specs = calloc(g.n + 1, sizeof *specs);
-    if (!mbuf || !names || !files || !fnames || !specs) {
+    if (!mbuf) {
         qmix_errf(err, "out of memory");
         goto done;
     }
-    qmix_stw_kv meta[1] = {{"format", "pt"}};
-    size_t j = 0;
-    for (int sh = 0; sh < n_shards; sh++) {
-        if (n_shards == 1) snprintf(fnames[sh], sizeof fnames[sh], "model.safetensors");
-        else snprintf(fnames[sh], sizeof fnames[sh], "model-%05d-of-%05d.safetensors", sh + 1,
-                      n_shards);
-        size_t k0 = j;
-        while (j < g.n && g.o[j].shard == sh) {
-            specs[j - k0] = (qmix_stw_tensor){.name = g.o[j].name, .dtype = g.o[j].dtype,
-                                              .ndim = g.o[j].ndim};
-            memcpy(specs[j - k0].shape, g.o[j].shape, sizeof specs[0].shape);
-            names[j] = g.o[j].name;
-            files[j] = fnames[sh];
-            j++;
-        }
-        char *path = path_join(out_dir, fnames[sh]);
-        qmix_stw *f = NULL;
-        if (!path || qmix_stw_open(path, specs, j - k0, meta, 1, &f, err)) {
-            free(path);
-            goto done;
-        }
-        free(path);
-        for (size_t k = k0; k < j; k++) {
-            if (gptq_write_one(w, f, p, &g.o[k], mbuf)) {
-                qmix_stw_discard(f);
-                goto done;
-            }
-            const src_t *s = p->it[g.o[k].item].src;
-            if ((k + 1 == g.n || p->it[g.o[k + 1].item].src != s) && !s->parts)
-                release_source(s, n_elems(s->ndim, s->shape) * qmix_dtype_size(s->dtype));
-        }
-        if (qmix_stw_close(f, err)) goto done;
-    }
+    gptq_shards gs = {.w = w, .p = p, .g = &g, .mbuf = mbuf};
+    shard_writer sw = {.n = g.n, .n_shards = n_shards, .format = "pt", .describe = gptq_describe,
+                       .write = gptq_write, .user = &gs};
+    int irc = write_shards(out_dir, &sw, rep, err);
     progress(w, 1);
-    char *ip = path_join(out_dir, "model.safetensors.index.json");
-    int irc = !ip || qmix_st_write_index(ip, rep->bytes, rep->params, names, files, g.n, err);
-    free(ip);
     if (irc || write_gptq_config(in, out_dir, qc, err)) goto done;
     rc = 0;
 done:
     json_decref(qc);
     free(mbuf);
-    free(names);
-    free(files);
-    free(fnames);
-    free(specs);
     free(g.o);
     free(g.mods);
     arena_free(&g.names);
@@ -1777,69 +1846,26 @@ int qmix_quantize(const char *in, const char *out_dir, const qmix_quant_opts *o,
     w.chunk = malloc(chunk_elems * 4);
     w.imp = malloc(max_cols * sizeof *w.imp);
     w.gwork = malloc((size_t)w.n_threads * (2 * max_cols + 128) * sizeof *w.gwork);
-    const char **names = calloc(p.n + 1, sizeof *names), **files = calloc(p.n + 1, sizeof *files);
-    char (*fnames)[64] = calloc((size_t)n_shards + 1, sizeof *fnames);
-    qmix_stw_tensor *specs = calloc(p.n + 1, sizeof *specs);
-    if (!w.pool || !w.rows || !w.scr || !w.chunk || !w.imp || !w.gwork || !names || !files ||
-        !fnames || !specs) {
+    if (!w.pool || !w.rows || !w.scr || !w.chunk || !w.imp || !w.gwork) {
         qmix_errf(err, "out of memory");
-        goto done2;
+        goto done;
     }
-    if (!o->dry_run && awq_prepass(&w, &p)) goto done2;
+    if (!o->dry_run && awq_prepass(&w, &p)) goto done;
     w.t0 = w.last = now_s();
     if (gptq) {
-        if (write_gptq(&w, &p, in, out_dir, &cfg, c.kept16, err)) goto done2;
+        if (write_gptq(&w, &p, in, out_dir, &cfg, c.kept16, err)) goto done;
         if (o->dry_run) {
             rc = 0;
-            goto done2;
+            goto done;
         }
         goto side_files;
     }
-    qmix_stw_kv meta[1] = {{"format", "mlx"}};
-    size_t j = 0;
-    for (int sh = 0; sh < n_shards; sh++) {
-        if (n_shards == 1) snprintf(fnames[sh], sizeof fnames[sh], "model.safetensors");
-        else snprintf(fnames[sh], sizeof fnames[sh], "model-%05d-of-%05d.safetensors", sh + 1,
-                      n_shards);
-        size_t k0 = j;
-        while (j < p.n && p.it[j].shard == sh) {
-            specs[j - k0] = (qmix_stw_tensor){.name = p.it[j].name, .dtype = p.it[j].dtype,
-                                              .ndim = p.it[j].ndim};
-            memcpy(specs[j - k0].shape, p.it[j].shape, sizeof specs[0].shape);
-            names[j] = p.it[j].name;
-            files[j] = fnames[sh];
-            j++;
-        }
-        char *path = path_join(out_dir, fnames[sh]);
-        qmix_stw *f = NULL;
-        if (!path || qmix_stw_open(path, specs, j - k0, meta, 1, &f, err)) {
-            free(path);
-            goto done2;
-        }
-        free(path);
-        for (size_t k = k0; k < j; k++) {
-            if (write_item(&w, f, &p.it[k])) {
-                qmix_stw_discard(f);
-                goto done2;
-            }
-            /* the source is done when its last output item is */
-            if ((k + 1 == p.n || p.it[k + 1].src != p.it[k].src) && !p.it[k].src->qbits &&
-                !p.it[k].src->parts) {
-                uint64_t nb = n_elems(p.it[k].src->ndim, p.it[k].src->shape) *
-                              qmix_dtype_size(p.it[k].src->dtype);
-                release_source(p.it[k].src, nb);
-            }
-        }
-        if (qmix_stw_close(f, err)) goto done2;
-    }
+    mlx_shards ms = {.w = &w, .p = &p};
+    shard_writer sw = {.n = p.n, .n_shards = n_shards, .format = "mlx", .describe = mlx_describe,
+                       .write = mlx_write, .user = &ms};
+    if (write_shards(out_dir, &sw, rep, err)) goto done;
     progress(&w, 1);
-    {
-        char *ip = path_join(out_dir, "model.safetensors.index.json");
-        int irc = !ip || qmix_st_write_index(ip, rep->bytes, rep->params, names, files, p.n, err);
-        free(ip);
-        if (irc) goto done2;
-    }
-    if (write_config(in, out_dir, &p, rep->default_bits, rep->default_group, err)) goto done2;
+    if (write_config(in, out_dir, &p, rep->default_bits, rep->default_group, err)) goto done;
 side_files:;
     static const char *side[] = {"tokenizer.json", "tokenizer_config.json",
                                  "generation_config.json", "chat_template.jinja",
@@ -1852,16 +1878,11 @@ side_files:;
         int crc = !a || !b || copy_file(a, b, err);
         free(a);
         free(b);
-        if (crc) goto done2;
+        if (crc) goto done;
     }
     rep->input_bytes = w.total_bytes;
     rep->seconds = now_s() - t0;
     rc = 0;
-done2:
-    free(names);
-    free(files);
-    free(fnames);
-    free(specs);
 done:
     qmix_pool_free(w.pool);
     free(w.rows);
