@@ -9,6 +9,8 @@
 #include "cli/cli.h"
 #include "cli/commands.h"
 #include "eval/windows.h"
+#include "kernels/kernels.h"
+#include "model/forward.h"
 #include "quant/calib.h"
 #include "quant/fakequant.h"
 #include "quant/imatrix.h"
@@ -74,13 +76,8 @@ static int parse_size(const char *v, uint64_t *out)
     return 0;
 }
 
-static int no_logits(void *user, int window, int row0, int n_rows, const float *logits,
-                     const int32_t *win, qmix_err *err)
-{
-    return 0;
-}
-
 typedef struct prog { double t0; int pass, passes, sequential; int64_t done0, total; } prog;
+
 static void on_progress(void *user, int done, int total)
 {
     prog *p = user;
@@ -88,6 +85,54 @@ static void on_progress(void *user, int done, int total)
     snprintf(label, sizeof label, "calibrate %s%d/%d", p->sequential ? "layer " : "", p->pass + 1,
              p->passes);
     cli_progress(label, p->done0 + done, p->total, p->t0);
+}
+
+/* The residual stream of every calibration window between layer bands: a band starts from what
+ * the previous one left instead of recomputing the layers before it, so a banded (or sequential)
+ * run costs one pass over the layers, not one per band. ctx - 1 rows per window are fed. */
+typedef struct stream {
+    float *x;          /* [n_windows][ctx - 1][hidden] */
+    float *tmp;        /* [chunk][hidden]: a chunk run without advancing the stream */
+    float *logits;     /* [chunk][vocab]: the lm_head's output, only to feed its statistics */
+    int ctx, n_windows, chunk;
+} stream;
+
+/* Layers [lo, hi) of every window (the collector, if any, attached to the session as its tap),
+ * plus the lm_head when head; in the chunks qmix_eval_windows uses, so the floats are those of a
+ * plain forward pass. advance: the stream then holds the output of layer hi - 1. Returns 0, 1 when
+ * stopped, -1 with err. */
+static int run_band(qmix_session *sess, stream *st, const int32_t *tokens, int lo, int hi,
+                    int head, int advance, prog *pr, qmix_err *err)
+{
+    const qmix_model *m = sess->model;
+    int64_t D = m->cfg.hidden_size, rows = st->ctx - 1;
+    for (int w = 0; w < st->n_windows; w++) {
+        float *xw = st->x + (int64_t)w * rows * D;
+        if (lo == 0)
+            for (int64_t t = 0; t < rows; t++) {
+                int32_t id = tokens[(int64_t)w * st->ctx + t];
+                if (id < 0 || id >= m->cfg.vocab_size)
+                    return qmix_errf(err, "calibration token %lld is id %d, outside the vocabulary",
+                                     (long long)((int64_t)w * st->ctx + t), id);
+                qk_mat_row_f32(&m->embed, id, xw + t * D);
+            }
+        qmix_session_reset(sess);
+        for (int64_t row0 = 0; row0 < rows; row0 += st->chunk) {
+            if (cli_stop) return 1;
+            int n = rows - row0 < st->chunk ? (int)(rows - row0) : st->chunk;
+            for (int at = 0; at < n; at += sess->max_batch) { /* as qmix_session_prefill splits */
+                int len = n - at < sess->max_batch ? n - at : sess->max_batch;
+                float *x = xw + (row0 + at) * D;
+                if (!advance) {
+                    memcpy(st->tmp, x, (size_t)(len * D) * sizeof *x);
+                    x = st->tmp;
+                }
+                qmix_forward_hidden(sess, lo, hi, x, len, head ? st->logits : NULL);
+            }
+        }
+        if (pr) on_progress(pr, w + 1, st->n_windows);
+    }
+    return 0;
 }
 
 /* Sequential scheme: quantizes layer L in memory from the statistics just collected (col) as
@@ -279,6 +324,7 @@ int qmix_cmd_calibrate(int argc, char **argv)
     qmix_fq_set *layer_sets = NULL; /* sequential: the quantized copies, one set per layer */
     FILE *f = NULL;
     char *tmp_path = NULL;
+    stream st = {0};
     int rc = 1;
     if (qmix_model_open(model_path, &model, &err)) goto fail;
     const qmix_config *cfg = qmix_model_config(model);
@@ -339,6 +385,23 @@ int qmix_cmd_calibrate(int argc, char **argv)
                            .n_tokens = (uint64_t)n_windows * (uint64_t)(ctx - 1), /* the last token of a window is not fed */
                            .dataset = dataset};
     if (qmix_calib_write_header(f, &h, &err)) goto fail;
+    st.ctx = ctx;
+    st.n_windows = n_windows;
+    st.chunk = qmix_eval_chunk_rows(cfg->vocab_size);
+    {
+        int64_t per_call = st.chunk < sess->max_batch ? st.chunk : sess->max_batch;
+        size_t stream_bytes = (size_t)n_windows * (size_t)(ctx - 1) * (size_t)cfg->hidden_size * 4;
+        st.x = malloc(stream_bytes);
+        st.tmp = malloc((size_t)per_call * (size_t)cfg->hidden_size * 4);
+        st.logits = malloc((size_t)per_call * (size_t)cfg->vocab_size * 4);
+        if (!st.x || !st.tmp || !st.logits) {
+            char hb[32];
+            cli_human_bytes((double)stream_bytes, hb, sizeof hb);
+            fprintf(stderr, "qmix calibrate: out of memory for the residual stream of %d windows "
+                    "(%s; use fewer --samples)\n", n_windows, hb);
+            goto fail_quiet;
+        }
+    }
     cli_catch_sigint();
     prog pr = {.t0 = cli_now(), .passes = n_bands, .sequential = sequential,
                .total = (int64_t)n_windows * n_bands};
@@ -355,9 +418,9 @@ int qmix_cmd_calibrate(int argc, char **argv)
         if (qmix_calib_collector_new(sess, band_lo[b], band_lo[b + 1], b == n_bands - 1, hessian,
                                      &col, &err))
             goto fail;
-        int done = 0;
-        int run = qmix_eval_windows(sess, tokens, ctx, n_windows, no_logits, NULL, on_progress,
-                                    &pr, &cli_stop, &done, &err);
+        /* sequential: the stream advances only after the band's layer is quantized, below */
+        int run = run_band(sess, &st, tokens, band_lo[b], band_lo[b + 1], b == n_bands - 1,
+                           !sequential, &pr, &err);
         if (run < 0) goto fail;
         if (run > 0) {
             cli_progress_end();
@@ -374,6 +437,15 @@ int qmix_cmd_calibrate(int argc, char **argv)
             goto fail;
         qmix_calib_collector_free(col);
         col = NULL;
+        if (sequential && b + 1 < n_bands) { /* the stream through the quantized layer */
+            run = run_band(sess, &st, tokens, band_lo[b], band_lo[b + 1], 0, 1, NULL, &err);
+            if (run < 0) goto fail;
+            if (run > 0) {
+                cli_progress_end();
+                fprintf(stderr, "qmix calibrate: stopped; no statistics written\n");
+                goto fail_quiet;
+            }
+        }
     }
     cli_progress_end();
     if (written != h.n_entries) {
@@ -424,6 +496,9 @@ fail_quiet:
         remove(tmp_path);
     }
 done:
+    free(st.x);
+    free(st.tmp);
+    free(st.logits);
     qmix_calib_collector_free(col);
     if (layer_sets)
         for (int l = 0; l < qmix_model_config(model)->n_layers; l++) qmix_fq_free(&layer_sets[l]);

@@ -295,6 +295,24 @@ static void moe(qmix_session *s, const qmix_layer *ly, int n)
 
 /* ---- top level --------------------------------------------------------------------------- */
 
+/* Decoder layers [lo, hi) over the batch's n rows of the residual stream s->x. */
+static void run_layers(qmix_session *s, batch *b, int lo, int hi, int n)
+{
+    const qmix_config *c = &s->model->cfg;
+    int64_t D = c->hidden_size;
+    for (int i = lo; i < hi; i++) {
+        const qmix_layer *ly = &s->model->layers[i];
+        b->layer = i;
+        rmsnorm_rows(s->h, s->x, ly->input_norm, n, D, c->rms_eps);
+        if (ly->is_full) full_attention(s, ly, b);
+        else linear_attention(s, ly, b);
+        add_rows(s->x, s->out, n * D);
+        rmsnorm_rows(s->h, s->x, ly->post_norm, n, D, c->rms_eps);
+        moe(s, ly, n);
+        add_rows(s->x, s->out, n * D);
+    }
+}
+
 void qmix_forward_batch(qmix_session *s, qmix_seq *const *seqs, const int *n_tokens, int n_seqs,
                         const int32_t *tokens, float *logits, float *all_logits)
 {
@@ -310,17 +328,7 @@ void qmix_forward_batch(qmix_session *s, qmix_seq *const *seqs, const int *n_tok
 
     for (int t = 0; t < n; t++) qk_mat_row_f32(&m->embed, tokens[t], s->x + t * D);
 
-    for (int i = 0; i < c->n_layers; i++) {
-        const qmix_layer *ly = &m->layers[i];
-        b.layer = i;
-        rmsnorm_rows(s->h, s->x, ly->input_norm, n, D, c->rms_eps);
-        if (ly->is_full) full_attention(s, ly, &b);
-        else linear_attention(s, ly, &b);
-        add_rows(s->x, s->out, n * D);
-        rmsnorm_rows(s->h, s->x, ly->post_norm, n, D, c->rms_eps);
-        moe(s, ly, n);
-        add_rows(s->x, s->out, n * D);
-    }
+    run_layers(s, &b, 0, c->n_layers, n);
 
     if (all_logits) {
         rmsnorm_rows(s->h, s->x, m->final_norm, n, D, c->rms_eps);
@@ -345,4 +353,25 @@ void qmix_forward(qmix_session *s, const int32_t *tokens, int n, float *all_logi
 {
     qmix_seq *self = &s->seq;
     qmix_forward_batch(s, &self, &n, 1, tokens, s->logits, all_logits);
+}
+
+void qmix_forward_hidden(qmix_session *s, int layer_lo, int layer_hi, float *x, int n,
+                         float *all_logits)
+{
+    const qmix_model *m = s->model;
+    const qmix_config *c = &m->cfg;
+    int64_t D = c->hidden_size, V = c->vocab_size;
+    qmix_seq *self = &s->seq;
+    batch b = {.seqs = &self, .n_tokens = &n, .n_seqs = 1, .rows = n};
+    s->seg_row[0] = 0;
+    for (int t = 0; t < n; t++) s->row_seg[t] = 0;
+    memcpy(s->x, x, (size_t)(n * D) * sizeof *x);
+    run_layers(s, &b, layer_lo, layer_hi, n);
+    memcpy(x, s->x, (size_t)(n * D) * sizeof *x);
+    if (all_logits) {
+        rmsnorm_rows(s->h, s->x, m->final_norm, n, D, c->rms_eps);
+        qmix_mm_job head = job(&m->lm_head, s->h, n, D, all_logits, V);
+        qmix_run_matmuls(s, &head, 1);
+    }
+    self->pos += n;
 }

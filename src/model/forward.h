@@ -18,4 +18,14 @@ void qmix_forward(qmix_session *s, const int32_t *tokens, int n, float *all_logi
 void qmix_forward_batch(qmix_session *s, qmix_seq *const *seqs, const int *n_tokens, int n_seqs,
                         const int32_t *tokens, float *logits, float *all_logits);
 
+/* Layers [layer_lo, layer_hi) only, over n (<= s->max_batch) rows x[n][hidden] of the residual
+ * stream of the session's own sequence at positions s->seq.pos.. — the stream entering layer_lo
+ * (the embeddings when it is 0), left in x as it leaves layer_hi - 1 — and, with all_logits
+ * ([n][vocab]), the final norm and lm_head after it (layer_hi should then be the last layer + 1).
+ * The sequence advances by n. For passes that visit the layers in bands (calibration): keeping the
+ * stream between bands makes the whole run one pass over the layers instead of one per band, with
+ * the same floats as qmix_forward (the same operations on the same rows). */
+void qmix_forward_hidden(qmix_session *s, int layer_lo, int layer_hi, float *x, int n,
+                         float *all_logits);
+
 #endif
