@@ -65,7 +65,23 @@ int main(int argc, char **argv)
         t0 = now();
         if (qmix_gptq_prepare(NULL, h, k, 64, &o, &p, &err)) fprintf(stderr, "%s\n", err.msg);
         double prep = now() - t0;
+        /* one output row's column loop (4-bit, group 64), as many rows as a second holds */
+        float *w = malloc((size_t)k * sizeof *w), *work = malloc((size_t)(2 * k + 128) * sizeof *work);
+        float sc[4096], bi[4096];
+        uint32_t *packed = malloc((size_t)k / 2 + 64);
+        for (int64_t c = 0; c < k; c++) w[c] = frand();
+        int rows = 0;
+        t0 = now();
+        while (now() - t0 < 0.5 || rows < 4) {
+            qmix_gptq_quantize_row(&p, w, 4, QMIX_BF16, work, packed, sc, bi);
+            rows++;
+        }
+        double per_row = (now() - t0) / rows;
+        free(w);
+        free(work);
+        free(packed);
         qmix_gptq_prep_free(&p);
+        printf("%6lld row (4-bit, group 64, 1 thread): %.3f ms\n", (long long)k, 1e3 * per_row);
         double gf = (double)k * k * k / 3 / 1e9; /* Cholesky flops (multiply-adds × 2 / 3) */
         printf("%6lld %9.3f s %9.3f s %9.3f s %9.3f s %9.3f s %9.3f s   (chol %.1f GFLOP/s all)\n",
                (long long)k, c_ref, c_one, c_all, i_ref, i_all, prep, gf / c_all);
