@@ -48,7 +48,7 @@ $(BUILD)/%.o: %.c
 # Kernels are hot loops written for the auto-vectoriser; -O3 lets it unroll and vectorise them.
 ifeq ($(SAN),0)
 $(BUILD)/src/kernels/%.o: KERNEL_OPT := -O3
-$(BUILD)/src/quant/linalg.o $(BUILD)/src/quant/gptq.o: KERNEL_OPT := -O3
+$(BUILD)/src/quant/linalg.o $(BUILD)/src/quant/gptq.o $(BUILD)/src/quant/calib.o: KERNEL_OPT := -O3
 endif
 
 $(BUILD)/src/kernels/%_avx2.o: src/kernels/%_avx2.c

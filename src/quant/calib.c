@@ -9,6 +9,7 @@
 #include "model/model.h"
 #include "runtime/session.h"
 #include "runtime/threadpool.h"
+#include "util/hot.h"
 #include "util/err.h"
 
 static int64_t kind_k(const qmix_config *c, int kind)
@@ -152,7 +153,7 @@ static int find_view(const qmix_calib_collector *c, const qk_mat *w)
 
 /* Task = (job, stripe): rows i ≡ stripe (mod stripes) of that job's Hessian, so no two tasks
  * write the same row and the triangle's uneven rows spread over the stripes. */
-static void acc_task(void *ctx, int task, int thread)
+QMIX_HOT_LOOP static void acc_task(void *ctx, int task, int thread)
 {
     qmix_calib_collector *c = ctx;
     const acc_job *j = &c->jobs[task / c->stripes];

@@ -10,15 +10,8 @@
 #include <stdint.h>
 
 #include "runtime/threadpool.h"
+#include "util/hot.h"
 
-/* For the few loops that hold almost all of a quantizer's flops: compiled for AVX-512 and AVX2
- * as well as the baseline, the variant chosen when the program loads (GCC/Clang function
- * multiversioning) — the baseline's SSE2 runs these double/float multiply-adds 3-4× slower. */
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__)) && !defined(QMIX_NO_CLONES)
-#define QMIX_HOT_LOOP __attribute__((target_clones("avx512f", "avx2", "default")))
-#else
-#define QMIX_HOT_LOOP
-#endif
 
 /* A = L·Lᵀ: L overwrites the lower triangle of a. Returns 0, or -1 when A is not positive
  * definite (a is then partly overwritten). pool may be NULL (this thread only). */
