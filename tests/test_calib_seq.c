@@ -286,16 +286,8 @@ END_TEST
 /* Mean KLD of a quantized demo model on the first 8 windows of its held-out text. */
 static double demo_kld(const char *quant)
 {
-    char args[2048];
-    snprintf(args, sizeof args, "kld testdata/demo %s --text testdata/demo/heldout.txt --ctx 512 "
-             "--windows 8 --json --threads 2", quant);
-    tu_run_result r = tu_run(args);
-    ck_assert_msg(r.status == 0, "qmix %s: %s", args, r.err);
-    const char *m = strstr(r.out, "\"mean\":");
-    ck_assert_ptr_nonnull(m);
-    double v = strtod(m + 7, NULL);
-    tu_run_free(&r);
-    return v;
+    return tu_kld_mean("kld testdata/demo %s --text testdata/demo/heldout.txt --ctx 512 "
+                       "--windows 8 --json --threads 2", quant);
 }
 
 START_TEST(demo_kld_sequential)

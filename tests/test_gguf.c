@@ -819,18 +819,7 @@ static int32_t *golden_tokens(const char *fixture, int *n)
 {
     char path[600];
     snprintf(path, sizeof path, "%s/golden/tokens.txt", fixture);
-    char *text = tu_read(path, NULL), *p = text, *end;
-    int32_t *ids = malloc(sizeof *ids * 4096);
-    int count = 0;
-    for (;;) {
-        while (*p && (*p < '0' || *p > '9') && *p != '-') p++;
-        if (!*p) break;
-        ids[count++] = (int32_t)strtol(p, &end, 10);
-        p = end;
-    }
-    free(text);
-    *n = count;
-    return ids;
+    return tu_read_ids(path, n);
 }
 
 /* Prefill logits [n, vocab] of a model path. */

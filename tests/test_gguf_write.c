@@ -84,18 +84,7 @@ static int32_t *golden_tokens(const char *fixture, int *n)
 {
     char path[600];
     snprintf(path, sizeof path, "%s/golden/tokens.txt", fixture);
-    char *text = tu_read(path, NULL), *p = text, *end;
-    int32_t *ids = malloc(sizeof *ids * 4096);
-    int count = 0;
-    for (;;) {
-        while (*p && (*p < '0' || *p > '9')) p++;
-        if (!*p) break;
-        ids[count++] = (int32_t)strtol(p, &end, 10);
-        p = end;
-    }
-    free(text);
-    *n = count;
-    return ids;
+    return tu_read_ids(path, n);
 }
 
 static float *prefill(const char *path, const int32_t *ids, int n, int *vocab)
@@ -243,14 +232,8 @@ static double weighted_error(const char *f32_path, const char *q_path, const qmi
 
 static double kld_mean(const char *base, const char *quant)
 {
-    char *out = NULL;
-    ck_assert_int_eq(tu_run_out(&out, "kld %s %s --text testdata/demo/heldout.txt --ctx 512 "
-                                "--windows 4 --json", base, quant), 0);
-    json_t *j = tu_json(out);
-    double mean = json_real_value(json_object_get(j, "mean"));
-    json_decref(j);
-    free(out);
-    return mean;
+    return tu_kld_mean("kld %s %s --text testdata/demo/heldout.txt --ctx 512 --windows 4 --json",
+                       base, quant);
 }
 
 /* An imatrix from `qmix calibrate` on the demo model's first 40 kB of held-out text, applied to a

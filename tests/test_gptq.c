@@ -849,16 +849,8 @@ END_TEST
  * real structure, and GPTQ's advantage is large (≈ a third less KLD at 3 bits). */
 static double cli_kld(const char *quant, const char *text)
 {
-    char args[2048];
-    snprintf(args, sizeof args, "kld testdata/demo %s --text %s --ctx 512 --windows 2 --json "
-             "--threads 2", quant, text);
-    tu_run_result r = tu_run(args);
-    ck_assert_msg(r.status == 0, "qmix %s: %s", args, r.err);
-    const char *m = strstr(r.out, "\"mean\":");
-    ck_assert_ptr_nonnull(m);
-    double v = strtod(m + 7, NULL);
-    tu_run_free(&r);
-    return v;
+    return tu_kld_mean("kld testdata/demo %s --text %s --ctx 512 --windows 2 --json --threads 2",
+                       quant, text);
 }
 
 START_TEST(demo_model_kld)

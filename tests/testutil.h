@@ -122,6 +122,10 @@ static inline int tu_run_out(char **out, const char *fmt, ...)
     return r.status;
 }
 
+/* The "mean" of `qmix kld ... --json` run with printf-style arguments (which must include
+ * --json); fails the test if the command fails or prints no mean. */
+static inline double tu_kld_mean(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
+
 /* Parses JSON text, failing the test (with the text) if it is not JSON. */
 static inline json_t *tu_json(const char *text)
 {
@@ -129,6 +133,24 @@ static inline json_t *tu_json(const char *text)
     json_t *j = json_loads(text, 0, &je);
     ck_assert_msg(j != NULL, "bad JSON (%s): %.300s", je.text, text);
     return j;
+}
+
+static inline double tu_kld_mean(const char *fmt, ...)
+{
+    char args[4096];
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(args, sizeof args, fmt, ap);
+    va_end(ap);
+    char *out = NULL;
+    ck_assert_msg(tu_run_out(&out, "%s", args) == 0, "qmix %s failed", args);
+    json_t *j = tu_json(out);
+    json_t *mean = json_object_get(j, "mean");
+    ck_assert_msg(json_is_number(mean), "qmix %s: no mean in %.300s", args, out);
+    double v = json_number_value(mean);
+    json_decref(j);
+    free(out);
+    return v;
 }
 
 /* Token ids from a file of whitespace-separated integers (a fixture's golden/tokens.txt). */
