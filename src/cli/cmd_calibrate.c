@@ -173,7 +173,7 @@ int qmix_cmd_calibrate(int argc, char **argv)
     int hessian = 1, sequential = 0, method = QMIX_METHOD_RTN, gptq_opts_given = 0;
     long group = 0;
     qmix_gptq_opts gptq = {0};
-    double min_pct = 0.5;   /* the RTN failsafe as qmix quantize's default: 0.5 % of the tokens */
+    double min_pct = -1;    /* the RTN failsafe: qmix quantize's default percentage */
     int64_t min_count = -1; /* or a count */
     long skip = 0;
     uint64_t max_mem = (uint64_t)8 << 30;
@@ -407,7 +407,7 @@ int qmix_cmd_calibrate(int argc, char **argv)
                .total = (int64_t)n_windows * n_bands};
     /* the RTN failsafe threshold qmix quantize --calib derives from this file's token count */
     int64_t min_tokens = min_count >= 0 ? min_count
-                                        : (int64_t)ceil(min_pct / 100.0 * (double)h.n_tokens);
+                                        : qmix_calib_failsafe_rows(h.n_tokens, min_pct);
     if (min_tokens < 1) min_tokens = 1;
     uint64_t held = 0;
     int written = 0;

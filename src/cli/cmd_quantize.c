@@ -214,7 +214,7 @@ int qmix_cmd_quantize(int argc, char **argv)
         qmix_imatrix_free(im);
         return grc;
     }
-    if (min_pct >= 0) o.min_tokens = calib ? (int64_t)ceil(min_pct / 100.0 * (double)qmix_calib_tokens(calib)) : 0;
+    if (min_pct >= 0) o.min_tokens = calib ? qmix_calib_failsafe_rows(qmix_calib_tokens(calib), min_pct) : 0;
     qmix_quant_report rep;
     int qrc = qmix_quantize(in, out, &o, &rep, &err);
     qmix_calib_close(calib);

@@ -268,12 +268,6 @@ int budget_option(int argc, char **argv, int *i, budget_args *b)
 typedef struct variant { int group, method; } variant;
 #define MAX_VARIANTS 9
 
-/* qmix quantize's GPTQ failsafe default: 0.5 % of the calibration tokens */
-static int64_t min_tokens(const qmix_calib *stats)
-{
-    return (int64_t)ceil(0.005 * (double)qmix_calib_tokens(stats));
-}
-
 typedef struct sens_row {
     int role, layer;
     int group, method;           /* the group size and method it was measured with */
@@ -366,7 +360,7 @@ static int measure_sensitivity(const char *in, const budget_args *b, variant v,
         return -1;
     }
     qmix_sens_opts o = {.n_bits = b->n_cand, .group_size = v.group, .method = v.method,
-                        .calib = stats, .min_tokens = stats ? min_tokens(stats) : 0, .per_layer = b->bands > 1,
+                        .calib = stats, .min_tokens = stats ? qmix_calib_failsafe_rows(qmix_calib_tokens(stats), -1) : 0, .per_layer = b->bands > 1,
                         .tokens = tokens, .n_tokens = n_tokens, .ctx = b->calib_ctx,
                         .n_windows = b->calib_windows, .n_threads = b->threads,
                         .progress = on_progress, .stop = &cli_stop};
@@ -475,7 +469,6 @@ int quantize_with_budget(const char *in, const char *out, const budget_args *b,
         goto done;
     }
     qo->calib = stats; /* the dry runs check a method= rule has what it needs */
-    if (stats && qo->min_tokens < 0) qo->min_tokens = min_tokens(stats);
 
     /* 1. the measured loss of every group at every width, per candidate variant (group size,
      * method): the --sensitivity files say what they were measured with; measuring, every

@@ -366,8 +366,8 @@ int qmix_cmd_sensitivity(int argc, char **argv)
         return 1;
     }
     o.calib = cstats;
-    /* GPTQ's RTN failsafe at qmix quantize's default: 0.5 % of the calibration tokens */
-    if (cstats) o.min_tokens = (int64_t)ceil(0.005 * (double)qmix_calib_tokens(cstats));
+    /* GPTQ's RTN failsafe at qmix quantize's default */
+    if (cstats) o.min_tokens = qmix_calib_failsafe_rows(qmix_calib_tokens(cstats), -1);
     double t_start = cli_now();
     o.group_size = (int)group;
     o.per_layer = per_layer;

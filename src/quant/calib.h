@@ -74,6 +74,10 @@ const qmix_calib_entry *qmix_calib_get(const qmix_calib *c, int layer, int kind,
 int qmix_calib_count(const qmix_calib *c);
 const qmix_calib_entry *qmix_calib_at(const qmix_calib *c, int i);
 uint64_t qmix_calib_tokens(const qmix_calib *c);
+/* GPTQ's RTN failsafe threshold (spec §3.10): inputs that saw fewer calibration rows are rounded
+ * to nearest. pct percent of n_tokens, rounded up; pct < 0: GPTQModel's default, 0.5 %. */
+#define QMIX_CALIB_FAILSAFE_PCT 0.5
+int64_t qmix_calib_failsafe_rows(uint64_t n_tokens, double pct);
 int qmix_calib_has_hessian(const qmix_calib *c);
 int qmix_calib_sequential(const qmix_calib *c);
 int qmix_calib_layers(const qmix_calib *c);

@@ -274,3 +274,9 @@ int qmix_calib_sequential(const qmix_calib *c) { return c->sequential; }
 int qmix_calib_layers(const qmix_calib *c) { return c->n_layers; }
 int qmix_calib_experts(const qmix_calib *c) { return c->n_experts; }
 const char *qmix_calib_dataset(const qmix_calib *c) { return c->dataset; }
+
+int64_t qmix_calib_failsafe_rows(uint64_t n_tokens, double pct)
+{
+    if (pct < 0) pct = QMIX_CALIB_FAILSAFE_PCT;
+    return (int64_t)ceil(pct / 100.0 * (double)n_tokens);
+}

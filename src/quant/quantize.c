@@ -1180,7 +1180,7 @@ static int check_method_inputs(wctx *w, const plan *p)
                          "model has %d / %d", qmix_calib_layers(o->calib),
                          qmix_calib_experts(o->calib), w->cfg->n_layers, w->cfg->n_experts);
     w->rep->min_tokens = o->min_tokens >= 0 ? o->min_tokens
-                         : o->calib ? (int64_t)ceil(0.005 * (double)qmix_calib_tokens(o->calib)) : 0;
+                         : o->calib ? qmix_calib_failsafe_rows(qmix_calib_tokens(o->calib), -1) : 0;
     if (w->rep->min_tokens < 1) w->rep->min_tokens = 1; /* no rows: no Hessian at all */
     return 0;
 }
