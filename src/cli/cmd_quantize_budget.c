@@ -113,6 +113,24 @@ static int size_option(const char *flag, const char *v, uint64_t *out)
     return 0;
 }
 
+/* A comma-separated list of distinct values from allowed[n_allowed] into out (at most
+ * n_allowed); -1 if any item is not one. */
+static int int_set(const char *v, const int *allowed, int n_allowed, int *out, int *n)
+{
+    *n = 0;
+    for (const char *p = v; *p;) {
+        char *end;
+        long x = strtol(p, &end, 10);
+        int ok = end != p && (*end == ',' || !*end) && *n < n_allowed, known = 0;
+        for (int j = 0; j < n_allowed; j++) known |= allowed[j] == x;
+        for (int j = 0; ok && j < *n; j++) ok = out[j] != x;
+        if (!ok || !known) return -1;
+        out[(*n)++] = (int)x;
+        p = *end ? end + 1 : end;
+    }
+    return 0;
+}
+
 int budget_option(int argc, char **argv, int *i, budget_args *b)
 {
     const char *a = argv[*i], *v;
@@ -169,39 +187,17 @@ int budget_option(int argc, char **argv, int *i, budget_args *b)
         return 1;
     case 10: if (cli_int(CMD, a, v, 2, 1 << 20, &n)) return -1; b->calib_ctx = (int)n; return 1;
     case 11: if (cli_int(CMD, a, v, 1, 1 << 20, &n)) return -1; b->calib_windows = (int)n; return 1;
-    case 12: {
-        b->n_cand = 0;
-        for (const char *p = v; *p;) {
-            char *end;
-            long bits = strtol(p, &end, 10);
-            int ok = end != p && (*end == ',' || !*end) && b->n_cand < 6 &&
-                     (bits == 2 || bits == 3 || bits == 4 || bits == 5 || bits == 6 || bits == 8);
-            for (int j = 0; ok && j < b->n_cand; j++) ok = b->cand_bits[j] != bits;
-            if (!ok) {
-                fprintf(stderr, "qmix %s: --candidates: distinct widths of 2,3,4,5,6,8, got '%s'\n",
-                        CMD, v);
-                return -1;
-            }
-            b->cand_bits[b->n_cand++] = (int)bits;
-            p = *end ? end + 1 : end;
+    case 12:
+        if (int_set(v, (const int[]){2, 3, 4, 5, 6, 8}, 6, b->cand_bits, &b->n_cand)) {
+            fprintf(stderr, "qmix %s: --candidates: distinct widths of 2,3,4,5,6,8, got '%s'\n",
+                    CMD, v);
+            return -1;
         }
         return 1;
-    }
     case 13:
-        b->n_groups = 0;
-        for (const char *p = v; *p;) {
-            char *end;
-            long g = strtol(p, &end, 10);
-            int ok = end != p && (*end == ',' || !*end) && b->n_groups < 3 &&
-                     (g == 32 || g == 64 || g == 128);
-            for (int j = 0; ok && j < b->n_groups; j++) ok = b->groups[j] != g;
-            if (!ok) {
-                fprintf(stderr, "qmix %s: --group: distinct sizes of 32, 64, 128, got '%s'\n",
-                        CMD, v);
-                return -1;
-            }
-            b->groups[b->n_groups++] = (int)g;
-            p = *end ? end + 1 : end;
+        if (int_set(v, (const int[]){32, 64, 128}, 3, b->groups, &b->n_groups)) {
+            fprintf(stderr, "qmix %s: --group: distinct sizes of 32, 64, 128, got '%s'\n", CMD, v);
+            return -1;
         }
         return 1;
     case 14: if (cli_int(CMD, a, v, 1, 64, &n)) return -1; b->bands = (int)n; return 1;
