@@ -1542,7 +1542,6 @@ static int write_shards(const char *out_dir, const shard_writer *sw, const qmix_
     qmix_stw_kv meta[1] = {{"format", sw->format}};
     size_t j = 0;
     int shard = 0;
-    if (sw->n) sw->describe(sw->user, 0, &specs[0], &shard);
     for (int sh = 0; sh < sw->n_shards; sh++) {
         if (sw->n_shards == 1) snprintf(fnames[sh], sizeof fnames[sh], "model.safetensors");
         else snprintf(fnames[sh], sizeof fnames[sh], "model-%05d-of-%05d.safetensors", sh + 1,
