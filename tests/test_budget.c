@@ -271,6 +271,84 @@ START_TEST(auto_beats_presets_on_demo)
 }
 END_TEST
 
+/* The allocator's choice does not depend on the order its candidates are listed in, ties
+ * included: every rotation of every group's options gives the same settings. */
+START_TEST(allocator_order_independent)
+{
+    tu_rng_seed(7);
+    for (int trial = 0; trial < 20; trial++) {
+        enum { N = 4, K = 6 };
+        qmix_alloc_group base[N], g[N];
+        for (int i = 0; i < N; i++) {
+            memset(&base[i], 0, sizeof base[i]);
+            base[i].role = (qmix_role)(QMIX_ROLE_ATTN_Q + i);
+            base[i].layer_lo = base[i].layer_hi = -1;
+            base[i].n_opts = K;
+            base[i].opt[0] = (qmix_alloc_opt){.bits = 0, .bytes = 1000, .kld = 0};
+            for (int o = 1; o < K; o++) {
+                /* pairs of identical cost and loss at two group sizes: a tie to break */
+                int bits = 2 + (o - 1) / 2;
+                base[i].opt[o] = (qmix_alloc_opt){.bits = bits, .group = o % 2 ? 64 : 128,
+                                                  .bytes = (uint64_t)(100 * bits),
+                                                  .kld = 1.0 / (bits * bits) * (1 + 0.1 * i)};
+            }
+        }
+        uint64_t budget = 1200 + (uint64_t)(1500 * fabs(tu_frand()));
+        int want[N];
+        qmix_err err;
+        for (int rot = 0; rot < K; rot++) {
+            for (int i = 0; i < N; i++) {
+                g[i] = base[i];
+                for (int o = 0; o < K; o++) g[i].opt[o] = base[i].opt[(o + rot + i) % K];
+            }
+            ck_assert_msg(qmix_allocate(g, N, budget, &err) == 0, "%s", err.msg);
+            for (int i = 0; i < N; i++) {
+                const qmix_alloc_opt *c = &g[i].opt[g[i].choice];
+                int code = c->bits * 1000 + c->group;
+                if (rot == 0) want[i] = code;
+                ck_assert_msg(code == want[i], "trial %d rotation %d group %d: %d vs %d", trial,
+                              rot, i, code, want[i]);
+            }
+        }
+    }
+}
+END_TEST
+
+/* The same sensitivity files in any order give the same allocation; a group that group 128
+ * cannot quantize (the demo's 64-wide expert down projection) takes group 64, not "keep". */
+START_TEST(command_order_independent)
+{
+    const char *files[3] = {"testdata/demo/sensitivity-wiki-g128.json",
+                            "testdata/demo/sensitivity-wiki.json",
+                            "testdata/demo/sensitivity-wiki-g32.json"};
+    const int perm[6][3] = {{0, 1, 2}, {0, 2, 1}, {1, 0, 2}, {1, 2, 0}, {2, 0, 1}, {2, 1, 0}};
+    char args[4096], *first = NULL;
+    for (int p = 0; p < 6; p++) {
+        snprintf(args, sizeof args, "quantize testdata/demo /nonexistent --sensitivity %s "
+                 "--sensitivity %s --sensitivity %s --bpw 4 --dry-run --json", files[perm[p][0]],
+                 files[perm[p][1]], files[perm[p][2]]);
+        json_t *a = run_json(args);
+        json_t *groups = json_object_get(a, "groups"), *gr;
+        size_t i;
+        json_array_foreach(groups, i, gr) {
+            const char *role = json_string_value(json_object_get(gr, "role"));
+            ck_assert_ptr_nonnull(role);
+            if (!strcmp(role, "experts_down"))
+                ck_assert_msg(json_integer_value(json_object_get(gr, "bits")) < 16,
+                              "experts_down kept 16-bit (order %d)", p);
+        }
+        char *dump = json_dumps(groups, JSON_SORT_KEYS | JSON_COMPACT);
+        if (!first) first = dump;
+        else {
+            ck_assert_msg(!strcmp(first, dump), "order %d: %s\nvs %s", p, dump, first);
+            free(dump);
+        }
+        json_decref(a);
+    }
+    free(first);
+}
+END_TEST
+
 /* With sensitivity measured at three group sizes (the committed -g32/-g128 files were made like
  * sensitivity-wiki.json with --group-size 32 / 128) the allocation also chooses each group's group
  * size, and at dynamic-2.6's size beats the allocation restricted to group 64. Measured: 0.092 vs
@@ -377,6 +455,8 @@ static Suite *budget_suite(void)
     tcase_add_test(tc, allocator_monotone_and_infeasible);
     tcase_add_test(tc, command_budgets_and_constraints);
     tcase_add_test(tc, command_errors);
+    tcase_add_test(tc, allocator_order_independent);
+    tcase_add_test(tc, command_order_independent);
     tcase_add_test(tc, auto_beats_presets_on_demo);
     tcase_add_test(tc, group_size_choice_on_demo);
     tcase_add_test(tc, method_choice_on_demo);

@@ -498,6 +498,16 @@ int quantize_with_budget(const char *in, const char *out, const budget_args *b,
                 goto done;
         layers_seen = b->bands > 1;
     }
+    /* one canonical order (group size, then method), so nothing downstream (tie-breaks, the
+     * recipe's header) depends on the order the inputs were given in */
+    for (int j = 1; j < n_var; j++)
+        for (int k = j; k > 0 && (var[k].group < var[k - 1].group ||
+                                  (var[k].group == var[k - 1].group &&
+                                   var[k].method < var[k - 1].method)); k--) {
+            variant t = var[k];
+            var[k] = var[k - 1];
+            var[k - 1] = t;
+        }
     for (int j = 0; j < n_var; j++)
         if (var[j].method != QMIX_METHOD_RTN && !stats) {
             fprintf(stderr, "qmix %s: %s candidates need --stats (the statistics of qmix "
@@ -567,17 +577,28 @@ int quantize_with_budget(const char *in, const char *out, const budget_args *b,
             fixed_bytes += keep.roles[r].bytes;
             continue;
         }
-        /* rows repeat per group size: parameters are counted from the first's */
+        /* rows repeat per variant with the same parameters: count them from one variant's
+         * (the largest total, so a variant with rows missing cannot shrink the role) */
         int64_t role_params = 0;
-        for (int i = 0; i < n_rows; i++)
-            if (rows[i].role == r && rows[i].group == var[0].group &&
-                rows[i].method == var[0].method)
-                role_params += rows[i].params;
+        for (int j = 0; j < n_var; j++) {
+            int64_t p = 0;
+            for (int i = 0; i < n_rows; i++)
+                if (rows[i].role == r && rows[i].group == var[j].group &&
+                    rows[i].method == var[j].method)
+                    p += rows[i].params;
+            if (p > role_params) role_params = p;
+        }
         for (int band = 0; band < bands; band++) {
             int lo = bands > 1 ? band * n_layers / bands : -1;
             int hi = bands > 1 ? (band + 1) * n_layers / bands - 1 : -1;
-            double kld[MAX_VARIANTS][9] = {{0}}, params = 0, measured = 0;
-            int quantizable = 1, any = 0;
+            /* Per variant: a group size may not divide some matrices of the role (a 64-wide
+             * input at group 128), so whether the group can take a variant, and how much of it
+             * was measured, is the variant's own: a candidate the group cannot take is skipped
+             * for that group, never turned into "keep" for all of them. */
+            double kld[MAX_VARIANTS][9] = {{0}}, params_v[MAX_VARIANTS] = {0},
+                   measured[MAX_VARIANTS] = {0}, params = 0;
+            int quantizable[MAX_VARIANTS], seen[MAX_VARIANTS] = {0}, any = 0;
+            for (int j = 0; j < n_var; j++) quantizable[j] = 1;
             for (int i = 0; i < n_rows; i++) {
                 const sens_row *s = &rows[i];
                 /* global rows (embed, lm_head) fall in the first band only */
@@ -588,20 +609,21 @@ int quantize_with_budget(const char *in, const char *out, const budget_args *b,
                     vi++;
                 if (!in_band || vi == n_var) continue;
                 for (int k = 2; k <= 8; k++) kld[vi][k] += s->kld[k]; /* NAN if unmeasured */
-                if (vi) continue;
-                any = 1;
-                params += (double)s->params;
-                measured += (double)(s->params_measured > 0 ? s->params_measured : s->params);
-                quantizable &= s->quantizable;
+                any = seen[vi] = 1;
+                params_v[vi] += (double)s->params;
+                measured[vi] += (double)(s->params_measured > 0 ? s->params_measured : s->params);
+                quantizable[vi] &= s->quantizable;
             }
             if (!any) continue;
+            for (int j = 0; j < n_var; j++)
+                if (params_v[j] > params) params = params_v[j];
             /* A sampled measurement (some layers, some experts) stands for the whole group: its
              * KLD is scaled by the parameters it covers, the role's from the dry run when the
              * group is the whole role, else the rows' own (their sampled experts). */
             double whole = bands == 1 ? (double)keep.roles[r].params : params;
-            if (measured > 0 && whole > measured)
-                for (int j = 0; j < n_var; j++)
-                    for (int k = 2; k <= 8; k++) kld[j][k] *= whole / measured;
+            for (int j = 0; j < n_var; j++)
+                if (measured[j] > 0 && whole > measured[j])
+                    for (int k = 2; k <= 8; k++) kld[j][k] *= whole / measured[j];
             if (n == MAX_GROUPS) {
                 fprintf(stderr, "qmix %s: more than %d groups: use fewer --layer-bands\n", CMD,
                         MAX_GROUPS);
@@ -614,9 +636,9 @@ int quantize_with_budget(const char *in, const char *out, const budget_args *b,
             gr->layer_hi = global ? -1 : hi;
             double share = role_params > 0 ? params / (double)role_params : 1;
             gr->opt[gr->n_opts++] = (qmix_alloc_opt){.bytes = (uint64_t)(keep.roles[r].bytes * share)};
-            if (!quantizable || (b->keep_roles & (1u << r)) || b->min_bits[r] > 8) continue;
+            if ((b->keep_roles & (1u << r)) || b->min_bits[r] > 8) continue;
             for (int j = 0; j < n_var; j++)
-                for (int k = 0; k < b->n_cand; k++) {
+                for (int k = 0; k < b->n_cand && seen[j] && quantizable[j]; k++) {
                     int bits = b->cand_bits[k];
                     if (bits < b->min_bits[r] || isnan(kld[j][bits])) continue;
                     gr->opt[gr->n_opts++] = (qmix_alloc_opt){

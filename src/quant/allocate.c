@@ -5,13 +5,23 @@
 #include "quant/recipe.h"
 #include "util/err.h"
 
+/* A total order on settings (cheaper, then lower loss, then by what they are) so that ties are
+ * broken the same way whatever order the candidates were listed in: the allocation must not
+ * depend on the order of its inputs. */
+static int opt_before(const qmix_alloc_opt *a, const qmix_alloc_opt *b)
+{
+    if (a->bytes != b->bytes) return a->bytes < b->bytes;
+    if (a->kld != b->kld) return a->kld < b->kld;
+    if (a->bits != b->bits) return a->bits < b->bits;
+    if (a->group != b->group) return a->group < b->group;
+    return a->method < b->method;
+}
+
 static int cheapest(const qmix_alloc_group *g)
 {
     int best = 0;
     for (int o = 1; o < g->n_opts; o++)
-        if (g->opt[o].bytes < g->opt[best].bytes ||
-            (g->opt[o].bytes == g->opt[best].bytes && g->opt[o].kld < g->opt[best].kld))
-            best = o;
+        if (opt_before(&g->opt[o], &g->opt[best])) best = o;
     return best;
 }
 
@@ -53,7 +63,8 @@ int qmix_allocate(qmix_alloc_group *g, int n, uint64_t budget, qmix_err *err)
                 if (c->bytes <= cur->bytes || c->kld >= cur->kld) continue;
                 if (c->bytes - cur->bytes > budget - used) continue;
                 double ratio = (cur->kld - c->kld) / (double)(c->bytes - cur->bytes);
-                if (ratio > best_ratio) {
+                if (ratio > best_ratio ||
+                    (ratio == best_ratio && best_g == i && opt_before(c, &g[i].opt[best_o]))) {
                     best_ratio = ratio;
                     best_g = i;
                     best_o = o;
