@@ -67,6 +67,14 @@ $(BUILD)/src/kernels/%_vbmi.o: src/kernels/%_vbmi.c
 	@mkdir -p $(dir $@)
 	$(CC) $(CFLAGS_BASE) $(KERNEL_OPT) $(CFLAGS) $(AVX512_FLAGS) -mavx512vnni -mavx512vbmi -MMD -MP -c $< -o $@
 
+# The git revision is compiled into one object; a stamp file rebuilds it when HEAD moves.
+GIT_REV := $(shell git rev-parse --short=12 HEAD 2>/dev/null || echo unknown)
+.PHONY: FORCE
+$(BUILD)/git-rev: FORCE
+	@mkdir -p $(BUILD); echo '$(GIT_REV)' | cmp -s - $@ || echo '$(GIT_REV)' > $@
+$(BUILD)/src/runtime/version.o: $(BUILD)/git-rev
+$(BUILD)/src/runtime/version.o: CFLAGS += -DQMIX_GIT_REV='"$(GIT_REV)"'
+
 $(BUILD)/libqmix.a: $(LIB_OBJ)
 	@rm -f $@
 	ar rcs $@ $^

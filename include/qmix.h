@@ -12,6 +12,21 @@
 extern "C" {
 #endif
 
+/* The library's version. The minor number grows with every release that adds to the API; while
+ * the major number is 0 the ABI may change between minor versions (rebuild against the new
+ * header), never within one. */
+#define QMIX_VERSION_MAJOR 0
+#define QMIX_VERSION_MINOR 14
+#define QMIX_VERSION_PATCH 0
+#define QMIX_VERSION "0.14.0"
+
+/* The version the library was built as (QMIX_VERSION of its build). */
+const char *qmix_version(void);
+/* What this build is and what it found on this CPU, one "key: value" line each: version, git
+ * revision, compiler, the SIMD paths compiled in and which are used here. Returns the length
+ * written (truncated to len - 1), as snprintf. */
+int qmix_build_info(char *buf, size_t len);
+
 #define QMIX_ERR_LEN 1024
 typedef struct qmix_err { char msg[QMIX_ERR_LEN]; } qmix_err;
 

@@ -111,6 +111,10 @@ START_TEST(file_errors_and_unknown_presets)
     ck_assert_msg(strstr(err.msg, want) != NULL, "%s", err.msg);
     ck_assert_int_eq(qmix_recipe_get("uniform-7", &r, &err), -1);
     ck_assert_msg(strstr(err.msg, "unknown preset") != NULL, "%s", err.msg);
+    /* a path that does not exist is a missing file, not an unknown preset */
+    snprintf(path, sizeof path, "%s/missing.recipe", dir);
+    ck_assert_int_eq(qmix_recipe_get(path, &r, &err), -1);
+    ck_assert_msg(strstr(err.msg, "No such file") && !strstr(err.msg, "unknown preset"), "%s", err.msg);
     tu_rmdir(dir);
 }
 END_TEST

@@ -301,3 +301,9 @@ void cli_progress_end(void)
     if (progress_shown) fputc('\n', stderr);
     progress_shown = 0;
 }
+
+int cli_missing(const char *cmd, const char *what)
+{
+    fprintf(stderr, "qmix %s: missing %s (qmix %s --help for the usage)\n", cmd, what, cmd);
+    return 2;
+}

@@ -48,6 +48,10 @@ void cli_catch_sigint(void);
 void cli_progress(const char *label, int64_t done, int64_t total, double t_start);
 void cli_progress_end(void);
 double cli_now(void);
+/* A missing argument: one line naming what is missing and where the options are, instead of the
+ * whole usage text. Returns 2 (a usage error), for `return cli_missing(...)`. */
+int cli_missing(const char *cmd, const char *what);
+
 /* "1.50 GiB": bytes in binary units. */
 void cli_human_bytes(double bytes, char *buf, size_t len);
 /* Peak resident set size of this process, in bytes. */

@@ -305,10 +305,7 @@ int qmix_cmd_bench(int argc, char **argv)
             return 2;
         }
     }
-    if (!model_path) {
-        usage(stderr);
-        return 2;
-    }
+    if (!model_path) return cli_missing("bench", "MODEL");
     if (have_ctx && n_prompt) {
         fprintf(stderr, "qmix bench: --prompt N is the single-context form of --ctx LIST: give "
                         "one of them\n");

@@ -263,7 +263,7 @@ int qmix_cmd_calibrate(int argc, char **argv)
     if (!model_path || !out_path || !ea.text == !ea.tokens) {
         if (model_path && out_path)
             fprintf(stderr, "qmix calibrate: give exactly one of --text and --tokens\n");
-        else usage(stderr);
+        else cli_missing("calibrate", !model_path ? "MODEL" : "-o STATS");
         return 2;
     }
     if (sequential && !recipe_name) {

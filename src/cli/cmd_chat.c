@@ -140,10 +140,7 @@ int qmix_cmd_chat(int argc, char **argv)
             return 2;
         }
     }
-    if (!model_path) {
-        usage(stderr);
-        return 2;
-    }
+    if (!model_path) return cli_missing("chat", "MODEL");
     char dir[4096];
     if (cli_model_dir(model_path, dir, sizeof dir)) return 1;
 

@@ -67,10 +67,7 @@ int qmix_cmd_compare(int argc, char **argv)
             return 2;
         }
     }
-    if (n_paths != 2) {
-        usage(stderr);
-        return 2;
-    }
+    if (n_paths != 2) return cli_missing("compare", n_paths ? "the second checkpoint B" : "checkpoints A and B");
     qmix_err err;
     qmix_model *ma = NULL, *mb = NULL;
     qmix_cmp_result r = {0};

@@ -194,10 +194,8 @@ int qmix_cmd_convert(int argc, char **argv)
             return 2;
         }
     }
-    if (!in || !out || !to) {
-        usage(stderr);
-        return 2;
-    }
+    if (!in || !out || !to)
+        return cli_missing("convert", !in ? "IN and OUT" : !out ? "OUT" : "--to gguf|hf|mlx|gptq");
     /* GPTQ in or out is cmd_convert_gptq.c's; only a directory can hold a GPTQ checkpoint */
     if (!strcmp(to, "gptq") || (!strcmp(to, "mlx") && is_dir(in) && convert_is_gptq(in)))
         return convert_gptq(in, out, to, o.progress);

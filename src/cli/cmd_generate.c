@@ -163,8 +163,9 @@ int qmix_cmd_generate(int argc, char **argv)
             return 2;
         }
     }
-    if (!model_path || !tokens_spec == !prompt_text) {
-        usage(stderr);
+    if (!model_path) return cli_missing("generate", "MODEL");
+    if (!tokens_spec == !prompt_text) {
+        fprintf(stderr, "qmix generate: give exactly one of -p TEXT and --tokens IDS\n");
         return 2;
     }
     if (prompt_text)

@@ -140,8 +140,8 @@ int qmix_cmd_kld(int argc, char **argv)
         why = "--base-logits brings its own tokens: drop --text/--tokens";
     else if (!base_file && !text == !token_file) why = "give exactly one of --text and --tokens";
     if (why) {
-        if (argc <= 1) usage(stderr);
-        else fprintf(stderr, "qmix kld: %s (see --help)\n", why);
+        if (argc <= 1) return cli_missing("kld", "BASE and QUANT");
+        fprintf(stderr, "qmix kld: %s (see --help)\n", why);
         return 2;
     }
 

@@ -46,10 +46,8 @@ int qmix_cmd_logits(int argc, char **argv)
             return 2;
         }
     }
-    if (!model_path || !tokens_spec || !out_path) {
-        usage(stderr);
-        return 2;
-    }
+    if (!model_path || !tokens_spec || !out_path)
+        return cli_missing("logits", !model_path ? "MODEL" : !tokens_spec ? "--tokens IDS" : "--out FILE");
     if (strcmp(mode, "prefill") && strcmp(mode, "decode")) {
         fprintf(stderr, "qmix logits: --mode must be prefill or decode, not '%s'\n", mode);
         return 2;

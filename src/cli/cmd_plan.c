@@ -296,10 +296,7 @@ int qmix_cmd_plan(int argc, char **argv)
             return 2;
         }
     }
-    if (!model_path && !like) {
-        usage(stderr);
-        return 2;
-    }
+    if (!model_path && !like) return cli_missing("plan", "MODEL (or --like 35b-a3b|122b-a10b|397b-a17b)");
     if (model_path && like) {
         fprintf(stderr, "qmix plan: give a MODEL or --like NAME, not both\n");
         return 2;

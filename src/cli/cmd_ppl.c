@@ -68,7 +68,7 @@ int qmix_cmd_ppl(int argc, char **argv)
     }
     if (!model_path || !ea.text == !ea.tokens) {
         if (model_path) fprintf(stderr, "qmix ppl: give exactly one of --text and --tokens\n");
-        else usage(stderr);
+        else cli_missing("ppl", "MODEL");
         return 2;
     }
     long ctx = ea.ctx;

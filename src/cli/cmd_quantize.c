@@ -182,10 +182,9 @@ int qmix_cmd_quantize(int argc, char **argv)
         }
         return quantize_with_budget(in, out, &budget, &o);
     }
-    if (!in || !out || !recipe) {
-        usage(stderr);
-        return 2;
-    }
+    if (!in || !out || !recipe)
+        return cli_missing("quantize", !in ? "IN and OUT" : !out ? "OUT" :
+                                       "--recipe NAME|FILE (or --bpw, --budget, --memory)");
     qmix_err err;
     qmix_recipe r;
     if (qmix_recipe_get(recipe, &r, &err)) {

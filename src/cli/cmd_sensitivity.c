@@ -331,10 +331,7 @@ int qmix_cmd_sensitivity(int argc, char **argv)
             return 2;
         }
     }
-    if (!model_path) {
-        usage(stderr);
-        return 2;
-    }
+    if (!model_path) return cli_missing("sensitivity", "MODEL");
     if (calib && token_file) {
         fprintf(stderr, "qmix %s: give --calib or --tokens, not both\n", CMD);
         return 2;

@@ -128,10 +128,7 @@ int qmix_cmd_serve(int argc, char **argv)
             return 2;
         }
     }
-    if (!o.model_path) {
-        usage(stderr);
-        return 2;
-    }
+    if (!o.model_path) return cli_missing("serve", "MODEL");
     json_t *targs = NULL;
     if (template_args) {
         json_error_t je;

@@ -76,10 +76,8 @@ int qmix_cmd_template(int argc, char **argv)
             return 2;
         }
     }
-    if (!model_dir || !messages_path) {
-        usage(stderr);
-        return 2;
-    }
+    if (!model_dir || !messages_path)
+        return cli_missing("template", !model_dir ? "MODEL_DIR" : "--messages FILE");
     qmix_err err;
     char *tmpl, source[4200];
     size_t tlen;

@@ -80,7 +80,7 @@ int qmix_cmd_tokenize(int argc, char **argv)
     }
     if (!model || (!!prompt + !!file + !!decode) != 1) {
         if (model) fprintf(stderr, "qmix tokenize: give exactly one of -p, --file, --decode\n");
-        usage(stderr);
+        else cli_missing("tokenize", "MODEL_DIR");
         return 2;
     }
     qmix_err err;

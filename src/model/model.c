@@ -519,10 +519,44 @@ int qmix_model_open(const char *path, qmix_model **out, qmix_err *err)
 
 const qmix_config *qmix_model_config(const qmix_model *m) { return &m->cfg; }
 
-static uint64_t mat_bytes(const qk_mat *w)
+uint64_t qmix_mat_bytes(const qk_mat *w)
 {
     uint64_t scale_bytes = w->dtype == QMIX_U32 ? 2 * (uint64_t)w->scale_row_bytes : 0;
     return (uint64_t)w->rows * (w->row_bytes + scale_bytes);
+}
+
+static uint64_t mat_bytes(const qk_mat *w) { return qmix_mat_bytes(w); }
+
+void qmix_model_for_each_matrix(const qmix_model *m, qmix_matrix_fn fn, void *user)
+{
+    const qmix_config *c = &m->cfg;
+    fn(user, QMIX_ROLE_EMBED, -1, -1, &m->embed);
+    if (m->lm_head.data != m->embed.data) fn(user, QMIX_ROLE_LM_HEAD, -1, -1, &m->lm_head);
+    for (int i = 0; i < c->n_layers; i++) {
+        const qmix_layer *ly = &m->layers[i];
+        if (ly->is_full) {
+            fn(user, QMIX_ROLE_ATTN_Q, i, -1, &ly->q_proj);
+            fn(user, QMIX_ROLE_ATTN_K, i, -1, &ly->k_proj);
+            fn(user, QMIX_ROLE_ATTN_V, i, -1, &ly->v_proj);
+            fn(user, QMIX_ROLE_ATTN_O, i, -1, &ly->o_proj);
+        } else {
+            fn(user, QMIX_ROLE_GDN_QKV, i, -1, &ly->in_qkv);
+            fn(user, QMIX_ROLE_GDN_Z, i, -1, &ly->in_z);
+            fn(user, QMIX_ROLE_GDN_A, i, -1, &ly->in_a);
+            fn(user, QMIX_ROLE_GDN_B, i, -1, &ly->in_b);
+            fn(user, QMIX_ROLE_GDN_OUT, i, -1, &ly->out_proj);
+        }
+        fn(user, QMIX_ROLE_ROUTER, i, -1, &ly->router);
+        fn(user, QMIX_ROLE_SHARED_EXPERT, i, -1, &ly->shared_gate);
+        fn(user, QMIX_ROLE_SHARED_EXPERT, i, -1, &ly->shared_up);
+        fn(user, QMIX_ROLE_SHARED_EXPERT, i, -1, &ly->shared_down);
+        fn(user, QMIX_ROLE_SHARED_EXPERT_GATE, i, -1, &ly->shared_expert_gate);
+        for (int e = 0; e < c->n_experts; e++) {
+            fn(user, QMIX_ROLE_EXPERTS_GATE_UP, i, e, &ly->experts[e].gate);
+            fn(user, QMIX_ROLE_EXPERTS_GATE_UP, i, e, &ly->experts[e].up);
+            fn(user, QMIX_ROLE_EXPERTS_DOWN, i, e, &ly->experts[e].down);
+        }
+    }
 }
 
 uint64_t qmix_model_decode_bytes(const qmix_model *m)

@@ -6,6 +6,7 @@
 
 #include "formats/safetensors.h"
 #include "kernels/kernels.h"
+#include "model/roles.h"
 #include "qmix.h"
 
 typedef struct qmix_expert { qk_mat gate, up, down; } qmix_expert;
@@ -56,6 +57,14 @@ int qmix_model_bind_gguf(qmix_model *m, const char *path, qmix_err *err);
 /* Heap bytes qmix_model_open allocates for a geometry besides the mapped weights: the widened
  * float32 parameters (f32_pool) and the layer / expert views (for planners). */
 size_t qmix_model_heap_bytes(const qmix_config *c);
+
+/* Calls fn for every matrix the forward pass reads (embedding, lm_head, each layer's projections,
+ * router, shared and routed experts; no lm_head when it is the embedding), with its role and layer (-1
+ * for embed / lm_head) and expert (-1 unless routed). */
+typedef void (*qmix_matrix_fn)(void *user, qmix_role role, int layer, int expert, const qk_mat *w);
+void qmix_model_for_each_matrix(const qmix_model *m, qmix_matrix_fn fn, void *user);
+/* Bytes of a bound matrix: codes or values, plus scales and biases where quantized. */
+uint64_t qmix_mat_bytes(const qk_mat *w);
 
 /* Bytes of weights one decoded token reads: everything but the unused experts (and only one
  * embedding row). */

@@ -57,3 +57,37 @@ int qmix_layer_of(const char *n)
     if (*p < '0' || *p > '9') return -1;
     return (int)strtol(p, NULL, 10);
 }
+
+qmix_role qmix_role_of_gguf(const char *n, int n_layers)
+{
+    if (!strncmp(n, "token_embd.", 11)) return QMIX_ROLE_EMBED;
+    if (!strncmp(n, "output.", 7)) return QMIX_ROLE_LM_HEAD;
+    if (!strncmp(n, "v.", 2) || !strncmp(n, "mm.", 3)) return QMIX_ROLE_VISION;
+    if (strncmp(n, "blk.", 4)) return has(n, "norm") ? QMIX_ROLE_NORM : QMIX_ROLE_OTHER;
+    char *end;
+    long layer = strtol(n + 4, &end, 10);
+    if (end == n + 4 || *end != '.') return QMIX_ROLE_OTHER;
+    if (layer >= n_layers || has(end, ".nextn.")) return QMIX_ROLE_MTP;
+    static const struct { const char *part; qmix_role role; } map[] = {
+        /* longest names first: ffn_gate_inp_shexp before ffn_gate_inp and _shexp */
+        {".ffn_gate_inp_shexp.", QMIX_ROLE_SHARED_EXPERT_GATE},
+        {".ffn_gate_inp.", QMIX_ROLE_ROUTER},
+        {"_shexp.", QMIX_ROLE_SHARED_EXPERT},
+        {".ffn_down_exps.", QMIX_ROLE_EXPERTS_DOWN},
+        {"_exps.", QMIX_ROLE_EXPERTS_GATE_UP},
+        {".attn_qkv.", QMIX_ROLE_GDN_QKV},
+        {".attn_gate.", QMIX_ROLE_GDN_Z},
+        {".ssm_alpha.", QMIX_ROLE_GDN_A},
+        {".ssm_beta.", QMIX_ROLE_GDN_B},
+        {".ssm_out.", QMIX_ROLE_GDN_OUT},
+        {"_norm.", QMIX_ROLE_NORM},
+        {".ssm_", QMIX_ROLE_GDN_PARAMS},
+        {".attn_q.", QMIX_ROLE_ATTN_Q},
+        {".attn_k.", QMIX_ROLE_ATTN_K},
+        {".attn_v.", QMIX_ROLE_ATTN_V},
+        {".attn_output.", QMIX_ROLE_ATTN_O},
+    };
+    for (size_t i = 0; i < sizeof map / sizeof map[0]; i++)
+        if (has(end, map[i].part)) return map[i].role;
+    return QMIX_ROLE_OTHER;
+}

@@ -14,6 +14,9 @@ typedef enum qmix_role {
 
 qmix_role qmix_role_of(const char *tensor_name);
 const char *qmix_role_name(qmix_role role);
+/* The role of a tensor of a qwen35moe GGUF ("blk.3.ffn_down_exps.weight"); blocks from n_layers
+ * on are the MTP layers. */
+qmix_role qmix_role_of_gguf(const char *tensor_name, int n_layers);
 /* Layer index in the name ("...layers.12...."), or -1. */
 int qmix_layer_of(const char *tensor_name);
 

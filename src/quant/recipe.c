@@ -270,7 +270,15 @@ int qmix_recipe_get(const char *name_or_file, qmix_recipe *out, qmix_err *err)
 {
     if (find_preset(name_or_file)) return qmix_recipe_preset(name_or_file, out, err);
     FILE *f = fopen(name_or_file, "r");
-    if (!f) return qmix_recipe_preset(name_or_file, out, err); /* unknown-preset message */
+    if (!f) {
+        /* something that looks like a path is a missing file, not an unknown preset */
+        size_t n = strlen(name_or_file);
+        if (strchr(name_or_file, '/') || (n > 7 && !strcmp(name_or_file + n - 7, ".recipe")))
+            return qmix_errf(err, "recipe file '%s': %s", name_or_file, strerror(errno));
+        return qmix_errf(err, "unknown preset '%s', and no recipe file of that name (presets: "
+                         "dynamic-2.6, tiered-4.7, unsloth-4, experts-4, uniform-2 … uniform-8; "
+                         "qmix presets shows them)", name_or_file);
+    }
     fclose(f);
     return qmix_recipe_load(name_or_file, out, err);
 }

@@ -1,0 +1,129 @@
+/* What the CLI tells a user: --version, info's real parameter counts and precisions in every
+ * format, one-line messages for missing arguments and missing recipe files. */
+#include "testutil.h"
+
+#define DEMO "testdata/demo"
+
+START_TEST(version_says_what_it_is)
+{
+    char *out = NULL;
+    ck_assert_int_eq(tu_run_out(&out, "--version"), 0);
+    ck_assert_msg(strstr(out, "version: 0.") && strstr(out, "revision: ") &&
+                      strstr(out, "compiler: ") && strstr(out, "simd: scalar") &&
+                      strstr(out, "simd used: "), "%s", out);
+    free(out);
+    tu_expect("--help", 0, "--version");
+}
+END_TEST
+
+/* info --json of path: role → parameters, role → precision */
+static json_t *info(const char *path)
+{
+    char *out = NULL;
+    ck_assert_msg(tu_run_out(&out, "info '%s' --json", path) == 0, "info %s failed", path);
+    json_t *j = tu_json(out);
+    free(out);
+    return j;
+}
+
+static json_t *role(json_t *info_json, const char *name)
+{
+    json_t *roles = json_object_get(info_json, "roles"), *r;
+    size_t i;
+    json_array_foreach(roles, i, r)
+        if (!strcmp(json_string_value(json_object_get(r, "role")), name)) return r;
+    return NULL;
+}
+
+/* Every matrix role of a quantized checkpoint has the parameters of the bf16 original (not packed
+ * words), whatever the format, and says its precision. */
+START_TEST(info_counts_real_parameters)
+{
+    char *dir = tu_tmpdir(), mlx[600], gguf[600], gptq[600], recipe[600];
+    snprintf(mlx, sizeof mlx, "%s/mlx", dir);
+    snprintf(gguf, sizeof gguf, "%s/q8.gguf", dir);
+    snprintf(gptq, sizeof gptq, "%s/gptq", dir);
+    snprintf(recipe, sizeof recipe, "%s/g.recipe", dir);
+    /* GPTQ packs zeros per 8 outputs at 4 bits: the 4-output GDN a/b stay 16-bit */
+    tu_write(recipe, "default bits=4 group=64\ngdn_a keep\ngdn_b keep\n", 46);
+    ck_assert_int_eq(tu_run_out(NULL, "quantize " DEMO " '%s' --recipe dynamic-2.6 --quiet", mlx), 0);
+    ck_assert_int_eq(tu_run_out(NULL, "convert " DEMO " '%s' --to gguf --type q8_0 --quiet", gguf), 0);
+    ck_assert_int_eq(tu_run_out(NULL, "quantize " DEMO " '%s' --format gptq --recipe '%s' --quiet",
+                                gptq, recipe), 0);
+    json_t *base = info(DEMO), *q[3] = {info(mlx), info(gguf), info(gptq)};
+    const char *roles[] = {"embed", "lm_head", "attn_q", "gdn_qkv", "shared_expert",
+                           "experts_gate_up", "experts_down"};
+    const char *want_prec[3][7] = {
+        {"3-bit g64", "3-bit g64", "3-bit g64", "3-bit g64", "3-bit g64", "2-bit g64", "2-bit g64"},
+        {"Q8_0", "Q8_0", "Q8_0", "Q8_0", "Q8_0", "Q8_0", "Q8_0"},
+        {"4-bit g64", "4-bit g64", "4-bit g64", "4-bit g64", "4-bit g64", "4-bit g64", "4-bit g64"}};
+    for (int f = 0; f < 3; f++)
+        for (size_t k = 0; k < sizeof roles / sizeof roles[0]; k++) {
+            json_t *b = role(base, roles[k]), *r = role(q[f], roles[k]);
+            ck_assert_msg(b && r, "format %d: no role %s", f, roles[k]);
+            ck_assert_int_eq(json_integer_value(json_object_get(r, "parameters")),
+                             json_integer_value(json_object_get(b, "parameters")));
+            const char *prec = json_string_value(json_object_get(r, "precision"));
+            /* the GPTQ writer keeps the tied-size embedding 16-bit: only its matrices say bits */
+            if (f == 2 && !strcmp(roles[k], "embed")) continue;
+            ck_assert_msg(prec && !strcmp(prec, want_prec[f][k]), "format %d role %s: '%s'", f,
+                          roles[k], prec ? prec : "(none)");
+        }
+    /* the MLX total is mlx-lm's parameter count: bits per weight as it reports them */
+    double bpw = json_number_value(json_object_get(q[0], "bits_per_weight"));
+    ck_assert_msg(bpw > 2.9 && bpw < 3.1, "MLX dynamic-2.6 bpw %.3f", bpw);
+    ck_assert_msg(json_number_value(json_object_get(base, "bits_per_weight")) == 16.0, "bf16 bpw");
+    json_decref(base);
+    for (int f = 0; f < 3; f++) json_decref(q[f]);
+    tu_rmdir(dir);
+}
+END_TEST
+
+/* A missing positional argument: one line that names it, not the whole usage */
+START_TEST(missing_arguments_are_named)
+{
+    const struct { const char *args, *want; } cases[] = {
+        {"info", "missing MODEL"},
+        {"generate", "missing MODEL"},
+        {"quantize " DEMO, "missing OUT"},
+        {"quantize " DEMO " /tmp/qmix-never-written", "missing --recipe"},
+        {"kld", "missing BASE and QUANT"},
+        {"compare " DEMO, "missing the second checkpoint"},
+        {"convert " DEMO " /tmp/qmix-never.gguf", "missing --to"},
+        {"logits " DEMO, "missing --tokens"},
+    };
+    for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
+        tu_run_result r = tu_run(cases[i].args);
+        ck_assert_msg(r.status == 2, "qmix %s: exit %d", cases[i].args, r.status);
+        ck_assert_msg(strstr(r.err, cases[i].want), "qmix %s: %s", cases[i].args, r.err);
+        int lines = 0;
+        for (const char *p = r.err; *p; p++) lines += *p == '\n';
+        ck_assert_msg(lines <= 2, "qmix %s: %d lines:\n%s", cases[i].args, lines, r.err);
+        tu_run_free(&r);
+    }
+}
+END_TEST
+
+START_TEST(missing_recipe_file_is_not_an_unknown_preset)
+{
+    tu_run_result r = tu_run("quantize " DEMO " /tmp/qmix-never-written --recipe ./no-such.recipe");
+    ck_assert_int_eq(r.status, 1);
+    ck_assert_msg(strstr(r.err, "No such file") && !strstr(r.err, "unknown preset"), "%s", r.err);
+    tu_run_free(&r);
+}
+END_TEST
+
+static Suite *cli_ux_suite(void)
+{
+    Suite *s = suite_create("cli_ux");
+    TCase *tc = tcase_create("core");
+    tcase_set_timeout(tc, 120);
+    tcase_add_test(tc, version_says_what_it_is);
+    tcase_add_test(tc, info_counts_real_parameters);
+    tcase_add_test(tc, missing_arguments_are_named);
+    tcase_add_test(tc, missing_recipe_file_is_not_an_unknown_preset);
+    suite_add_tcase(s, tc);
+    return s;
+}
+
+TU_MAIN(cli_ux_suite)
