@@ -66,7 +66,7 @@ static void fixture_up(void)
     snprintf(args, sizeof args, CAL " -o %s --sequential --recipe %s --method gptq", fx_l0,
              recipe);
     tu_expect(args, 0, "layer 1/8 quantized: 42 matrices (gptq 42");
-    snprintf(args, sizeof args, "quantize " TINY " %s/q-l0 --recipe %s --method gptq --calib %s "
+    snprintf(args, sizeof args, "quantize " TINY " %s/q-l0 --recipe %s --method gptq --stats %s "
              "--quiet --threads 2", fx_dir, recipe, fx_l0);
     tu_expect(args, 0, NULL);
     snprintf(args, sizeof args, "calibrate %s/q-l0 --tokens " TOKENS " --ctx 16 --threads 2 -o %s",
@@ -311,7 +311,7 @@ START_TEST(demo_kld_sequential)
     for (int i = 0; i < 3; i++) {
         snprintf(out[i], sizeof out[i], "%s/demo-q%d", fx_dir, i);
         snprintf(args, sizeof args, "quantize testdata/demo %s --recipe uniform-2 --method %s "
-                 "--calib %s --quiet --threads 2", out[i], i < 2 ? "gptq" : "rtn",
+                 "--stats %s --quiet --threads 2", out[i], i < 2 ? "gptq" : "rtn",
                  stats[i < 2 ? i : 0]);
         tu_expect(args, 0, NULL);
         k[i] = demo_kld(out[i]);

@@ -113,6 +113,25 @@ START_TEST(missing_recipe_file_is_not_an_unknown_preset)
 }
 END_TEST
 
+/* Without calibration text sensitivity measures weight error only: it says so instead of
+ * printing a recipe built on it, and refuses --recipe-out */
+START_TEST(sensitivity_without_text_suggests_nothing)
+{
+    tu_run_result r = tu_run("sensitivity testdata/fixtures/tiny-b --bits 2,4 --group-size 32 --quiet");
+    ck_assert_msg(r.status == 0, "%s", r.err);
+    ck_assert_msg(strstr(r.out, "No suggested recipe") && !strstr(r.out, "# suggested by"), "%s", r.out);
+    tu_run_free(&r);
+    r = tu_run("sensitivity testdata/fixtures/tiny-b --bits 2,4 --group-size 32 --quiet --json");
+    ck_assert_msg(r.status == 0, "%s", r.err);
+    json_t *j = tu_json(r.out);
+    ck_assert(json_is_null(json_object_get(j, "suggested_recipe")));
+    json_decref(j);
+    tu_run_free(&r);
+    tu_expect("sensitivity testdata/fixtures/tiny-b --recipe-out /tmp/qmix-never.recipe", 2,
+              "needs calibration text");
+}
+END_TEST
+
 static Suite *cli_ux_suite(void)
 {
     Suite *s = suite_create("cli_ux");
@@ -122,6 +141,7 @@ static Suite *cli_ux_suite(void)
     tcase_add_test(tc, info_counts_real_parameters);
     tcase_add_test(tc, missing_arguments_are_named);
     tcase_add_test(tc, missing_recipe_file_is_not_an_unknown_preset);
+    tcase_add_test(tc, sensitivity_without_text_suggests_nothing);
     suite_add_tcase(s, tc);
     return s;
 }

@@ -788,7 +788,7 @@ START_TEST(rtn_failsafe_count)
     /* the CLI reports it the way seed 001 does */
     char args[2048];
     snprintf(args, sizeof args, "quantize testdata/fixtures/tiny-b %s/q-cli --recipe experts-4 "
-             "--method gptq --calib %s --min-tokens %llu --quiet", fx_dir, fx_stats,
+             "--method gptq --stats %s --min-tokens %llu --quiet", fx_dir, fx_stats,
              (unsigned long long)thr);
     char needle[128], path_mixed[700];
     snprintf(needle, sizeof needle, "RTN failsafe for %lld of %d", (long long)want, 3 * ne);
@@ -799,12 +799,12 @@ START_TEST(rtn_failsafe_count)
     tu_expect(args, 1, "needs calibration statistics with Hessians");
     snprintf(args, sizeof args, "quantize testdata/fixtures/tiny-b %s/q-y --recipe uniform-4 "
              "--method awq", fx_dir);
-    tu_expect(args, 1, "need --calib FILE or --imatrix FILE");
+    tu_expect(args, 1, "need --stats STATS or --imatrix FILE");
     /* AWQ where a group mixes methods: that group stays unscaled, and says so */
     snprintf(path_mixed, sizeof path_mixed, "%s/awq-mixed.recipe", fx_dir);
     const char *text = "default bits=4 method=awq\nattn_k bits=4 method=rtn\n";
     tu_write(path_mixed, text, strlen(text));
-    snprintf(args, sizeof args, "quantize testdata/fixtures/tiny-b %s/q-w --recipe %s --calib %s "
+    snprintf(args, sizeof args, "quantize testdata/fixtures/tiny-b %s/q-w --recipe %s --stats %s "
              "--quiet", fx_dir, path_mixed, fx_stats);
     tu_expect(args, 0, "2 groups left unscaled");
     /* the imatrix method from a llama.cpp file alone */

@@ -276,9 +276,21 @@ void cli_catch_sigint(void)
 
 static int progress_shown;
 
+/* Seconds between progress lines when stderr is a log, not a terminal (QMIX_PROGRESS_SECONDS
+ * overrides; 0 prints every update). */
+static double log_interval(void)
+{
+    static double interval = -1;
+    if (interval < 0) {
+        const char *e = getenv("QMIX_PROGRESS_SECONDS");
+        interval = e && *e ? atof(e) : 15;
+        if (interval < 0) interval = 0;
+    }
+    return interval;
+}
+
 void cli_progress(const char *label, int64_t done, int64_t total, double t_start)
 {
-    if (!isatty(STDERR_FILENO)) return;
     double elapsed = cli_now() - t_start, frac = total > 0 ? (double)done / (double)total : 1;
     char eta[32] = "--:--";
     if (done > 0 && done < total) {
@@ -286,6 +298,20 @@ void cli_progress(const char *label, int64_t done, int64_t total, double t_start
         snprintf(eta, sizeof eta, "%ld:%02ld", s / 60, s % 60);
     } else if (done >= total) {
         snprintf(eta, sizeof eta, "done");
+    }
+    if (!isatty(STDERR_FILENO)) {
+        /* a log (CI, nohup, a pipe): a plain line now and then, so a long run is not silent */
+        static double last_line;
+        static const char *last_label;
+        double now = cli_now();
+        if (label != last_label) last_line = t_start;
+        if (now - last_line < log_interval() && done < total) return;
+        if (done >= total && label == last_label && now - last_line < log_interval()) return;
+        last_line = now;
+        last_label = label;
+        fprintf(stderr, "%s: %lld/%lld (%.0f%%), %.0fs elapsed, ETA %s\n", label, (long long)done,
+                (long long)total, 100 * frac, elapsed, eta);
+        return;
     }
     int width = 30, fill = (int)(frac * width + 0.5);
     char bar[64];

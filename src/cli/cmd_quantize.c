@@ -26,7 +26,7 @@ static void usage(FILE *out)
             "one tensor at a time. Tokenizer and side files are copied.\n\n"
             "  --recipe NAME|FILE   a preset (qmix presets) or a recipe file (docs/recipes.md)\n"
             "  --format mlx|gptq|gguf  output layout: MLX mixed precision (default), GPTQModel/vLLM\n"
-            "                       (spec/quant-formats.md §2), or a GGUF file OUT for llama.cpp (§5)\n"
+            "                       (docs/formats.md), or a GGUF file OUT for llama.cpp\n"
             "                       gptq: symmetric 2/3/4/8-bit (vLLM Marlin: 4/8), desc_act false,\n"
             "                       v1 zeros, HF names, routed experts as per-expert modules, MTP\n"
             "                       and vision copied; per-module bits as `dynamic` rules; routed\n"
@@ -38,11 +38,11 @@ static void usage(FILE *out)
             "  --allow-requant      accept an already-quantized IN (dequantized, re-quantized)\n"
             "  --force              write into a non-empty OUT\n"
             "  --quiet              no progress on stderr\n\n"
-            "Calibrated methods (spec/quant-formats.md §3, §4.4; per role: method= in a recipe):\n"
+            "Calibrated methods (docs/formats.md; per role: method= in a recipe):\n"
             "  --method rtn|gptq|imatrix|awq  rules without method= (rtn: round to nearest, MLX's\n"
             "                       rule; awq: activation-aware scales folded into the norms / up_proj\n"
             "                       rows, then RTN)\n"
-            "  --calib STATS        statistics from qmix calibrate (GPTQ Hessians, importance)\n"
+            "  --stats STATS        statistics from qmix calibrate (GPTQ Hessians, importance)\n"
             "  --imatrix FILE       llama.cpp importance matrix (.dat or .gguf) for imatrix, awq\n"
             "  --act-order          GPTQ group-aware act-order (columns by diag(H), inside groups)\n"            "  --mlx-groups         GPTQ group scale/bias by MLX's min/max rule (default: searched,\n"
             "                       weighted by diag(H))\n"
@@ -193,13 +193,19 @@ int qmix_cmd_quantize(int argc, char **argv)
     }
     if (group) qmix_recipe_set_group(&r, (int)group);
     o.recipe = &r;
-    /* without a budget, --calib names the statistics of qmix calibrate */
+    /* without a budget the statistics of qmix calibrate come in --stats; --calib (calibration
+     * text everywhere else) is still read as statistics here, as it was before --stats */
+    const char *stats_path = budget.stats ? budget.stats : budget.calib;
     qmix_calib *calib = NULL;
     qmix_imatrix *im = NULL;
-    if (budget.calib && qmix_calib_open(budget.calib, &calib, &err)) {
-        fprintf(stderr, "qmix quantize: --calib: %s\n", err.msg);
+    if (stats_path && qmix_calib_open(stats_path, &calib, &err)) {
+        fprintf(stderr, "qmix quantize: %s: %s%s\n", budget.stats ? "--stats" : "--calib", err.msg,
+                budget.stats ? "" : " (with --recipe, statistics from qmix calibrate go in --stats)");
         return 1;
     }
+    if (budget.calib && !budget.stats)
+        fprintf(stderr, "qmix quantize: note: --calib STATS is now spelled --stats STATS (--calib is "
+                "calibration text)\n");
     if (imatrix && qmix_imatrix_load(imatrix, &im, &err)) {
         fprintf(stderr, "qmix quantize: --imatrix: %s\n", err.msg);
         qmix_calib_close(calib);

@@ -30,8 +30,8 @@ static void usage(FILE *out)
             "  output error   ||(W - Q(W))x|| / ||Wx|| on the calibration activations x;\n"
             "  KLD            mean KL(base || model with the role quantized) per calibration token.\n"
             "Rows are sorted most sensitive first (by KLD at the lowest bits when measured);\n"
-            "a suggested recipe (docs/recipes.md format) follows. Norms and GDN parameters are\n"
-            "kept at 16 bits by every recipe and are not measured.\n\n"
+            "with calibration text a suggested recipe (docs/recipes.md format) follows. Norms and\n"
+            "GDN parameters are kept at 16 bits by every recipe and are not measured.\n\n"
             "  --bits LIST        bit widths to try, from 2,3,4,5,6,8 (default 2,3,4)\n"
             "  --group-size G     32, 64 or 128 (default 64)\n"
             "  --calib FILE       calibration text, tokenized with the model's tokenizer\n"
@@ -193,7 +193,12 @@ static void print_table(const char *model, const qmix_sens_result *r, const char
     } else {
         printf("Elapsed %s.\n", t1);
     }
-    printf("\n%s", recipe);
+    if (r->has_calib)
+        printf("\n%s", recipe);
+    else /* weight error alone ranks roles by how far their weights move, not by what that
+          * costs the model's outputs: a recipe built on it would mislead */
+        printf("\nNo suggested recipe: without calibration text (--calib TEXT) only weight error "
+               "is measured,\nwhich does not say what quantizing a role costs the model.\n");
 }
 
 static json_t *num_or_null(double x) { return isnan(x) ? json_null() : json_real(x); }
@@ -247,7 +252,7 @@ static void print_json(const char *model, const qmix_sens_result *r, const char 
     json_object_set_new(o, "full_run_estimate_s",
                         r->sample > 0 && !r->stopped ? json_real(r->full_estimate_s) : json_null());
     json_object_set_new(o, "stopped", json_boolean(r->stopped));
-    json_object_set_new(o, "suggested_recipe", json_string(recipe));
+    json_object_set_new(o, "suggested_recipe", r->has_calib ? json_string(recipe) : json_null());
     char *text = json_dumps(o, JSON_INDENT(2) | JSON_REAL_PRECISION(6));
     if (text) printf("%s\n", text);
     free(text);
@@ -334,6 +339,11 @@ int qmix_cmd_sensitivity(int argc, char **argv)
     if (!model_path) return cli_missing("sensitivity", "MODEL");
     if (calib && token_file) {
         fprintf(stderr, "qmix %s: give --calib or --tokens, not both\n", CMD);
+        return 2;
+    }
+    if (recipe_out && !calib && !token_file) {
+        fprintf(stderr, "qmix %s: --recipe-out needs calibration text (--calib TEXT or --tokens "
+                "FILE): weight error alone does not say what a role costs the model\n", CMD);
         return 2;
     }
 

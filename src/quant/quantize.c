@@ -1168,12 +1168,12 @@ static int check_method_inputs(wctx *w, const plan *p)
         need_imp |= m == QMIX_METHOD_IMATRIX || m == QMIX_METHOD_AWQ;
     }
     if (need_h && (!o->calib || !qmix_calib_has_hessian(o->calib)))
-        return qmix_errf(w->err, "method gptq needs calibration statistics with Hessians (--calib "
-                         "FILE from qmix calibrate%s)", o->imatrix ? "; an importance matrix is "
+        return qmix_errf(w->err, "method gptq needs calibration statistics with Hessians (--stats "
+                         "STATS from qmix calibrate%s)", o->imatrix ? "; an importance matrix is "
                          "only H's diagonal, with which GPTQ degenerates into weighted RTN: use "
                          "--method imatrix" : "");
     if (need_imp && !o->calib && !o->imatrix)
-        return qmix_errf(w->err, "methods imatrix and awq need --calib FILE or --imatrix FILE");
+        return qmix_errf(w->err, "methods imatrix and awq need --stats STATS or --imatrix FILE");
     if (o->calib && (qmix_calib_layers(o->calib) != w->cfg->n_layers ||
                      qmix_calib_experts(o->calib) != w->cfg->n_experts))
         return qmix_errf(w->err, "the calibration statistics are for %d layers / %d experts, the "
