@@ -132,6 +132,30 @@ START_TEST(sensitivity_without_text_suggests_nothing)
 }
 END_TEST
 
+/* convert ends with a summary, and says when the requested block type did not fit the rows */
+START_TEST(convert_summarises_and_names_fallbacks)
+{
+    char *dir = tu_tmpdir(), *out = NULL;
+    ck_assert_int_eq(tu_run_out(&out, "convert " DEMO " '%s/q4k.gguf' --to gguf --type q4_k", dir), 0);
+    ck_assert_msg(strstr(out, "bits per weight") && strstr(out, "experts_down"), "%s", out);
+    /* the demo's 128-wide rows cannot take 256-value K-quant blocks */
+    ck_assert_msg(strstr(out, "written as Q5_0"), "%s", out);
+    free(out);
+    tu_rmdir(dir);
+}
+END_TEST
+
+/* generated text ends with a newline like any text output (the status goes to stderr) */
+START_TEST(generate_text_ends_a_line)
+{
+    char *out = NULL;
+    ck_assert_int_eq(tu_run_out(&out, "generate " DEMO " -p 'The package manager' -n 6 --temp 0"), 0);
+    size_t n = strlen(out);
+    ck_assert_msg(n > 1 && out[n - 1] == '\n' && out[n - 2] != '\n', "'%s'", out);
+    free(out);
+}
+END_TEST
+
 static Suite *cli_ux_suite(void)
 {
     Suite *s = suite_create("cli_ux");
@@ -142,6 +166,8 @@ static Suite *cli_ux_suite(void)
     tcase_add_test(tc, missing_arguments_are_named);
     tcase_add_test(tc, missing_recipe_file_is_not_an_unknown_preset);
     tcase_add_test(tc, sensitivity_without_text_suggests_nothing);
+    tcase_add_test(tc, convert_summarises_and_names_fallbacks);
+    tcase_add_test(tc, generate_text_ends_a_line);
     suite_add_tcase(s, tc);
     return s;
 }

@@ -258,9 +258,14 @@ int qmix_cmd_chat(int argc, char **argv)
         if (rl) json_object_set_new(answer, "reasoning_content", json_stringn(r, rl));
         json_array_append_new(messages, answer);
         if (res.finish == QMIX_FINISH_CANCEL) printf("\n[stopped]");
-        if (tty)
-            fprintf(stderr, "\n\033[2m[%d tokens, %.1f tok/s]\033[0m", res.n_generated,
+        if (tty) {
+            /* the reasoning's dim attribute ends on stdout before the status goes to stderr, so
+             * the status line is never drawn dimmed whatever the two streams' buffering */
+            printf("\033[0m");
+            fflush(stdout);
+            fprintf(stderr, "\n[%d tokens, %.1f tok/s]", res.n_generated,
                     res.decode_s > 0 ? res.n_generated / res.decode_s : 0.0);
+        }
         printf("\n");
         qmix_toolcall_parser_free(v.parser);
     }

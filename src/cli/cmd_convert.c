@@ -13,6 +13,7 @@
 #include <unistd.h>
 
 #include "cli/cli.h"
+#include "cli/quantize_budget.h"
 #include "cli/commands.h"
 #include "cli/convert_gptq.h"
 #include "quant/ggml_blocks.h"
@@ -145,7 +146,8 @@ int qmix_cmd_convert(int argc, char **argv)
 {
     const char *in = NULL, *out = NULL, *to = NULL, *recipe = NULL, *imatrix = NULL;
     int force = 0, method = QMIX_METHOD_DEFAULT;
-    qmix_gguf_export_opts o = {.type = QMIX_GGML_BF16, .progress = 1};
+    /* progress redraws one line: only on a terminal */
+    qmix_gguf_export_opts o = {.type = QMIX_GGML_BF16, .progress = isatty(STDERR_FILENO)};
     for (int i = 1; i < argc; i++) {
         const char *a = argv[i], *v;
         if (!strcmp(a, "--help") || !strcmp(a, "-h")) {
@@ -226,9 +228,15 @@ int qmix_cmd_convert(int argc, char **argv)
         fprintf(stderr, "qmix convert: --to must be gguf, hf, mlx or gptq, not '%s'\n", to);
         return 2;
     }
+    qmix_gguf_export_report rep;
+    o.report = &rep;
     if (qmix_gguf_export(in, out, &o, &err)) {
         fprintf(stderr, "qmix convert: %s\n", err.msg);
         return 1;
     }
+    char what[600];
+    snprintf(what, sizeof what, "converted %s -> %s (GGUF, matrices %s)", in, out,
+             qmix_ggml_type_name(o.type));
+    cli_print_gguf_report(what, &rep, 0);
     return 0;
 }

@@ -33,9 +33,10 @@ static void usage(FILE *out)
 
 static void print_text(void *user, const char *text, size_t len)
 {
-    (void)user;
+    int *ends_line = user;
     fwrite(text, 1, len, stdout);
     fflush(stdout);
+    if (len) *ends_line = text[len - 1] == '\n';
 }
 
 /* -p: text in, streamed text out, stopping at the model's end-of-generation tokens. */
@@ -77,15 +78,17 @@ static int generate_text(const char *model_path, const char *text, const char *c
         snprintf(err.msg, sizeof err.msg, "out of memory");
         goto fail;
     }
-    int n_history = 0;
+    int n_history = 0, ends_line = 1;
     qmix_gen_opts go = {.max_tokens = (int)n_gen, .stop_ids = gen.eos, .n_stop_ids = gen.n_eos,
                         .stop_strings = stops, .n_stop_strings = n_stops};
     qmix_gen_result res;
     if (qmix_generate(sess, sampler, tok, prompt, (int)n_prompt, history, &n_history, &go,
-                      print_text, NULL, &res, &err))
+                      print_text, &ends_line, &res, &err))
         goto fail;
+    if (!ends_line) putchar('\n'); /* the output ends a line, as any text file does */
+    fflush(stdout);
     static const char *finish[] = {"stop", "length", "cancelled"};
-    fprintf(stderr, "\n[%s] prefill: %d tokens in %.3f s (%.1f tok/s); decode: %d tokens in "
+    fprintf(stderr, "[%s] prefill: %d tokens in %.3f s (%.1f tok/s); decode: %d tokens in "
             "%.3f s (%.1f tok/s)\n", finish[res.finish], res.n_prompt, res.prefill_s,
             res.n_prompt / res.prefill_s, res.n_generated, res.decode_s,
             res.decode_s > 0 ? res.n_generated / res.decode_s : 0.0);

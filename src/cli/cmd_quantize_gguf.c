@@ -53,30 +53,37 @@ int quantize_to_gguf(const char *in, const char *out, const qmix_recipe *r,
         fprintf(stderr, "qmix quantize: %s\n", err.msg);
         return 1;
     }
+    char what[600];
+    snprintf(what, sizeof what, "quantized %s -> %s (GGUF) with recipe %s", in, out, r->name);
+    cli_print_gguf_report(what, &rep, o->imatrix != NULL);
+    return 0;
+}
+
+void cli_print_gguf_report(const char *what, const qmix_gguf_export_report *rep, int imatrix)
+{
     char hb[32], hr[32];
-    cli_human_bytes((double)rep.bytes, hb, sizeof hb);
+    cli_human_bytes((double)rep->bytes, hb, sizeof hb);
     cli_human_bytes((double)cli_peak_rss(), hr, sizeof hr);
-    printf("quantized %s -> %s (GGUF) with recipe %s\n", in, out, r->name);
+    printf("%s\n", what);
     printf("bits per weight %.3f over all tensors, %s of tensor data, %d tensors, "
            "general.file_type %u; peak RSS %s\n",
-           rep.params ? 8.0 * (double)rep.bytes / (double)rep.params : 0.0, hb, rep.n_tensors,
-           rep.file_type, hr);
-    if (o->imatrix)
+           rep->params ? 8.0 * (double)rep->bytes / (double)rep->params : 0.0, hb, rep->n_tensors,
+           rep->file_type, hr);
+    if (imatrix)
         printf("imatrix: %lld matrices with importance-weighted scales, %lld without an entry\n",
-               (long long)rep.n_imatrix, (long long)rep.n_no_imatrix);
+               (long long)rep->n_imatrix, (long long)rep->n_no_imatrix);
     printf("\n%-20s %-22s %16s %12s %7s %6s\n", "role", "types", "parameters", "bytes", "share",
            "bpw");
     for (int i = 0; i < QMIX_ROLE_COUNT; i++) {
-        const qmix_gguf_role_stat *s = &rep.roles[i];
+        const qmix_gguf_role_stat *s = &rep->roles[i];
         if (!s->tensors) continue;
         char ts[96], by[32];
         types_str(s->type_mask, ts, sizeof ts);
         cli_human_bytes((double)s->bytes, by, sizeof by);
         printf("%-20s %-22s %16llu %12s %6.2f%% %6.3f\n", qmix_role_name((qmix_role)i), ts,
                (unsigned long long)s->params, by,
-               rep.bytes ? 100.0 * (double)s->bytes / (double)rep.bytes : 0.0,
+               rep->bytes ? 100.0 * (double)s->bytes / (double)rep->bytes : 0.0,
                s->params ? 8.0 * (double)s->bytes / (double)s->params : 0.0);
     }
-    if (rep.notes[0]) printf("\nnot expressible in GGUF:\n%s", rep.notes);
-    return 0;
+    if (rep->notes[0]) printf("\nnot expressible in GGUF:\n%s", rep->notes);
 }

@@ -42,5 +42,9 @@ int quantize_with_budget(const char *in, const char *out, const budget_args *b,
  * progress) as a GGUF file out. Prints its own errors; returns the exit status. */
 int quantize_to_gguf(const char *in, const char *out, const qmix_recipe *r,
                      const qmix_quant_opts *o);
+/* What a GGUF write produced: bpw, size, types and bytes by role, and what could not be written
+ * as asked (llama-quantize's fallbacks), under the line `what`. */
+struct qmix_gguf_export_report;
+void cli_print_gguf_report(const char *what, const struct qmix_gguf_export_report *rep, int imatrix);
 
 #endif
