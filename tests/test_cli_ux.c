@@ -73,6 +73,13 @@ START_TEST(info_counts_real_parameters)
     double bpw = json_number_value(json_object_get(q[0], "bits_per_weight"));
     ck_assert_msg(bpw > 2.9 && bpw < 3.1, "MLX dynamic-2.6 bpw %.3f", bpw);
     ck_assert_msg(json_number_value(json_object_get(base, "bits_per_weight")) == 16.0, "bf16 bpw");
+    /* compare's default threshold follows the bits: a healthy 2/3-bit quant passes, and an
+     * explicit --min-cosine still fails it */
+    char args[800];
+    snprintf(args, sizeof args, "compare " DEMO " '%s'", mlx);
+    tu_expect(args, 0, "pass");
+    snprintf(args, sizeof args, "compare " DEMO " '%s' --min-cosine 0.995", mlx);
+    tu_expect(args, 1, "below their threshold");
     json_decref(base);
     for (int f = 0; f < 3; f++) json_decref(q[f]);
     tu_rmdir(dir);
@@ -156,6 +163,15 @@ START_TEST(generate_text_ends_a_line)
 }
 END_TEST
 
+/* a plan that does not fit names the built-in recipe that would */
+START_TEST(plan_names_a_recipe_that_fits)
+{
+    tu_expect("plan --like 35b-a3b --memory 16G --reserve 3.5G", 0,
+              "The built-in recipe with the most bits that fits is dynamic-2.6");
+    tu_expect("plan --like 397b-a17b --memory 16G", 0, "no built-in recipe fits either");
+}
+END_TEST
+
 static Suite *cli_ux_suite(void)
 {
     Suite *s = suite_create("cli_ux");
@@ -168,6 +184,7 @@ static Suite *cli_ux_suite(void)
     tcase_add_test(tc, sensitivity_without_text_suggests_nothing);
     tcase_add_test(tc, convert_summarises_and_names_fallbacks);
     tcase_add_test(tc, generate_text_ends_a_line);
+    tcase_add_test(tc, plan_names_a_recipe_that_fits);
     suite_add_tcase(s, tc);
     return s;
 }

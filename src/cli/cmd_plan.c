@@ -45,7 +45,7 @@ static void usage(FILE *out)
             "every unit is binary: 1K = 1024, 16G = 16 GiB. Printed sizes are binary too.\n");
 }
 
-/* "12.50 GiB" / "63.0 MiB": the seed cards' precision, binary units. */
+/* "12.50 GiB" / "63.0 MiB": binary units at the precision model cards print. */
 static void gib(uint64_t bytes, char *buf, size_t len)
 {
     double b = (double)bytes;
@@ -343,6 +343,28 @@ int qmix_cmd_plan(int argc, char **argv)
     }
     const char *source = like ? like : model_path;
     const char *rname = recipe_arg ? recipe.name : NULL;
+    /* Does not fit: which built-in recipe would (the most bits that still hold --ctx), so the
+     * answer is a next step, not only a no */
+    const char *fit_name = NULL;
+    qmix_plan fit_plan = {0};
+    if (!p.fits) {
+        double best_bpw = -1;
+        for (int i = 0; qmix_recipe_preset_names[i]; i++) {
+            qmix_recipe pr;
+            qmix_plan pp;
+            qmix_plan_opts po = o;
+            if (qmix_recipe_preset(qmix_recipe_preset_names[i], &pr, &err)) continue;
+            po.recipe = &pr;
+            char dir[4096];
+            int prc = like ? qmix_plan_like(like, &po, &pp, &err)
+                           : cli_model_dir(model_path, dir, sizeof dir) ? -1
+                           : qmix_plan_checkpoint(dir, &po, &pp, &err);
+            if (prc || !pp.fits || pp.bpw <= best_bpw) continue;
+            best_bpw = pp.bpw;
+            fit_name = qmix_recipe_preset_names[i];
+            fit_plan = pp;
+        }
+    }
     if (json) {
         if (print_json(source, &p, &o, rname)) {
             fprintf(stderr, "qmix plan: out of memory writing JSON\n");
@@ -350,6 +372,20 @@ int qmix_cmd_plan(int argc, char **argv)
         }
     } else {
         print_tables(source, &p, &o, rname);
+        if (!p.fits && fit_name) {
+            char b1[32];
+            gib(fit_plan.peak_bytes, b1, sizeof b1);
+            printf("\nDoes not fit as it is. The built-in recipe with the most bits that fits is %s "
+                   "(%.2f bpw): peak %s at %d tokens, longest context %lld tokens (%d-bit KV).\n"
+                   "  qmix plan %s%s --memory %.4gG --reserve %.4gG --recipe %s   (qmix presets "
+                   "describes it)\n",
+                   fit_name, fit_plan.bpw, b1, o.ctx > 0 ? o.ctx : 4096,
+                   (long long)fit_plan.max_context, o.kv_bits ? o.kv_bits : 32, like ? "--like " : "",
+                   source, o.memory / 1073741824.0, o.reserve / 1073741824.0, fit_name);
+        } else if (!p.fits) {
+            printf("\nDoes not fit, and no built-in recipe fits either: more memory, a smaller "
+                   "--reserve or --ctx, or a recipe with fewer bits.\n");
+        }
     }
     return 0;
 }
