@@ -1,5 +1,7 @@
 /* What the CLI tells a user: --version, info's real parameter counts and precisions in every
  * format, one-line messages for missing arguments and missing recipe files. */
+#include <math.h>
+
 #include "testutil.h"
 
 #define DEMO "testdata/demo"
@@ -172,6 +174,69 @@ START_TEST(plan_names_a_recipe_that_fits)
 }
 END_TEST
 
+/* ppl --score second-half scores like llama-perplexity: only the second half of each window.
+ * The expected value is computed here from `qmix logits` of each window (a different command
+ * and code path), in double precision. */
+START_TEST(ppl_second_half_matches_independent_nll)
+{
+    enum { CTX = 16, WINDOWS = 3 };
+    size_t n_ids = 0;
+    char *ids_text = tu_read("testdata/fixtures/tiny-b/golden/tokens.txt", NULL);
+    int ids[64];
+    for (char *p = ids_text, *end; n_ids < 64; p = end) {
+        long v = strtol(p, &end, 10);
+        if (end == p) break;
+        ids[n_ids++] = (int)v;
+    }
+    free(ids_text);
+    ck_assert_int_ge(n_ids, CTX * WINDOWS);
+    char *dir = tu_tmpdir(), path[600], spec[512];
+    snprintf(path, sizeof path, "%s/logits.f32", dir);
+    double nll = 0;
+    int scored = 0, vocab = 0;
+    for (int w = 0; w < WINDOWS; w++) {
+        size_t off = 0;
+        for (int i = 0; i < CTX; i++)
+            off += (size_t)snprintf(spec + off, sizeof spec - off, "%s%d", i ? " " : "", ids[w * CTX + i]);
+        ck_assert_int_eq(tu_run_out(NULL, "logits testdata/fixtures/tiny-b --tokens '%s' --out '%s'",
+                                    spec, path), 0);
+        size_t bytes;
+        float *lg = tu_read(path, &bytes);
+        vocab = (int)(bytes / sizeof(float) / CTX);
+        for (int row = CTX / 2; row < CTX - 1; row++) {
+            const float *r = lg + (size_t)row * vocab;
+            double mx = r[0], sum = 0;
+            for (int v = 1; v < vocab; v++) mx = r[v] > mx ? r[v] : mx;
+            for (int v = 0; v < vocab; v++) sum += exp((double)r[v] - mx);
+            nll += mx + log(sum) - r[ids[w * CTX + row + 1]];
+            scored++;
+        }
+        free(lg);
+    }
+    ck_assert_int_gt(vocab, 0);
+    char *out = NULL;
+    ck_assert_int_eq(tu_run_out(&out, "ppl testdata/fixtures/tiny-b --tokens "
+                                "testdata/fixtures/tiny-b/golden/tokens.txt --ctx %d --windows %d "
+                                "--score second-half --json", CTX, WINDOWS), 0);
+    json_t *j = tu_json(out);
+    ck_assert_int_eq(json_integer_value(json_object_get(j, "tokens")), scored);
+    double got = json_number_value(json_object_get(j, "nll")), want = nll / scored;
+    ck_assert_msg(fabs(got - want) < 1e-4 * fabs(want) + 1e-5, "nll %.7f vs %.7f", got, want);
+    /* and it differs from scoring every token (the first half has less context) */
+    free(out);
+    ck_assert_int_eq(tu_run_out(&out, "ppl testdata/fixtures/tiny-b --tokens "
+                                "testdata/fixtures/tiny-b/golden/tokens.txt --ctx %d --windows %d "
+                                "--json", CTX, WINDOWS), 0);
+    json_t *all = tu_json(out);
+    ck_assert_int_eq(json_integer_value(json_object_get(all, "tokens")), WINDOWS * (CTX - 1));
+    ck_assert(json_number_value(json_object_get(all, "nll")) != got);
+    json_decref(all);
+    json_decref(j);
+    free(out);
+    tu_rmdir(dir);
+}
+END_TEST
+
 static Suite *cli_ux_suite(void)
 {
     Suite *s = suite_create("cli_ux");
@@ -185,6 +250,7 @@ static Suite *cli_ux_suite(void)
     tcase_add_test(tc, convert_summarises_and_names_fallbacks);
     tcase_add_test(tc, generate_text_ends_a_line);
     tcase_add_test(tc, plan_names_a_recipe_that_fits);
+    tcase_add_test(tc, ppl_second_half_matches_independent_nll);
     suite_add_tcase(s, tc);
     return s;
 }

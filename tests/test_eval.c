@@ -146,7 +146,7 @@ START_TEST(ppl_is_exp_mean_loss)
     ck_assert_int_eq(qmix_eval_n_windows(CTX * WINDOWS + 17, CTX, 0), WINDOWS);
     ck_assert_int_eq(qmix_eval_n_windows(CTX * WINDOWS + 17, CTX, 2), 2);
     qmix_ppl_result r;
-    ck_assert(qmix_ppl(s, tok, CTX, WINDOWS, NULL, NULL, NULL, &r, &err) == 0);
+    ck_assert(qmix_ppl(s, tok, CTX, WINDOWS, 0, NULL, NULL, NULL, &r, &err) == 0);
     ck_assert_int_eq(r.windows, WINDOWS);
     ck_assert_int_eq(r.tokens_scored, WINDOWS * (CTX - 1));
     ck_assert_double_eq_tol(exp(r.nll_sum / r.tokens_scored), want, want * 1e-6);

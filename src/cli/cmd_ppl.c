@@ -15,17 +15,23 @@ static void usage(FILE *out)
 {
     fprintf(out,
             "usage: qmix ppl MODEL (--text FILE | --tokens FILE) [options]\n\n"
-            "Perplexity by the WikiText-2-raw protocol: the text is tokenized with the model's own\n"
-            "tokenizer.json and cut into non-overlapping windows of --ctx tokens, each evaluated as\n"
-            "a fresh sequence; the loss counts every token but the first of each window.\n\n"
+            "Perplexity over a text: it is tokenized with the model's own tokenizer.json and cut\n"
+            "into non-overlapping windows of --ctx tokens, each evaluated as a fresh sequence.\n"
+            "Scoring (--score):\n"
+            "  all          every token but the first of each window (default; the WikiText-2-raw\n"
+            "               protocol model cards report)\n"
+            "  second-half  only the second half of each window, every token predicted from at\n"
+            "               least ctx/2 tokens: how llama.cpp's llama-perplexity scores, so the\n"
+            "               two tools give the same number on the same model, text and --ctx\n\n"
             "Reports: mean = exp(mean token loss over all windows) (the usual perplexity); median\n"
             "and trimmed mean of the per-window perplexities (trimmed: --trim of the windows\n"
-            "dropped at each end, as seed 000's table does for header/trailer windows).\n\n"
+            "dropped at each end, as published tables do for header/trailer windows).\n\n"
             "  --text FILE         text to evaluate (e.g. wiki.test.raw)\n"
             "  --tokens FILE       token ids (whitespace-separated) instead of --text\n"
             "  --ctx N             window length in tokens (default 2048)\n"
             "  --windows N         evaluate only the first N windows (default: all)\n"
             "  --trim F            fraction dropped at each end for the trimmed mean (0.1)\n"
+            "  --score all|second-half  which tokens of a window count (see above; default all)\n"
             "  --threads N         worker threads (default: all cores)\n"
             "  --json              print one JSON object on stdout: mean, median, trimmed_mean,\n"
             "                      windows, tokens, ctx, nll, window_ppl[], complete, seconds\n\n"
@@ -42,6 +48,7 @@ int qmix_cmd_ppl(int argc, char **argv)
     const char *model_path = NULL, *v;
     cli_eval_args ea = {.ctx = 2048};
     double trim = QMIX_TRIM_DEFAULT;
+    int second_half = 0;
     for (int i = 1; i < argc; i++) {
         const char *a = argv[i];
         int taken = cli_eval_option("ppl", argc, argv, &i, &ea);
@@ -54,6 +61,14 @@ int qmix_cmd_ppl(int argc, char **argv)
             if (!(v = cli_value("ppl", argc, argv, &i)) || cli_double("ppl", a, v, &trim)) return 2;
             if (!(trim >= 0 && trim < 0.5)) {
                 fprintf(stderr, "qmix ppl: --trim must be in [0, 0.5)\n");
+                return 2;
+            }
+        } else if (!strcmp(a, "--score")) {
+            if (!(v = cli_value("ppl", argc, argv, &i))) return 2;
+            if (!strcmp(v, "second-half")) second_half = 1;
+            else if (!strcmp(v, "all")) second_half = 0;
+            else {
+                fprintf(stderr, "qmix ppl: --score must be all or second-half, not '%s'\n", v);
                 return 2;
             }
         } else if (a[0] == '-') {
@@ -96,7 +111,7 @@ int qmix_cmd_ppl(int argc, char **argv)
 
     cli_catch_sigint();
     double t0 = cli_now();
-    int run = qmix_ppl(sess, tokens, (int)ctx, n_windows, on_progress, &t0, &cli_stop, &r, &err);
+    int run = qmix_ppl(sess, tokens, (int)ctx, n_windows, second_half ? (int)ctx / 2 : 0, on_progress, &t0, &cli_stop, &r, &err);
     cli_progress_end();
     if (run < 0) goto fail;
     double seconds = cli_now() - t0;
@@ -115,8 +130,9 @@ int qmix_cmd_ppl(int argc, char **argv)
     qmix_summarize(window_ppl, r.windows, trim, &sum);
 
     if (json) {
-        json_t *o = json_pack("{s:s, s:f, s:f, s:f, s:f, s:i, s:I, s:i, s:b, s:f, s:f, s:o}",
-                              "model", model_path, "mean", ppl, "median", sum.median,
+        json_t *o = json_pack("{s:s, s:s, s:f, s:f, s:f, s:f, s:i, s:I, s:i, s:b, s:f, s:f, s:o}",
+                              "model", model_path, "score", second_half ? "second-half" : "all",
+                              "mean", ppl, "median", sum.median,
                               "trimmed_mean", sum.trimmed_mean, "nll", mean_nll, "windows",
                               r.windows, "tokens", (json_int_t)r.tokens_scored, "ctx", (int)ctx,
                               "complete", run == 0, "trim", trim, "seconds", seconds,
@@ -131,6 +147,8 @@ int qmix_cmd_ppl(int argc, char **argv)
         printf("windows      %d x %ld tokens%s, %lld tokens scored (of %lld in the text)\n",
                r.windows, ctx, run ? " (stopped early)" : "", (long long)r.tokens_scored,
                (long long)n_tokens);
+        printf("scoring      %s\n", second_half ? "second half of each window (as llama-perplexity)"
+                                                 : "every token but the first of each window");
         printf("time         %.1f s, %.0f tok/s\n", seconds,
                (double)r.windows * ctx / (seconds > 0 ? seconds : 1));
         printf("\n| Mean | Median | Trimmed Mean |\n|---|---|---|\n| %.4f | %.4f | %.4f |\n", ppl,
