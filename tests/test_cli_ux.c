@@ -237,6 +237,31 @@ START_TEST(ppl_second_half_matches_independent_nll)
 }
 END_TEST
 
+/* a KLD against a saved top-k base is a lower bound, and says so; the exact one does not */
+START_TEST(kld_from_saved_base_says_lower_bound)
+{
+    char *dir = tu_tmpdir(), *out = NULL;
+    ck_assert_int_eq(tu_run_out(NULL, "quantize testdata/fixtures/tiny-b '%s/q' --recipe uniform-4 "
+                                "--quiet", dir), 0);
+    ck_assert_int_eq(tu_run_out(NULL, "kld testdata/fixtures/tiny-b --save-base '%s/b.kld' --tokens "
+                                "testdata/fixtures/tiny-b/golden/tokens.txt --ctx 16 --top-k 8",
+                                dir), 0);
+    ck_assert_int_eq(tu_run_out(&out, "kld --base-logits '%s/b.kld' '%s/q'", dir, dir), 0);
+    ck_assert_msg(strstr(out, "lower bound") && strstr(out, "| ≥ "), "%s", out);
+    free(out);
+    ck_assert_int_eq(tu_run_out(&out, "kld --base-logits '%s/b.kld' '%s/q' --json", dir, dir), 0);
+    json_t *j = tu_json(out);
+    ck_assert(json_is_true(json_object_get(j, "lower_bound")));
+    json_decref(j);
+    free(out);
+    ck_assert_int_eq(tu_run_out(&out, "kld testdata/fixtures/tiny-b '%s/q' --tokens "
+                                "testdata/fixtures/tiny-b/golden/tokens.txt --ctx 16", dir), 0);
+    ck_assert_msg(!strstr(out, "lower bound") && strstr(out, "exact"), "%s", out);
+    free(out);
+    tu_rmdir(dir);
+}
+END_TEST
+
 static Suite *cli_ux_suite(void)
 {
     Suite *s = suite_create("cli_ux");
@@ -251,6 +276,7 @@ static Suite *cli_ux_suite(void)
     tcase_add_test(tc, generate_text_ends_a_line);
     tcase_add_test(tc, plan_names_a_recipe_that_fits);
     tcase_add_test(tc, ppl_second_half_matches_independent_nll);
+    tcase_add_test(tc, kld_from_saved_base_says_lower_bound);
     suite_add_tcase(s, tc);
     return s;
 }

@@ -305,8 +305,8 @@ void cli_progress(const char *label, int64_t done, int64_t total, double t_start
         static const char *last_label;
         double now = cli_now();
         if (label != last_label) last_line = t_start;
-        if (now - last_line < log_interval() && done < total) return;
-        if (done >= total && label == last_label && now - last_line < log_interval()) return;
+        /* nothing for a run shorter than the interval; the final line only after others */
+        if (now - last_line < log_interval()) return;
         last_line = now;
         last_label = label;
         fprintf(stderr, "%s: %lld/%lld (%.0f%%), %.0fs elapsed, ETA %s\n", label, (long long)done,
