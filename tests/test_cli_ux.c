@@ -262,6 +262,43 @@ START_TEST(kld_from_saved_base_says_lower_bound)
 }
 END_TEST
 
+static int count(const char *hay, const char *needle)
+{
+    int n = 0;
+    for (const char *p = hay; (p = strstr(p, needle)); p += strlen(needle)) n++;
+    return n;
+}
+
+/* --plot draws SVG pictures: one bar per role and width for sensitivity, a histogram with the
+ * median and p99 marked for kld */
+START_TEST(plots_are_svg_pictures_of_the_numbers)
+{
+    char *dir = tu_tmpdir(), *svg;
+    ck_assert_int_eq(tu_run_out(NULL, "sensitivity testdata/fixtures/tiny-b --bits 2,4 --group-size 32 "
+                                "--tokens testdata/fixtures/tiny-b/golden/tokens.txt --ctx 16 --quiet "
+                                "--plot '%s/s.svg'", dir), 0);
+    char path[600];
+    snprintf(path, sizeof path, "%s/s.svg", dir);
+    svg = tu_read(path, NULL);
+    ck_assert_msg(!strncmp(svg, "<svg", 4) && strstr(svg, "</svg>"), "%.200s", svg);
+    ck_assert_msg(strstr(svg, "experts_gate_up") && strstr(svg, "2-bit") && strstr(svg, "4-bit"),
+                  "%.400s", svg);
+    /* the bars: two per plotted role (16 quantizable roles on tiny-b at group 32), each with its
+     * value as a tooltip */
+    ck_assert_int_eq(count(svg, "<title>"), 2 * 16);
+    free(svg);
+    ck_assert_int_eq(tu_run_out(NULL, "kld testdata/fixtures/tiny-b testdata/fixtures/tiny-b --tokens "
+                                "testdata/fixtures/tiny-b/golden/tokens.txt --ctx 16 --plot '%s/k.svg'",
+                                dir), 0);
+    snprintf(path, sizeof path, "%s/k.svg", dir);
+    svg = tu_read(path, NULL);
+    /* a model against itself: every token's KLD is 0, below the drawn range */
+    ck_assert_msg(strstr(svg, "45 tokens; 45 with KLD below 1e-6"), "%.400s", svg);
+    free(svg);
+    tu_rmdir(dir);
+}
+END_TEST
+
 static Suite *cli_ux_suite(void)
 {
     Suite *s = suite_create("cli_ux");
@@ -277,6 +314,7 @@ static Suite *cli_ux_suite(void)
     tcase_add_test(tc, plan_names_a_recipe_that_fits);
     tcase_add_test(tc, ppl_second_half_matches_independent_nll);
     tcase_add_test(tc, kld_from_saved_base_says_lower_bound);
+    tcase_add_test(tc, plots_are_svg_pictures_of_the_numbers);
     suite_add_tcase(s, tc);
     return s;
 }

@@ -6,6 +6,7 @@
 #include <jansson.h>
 
 #include "cli/cli.h"
+#include "cli/plot.h"
 #include "cli/commands.h"
 #include "eval/kld.h"
 #include "eval/stats.h"
@@ -34,6 +35,8 @@ static void usage(FILE *out)
             "  --save-base FILE    write BASE's compact distribution to FILE (no QUANT)\n"
             "  --base-logits FILE  read the base from FILE (tokens and ctx come from it)\n"
             "  --top-k K           entries kept per token by --save-base (default %d)\n"
+            "  --plot FILE.svg     also draw the per-token KLD distribution (log scale, median\n"
+            "                      and p99 marked) as an SVG picture\n"
             "  --threads N         worker threads (default: all cores)\n"
             "  --json              one JSON object on stdout: mean, median, p90, p99, p999, max,\n"
             "                      top1, dp_mean, dp_rms, ppl_base, ppl_quant, tokens, windows,\n"
@@ -102,7 +105,7 @@ static void report(const char *base, const char *quant, const qmix_kld_result *r
 
 int qmix_cmd_kld(int argc, char **argv)
 {
-    const char *paths[2] = {NULL, NULL}, *save = NULL, *base_file = NULL, *v;
+    const char *paths[2] = {NULL, NULL}, *save = NULL, *base_file = NULL, *plot = NULL, *v;
     cli_eval_args ea = {.ctx = 512};
     long top_k = QMIX_KLD_TOPK_DEFAULT;
     int n_paths = 0;
@@ -118,6 +121,8 @@ int qmix_cmd_kld(int argc, char **argv)
             if (!(save = cli_value("kld", argc, argv, &i))) return 2;
         } else if (!strcmp(a, "--base-logits")) {
             if (!(base_file = cli_value("kld", argc, argv, &i))) return 2;
+        } else if (!strcmp(a, "--plot")) {
+            if (!(plot = cli_value("kld", argc, argv, &i))) return 2;
         } else if (!strcmp(a, "--top-k")) {
             if (!(v = cli_value("kld", argc, argv, &i)) ||
                 cli_int("kld", a, v, 1, 65536, &top_k))
@@ -214,6 +219,22 @@ int qmix_cmd_kld(int argc, char **argv)
         goto done;
     }
     report(base_file ? base_file : paths[0], quant_path, &r, run == 0, cli_now() - t0, json);
+    if (plot) {
+        double *sorted = malloc((size_t)r.n * sizeof *sorted);
+        if (!sorted) {
+            snprintf(err.msg, sizeof err.msg, "out of memory");
+            goto fail;
+        }
+        memcpy(sorted, r.kld, (size_t)r.n * sizeof *sorted);
+        qmix_summary sum;
+        qmix_summarize(sorted, r.n, 0, &sum);
+        free(sorted);
+        char title[600];
+        snprintf(title, sizeof title, "KLD of %s from %s%s", quant_path,
+                 base_file ? base_file : paths[0], r.top_k ? " (lower bound: saved top-k base)" : "");
+        if (cli_plot_kld_histogram(plot, title, r.kld, r.n, sum.median, sum.p99, &err)) goto fail;
+        fprintf(stderr, "qmix kld: drew %s\n", plot);
+    }
     rc = 0;
     goto done;
 fail:

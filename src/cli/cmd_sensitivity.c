@@ -7,6 +7,8 @@
 #include <string.h>
 
 #include "cli/cli.h"
+#include "cli/plot.h"
+#include "util/err.h"
 #include "cli/commands.h"
 #include "eval/sensitivity.h"
 #include "quant/calib.h"
@@ -46,6 +48,8 @@ static void usage(FILE *out)
             "  --target-bits X    code bits per weight the suggested recipe may spend on average\n"
             "                     (before scales; default: the lowest --bits + 0.25)\n"
             "  --recipe-out FILE  also write the suggested recipe to FILE\n"
+            "  --plot FILE.svg    also draw each role's cost at each width as bars on a log\n"
+            "                     scale (KLD with calibration text, else weight error)\n"
             "  --method M         rtn (default), gptq or imatrix: quantize each role as qmix\n"
             "                     quantize --method M would (GPTQ with its RTN failsafe below 0.5%%\n"
             "                     of the calibration tokens), with the statistics of --stats\n"
@@ -259,10 +263,56 @@ static void print_json(const char *model, const qmix_sens_result *r, const char 
     json_decref(o);
 }
 
+/* One bar group per row (role, or role and layer), one bar per width: what quantizing it alone
+ * costs, most sensitive first as the table. */
+static int plot_rows(const char *path, const char *model, const qmix_sens_result *r, qmix_err *err)
+{
+    int n_series = r->n_bits < 6 ? r->n_bits : 6, n = 0;
+    const char **rows = calloc((size_t)r->n_rows + 1, sizeof *rows);
+    char (*names)[48] = calloc((size_t)r->n_rows + 1, sizeof *names);
+    double *values = calloc((size_t)(r->n_rows + 1) * (size_t)n_series, sizeof *values);
+    char series[6][16];
+    const char *series_p[6];
+    int rc = -1;
+    if (!rows || !names || !values) {
+        qmix_errf(err, "out of memory");
+        goto done;
+    }
+    for (int s = 0; s < n_series; s++) {
+        snprintf(series[s], sizeof series[s], "%d-bit", r->bits[s]);
+        series_p[s] = series[s];
+    }
+    for (int k = 0; k < r->n_rows; k++) {
+        const qmix_sens_row *row = &r->rows[k];
+        if (!row->quantizable) continue;
+        if (row->layer >= 0)
+            snprintf(names[n], sizeof names[n], "%s L%d", qmix_role_name(row->role), row->layer);
+        else
+            snprintf(names[n], sizeof names[n], "%s", qmix_role_name(row->role));
+        rows[n] = names[n];
+        for (int s = 0; s < n_series; s++)
+            values[n * n_series + s] = r->has_calib ? qmix_sens_kld(&row->cell[s])
+                                                    : qmix_sens_weight_error(&row->cell[s]);
+        n++;
+    }
+    char title[600];
+    snprintf(title, sizeof title, "Sensitivity of %s by role", model);
+    rc = cli_plot_bars(path, title,
+                       r->has_calib ? "KLD with the role alone quantized (log scale)"
+                                    : "relative weight error (log scale; no calibration text)",
+                       rows, n, series_p, n_series, values, err);
+    if (!rc) fprintf(stderr, "qmix %s: drew %s\n", CMD, path);
+done:
+    free(rows);
+    free(names);
+    free(values);
+    return rc;
+}
+
 int qmix_cmd_sensitivity(int argc, char **argv)
 {
     const char *model_path = NULL, *calib = NULL, *token_file = NULL, *recipe_out = NULL,
-               *stats = NULL;
+               *stats = NULL, *plot = NULL;
     long group = 64, ctx = 512, windows = 8, sample = 0, threads = 0;
     double target = 0;
     int json = 0, per_layer = 0, quiet = 0;
@@ -308,6 +358,8 @@ int qmix_cmd_sensitivity(int argc, char **argv)
                 fprintf(stderr, "qmix %s: --target-bits must be between 2 and 16\n", CMD);
                 return 2;
             }
+        } else if (!strcmp(a, "--plot")) {
+            if (!(plot = cli_value(CMD, argc, argv, &i))) return 2;
         } else if (!strcmp(a, "--recipe-out")) {
             if (!(recipe_out = cli_value(CMD, argc, argv, &i))) return 2;
         } else if (!strcmp(a, "--stats")) {
@@ -410,6 +462,10 @@ int qmix_cmd_sensitivity(int argc, char **argv)
     } else {
         if (json) print_json(model_path, &res, recipe);
         else print_table(model_path, &res, recipe);
+        if (plot && plot_rows(plot, model_path, &res, &err)) {
+            fprintf(stderr, "qmix %s: %s\n", CMD, err.msg);
+            status = 1;
+        }
         if (recipe_out) {
             FILE *f = fopen(recipe_out, "w");
             if (!f || fputs(recipe, f) < 0 || fclose(f)) {
