@@ -39,7 +39,7 @@ static void usage(FILE *out)
             "  --max-memory SIZE   statistics held at once (8G): more layers than fit are collected\n"
             "                      in several passes over the text, one band of layers per pass\n"
             "  --threads N         worker threads (default: all cores)\n\n"
-            "Sequential scheme (spec/quant-formats.md §3.1): the statistics of layer L are\n"
+            "Sequential scheme (as GPTQModel calibrates): the statistics of layer L are\n"
             "collected while layers 0..L-1 already run quantized as the recipe will quantize\n"
             "them, so later layers see the inputs the quantized model really produces:\n"
             "  --sequential        one pass over the text per layer (n_layers passes: about\n"

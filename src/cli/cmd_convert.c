@@ -36,7 +36,7 @@ static void usage(FILE *out)
             "-exp(A_log), squeezed conv1d, split gate/up experts, tiled GDN value heads). Norms,\n"
             "1-D tensors, the router, ffn_gate_inp_shexp and ssm_conv1d are F32; other matrices\n"
             "are --type: f32, f16, bf16 (default), q8_0, q6_k, q5_k, q4_k, q3_k, q2_k, q5_1,\n"
-            "q5_0, q4_1 or q4_0 (searched block scales, spec/quant-formats.md 5.4). Rows the\n"
+            "q5_0, q4_1 or q4_0 (searched block scales, docs/formats.md). Rows the\n"
             "block does not divide fall back as llama-quantize does (q4_k -> q5_0, q5_k -> q5_1,\n"
             "q6_k -> q8_0, q2_k/q3_k -> q4_0, else f16). For per-role types from a recipe and an\n"
             "importance matrix use `qmix quantize IN OUT.gguf --format gguf --recipe R`.\n\n"

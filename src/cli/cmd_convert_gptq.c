@@ -358,7 +358,7 @@ static int plan_gptq_to_mlx(job *j, json_t *qblock)
         }
         if (strstr(n, "mlp.experts.gate_up_proj") || strstr(n, "mlp.experts.down_proj"))
             return qmix_errf(j->err, "%s: fused expert tensors in a GPTQ checkpoint are not "
-                             "supported (GPTQ stores experts per module, §2.6)", n);
+                             "supported (GPTQ stores experts per module)", n);
         if (ends_with(n, ".qweight")) {
             const char *mod = fmt(j, "%.*s", (int)(strlen(n) - 8), n);
             const char **mods = calloc(1, sizeof *mods);
@@ -487,7 +487,7 @@ static int plan_mlx_to_gptq(job *j)
             continue;
         }
         if (!qmix_gptq_bits_valid(bits))
-            return qmix_errf(j->err, "module '%s' is %d-bit: GPTQ holds 2, 3, 4 or 8 bits (§2.2); "
+            return qmix_errf(j->err, "module '%s' is %d-bit: GPTQ holds 2, 3, 4 or 8 bits; "
                              "re-quantize from the bf16 original with qmix quantize --format gptq",
                              mod, bits);
         if ((N * bits) % 32)

@@ -126,7 +126,7 @@ int qmix_gptq_build_qconfig(const qmix_gptq_module *mods, size_t n,
             if (!m->bits) continue;
             qmix_errf(err, "module '%s' cannot be quantized in a GPTQ checkpoint for vLLM (it "
                       "builds the router, shared-expert gate, embedding and vision without "
-                      "quantization, §2.8)", m->name);
+                      "quantization)", m->name);
             goto done;
         }
         if (m->bits && !qmix_gptq_bits_valid(m->bits)) {
@@ -137,7 +137,7 @@ int qmix_gptq_build_qconfig(const qmix_gptq_module *mods, size_t n,
         }
         if (c == C_EXPERTS && m->bits && m->bits != 4 && m->bits != 8) {
             qmix_errf(err, "module '%s': routed experts at %d bits cannot be served by vLLM "
-                      "(fused MoE kernels take 4 or 8 bits, §2.8); use --format mlx or gguf for "
+                      "(fused MoE kernels take 4 or 8 bits); use --format mlx or gguf for "
                       "2/3-bit experts", m->name, m->bits);
             goto done;
         }
@@ -149,7 +149,7 @@ int qmix_gptq_build_qconfig(const qmix_gptq_module *mods, size_t n,
             setting_str(*slot, a, sizeof a);
             setting_str(s, b, sizeof b);
             qmix_errf(err, "'%s' is %s but '%s' is %s: vLLM loads %s as one module with one "
-                      "quantization setting (§2.8); make the recipe give them the same bits and "
+                      "quantization setting; make the recipe give them the same bits and "
                       "group", who[c * slots + layer], a, m->name, b, class_desc[c]);
             goto done;
         }

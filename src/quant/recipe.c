@@ -20,8 +20,8 @@ typedef struct preset { const char *name, *summary, *text; } preset;
     "vision keep\nmtp keep\n"
 
 static const preset presets[] = {
-    {"dynamic-2.6", "seed 002: experts 2-bit, attention/GDN/shared/embed/head 3-bit, router bf16",
-     "# spec/quant-formats.md 6.1 (seed 002)\n"
+    {"dynamic-2.6", "the published 35B-A3B dynamic 2/3-bit MLX recipe for 16 GB machines: experts 2-bit, attention/GDN/shared/embed/head 3-bit, router bf16",
+     "# the published 35B-A3B dynamic 2/3-bit MLX recipe for 16 GB machines\n"
      "default bits=2 group=64\n"
      "router keep\n"
      "shared_expert_gate keep\n"
@@ -31,8 +31,8 @@ static const preset presets[] = {
      "gdn_qkv,gdn_z,gdn_a,gdn_b,gdn_out bits=3 group=64\n"
      "experts_gate_up,experts_down bits=2 group=64\n"
      "vision keep\nmtp keep\n"},
-    {"tiered-4.7", "seed 000: 5 tiers bf16/8/6/4/4 (edge layers = first 3 + last 3)",
-     "# spec/quant-formats.md 6.2 (seed 000)\n"
+    {"tiered-4.7", "the published 122B-A10B five-tier MLX recipe: bf16/8/6/4/4 bits by role, edge layers (first 3 + last 3) at 8",
+     "# the published 122B-A10B five-tier MLX recipe (edge layers = first 3 + last 3)\n"
      "default bits=4 group=64\n"
      "router keep\n"
      "shared_expert_gate keep\n"
@@ -45,8 +45,8 @@ static const preset presets[] = {
      "experts_gate_up,experts_down bits=4 group=64\n"
      "attn_q,attn_k,attn_v,attn_o,gdn_qkv,gdn_z,gdn_a,gdn_b,gdn_out,shared_expert first=3 last=3 "
      "bits=8 group=64\n"},
-    {"unsloth-4", "seed 003: Unsloth-dynamic-style mix, base 4-bit, o_proj/out_proj bf16",
-     "# spec/quant-formats.md 6.4, N = 4 (seed 003)\n"
+    {"unsloth-4", "an Unsloth-dynamic-style GGUF mix: base 4-bit, attention/GDN inputs 6, o_proj/out_proj bf16",
+     "# an Unsloth-dynamic-style mix at base 4 bits\n"
      "default bits=4 group=64\n"
      "embed bits=6 group=64\n"
      "lm_head bits=8 group=64\n"
@@ -60,8 +60,8 @@ static const preset presets[] = {
      "shared_expert match=down_proj bits=5 group=64\n"
      "router,shared_expert_gate bits=8 group=64\n"
      "vision keep\nmtp keep\n"},
-    {"experts-4", "seed 001: routed experts 4-bit group 32, everything else 16-bit",
-     "# spec/quant-formats.md 6.3 (seed 001)\n"
+    {"experts-4", "the published GPTQ 4-bit export for vLLM: routed experts 4-bit group 32, everything else 16-bit",
+     "# the published GPTQ 4-bit export for vLLM: routed experts only\n"
      "default keep\n"
      "experts_gate_up,experts_down bits=4 group=32\n"},
     {"uniform-2", "mlx-lm default at 2 bits (router, shared-expert gate 8-bit)", UNIFORM(2)},
