@@ -13,6 +13,24 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+/* QMIX_TEST=NAME runs only the tests whose name contains NAME (Check itself selects suites and
+ * test cases, CK_RUN_SUITE / CK_RUN_CASE, but not single tests). */
+static inline int tu_selected(const TTest *t)
+{
+    const char *want = getenv("QMIX_TEST");
+    return !want || !*want || strstr(t->name, want) != NULL;
+}
+#undef tcase_add_test
+#define tcase_add_test(tc, tf)                                                                     \
+    do {                                                                                           \
+        if (tu_selected(tf)) _tcase_add_test((tc), (tf), 0, 0, 0, 1);                              \
+    } while (0)
+#undef tcase_add_loop_test
+#define tcase_add_loop_test(tc, tf, s, e)                                                          \
+    do {                                                                                           \
+        if (tu_selected(tf)) _tcase_add_test((tc), (tf), 0, 0, (s), (e));                          \
+    } while (0)
+
 /* Reads a whole binary file; returns a malloc'd buffer (NUL-terminated) and its size. */
 static inline void *tu_read(const char *path, size_t *size)
 {
