@@ -48,12 +48,12 @@ static double rel_rmse(int type, const float *imp, double *werr, uint64_t seed)
 
 static const int TYPES[] = {QMIX_GGML_Q8_0, QMIX_GGML_Q4_0, QMIX_GGML_Q4_1, QMIX_GGML_Q5_0,
                             QMIX_GGML_Q5_1, QMIX_GGML_Q2_K, QMIX_GGML_Q3_K, QMIX_GGML_Q4_K,
-                            QMIX_GGML_Q5_K, QMIX_GGML_Q6_K};
+                            QMIX_GGML_Q5_K, QMIX_GGML_Q6_K, QMIX_GGML_IQ4_NL, QMIX_GGML_IQ4_XS};
 #define N_TYPES (int)(sizeof TYPES / sizeof TYPES[0])
 
 /* Bounds: the measured relative RMSE on N(0, 1) rows (printed by the test; seed 7, 48 × 1024) plus
  * ~20 % headroom. Measured: Q8_0 0.0054, Q6_K 0.0178, Q5_1 0.0341, Q5_K 0.0361, Q5_0 0.0414,
- * Q4_1 0.0704, Q4_K 0.0714, Q4_0 0.0845, Q3_K 0.154, Q2_K 0.288. Sanity check: a uniform
+ * Q4_1 0.0704, Q4_K 0.0714, Q4_0 0.0845, Q3_K 0.154, Q2_K 0.288, IQ4_NL 0.0762, IQ4_XS 0.0766. Sanity check: a uniform
  * quantizer's error is step/sqrt(12); with the step set by a 32-element block's range (≈ ±2σ
  * → 4σ/15 for 4 bits) that is 7.7 %, matching the 4-bit types; each bit halves it. */
 START_TEST(error_bounds_and_order)
@@ -62,7 +62,7 @@ START_TEST(error_bounds_and_order)
         {QMIX_GGML_Q8_0, 0.0065}, {QMIX_GGML_Q6_K, 0.0215}, {QMIX_GGML_Q5_K, 0.0435},
         {QMIX_GGML_Q5_1, 0.041},  {QMIX_GGML_Q5_0, 0.050},  {QMIX_GGML_Q4_K, 0.086},
         {QMIX_GGML_Q4_1, 0.085},  {QMIX_GGML_Q4_0, 0.102},  {QMIX_GGML_Q3_K, 0.185},
-        {QMIX_GGML_Q2_K, 0.345},
+        {QMIX_GGML_Q2_K, 0.345},  {QMIX_GGML_IQ4_NL, 0.092}, {QMIX_GGML_IQ4_XS, 0.092},
     };
     double e[64] = {0};
     for (size_t i = 0; i < sizeof B / sizeof B[0]; i++) {
@@ -81,6 +81,10 @@ START_TEST(error_bounds_and_order)
     ck_assert(e[QMIX_GGML_Q5_1] < e[QMIX_GGML_Q4_1]);
     /* the K-quants' searched sub-block scales beat the one-scale-per-32 types of equal bits */
     ck_assert(e[QMIX_GGML_Q4_K] < e[QMIX_GGML_Q4_0]);
+    /* the non-linear grid fits Gaussian weights better than the uniform one at equal or fewer
+     * bits (IQ4_NL 4.5, IQ4_XS 4.25 vs Q4_0 4.5 bits per weight) */
+    ck_assert(e[QMIX_GGML_IQ4_NL] < e[QMIX_GGML_Q4_0]);
+    ck_assert(e[QMIX_GGML_IQ4_XS] < e[QMIX_GGML_Q4_0]);
 }
 END_TEST
 
@@ -212,6 +216,34 @@ static void grid_block(int type, uint8_t *b)
         for (int j = 0; j < 32; j++) b[2 + j] = (uint8_t)(int8_t)c[j];
         break;
     }
+    /* the non-linear types: index 0 (the table's −127, its largest magnitude) in every block of
+     * 32 anchors that block's scale */
+    case QMIX_GGML_IQ4_NL: {
+        put16(b, 1.0f / 256);
+        codes(c, 32, 0, 15, 0, -1);
+        for (int j = 0; j < 16; j++) b[2 + j] = (uint8_t)(c[j] | c[j + 16] << 4);
+        break;
+    }
+    case QMIX_GGML_IQ4_XS: {
+        put16(b, 1.0f / 4096);
+        int ls[8];
+        for (int s8 = 0; s8 < 8; s8++) { /* signed sub-block scales in [−31, 31] \ {0}, one −32 */
+            do ls[s8] = rnd(-31, 31);
+            while (ls[s8] == 0);
+        }
+        ls[rnd(0, 7)] = -32;
+        unsigned h = 0;
+        for (int s8 = 0; s8 < 8; s8++) {
+            int code = ls[s8] + 32;
+            b[4 + s8 / 2] = (uint8_t)(b[4 + s8 / 2] | (code & 15) << (4 * (s8 % 2)));
+            h |= (unsigned)(code >> 4) << (2 * s8);
+            codes(c, 32, 0, 15, 0, -1);
+            for (int j = 0; j < 16; j++) b[8 + 16 * s8 + j] = (uint8_t)(c[j] | c[j + 16] << 4);
+        }
+        b[2] = (uint8_t)h;
+        b[3] = (uint8_t)(h >> 8);
+        break;
+    }
     }
 }
 
@@ -265,7 +297,9 @@ END_TEST
 /* One element 1000σ: it must come back close (it sets its block's scale, so 2 % — far more than
  * the measured ≤ 0.0003 — catches a scale search that clips it), nothing may turn non-finite, and
  * the other elements may lose their resolution (a sub-block scale rounding to 0 against the
- * outlier's super-scale) but must not be pushed further than a few σ: their RMS error below 3σ
+ * outlier's super-scale; the non-linear IQ4 grid has no zero, so its smallest step, 1/127 of
+ * the outlier, lands on every small neighbour: ~1.9σ) but must not be pushed further than a few
+ * σ: their RMS error below 3σ
  * (measured ≤ 1.5σ for Q2_K, Q4_K, Q5_K; ≤ 0.73σ for Q3_K, Q6_K; ≤ 0.27σ for 32-element types). */
 START_TEST(outlier)
 {
@@ -332,7 +366,8 @@ START_TEST(bad_shapes_refused)
     ck_assert_int_eq(qmix_ggml_quantize_row(QMIX_GGML_Q4_0, x, 48, NULL, q), -1);
     ck_assert_int_eq(qmix_ggml_quantize_row(QMIX_GGML_IQ4_XS, x, 64, NULL, q), -1);
     ck_assert_int_eq(qmix_ggml_quantize_row(999, x, 64, NULL, q), -1);
-    ck_assert(!qmix_ggml_can_quantize(QMIX_GGML_IQ4_NL));
+    ck_assert(qmix_ggml_can_quantize(QMIX_GGML_IQ4_NL));
+    ck_assert(!qmix_ggml_can_quantize(21)); /* IQ3_S: read only */
     ck_assert(qmix_ggml_can_quantize(QMIX_GGML_Q3_K));
 }
 END_TEST

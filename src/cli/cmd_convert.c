@@ -36,10 +36,11 @@ static void usage(FILE *out)
             "-exp(A_log), squeezed conv1d, split gate/up experts, tiled GDN value heads). Norms,\n"
             "1-D tensors, the router, ffn_gate_inp_shexp and ssm_conv1d are F32; other matrices\n"
             "are --type: f32, f16, bf16 (default), q8_0, q6_k, q5_k, q4_k, q3_k, q2_k, q5_1,\n"
-            "q5_0, q4_1 or q4_0 (searched block scales, docs/formats.md). Rows the\n"
-            "block does not divide fall back as llama-quantize does (q4_k -> q5_0, q5_k -> q5_1,\n"
-            "q6_k -> q8_0, q2_k/q3_k -> q4_0, else f16). For per-role types from a recipe and an\n"
-            "importance matrix use `qmix quantize IN OUT.gguf --format gguf --recipe R`.\n\n"
+            "q5_0, q4_1, q4_0, or the non-linear 4-bit iq4_nl (4.5 bpw) and iq4_xs (4.25 bpw)\n"
+            "(searched block scales, docs/formats.md). Rows the block does not divide fall back\n"
+            "as llama-quantize does (q4_k -> q5_0, q5_k -> q5_1, q6_k -> q8_0, q2_k/q3_k -> q4_0,\n"
+            "iq4_xs -> iq4_nl, else f16). For per-role types from a recipe and an importance\n"
+            "matrix use `qmix quantize IN OUT.gguf --format gguf --recipe R`.\n\n"
             "--to hf writes IN (a GGUF above all) as a Hugging Face bf16 checkpoint directory in\n"
             "the released layout: config.json, model.safetensors (fused 3-D experts, norms as w,\n"
             "A_log, [C, 1, K] conv1d, GDN value heads back in grouped order), tokenizer.json and\n"
@@ -162,7 +163,7 @@ int qmix_cmd_convert(int argc, char **argv)
                 if (qmix_ggml_can_quantize(t) && !strcasecmp(v, qmix_ggml_type_name(t))) o.type = t;
             if (o.type < 0) {
                 fprintf(stderr, "qmix convert: --type must be f32, f16, bf16, q8_0, q6_k, q5_k, "
-                        "q4_k, q3_k, q2_k, q5_1, q5_0, q4_1 or q4_0\n");
+                        "q4_k, q3_k, q2_k, q5_1, q5_0, q4_1, q4_0, iq4_nl or iq4_xs\n");
                 return 2;
             }
         } else if (!strcmp(a, "--recipe")) {

@@ -48,6 +48,11 @@ void qmix_ggml_quantize_row_q5_1(const float *x, int64_t cols, const float *impo
 void qmix_ggml_quantize_row_q2_k(const float *x, int64_t cols, const float *importance, void *out);
 void qmix_ggml_quantize_row_q3_k(const float *x, int64_t cols, const float *importance, void *out);
 void qmix_ggml_quantize_row_q4_k(const float *x, int64_t cols, const float *importance, void *out);
+/* The non-linear 4-bit types: each element is a scale times a value of the fixed 16-entry table
+ * qmix_ggml_iq4_table; IQ4_NL in blocks of 32 with an fp16 scale (4.5 bits per weight), IQ4_XS in
+ * super-blocks of 256 with 6-bit sub-block scales (4.25 bits per weight). */
+void qmix_ggml_quantize_row_iq4_nl(const float *x, int64_t cols, const float *importance, void *out);
+void qmix_ggml_quantize_row_iq4_xs(const float *x, int64_t cols, const float *importance, void *out);
 void qmix_ggml_quantize_row_q5_k(const float *x, int64_t cols, const float *importance, void *out);
 void qmix_ggml_quantize_row_q6_k(const float *x, int64_t cols, const float *importance, void *out);
 

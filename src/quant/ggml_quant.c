@@ -507,6 +507,141 @@ void qmix_ggml_quantize_row_q2_k(const float *x, int64_t cols, const float *imp,
     }
 }
 
+/* ---- non-linear 4-bit (IQ4_NL, IQ4_XS) ---------------------------------------------------- */
+
+/* Index of the code-table value nearest to v (the table is sorted ascending). */
+static int iq4_nearest(float v)
+{
+    const int8_t *t = qmix_ggml_iq4_table;
+    if (v <= t[0]) return 0;
+    if (v >= t[15]) return 15;
+    int lo = 0, hi = 15;
+    while (hi - lo > 1) {
+        int mid = (lo + hi) / 2;
+        if (v < t[mid]) hi = mid;
+        else lo = mid;
+    }
+    return v - t[lo] < t[hi] - v ? lo : hi;
+}
+
+/* One block of 32 on the non-linear grid: the scale a (y = a·table[L]) by the same fan of
+ * inverse scales as fit_signed, anchored so the block's largest magnitude lands on the table's
+ * roomy negative end (−127), each candidate with its least-squares scale, best weighted error
+ * kept. Returns a; indices in L. */
+static float fit_iq4(const float *x, const float *w, uint8_t *L)
+{
+    float anchor = 0;
+    for (int j = 0; j < 32; j++)
+        if (fabsf(x[j]) > fabsf(anchor)) anchor = x[j];
+    if (anchor == 0) {
+        for (int j = 0; j < 32; j++) L[j] = (uint8_t)iq4_nearest(0);
+        return 0;
+    }
+    float best_score = -1, best_a = 0;
+    uint8_t cand[32];
+    for (int i = -7; i <= 7; i++) {
+        float iscale = ((float)qmix_ggml_iq4_table[0] + (float)i) / anchor, sxl = 0, sll = 0;
+        for (int j = 0; j < 32; j++) {
+            int l = iq4_nearest(iscale * x[j]);
+            float q = (float)qmix_ggml_iq4_table[l];
+            cand[j] = (uint8_t)l;
+            sxl += w[j] * x[j] * q;
+            sll += w[j] * q * q;
+        }
+        if (!(sll > 0)) continue;
+        float score = sxl * sxl / sll;
+        if (score > best_score) {
+            best_score = score;
+            best_a = sxl / sll;
+            memcpy(L, cand, 32);
+        }
+    }
+    return best_score < 0 ? 0 : best_a;
+}
+
+static void iq4_rederive(const float *x, float a, uint8_t *L)
+{
+    for (int j = 0; j < 32; j++) L[j] = (uint8_t)iq4_nearest(a != 0 ? x[j] / a : 0);
+}
+
+/* IQ4_NL: blocks of 32, fp16 d, 16 bytes of indices (element j low nibble, j + 16 high). */
+void qmix_ggml_quantize_row_iq4_nl(const float *x, int64_t cols, const float *imp, void *out)
+{
+    uint8_t *b = out;
+    for (int64_t k = 0; k < cols; k += 32, b += 18) {
+        float w[32];
+        uint8_t L[32];
+        block_weights(x + k, 32, imp ? imp + k : NULL, W_SQUARE, 1.0f, w);
+        float d = as_f16(fit_iq4(x + k, w, L));
+        put_f16(b, d);
+        iq4_rederive(x + k, d, L);
+        for (int j = 0; j < 16; j++) b[2 + j] = (uint8_t)(L[j] | L[j + 16] << 4);
+    }
+}
+
+/* IQ4_XS: super-blocks of 256: fp16 d, eight 6-bit signed sub-block scales (ls − 32; low four
+ * bits two per byte in scales_l, high two bits in the 16-bit scales_h), 128 bytes of indices. */
+void qmix_ggml_quantize_row_iq4_xs(const float *x, int64_t cols, const float *imp, void *out)
+{
+    uint8_t *b = out;
+    for (int64_t k = 0; k < cols; k += 256, b += 136) {
+        const float *xs = x + k;
+        float scale[8], sw[8], w[256];
+        uint8_t L[256];
+        for (int s = 0; s < 8; s++) {
+            block_weights(xs + 32 * s, 32, imp ? imp + k + 32 * s : NULL, W_SQUARE, 1.0f, w + 32 * s);
+            scale[s] = fit_iq4(xs + 32 * s, w + 32 * s, L + 32 * s);
+            sw[s] = 0;
+            for (int j = 0; j < 32; j++) sw[s] += w[32 * s + j];
+        }
+        /* the sub-block scales, signed, on a 6-bit grid [−32, 31] against one d: the largest
+         * magnitude anchors at −32, then the weighted least-squares d for those codes */
+        float anchor = 0;
+        for (int s = 0; s < 8; s++)
+            if (fabsf(scale[s]) > fabsf(anchor)) anchor = scale[s];
+        int ls[8] = {0};
+        float d = 0;
+        if (anchor != 0) {
+            float best = INFINITY;
+            for (int i = -4; i <= 4; i++) {
+                float iscale = (-32.0f + 0.25f * (float)i) / anchor, svl = 0, sll = 0;
+                int c[8];
+                for (int s = 0; s < 8; s++) {
+                    c[s] = clampi(nearest(iscale * scale[s]), -32, 31);
+                    svl += sw[s] * scale[s] * (float)c[s];
+                    sll += sw[s] * (float)c[s] * (float)c[s];
+                }
+                if (!(sll > 0)) continue;
+                float dd = svl / sll, e = 0;
+                for (int s = 0; s < 8; s++) {
+                    float diff = dd * (float)c[s] - scale[s];
+                    e += sw[s] * diff * diff;
+                }
+                if (e < best) {
+                    best = e;
+                    d = dd;
+                    memcpy(ls, c, sizeof ls);
+                }
+            }
+        }
+        d = as_f16(d);
+        put_f16(b, d);
+        unsigned scales_h = 0;
+        memset(b + 4, 0, 4);
+        for (int s = 0; s < 8; s++) {
+            int code = ls[s] + 32;
+            b[4 + s / 2] = (uint8_t)(b[4 + s / 2] | (code & 15) << (4 * (s % 2)));
+            scales_h |= (unsigned)(code >> 4) << (2 * s);
+            /* indices re-derived from the scale actually stored */
+            iq4_rederive(xs + 32 * s, d * (float)ls[s], L + 32 * s);
+            for (int j = 0; j < 16; j++)
+                b[8 + 16 * s + j] = (uint8_t)(L[32 * s + j] | L[32 * s + j + 16] << 4);
+        }
+        b[2] = (uint8_t)scales_h;
+        b[3] = (uint8_t)(scales_h >> 8);
+    }
+}
+
 /* ---- dispatch ----------------------------------------------------------------------------- */
 
 int qmix_ggml_can_quantize(int type)
@@ -515,7 +650,7 @@ int qmix_ggml_can_quantize(int type)
     case QMIX_GGML_F32: case QMIX_GGML_F16: case QMIX_GGML_BF16: case QMIX_GGML_Q8_0:
     case QMIX_GGML_Q4_0: case QMIX_GGML_Q4_1: case QMIX_GGML_Q5_0: case QMIX_GGML_Q5_1:
     case QMIX_GGML_Q2_K: case QMIX_GGML_Q3_K: case QMIX_GGML_Q4_K: case QMIX_GGML_Q5_K:
-    case QMIX_GGML_Q6_K:
+    case QMIX_GGML_Q6_K: case QMIX_GGML_IQ4_NL: case QMIX_GGML_IQ4_XS:
         return 1;
     default:
         return 0;
@@ -546,6 +681,8 @@ int qmix_ggml_quantize_row(int type, const float *x, int64_t cols, const float *
     case QMIX_GGML_Q4_K: qmix_ggml_quantize_row_q4_k(x, cols, imp, out); break;
     case QMIX_GGML_Q5_K: qmix_ggml_quantize_row_q5_k(x, cols, imp, out); break;
     case QMIX_GGML_Q6_K: qmix_ggml_quantize_row_q6_k(x, cols, imp, out); break;
+    case QMIX_GGML_IQ4_NL: qmix_ggml_quantize_row_iq4_nl(x, cols, imp, out); break;
+    case QMIX_GGML_IQ4_XS: qmix_ggml_quantize_row_iq4_xs(x, cols, imp, out); break;
     }
     return 0;
 }

@@ -227,6 +227,7 @@ int qmix_gguf_fallback_type(int type, int64_t cols)
     case QMIX_GGML_Q5_K: alt = QMIX_GGML_Q5_1; break;
     case QMIX_GGML_Q6_K: alt = QMIX_GGML_Q8_0; break;
     case QMIX_GGML_Q2_K: case QMIX_GGML_Q3_K: alt = QMIX_GGML_Q4_0; break;
+    case QMIX_GGML_IQ4_XS: alt = QMIX_GGML_IQ4_NL; break;
     default: alt = QMIX_GGML_F16;
     }
     return qmix_ggml_row_bytes(alt, cols) ? alt : QMIX_GGML_F16;
@@ -248,6 +249,8 @@ uint32_t qmix_gguf_file_type(int type)
     case QMIX_GGML_Q4_K: return 15;
     case QMIX_GGML_Q5_K: return 17;
     case QMIX_GGML_Q6_K: return 18;
+    case QMIX_GGML_IQ4_NL: return 25;
+    case QMIX_GGML_IQ4_XS: return 30;
     default: return 32; /* BF16 */
     }
 }
@@ -483,7 +486,7 @@ int qmix_gguf_export(const char *in, const char *out, const qmix_gguf_export_opt
     int type = o->type;
     if (!o->recipe && (!qmix_ggml_can_quantize(type) || qmix_ggml_block_elems(type) == 0))
         return qmix_errf(err, "GGUF output type %s is not supported (f32, f16, bf16, q8_0, q4_0, "
-                         "q4_1, q5_0, q5_1, q2_k, q3_k, q4_k, q5_k, q6_k)",
+                         "q4_1, q5_0, q5_1, q2_k, q3_k, q4_k, q5_k, q6_k, iq4_nl, iq4_xs)",
                          qmix_ggml_type_name(type) ? qmix_ggml_type_name(type) : "?");
     if (o->keep_type && o->keep_type != QMIX_GGML_BF16 && o->keep_type != QMIX_GGML_F16 &&
         o->keep_type != QMIX_GGML_F32)

@@ -52,7 +52,8 @@ int qmix_gguf_export(const char *in, const char *out, const qmix_gguf_export_opt
 /* GGUF type for recipe bits (0 = keep → keep_type); -1 for bits GGUF has no type for. */
 int qmix_gguf_type_for_bits(int bits, int keep_type);
 /* llama-quantize's stand-in when type's block does not divide a row of `cols` (§5.7: Q4_K →
- * Q5_0, Q5_K → Q5_1, Q6_K → Q8_0, Q2_K/Q3_K → Q4_0, else F16); type itself when it fits. */
+ * Q5_0, Q5_K → Q5_1, Q6_K → Q8_0, Q2_K/Q3_K → Q4_0, IQ4_XS → IQ4_NL, else F16); type itself when
+ * it fits. */
 int qmix_gguf_fallback_type(int type, int64_t cols);
 /* llama.cpp's file type id (general.file_type) for a dominant tensor type. */
 uint32_t qmix_gguf_file_type(int type);
