@@ -101,7 +101,7 @@ static void check_batch(const char *path, uint64_t seed)
     int n[N_SEQS], rows = 0, n_batch = 0;
     int32_t tokens[512];
     for (int i = 0; i < N_SEQS; i++) {
-        ck_assert_int_eq(qmix_seq_new(c, CTX, &seqs[i], &err), 0);
+        ck_assert_int_eq(qmix_seq_new(c, CTX, QMIX_KV_DEFAULT, &seqs[i], &err), 0);
         if (!history_len[i]) continue;
         batch_seqs[n_batch] = seqs[i];
         n[n_batch++] = history_len[i];
@@ -200,14 +200,14 @@ START_TEST(snapshot_resume)
     qmix_session *shared;
     ck_assert_int_eq(qmix_session_new_shared(m, &so, &shared, &err), 0);
     qmix_seq *a, *b;
-    ck_assert_int_eq(qmix_seq_new(c, CTX, &a, &err), 0);
-    ck_assert_int_eq(qmix_seq_new(c, CTX, &b, &err), 0);
+    ck_assert_int_eq(qmix_seq_new(c, CTX, QMIX_KV_DEFAULT, &a, &err), 0);
+    ck_assert_int_eq(qmix_seq_new(c, CTX, QMIX_KV_DEFAULT, &b, &err), 0);
     float *warm = malloc(sizeof(float) * (size_t)V), *cold = malloc(sizeof(float) * (size_t)V);
     float *from_a = malloc(sizeof(float) * (size_t)V);
 
     int n = PREFIX;
     qmix_forward_batch(shared, &a, &n, 1, prompt, warm, NULL);
-    float *snap = malloc(qmix_seq_snapshot_bytes(c, PREFIX));
+    float *snap = malloc(qmix_seq_snapshot_bytes(c, QMIX_KV_DEFAULT, PREFIX));
     qmix_seq_save(a, c, snap);
     n = REST;
     qmix_forward_batch(shared, &a, &n, 1, prompt + PREFIX, from_a, NULL);
@@ -228,7 +228,7 @@ START_TEST(snapshot_resume)
     ck_assert_msg(e <= REL_TOL, "%s: resumed vs cold: relative error %.3g", path, e);
 
     /* the size: KV rows grow with the prefix, the recurrent state does not */
-    size_t s1 = qmix_seq_snapshot_bytes(c, 1), s2 = qmix_seq_snapshot_bytes(c, 2);
+    size_t s1 = qmix_seq_snapshot_bytes(c, QMIX_KV_DEFAULT, 1), s2 = qmix_seq_snapshot_bytes(c, QMIX_KV_DEFAULT, 2);
     int n_full = 0;
     for (int i = 0; i < c->n_layers; i++) n_full += c->layer_is_full[i];
     ck_assert_uint_eq(s2 - s1, (size_t)n_full * 2 * (size_t)c->n_kv_heads * (size_t)c->head_dim *
@@ -259,7 +259,7 @@ START_TEST(single_is_one_segment)
     ck_assert_int_eq(qmix_session_new(m, &so, &s, &err), 0);
     ck_assert_int_eq(qmix_session_new_shared(m, &so, &shared, &err), 0);
     qmix_seq *q;
-    ck_assert_int_eq(qmix_seq_new(c, CTX, &q, &err), 0);
+    ck_assert_int_eq(qmix_seq_new(c, CTX, QMIX_KV_DEFAULT, &q, &err), 0);
     float *logits = malloc(sizeof(float) * (size_t)V);
     ck_assert_int_eq(qmix_session_prefill(s, prompt, 24, NULL, &err), 0);
     int n = 24;

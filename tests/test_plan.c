@@ -140,10 +140,10 @@ START_TEST(session_size_matches_session)
             qmix_session_opts o = {.max_ctx = ctxs[i], .n_threads = th};
             ck_assert(qmix_session_new(m, &o, &s, &err) == 0);
             qmix_session_sizes sz;
-            qmix_session_size(qmix_model_config(m), ctxs[i], th, &sz);
+            qmix_session_size(qmix_model_config(m), ctxs[i], th, QMIX_KV_DEFAULT, &sz);
             ck_assert_uint_eq(sz.arena, s->arena_bytes);
             ck_assert_uint_eq(sz.arena, sz.kv + sz.state + sz.scratch);
-            ck_assert_uint_eq(qmix_session_bytes(qmix_model_config(m), ctxs[i], th), sz.total);
+            ck_assert_uint_eq(qmix_session_bytes(qmix_model_config(m), ctxs[i], th, QMIX_KV_DEFAULT), sz.total);
             /* KV: the fixture's full layers x 2 x KV x hd floats per token */
             ck_assert_uint_eq(sz.kv, (uint64_t)ctxs[i] * qmix_plan_kv_per_token(
                                                                 qmix_model_config(m), 32));

@@ -77,6 +77,29 @@ size_t qk_delta_rule_chunked_scratch(int dk, int dv, int chunk);
 void qk_attend(const float *q, const float *keys, const float *values, int64_t ld_kv, int64_t n,
                int64_t dim, float scale, float *scores, float *out);
 
+/* KV cache rows (kvcache.c). A row of n values of one type: F32 / F16 plain values; Q8_0 and
+ * Q4_0 blocks of QK_KV_BLOCK values {f16 scale d; codes}: Q8_0 value = d·int8, Q4_0 value =
+ * d·(nibble − 8), nibble i of a block in the low half of byte i for i < 16, the high half of byte
+ * i − 16 otherwise. Quantized rows need n a multiple of QK_KV_BLOCK (qk_kv_valid). */
+#define QK_KV_BLOCK 32
+int qk_kv_valid(qmix_kv_type kv, int64_t n);
+size_t qk_kv_bytes(qmix_kv_type kv, int64_t n);
+void qk_kv_quantize(qmix_kv_type kv, const float *x, int64_t n, void *dst);
+void qk_kv_dequantize(qmix_kv_type kv, const void *src, int64_t n, float *out);
+
+/* Attention over a KV cache in its stored form: out[dim] = Σ_j softmax_j(scale·q·k_j)·v_j over n
+ * keys/values, rows ld bytes apart (each dim values of type kv). Online softmax over tiles of
+ * QK_ATTN_TILE keys: scratch holds QK_ATTN_TILE floats whatever n, so the context is bounded
+ * only by the cache. Dispatched to the active ISA like qk_matmul. */
+#define QK_ATTN_TILE 64
+typedef void (*qk_attend_kv_fn)(qmix_kv_type kv, const float *q, const void *keys,
+                                const void *values, size_t ld, int64_t n, int64_t dim, float scale,
+                                float *scratch, float *out);
+void qk_attend_kv(qmix_kv_type kv, const float *q, const void *keys, const void *values,
+                  size_t ld, int64_t n, int64_t dim, float scale, float *scratch, float *out);
+/* The kernel of one ISA, for tests and benchmarks. */
+qk_attend_kv_fn qk_attend_kv_for(qk_isa isa);
+
 /* Elementwise and reduction ops on float32 vectors (scalar; the compiler vectorises them). */
 float qk_dot(const float *a, const float *b, int64_t n);
 void qk_rmsnorm(float *out, const float *x, const float *weight, int64_t n, float eps);

@@ -60,6 +60,16 @@ void qk_gmatvec_q8_scalar(const qk_mat *w, int64_t row_begin, int64_t row_end, c
 void qk_gmatvec_q8_vnni(const qk_mat *w, int64_t row_begin, int64_t row_end, const float *x,
                         float *y);
 
+/* Attention over a quantized KV cache (see qk_attend_kv), one per ISA. */
+void qk_attend_kv_scalar(qmix_kv_type kv, const float *q, const void *keys, const void *values,
+                         size_t ld, int64_t n, int64_t dim, float scale, float *scratch,
+                         float *out);
+void qk_attend_kv_avx2(qmix_kv_type kv, const float *q, const void *keys, const void *values,
+                       size_t ld, int64_t n, int64_t dim, float scale, float *scratch, float *out);
+void qk_attend_kv_avx512(qmix_kv_type kv, const float *q, const void *keys, const void *values,
+                         size_t ld, int64_t n, int64_t dim, float scale, float *scratch,
+                         float *out);
+
 /* Tokens are processed in chunks of this many so a chunk of X stays in L2 while the weight rows
  * stream past it; the weights are read once per chunk. */
 #define QK_TOKEN_CHUNK 64

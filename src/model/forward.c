@@ -148,7 +148,9 @@ static void rope(float *x, int rot, int64_t pos, double theta)
     }
 }
 
-/* Task = (row, query head): softmax over the row's sequence's cached keys up to its position. */
+/* Task = (row, query head): softmax over the row's sequence's cached keys up to its position,
+ * read in the form the sequence stores them (one tile of scores per thread, whatever the
+ * context). */
 static void attn_head(void *arg, int task, int thread)
 {
     attn_ctx *a = arg;
@@ -158,12 +160,14 @@ static void attn_head(void *arg, int task, int thread)
     int t = task / (int)H;
     int64_t h = task % H, g = h / (H / KV);
     int64_t p = row_pos(s, a->b, t);
-    const qmix_layer_state *st = seg_state(a->b, s->row_seg[t]);
+    const qmix_seq *seq = a->b->seqs[s->row_seg[t]];
+    const qmix_layer_state *st = &seq->state[a->b->layer];
+    size_t head_bytes = qk_kv_bytes(seq->kv_type, hd);
     const float *q = s->q + t * H * 2 * hd + h * 2 * hd, *gate = q + hd;
-    float *scores = s->scores + (int64_t)thread * s->max_ctx;
+    float *scores = s->scores + (int64_t)thread * QK_ATTN_TILE;
     float *o = s->attn + t * H * hd + h * hd;
-    qk_attend(q, st->k_cache + g * hd, st->v_cache + g * hd, KV * hd, p + 1, hd,
-              1.0f / sqrtf((float)hd), scores, o);
+    qk_attend_kv(seq->kv_type, q, st->k_cache + g * head_bytes, st->v_cache + g * head_bytes,
+                 seq->kv_row_bytes, p + 1, hd, 1.0f / sqrtf((float)hd), scores, o);
     for (int64_t d = 0; d < hd; d++) o[d] *= qk_sigmoid(gate[d]);
 }
 
@@ -179,6 +183,7 @@ static void full_attention(qmix_session *s, const qmix_layer *ly, const batch *b
 
     for (int t = 0; t < n; t++) {
         int64_t p = row_pos(s, b, t);
+        const qmix_seq *seq = b->seqs[s->row_seg[t]];
         qmix_layer_state *st = seg_state(b, s->row_seg[t]);
         for (int64_t h = 0; h < H; h++) { /* q and gate interleave per head: [q(hd); gate(hd)] */
             float *q = s->q + t * H * 2 * hd + h * 2 * hd;
@@ -190,8 +195,10 @@ static void full_attention(qmix_session *s, const qmix_layer *ly, const batch *b
             qk_rmsnorm(k, k, ly->k_norm, hd, c->rms_eps);
             rope(k, c->rot_dim, p, c->rope_theta);
         }
-        memcpy(st->k_cache + p * KV * hd, s->k + t * KV * hd, KV * hd * sizeof(float));
-        memcpy(st->v_cache + p * KV * hd, s->v + t * KV * hd, KV * hd * sizeof(float));
+        /* written once, in the sequence's KV type; attention reads it in that form */
+        size_t row = seq->kv_row_bytes;
+        qk_kv_quantize(seq->kv_type, s->k + t * KV * hd, KV * hd, st->k_cache + (size_t)p * row);
+        qk_kv_quantize(seq->kv_type, s->v + t * KV * hd, KV * hd, st->v_cache + (size_t)p * row);
     }
     attn_ctx a = {s, b};
     qmix_pool_run(s->pool, attn_head, &a, (int)(n * H));
