@@ -72,11 +72,6 @@ void qk_delta_rule_chunked(float *S, int dk, int dv, int n, const float *q, cons
                            const float *beta, float *o, int64_t ld_o, int chunk, float *scratch);
 size_t qk_delta_rule_chunked_scratch(int dk, int dv, int chunk);
 
-/* out[dim] = Σ_j softmax_j(scale·q·k_j)·v_j over n keys/values whose rows are ld_kv floats apart;
- * scores needs n floats. */
-void qk_attend(const float *q, const float *keys, const float *values, int64_t ld_kv, int64_t n,
-               int64_t dim, float scale, float *scores, float *out);
-
 /* KV cache rows (kvcache.c). A row of n values of one type: F32 / F16 plain values; Q8_0 and
  * Q4_0 blocks of QK_KV_BLOCK values {f16 scale d; codes}: Q8_0 value = d·int8, Q4_0 value =
  * d·(nibble − 8), nibble i of a block in the low half of byte i for i < 16, the high half of byte
