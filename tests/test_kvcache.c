@@ -124,18 +124,28 @@ static void reference(qmix_kv_type kv, const float *q, const uint8_t *keys, cons
     free(w);
 }
 
-/* Rows of one head inside a wider cache row (ld > the head's bytes, an odd byte offset so
- * nothing is aligned), keys drawn so that the score maximum moves between tiles. */
+/* Rows of one head inside a wider cache row (ld > the head's bytes, an offset so nothing is
+ * aligned beyond what the type's values need), keys drawn so that the score maximum moves between tiles. NQ queries see
+ * n, n − 1, ... keys (a causal block of rows), each checked against float64 attention, every
+ * SIMD kernel against the scalar one, and each query of the group against itself alone. */
+enum { NQ = 5 };
 static void check_kernel(qmix_kv_type kv, int dim, int n, uint64_t seed)
 {
-    size_t head = qk_kv_bytes(kv, dim), ld = 3 * head + 6;
+    size_t head = qk_kv_bytes(kv, dim), ld = 3 * head + (kv == QMIX_KV_F32 ? 8 : 6);
     size_t bytes = (size_t)n * ld + 64;
     uint8_t *kbuf = malloc(bytes), *vbuf = malloc(bytes);
-    uint8_t *keys = kbuf + 2 + head, *values = vbuf + 2 + head; /* the second head of three */
-    float *x = malloc(sizeof(float) * (size_t)dim), *q = malloc(sizeof(float) * (size_t)dim);
-    float *out = malloc(sizeof(float) * (size_t)dim), *want = malloc(sizeof(float) * (size_t)dim);
-    float scratch[QK_ATTN_TILE + 8];
+    /* the second head of three, at an address only as aligned as the type's values need */
+    size_t off = kv == QMIX_KV_F32 ? 4 : 2;
+    uint8_t *keys = kbuf + off + head, *values = vbuf + off + head;
+    float *x = malloc(sizeof(float) * (size_t)dim), *qbuf = malloc(sizeof(float) * NQ * dim);
+    float *obuf = malloc(sizeof(float) * NQ * dim), *wbuf = malloc(sizeof(float) * NQ * dim);
+    float *alone = malloc(sizeof(float) * (size_t)dim);
+    size_t scratch_n = qk_attend_kv_scratch(NQ, dim);
+    float *scratch = malloc(sizeof(float) * (scratch_n + 8));
     double *ref = malloc(sizeof(double) * (size_t)dim);
+    const float *q[NQ];
+    float *out[NQ], *want[NQ];
+    int64_t nn[NQ];
     tu_rng_seed(seed);
     for (int j = 0; j < n; j++) {
         float grow = 0.5f + 2.0f * (float)j / (float)n; /* later keys score higher */
@@ -144,34 +154,52 @@ static void check_kernel(qmix_kv_type kv, int dim, int n, uint64_t seed)
         for (int i = 0; i < dim; i++) x[i] = tu_frand() * 2;
         qk_kv_quantize(kv, x, dim, values + (size_t)j * ld);
     }
-    for (int i = 0; i < dim; i++) q[i] = tu_frand() * 2;
+    for (int k = 0; k < NQ; k++) {
+        for (int i = 0; i < dim; i++) qbuf[k * dim + i] = tu_frand() * 2;
+        q[k] = qbuf + k * dim;
+        out[k] = obuf + k * dim;
+        want[k] = wbuf + k * dim;
+        nn[k] = n - k > 1 ? n - k : 1;
+    }
     float scale = 1.0f / sqrtf((float)dim);
-    reference(kv, q, keys, values, ld, n, dim, scale, ref);
 
-    qk_attend_kv_scalar(kv, q, keys, values, ld, n, dim, scale, scratch, want);
-    for (int i = 0; i < dim; i++)
-        CHECK(fabs(want[i] - ref[i]) <= 2e-5 * (1 + fabs(ref[i])),
-              "%s dim %d n %d: scalar out[%d] = %.7g, float64 reference %.7g", qmix_kv_type_name(kv),
-              dim, n, i, want[i], ref[i]);
-    for (int isa = QK_ISA_AVX2; isa < QK_ISA_COUNT; isa++) {
-        if (!qk_isa_supported((qk_isa)isa)) continue;
-        for (int i = 0; i < QK_ATTN_TILE + 8; i++) scratch[i] = -7.0f;
-        qk_attend_kv_for((qk_isa)isa)(kv, q, keys, values, ld, n, dim, scale, scratch, out);
+    qk_attend_kv_scalar(kv, NQ, q, want, nn, keys, values, ld, dim, scale, scratch);
+    for (int k = 0; k < NQ; k++) {
+        reference(kv, q[k], keys, values, ld, (int)nn[k], dim, scale, ref);
         for (int i = 0; i < dim; i++)
-            CHECK(fabs(out[i] - want[i]) <= 1e-5 * (1 + fabs(want[i])),
-                  "%s %s dim %d n %d: out[%d] = %.7g, scalar %.7g", qk_isa_name((qk_isa)isa),
-                  qmix_kv_type_name(kv), dim, n, i, out[i], want[i]);
-        /* the scratch bound: nothing past the tile is touched, whatever n */
-        for (int i = QK_ATTN_TILE; i < QK_ATTN_TILE + 8; i++)
-            CHECK(scratch[i] == -7.0f, "%s %s n %d: scratch[%d] written", qk_isa_name((qk_isa)isa),
+            CHECK(fabs(want[k][i] - ref[i]) <= 2e-5 * (1 + fabs(ref[i])),
+                  "%s dim %d n %lld: scalar out[%d] = %.7g, float64 reference %.7g",
+                  qmix_kv_type_name(kv), dim, (long long)nn[k], i, want[k][i], ref[i]);
+    }
+    for (int isa = QK_ISA_SCALAR; isa < QK_ISA_COUNT; isa++) {
+        if (!qk_isa_supported((qk_isa)isa)) continue;
+        qk_attend_kv_fn fn = qk_attend_kv_for((qk_isa)isa);
+        for (size_t i = 0; i < scratch_n + 8; i++) scratch[i] = -7.0f;
+        fn(kv, NQ, q, out, nn, keys, values, ld, dim, scale, scratch);
+        for (int k = 0; k < NQ; k++)
+            for (int i = 0; i < dim; i++)
+                CHECK(fabs(out[k][i] - want[k][i]) <= 1e-5 * (1 + fabs(want[k][i])),
+                      "%s %s dim %d n %lld: out[%d] = %.7g, scalar %.7g", qk_isa_name((qk_isa)isa),
+                      qmix_kv_type_name(kv), dim, (long long)nn[k], i, out[k][i], want[k][i]);
+        /* the scratch bound: nothing past qk_attend_kv_scratch(nq, dim) is touched, whatever n */
+        for (size_t i = scratch_n; i < scratch_n + 8; i++)
+            CHECK(scratch[i] == -7.0f, "%s %s n %d: scratch[%zu] written", qk_isa_name((qk_isa)isa),
                   qmix_kv_type_name(kv), n, i);
+        /* grouping changes nothing: each query alone gives the same bits */
+        for (int k = 0; k < NQ; k++) {
+            fn(kv, 1, &q[k], &alone, &nn[k], keys, values, ld, dim, scale, scratch);
+            CHECK(!memcmp(alone, out[k], sizeof(float) * (size_t)dim),
+                  "%s %s dim %d: query %d alone differs from its group", qk_isa_name((qk_isa)isa),
+                  qmix_kv_type_name(kv), dim, k);
+        }
     }
     /* the dispatched entry point is the active ISA's kernel, bit for bit */
-    qk_attend_kv(kv, q, keys, values, ld, n, dim, scale, scratch, out);
-    qk_attend_kv_for(qk_isa_active())(kv, q, keys, values, ld, n, dim, scale, scratch, want);
-    CHECK(!memcmp(out, want, sizeof(float) * (size_t)dim), "qk_attend_kv differs from %s",
+    qk_attend_kv(kv, NQ, q, out, nn, keys, values, ld, dim, scale, scratch);
+    qk_attend_kv_for(qk_isa_active())(kv, NQ, q, want, nn, keys, values, ld, dim, scale, scratch);
+    CHECK(!memcmp(obuf, wbuf, sizeof(float) * NQ * (size_t)dim), "qk_attend_kv differs from %s",
           qk_isa_name(qk_isa_active()));
-    free(kbuf), free(vbuf), free(x), free(q), free(out), free(want), free(ref);
+    free(kbuf), free(vbuf), free(x), free(qbuf), free(obuf), free(wbuf), free(alone);
+    free(scratch), free(ref);
 }
 
 START_TEST(kernels_vs_reference)

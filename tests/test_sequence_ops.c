@@ -98,7 +98,8 @@ START_TEST(attend_matches_reference)
             int dim = dims[di], n = lens[li];
             int64_t ld = dim + 5;
             float *kv = malloc(sizeof(float) * (size_t)(2 * n * ld)), *q = malloc(sizeof(float) * dim);
-            float *scores = malloc(sizeof(float) * QK_ATTN_TILE), *out = malloc(sizeof(float) * dim);
+            float *scores = malloc(sizeof(float) * qk_attend_kv_scratch(1, dim));
+            float *out = malloc(sizeof(float) * dim);
             double *ref = calloc((size_t)dim, sizeof(double)), *w = malloc(sizeof(double) * n);
             for (int64_t i = 0; i < 2 * n * ld; i++) kv[i] = frand() * 3;
             for (int i = 0; i < dim; i++) q[i] = frand() * 3;
@@ -114,8 +115,11 @@ START_TEST(attend_matches_reference)
             for (int j = 0; j < n; j++)
                 for (int i = 0; i < dim; i++) ref[i] += w[j] / sum * values[j * ld + i];
             /* the float32 cache: the online softmax over tiles of the full score row */
-            qk_attend_kv(QMIX_KV_F32, q, keys, values, (size_t)ld * sizeof(float), n, dim, scale,
-                         scores, out);
+            const float *qs[1] = {q};
+            float *outs[1] = {out};
+            int64_t ns[1] = {n};
+            qk_attend_kv(QMIX_KV_F32, 1, qs, outs, ns, keys, values, (size_t)ld * sizeof(float),
+                         dim, scale, scores);
             for (int i = 0; i < dim; i++)
                 ck_assert_msg(fabs(out[i] - ref[i]) < 1e-5 * (1 + fabs(ref[i])),
                               "dim %d n %d: out[%d] = %.7g, reference %.7g", dim, n, i, out[i], ref[i]);

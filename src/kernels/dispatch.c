@@ -90,11 +90,12 @@ void qk_matmul(const qk_mat *w, int64_t row_begin, int64_t row_end, const float 
     active_matmul(w, row_begin, row_end, x, n, ldx, y, ldy);
 }
 
-void qk_attend_kv(qmix_kv_type kv, const float *q, const void *keys, const void *values,
-                  size_t ld, int64_t n, int64_t dim, float scale, float *scratch, float *out)
+void qk_attend_kv(qmix_kv_type kv, int nq, const float *const *q, float *const *out,
+                  const int64_t *n, const void *keys, const void *values, size_t ld, int64_t dim,
+                  float scale, float *scratch)
 {
     if (__atomic_load_n(&active, __ATOMIC_ACQUIRE) == QK_ISA_COUNT) qk_isa_active();
-    active_attend(kv, q, keys, values, ld, n, dim, scale, scratch, out);
+    active_attend(kv, nq, q, out, n, keys, values, ld, dim, scale, scratch);
 }
 
 static int act_int8 = -1;

@@ -82,16 +82,23 @@ size_t qk_kv_bytes(qmix_kv_type kv, int64_t n);
 void qk_kv_quantize(qmix_kv_type kv, const float *x, int64_t n, void *dst);
 void qk_kv_dequantize(qmix_kv_type kv, const void *src, int64_t n, float *out);
 
-/* Attention over a KV cache in its stored form: out[dim] = Σ_j softmax_j(scale·q·k_j)·v_j over n
- * keys/values, rows ld bytes apart (each dim values of type kv). Online softmax over tiles of
- * QK_ATTN_TILE keys: scratch holds QK_ATTN_TILE floats whatever n, so the context is bounded
- * only by the cache. Dispatched to the active ISA like qk_matmul. */
+/* Attention over a KV cache in its stored form, for nq queries sharing one head's keys/values:
+ * out[i][dim] = Σ_{j < n[i]} softmax_j(scale·q[i]·k_j)·v_j, key/value rows ld bytes apart (each
+ * dim values of type kv; F32 rows 4-byte aligned). Online softmax over tiles of QK_ATTN_TILE keys,
+ * every query sharing each tile read (a quantized tile is widened to float32 once, into the
+ * scratch): scratch holds
+ * qk_attend_kv_scratch(nq, dim) floats whatever n, so the context is bounded only by the cache.
+ * Each query's result is the same whatever queries it is grouped with. Dispatched to the active
+ * ISA like qk_matmul. */
 #define QK_ATTN_TILE 64
-typedef void (*qk_attend_kv_fn)(qmix_kv_type kv, const float *q, const void *keys,
-                                const void *values, size_t ld, int64_t n, int64_t dim, float scale,
-                                float *scratch, float *out);
-void qk_attend_kv(qmix_kv_type kv, const float *q, const void *keys, const void *values,
-                  size_t ld, int64_t n, int64_t dim, float scale, float *scratch, float *out);
+#define QK_ATTN_MAX_Q 64 /* queries per call */
+#define qk_attend_kv_scratch(nq, dim) ((size_t)((nq) + (dim)) * QK_ATTN_TILE + 2 * (size_t)(nq))
+typedef void (*qk_attend_kv_fn)(qmix_kv_type kv, int nq, const float *const *q, float *const *out,
+                                const int64_t *n, const void *keys, const void *values, size_t ld,
+                                int64_t dim, float scale, float *scratch);
+void qk_attend_kv(qmix_kv_type kv, int nq, const float *const *q, float *const *out,
+                  const int64_t *n, const void *keys, const void *values, size_t ld, int64_t dim,
+                  float scale, float *scratch);
 /* The kernel of one ISA, for tests and benchmarks. */
 qk_attend_kv_fn qk_attend_kv_for(qk_isa isa);
 

@@ -61,14 +61,12 @@ void qk_gmatvec_q8_vnni(const qk_mat *w, int64_t row_begin, int64_t row_end, con
                         float *y);
 
 /* Attention over a quantized KV cache (see qk_attend_kv), one per ISA. */
-void qk_attend_kv_scalar(qmix_kv_type kv, const float *q, const void *keys, const void *values,
-                         size_t ld, int64_t n, int64_t dim, float scale, float *scratch,
-                         float *out);
-void qk_attend_kv_avx2(qmix_kv_type kv, const float *q, const void *keys, const void *values,
-                       size_t ld, int64_t n, int64_t dim, float scale, float *scratch, float *out);
-void qk_attend_kv_avx512(qmix_kv_type kv, const float *q, const void *keys, const void *values,
-                         size_t ld, int64_t n, int64_t dim, float scale, float *scratch,
-                         float *out);
+#define QK_ATTEND_KV_ARGS                                                                          \
+    qmix_kv_type kv, int nq, const float *const *q, float *const *out, const int64_t *n,           \
+        const void *keys, const void *values, size_t ld, int64_t dim, float scale, float *scratch
+void qk_attend_kv_scalar(QK_ATTEND_KV_ARGS);
+void qk_attend_kv_avx2(QK_ATTEND_KV_ARGS);
+void qk_attend_kv_avx512(QK_ATTEND_KV_ARGS);
 
 /* Tokens are processed in chunks of this many so a chunk of X stays in L2 while the weight rows
  * stream past it; the weights are read once per chunk. */

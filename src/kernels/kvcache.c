@@ -144,85 +144,30 @@ void qk_kv_dequantize(qmix_kv_type kv, const void *src, int64_t n, float *out)
 
 /* ---- scalar reference -------------------------------------------------------------------- */
 
-/* Quantized rows: each block's integer-weighted sum, times its scale. */
-static inline __attribute__((always_inline)) float dot_scalar(qmix_kv_type kv, const float *q,
-                                                              const uint8_t *row, int64_t dim)
+static inline __attribute__((always_inline)) void deq_scalar(qmix_kv_type kv, const uint8_t *row,
+                                                             float *out, int64_t dim)
+{
+    qk_kv_dequantize(kv, row, dim, out);
+}
+
+static inline __attribute__((always_inline)) float dot_scalar(const float *q, const float *row,
+                                                              int64_t dim)
 {
     float sum = 0;
-    switch (kv) {
-    case QMIX_KV_F16:
-        for (int64_t i = 0; i < dim; i++) {
-            uint16_t h;
-            memcpy(&h, row + 2 * i, 2);
-            sum += q[i] * qk_f16_to_f32(h);
-        }
-        break;
-    case QMIX_KV_Q8_0:
-        for (int64_t i = 0; i < dim; i += QK_KV_BLOCK, row += KV_Q8_BLOCK_BYTES) {
-            float s = 0;
-            for (int j = 0; j < QK_KV_BLOCK; j++) s += q[i + j] * (float)(int8_t)row[2 + j];
-            sum += kv_block_scale(row) * s;
-        }
-        break;
-    case QMIX_KV_Q4_0:
-        for (int64_t i = 0; i < dim; i += QK_KV_BLOCK, row += KV_Q4_BLOCK_BYTES) {
-            float s = 0;
-            for (int j = 0; j < QK_KV_BLOCK / 2; j++)
-                s += q[i + j] * (float)((row[2 + j] & 15) - 8) +
-                     q[i + j + QK_KV_BLOCK / 2] * (float)((row[2 + j] >> 4) - 8);
-            sum += kv_block_scale(row) * s;
-        }
-        break;
-    default: {
-        float f;
-        for (int64_t i = 0; i < dim; i++) {
-            memcpy(&f, row + 4 * i, 4);
-            sum += q[i] * f;
-        }
-    }
-    }
+    for (int64_t i = 0; i < dim; i++) sum += q[i] * row[i];
     return sum;
 }
 
-static inline __attribute__((always_inline)) void axpy_scalar(qmix_kv_type kv, float a,
-                                                              const uint8_t *row, float *acc,
-                                                              int64_t dim)
+static inline __attribute__((always_inline)) void acc_scalar(const float *p, int cnt,
+                                                             const float *rows, size_t ld,
+                                                             float *out, int64_t dim)
 {
-    switch (kv) {
-    case QMIX_KV_F16:
-        for (int64_t i = 0; i < dim; i++) {
-            uint16_t h;
-            memcpy(&h, row + 2 * i, 2);
-            acc[i] += a * qk_f16_to_f32(h);
-        }
-        break;
-    case QMIX_KV_Q8_0:
-        for (int64_t i = 0; i < dim; i += QK_KV_BLOCK, row += KV_Q8_BLOCK_BYTES) {
-            float ad = a * kv_block_scale(row);
-            for (int j = 0; j < QK_KV_BLOCK; j++) acc[i + j] += ad * (float)(int8_t)row[2 + j];
-        }
-        break;
-    case QMIX_KV_Q4_0:
-        for (int64_t i = 0; i < dim; i += QK_KV_BLOCK, row += KV_Q4_BLOCK_BYTES) {
-            float ad = a * kv_block_scale(row);
-            for (int j = 0; j < QK_KV_BLOCK / 2; j++) {
-                acc[i + j] += ad * (float)((row[2 + j] & 15) - 8);
-                acc[i + j + QK_KV_BLOCK / 2] += ad * (float)((row[2 + j] >> 4) - 8);
-            }
-        }
-        break;
-    default: {
-        float f;
-        for (int64_t i = 0; i < dim; i++) {
-            memcpy(&f, row + 4 * i, 4);
-            acc[i] += a * f;
-        }
-    }
-    }
+    for (int j = 0; j < cnt; j++)
+        for (int64_t i = 0; i < dim; i++) out[i] += p[j] * rows[(size_t)j * ld + (size_t)i];
 }
 
-void qk_attend_kv_scalar(qmix_kv_type kv, const float *q, const void *keys, const void *values,
-                         size_t ld, int64_t n, int64_t dim, float scale, float *scratch, float *out)
+void qk_attend_kv_scalar(QK_ATTEND_KV_ARGS)
 {
-    attend_dispatch(kv, q, keys, values, ld, n, dim, scale, scratch, out, dot_scalar, axpy_scalar);
+    attend_dispatch(kv, nq, q, out, n, keys, values, ld, dim, scale, scratch, deq_scalar,
+                    dot_scalar, acc_scalar);
 }

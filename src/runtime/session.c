@@ -129,7 +129,8 @@ static void carve_all(qmix_session *s, const qmix_config *c, size_t threads, int
     s->k = carve(z, B * KV * hd);
     s->v = carve(z, B * KV * hd);
     s->attn = carve(z, B * H * hd);
-    s->scores = carve(z, threads * QK_ATTN_TILE);
+    s->attn_scratch_per_thread = (int64_t)(qk_attend_kv_scratch(QK_ATTN_MAX_Q, hd) + 15) & ~(int64_t)15;
+    s->scores = carve(z, threads * (size_t)s->attn_scratch_per_thread);
     s->gdn_scratch_per_thread = (int64_t)(2 * B + qk_delta_rule_chunked_scratch(
                                           (int)dk, (int)dv, QMIX_GDN_CHUNK) + dv + 15) & ~(int64_t)15;
     s->gdn_scratch = carve(z, threads * (size_t)s->gdn_scratch_per_thread);

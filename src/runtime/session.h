@@ -54,7 +54,9 @@ struct qmix_session {
     float *x, *h, *out;                  /* [B][D] */
     float *qkv, *z, *gdn_a, *gdn_b, *gdn_o;  /* linear attention */
     float *q, *k, *v, *attn;             /* full attention */
-    float *scores;                       /* [threads][QK_ATTN_TILE]: attention's score tile */
+    float *scores;                       /* [threads][attn_scratch_per_thread]: attention's
+                                            score tiles and row, whatever the context */
+    int64_t attn_scratch_per_thread;
     float *gdn_scratch;                  /* [threads][gdn_scratch_per_thread] */
     int64_t gdn_scratch_per_thread;
     float *router;                       /* [B][E] */
