@@ -67,8 +67,8 @@ static const char *kv_bits_name(int bits)
     switch (bits) {
     case 32: return "f32";
     case 16: return "f16";
-    case 8: return "q8_0 (8.5 bits per value with its scales)";
-    default: return "q4_0 (4.5 bits per value with its scales)";
+    case 8: return "q8_0, 8.5 bits per value with its scales";
+    default: return "q4_0, 4.5 bits per value with its scales";
     }
 }
 

@@ -230,7 +230,7 @@ static void full_attention(qmix_session *s, const qmix_layer *ly, const batch *b
      * tasks for the threads (decoding a single sequence) */
     int group = (int)(H / KV), threads = qmix_pool_threads(s->pool);
     attn_ctx a = {s, b, 1, group, 1};
-    if (group > 32 || (int64_t)n * KV < 2 * threads) a.heads_per_chunk = 1, a.chunks_per_group = group;
+    if (group > 32 || (int64_t)n * KV < threads) a.heads_per_chunk = 1, a.chunks_per_group = group;
     a.rows_per_block = 32 / a.heads_per_chunk;
     int blocks = (n + a.rows_per_block - 1) / a.rows_per_block;
     qmix_pool_run(s->pool, attn_block, &a, blocks * (int)KV * a.chunks_per_group);
