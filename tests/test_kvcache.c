@@ -251,6 +251,7 @@ END_TEST
  * tokens: each narrower cache costs more, 8-bit below 0.005 and 4-bit below 0.05. */
 START_TEST(kld_on_demo)
 {
+    if (tu_light_skip("KV cache KLD on the demo model")) return;
     static const char *fmt = "kld testdata/demo testdata/demo --text testdata/demo/heldout.txt "
                              "--ctx 1024 --windows 2 --threads 2 --kv-bits %d --json";
     double k16 = tu_kld_mean(fmt, 16), k8 = tu_kld_mean(fmt, 8), k4 = tu_kld_mean(fmt, 4);
