@@ -30,6 +30,7 @@ cleanup() {
     rm -rf "$tmp"
 }
 trap cleanup EXIT
+trap 'exit 130' INT TERM # so the EXIT trap removes the cgroup and the files
 
 "$QMIX" tokenize "$MODEL" --file "$MODEL/heldout.txt" --tokens | cut -f1 > "$tmp/one"
 : > "$tmp/all"
