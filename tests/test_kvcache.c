@@ -7,6 +7,7 @@
 
 #include "kernels/kernels_impl.h"
 #include "qmix.h"
+#include "model/geometry.h"
 #include "runtime/session.h"
 #include "testutil.h"
 
@@ -245,6 +246,26 @@ START_TEST(row_sizes_and_checks)
 }
 END_TEST
 
+/* Long context needs no context-sized scratch: at 262,144 tokens a 35B-A3B session's scratch is
+ * what it is at 4,096, and only the cache grows, by exactly its rows. */
+START_TEST(scratch_independent_of_context)
+{
+    qmix_config c;
+    qmix_geometry_config(qmix_geometry_find("35b-a3b"), &c);
+    for (int t = 0; t < N_TYPES; t++) {
+        qmix_session_sizes a, b;
+        qmix_session_size(&c, 4096, 2, TYPES[t], &a);
+        qmix_session_size(&c, 262144, 2, TYPES[t], &b);
+        ck_assert_uint_eq(a.scratch, b.scratch);
+        ck_assert_uint_eq(a.state, b.state);
+        ck_assert_uint_eq(b.kv - a.kv, (262144 - 4096) * qmix_kv_token_bytes(&c, TYPES[t]));
+    }
+    qmix_session_sizes q4;
+    qmix_session_size(&c, 262144, 2, QMIX_KV_Q4_0, &q4);
+    ck_assert_uint_eq(q4.kv, 262144ull * 5760); /* 1.41 GiB: 10 layers x K, V x 2 heads x 144 B */
+}
+END_TEST
+
 /* ---- what it costs ----------------------------------------------------------------------- */
 
 /* KL(float32 cache || quantized cache) of the demo model on held-out text, two windows of 1024
@@ -293,6 +314,7 @@ static Suite *make_suite(void)
     tcase_add_test(tc, round_trip);
     tcase_add_test(tc, kernels_vs_reference);
     tcase_add_test(tc, row_sizes_and_checks);
+    tcase_add_test(tc, scratch_independent_of_context);
     tcase_add_test(tc, kld_on_demo);
     tcase_add_test(tc, cli_flags);
     suite_add_tcase(s, tc);
