@@ -65,7 +65,7 @@ int main(int argc, char **argv)
         return 1;
     }
     for (int i = 0; i < max_streams; i++)
-        if (qmix_seq_new(c, so.max_ctx, &seqs[i], &err)) {
+        if (qmix_seq_new(c, so.max_ctx, so.kv_type, &seqs[i], &err)) {
             fprintf(stderr, "batch: %s\n", err.msg);
             return 1;
         }

@@ -72,9 +72,28 @@ int qmix_model_open(const char *path, qmix_model **out, qmix_err *err);
 void qmix_model_close(qmix_model *model);
 const qmix_config *qmix_model_config(const qmix_model *model);
 
+/* How the KV cache of the full-attention layers stores keys and values: written once when a
+ * token enters the cache, read in that form by attention. Q8_0 and Q4_0 are blocks of 32 values
+ * of one head with a float16 scale, symmetric (8.5 and 4.5 bits per value); they need a head_dim
+ * that is a multiple of 32. */
+typedef enum qmix_kv_type {
+    QMIX_KV_DEFAULT = 0, /* QMIX_KV_F32 */
+    QMIX_KV_F32, QMIX_KV_F16, QMIX_KV_Q8_0, QMIX_KV_Q4_0,
+    QMIX_KV_COUNT
+} qmix_kv_type;
+
+/* "f32", "f16", "q8_0", "q4_0". */
+const char *qmix_kv_type_name(qmix_kv_type kv);
+/* The type of a name ("f32", "f16", "q8_0", "q4_0") or of a width in bits ("32", "16", "8", "4");
+ * QMIX_KV_DEFAULT if neither. */
+qmix_kv_type qmix_kv_type_parse(const char *name);
+/* Bits per value including the scales (32, 16, 8.5, 4.5). */
+double qmix_kv_type_bits(qmix_kv_type kv);
+
 typedef struct qmix_session_opts {
     int max_ctx;     /* longest sequence the session holds (KV cache size) */
     int n_threads;   /* 0: all cores */
+    qmix_kv_type kv_type; /* 0: QMIX_KV_F32 */
 } qmix_session_opts;
 
 int qmix_session_new(qmix_model *model, const qmix_session_opts *opts, qmix_session **out,

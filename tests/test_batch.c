@@ -1,7 +1,7 @@
 /* Continuous batching's forward pass: several sequences at different positions in one
  * qmix_forward_batch give the logits each gives alone (float32 tolerance), on every fixture and
- * the demo model; their states stay apart; and a sequence resumed from a snapshot (the server's
- * prefix cache) continues as a cold run of the whole prompt does. */
+ * the demo model, with every KV cache type; their states stay apart; and a sequence resumed from
+ * a snapshot (the server's prefix cache) continues as a cold run of the whole prompt does. */
 #include <dirent.h>
 #include <math.h>
 #include <sys/stat.h>
@@ -41,6 +41,10 @@ static void discover(void)
     snprintf(models[n_models++], sizeof models[0], "testdata/demo");
 }
 
+/* Every loop test runs each model with each KV cache type: index i is model i / N_KV. */
+static const qmix_kv_type kv_types[] = {QMIX_KV_F32, QMIX_KV_F16, QMIX_KV_Q8_0, QMIX_KV_Q4_0};
+#define N_KV 4
+
 static double row_error(const float *got, const float *want, int vocab)
 {
     double worst = 0, scale = 1;
@@ -59,7 +63,7 @@ static const int history_len[N_SEQS] = {37, 0, 5, 64, 100};
 static const int step_len[N_SEQS] = {1, 20, 1, 9, 70};
 
 /* Runs the scenario on the model at path: alone in sessions, then together. */
-static void check_batch(const char *path, uint64_t seed)
+static void check_batch(const char *path, uint64_t seed, qmix_kv_type kv)
 {
     qmix_model *m;
     qmix_err err;
@@ -77,7 +81,7 @@ static void check_batch(const char *path, uint64_t seed)
 
     /* alone: each sequence in its own session; the step's logits of every token, then three
      * decodes */
-    qmix_session_opts so = {.max_ctx = CTX, .n_threads = 2};
+    qmix_session_opts so = {.max_ctx = CTX, .n_threads = 2, .kv_type = kv};
     float *alone_step[N_SEQS], *alone_decode[N_SEQS];
     for (int i = 0; i < N_SEQS; i++) {
         qmix_session *s;
@@ -101,7 +105,7 @@ static void check_batch(const char *path, uint64_t seed)
     int n[N_SEQS], rows = 0, n_batch = 0;
     int32_t tokens[512];
     for (int i = 0; i < N_SEQS; i++) {
-        ck_assert_int_eq(qmix_seq_new(c, CTX, &seqs[i], &err), 0);
+        ck_assert_int_eq(qmix_seq_new(c, CTX, kv, &seqs[i], &err), 0);
         if (!history_len[i]) continue;
         batch_seqs[n_batch] = seqs[i];
         n[n_batch++] = history_len[i];
@@ -142,7 +146,8 @@ static void check_batch(const char *path, uint64_t seed)
             CHECK(e <= REL_TOL, "%s: sequence %d decode %d: relative error %.3g", path, i, d, e);
         }
     }
-    printf("info: %s: %d sequences batched = alone\n", path, N_SEQS);
+    printf("info: %s: %d sequences batched = alone (%s KV cache)\n", path, N_SEQS,
+           qmix_kv_type_name(kv));
 
     for (int i = 0; i < N_SEQS; i++) {
         qmix_seq_free(seqs[i]);
@@ -159,7 +164,7 @@ static void check_batch(const char *path, uint64_t seed)
 
 START_TEST(batch_equals_alone)
 {
-    check_batch(models[_i], 42 + (uint64_t)_i);
+    check_batch(models[_i / N_KV], 42 + (uint64_t)_i, kv_types[_i % N_KV]);
 }
 END_TEST
 
@@ -174,7 +179,8 @@ START_TEST(quantized_batch_equals_alone)
     snprintf(args, sizeof args, "quantize testdata/demo %s --recipe uniform-4", out);
     tu_expect(args, 0, NULL);
     qk_set_act_int8(0);
-    check_batch(out, 99);
+    check_batch(out, 99, QMIX_KV_F32);
+    check_batch(out, 99, QMIX_KV_Q4_0);
     tu_rmdir(dir);
 }
 END_TEST
@@ -184,7 +190,8 @@ END_TEST
  * sequence that held something else leaves nothing of that behind. */
 START_TEST(snapshot_resume)
 {
-    const char *path = models[_i];
+    const char *path = models[_i / N_KV];
+    qmix_kv_type kv = kv_types[_i % N_KV];
     qmix_model *m;
     qmix_err err;
     ck_assert_int_eq(qmix_model_open(path, &m, &err), 0);
@@ -200,14 +207,14 @@ START_TEST(snapshot_resume)
     qmix_session *shared;
     ck_assert_int_eq(qmix_session_new_shared(m, &so, &shared, &err), 0);
     qmix_seq *a, *b;
-    ck_assert_int_eq(qmix_seq_new(c, CTX, &a, &err), 0);
-    ck_assert_int_eq(qmix_seq_new(c, CTX, &b, &err), 0);
+    ck_assert_int_eq(qmix_seq_new(c, CTX, kv, &a, &err), 0);
+    ck_assert_int_eq(qmix_seq_new(c, CTX, kv, &b, &err), 0);
     float *warm = malloc(sizeof(float) * (size_t)V), *cold = malloc(sizeof(float) * (size_t)V);
     float *from_a = malloc(sizeof(float) * (size_t)V);
 
     int n = PREFIX;
     qmix_forward_batch(shared, &a, &n, 1, prompt, warm, NULL);
-    float *snap = malloc(qmix_seq_snapshot_bytes(c, PREFIX));
+    void *snap = malloc(qmix_seq_snapshot_bytes(c, kv, PREFIX));
     qmix_seq_save(a, c, snap);
     n = REST;
     qmix_forward_batch(shared, &a, &n, 1, prompt + PREFIX, from_a, NULL);
@@ -219,20 +226,28 @@ START_TEST(snapshot_resume)
     n = REST;
     qmix_forward_batch(shared, &b, &n, 1, prompt + PREFIX, warm, NULL);
     ck_assert_msg(!memcmp(warm, from_a, sizeof(float) * (size_t)V),
-                  "%s: the restored sequence differs from the one it was saved from", path);
+                  "%s (%s): the restored sequence differs from the one it was saved from", path,
+                  qmix_kv_type_name(kv));
 
     qmix_seq_reset(b, c);
     n = PREFIX + REST;
     qmix_forward_batch(shared, &b, &n, 1, prompt, cold, NULL);
     double e = row_error(warm, cold, V);
-    ck_assert_msg(e <= REL_TOL, "%s: resumed vs cold: relative error %.3g", path, e);
+    ck_assert_msg(e <= REL_TOL, "%s (%s): resumed vs cold: relative error %.3g", path,
+                  qmix_kv_type_name(kv), e);
 
-    /* the size: KV rows grow with the prefix, the recurrent state does not */
-    size_t s1 = qmix_seq_snapshot_bytes(c, 1), s2 = qmix_seq_snapshot_bytes(c, 2);
+    /* the size: KV rows grow with the prefix in their stored form (blocks of 32 values with a
+     * 2-byte scale when quantized), the recurrent state does not */
+    size_t s1 = qmix_seq_snapshot_bytes(c, kv, 1), s2 = qmix_seq_snapshot_bytes(c, kv, 2);
     int n_full = 0;
     for (int i = 0; i < c->n_layers; i++) n_full += c->layer_is_full[i];
-    ck_assert_uint_eq(s2 - s1, (size_t)n_full * 2 * (size_t)c->n_kv_heads * (size_t)c->head_dim *
-                                   sizeof(float));
+    size_t values = (size_t)n_full * 2 * (size_t)c->n_kv_heads * (size_t)c->head_dim;
+    size_t want = kv == QMIX_KV_F32    ? values * 4
+                  : kv == QMIX_KV_F16  ? values * 2
+                  : kv == QMIX_KV_Q8_0 ? values / 32 * (2 + 32)
+                                       : values / 32 * (2 + 16);
+    ck_assert_uint_eq(s2 - s1, want);
+    ck_assert_uint_eq(qmix_seq_snapshot_bytes(c, kv, 0) + 2 * want, s2);
     free(snap);
     free(warm);
     free(cold);
@@ -259,7 +274,7 @@ START_TEST(single_is_one_segment)
     ck_assert_int_eq(qmix_session_new(m, &so, &s, &err), 0);
     ck_assert_int_eq(qmix_session_new_shared(m, &so, &shared, &err), 0);
     qmix_seq *q;
-    ck_assert_int_eq(qmix_seq_new(c, CTX, &q, &err), 0);
+    ck_assert_int_eq(qmix_seq_new(c, CTX, QMIX_KV_DEFAULT, &q, &err), 0);
     float *logits = malloc(sizeof(float) * (size_t)V);
     ck_assert_int_eq(qmix_session_prefill(s, prompt, 24, NULL, &err), 0);
     int n = 24;
@@ -279,8 +294,8 @@ static Suite *make_suite(void)
     Suite *s = suite_create("batch");
     TCase *tc = tcase_create("forward");
     tcase_set_timeout(tc, 120);
-    tcase_add_loop_test(tc, batch_equals_alone, 0, n_models);
-    tcase_add_loop_test(tc, snapshot_resume, 0, n_models);
+    tcase_add_loop_test(tc, batch_equals_alone, 0, n_models * N_KV);
+    tcase_add_loop_test(tc, snapshot_resume, 0, n_models * N_KV);
     tcase_add_test(tc, quantized_batch_equals_alone);
     tcase_add_test(tc, single_is_one_segment);
     suite_add_tcase(s, tc);

@@ -39,9 +39,10 @@ START_TEST(kv_per_token_by_hand)
     ck_assert_uint_eq(qmix_plan_kv_per_token(&c, 16), 10u * 2 * 2 * 256 * 2); /* 20480 */
     ck_assert_uint_eq(qmix_plan_kv_per_token(&c, 16), 20480);
     ck_assert_uint_eq(qmix_plan_kv_per_token(&c, 32), 40960);
-    ck_assert_uint_eq(qmix_plan_kv_per_token(&c, 8), 10240);
-    /* the seed card's "4-bit KV per token: ~5 KB" */
-    ck_assert_uint_eq(qmix_plan_kv_per_token(&c, 4), 5120);
+    /* qmix's q8_0 / q4_0 caches: blocks of 32 values with a 2-byte scale, 34 and 18 bytes */
+    ck_assert_uint_eq(qmix_plan_kv_per_token(&c, 8), 10u * 2 * 2 * (256 / 32) * 34); /* 10880 */
+    /* the card's "4-bit KV per token: ~5 KB" (5120 without scales) */
+    ck_assert_uint_eq(qmix_plan_kv_per_token(&c, 4), 10u * 2 * 2 * (256 / 32) * 18); /* 5760 */
     /* 122B-A10B: 12 of 48 layers full; 397B-A17B: 15 of 60 */
     qmix_geometry_config(qmix_geometry_find("122b-a10b"), &c);
     ck_assert_uint_eq(qmix_plan_kv_per_token(&c, 16), 12u * 2 * 2 * 256 * 2);
@@ -126,29 +127,53 @@ START_TEST(vision_params_by_hand)
 }
 END_TEST
 
-/* qmix_session_size is what qmix_session_new allocates: same arena, for several contexts and
- * thread counts (batch below and at the 512 cap). */
+/* qmix_session_size is what qmix_session_new allocates: same arena, for several contexts, thread
+ * counts (batch below and at the 512 cap) and every KV cache type; and the plan's KV figure for a
+ * width is that session's cache. */
 START_TEST(session_size_matches_session)
 {
     qmix_model *m = NULL;
     qmix_err err;
     ck_assert_msg(qmix_model_open(FIXTURE, &m, &err) == 0, "%s", err.msg);
+    const qmix_config *c = qmix_model_config(m);
     int ctxs[] = {1, 100, 512, 513, 3000};
+    static const int bits[] = {32, 16, 8, 4};
+    int n_full = 0;
+    for (int l = 0; l < c->n_layers; l++) n_full += c->layer_is_full[l];
     for (size_t i = 0; i < sizeof ctxs / sizeof ctxs[0]; i++)
-        for (int th = 1; th <= 2; th++) {
-            qmix_session *s = NULL;
-            qmix_session_opts o = {.max_ctx = ctxs[i], .n_threads = th};
-            ck_assert(qmix_session_new(m, &o, &s, &err) == 0);
-            qmix_session_sizes sz;
-            qmix_session_size(qmix_model_config(m), ctxs[i], th, &sz);
-            ck_assert_uint_eq(sz.arena, s->arena_bytes);
-            ck_assert_uint_eq(sz.arena, sz.kv + sz.state + sz.scratch);
-            ck_assert_uint_eq(qmix_session_bytes(qmix_model_config(m), ctxs[i], th), sz.total);
-            /* KV: the fixture's full layers x 2 x KV x hd floats per token */
-            ck_assert_uint_eq(sz.kv, (uint64_t)ctxs[i] * qmix_plan_kv_per_token(
-                                                                qmix_model_config(m), 32));
-            qmix_session_free(s);
-        }
+        for (int th = 1; th <= 2; th++)
+            for (int b = 0; b < 4; b++) {
+                qmix_kv_type kv = qmix_plan_kv_type(bits[b]);
+                qmix_session *s = NULL;
+                qmix_session_opts o = {.max_ctx = ctxs[i], .n_threads = th, .kv_type = kv};
+                ck_assert(qmix_session_new(m, &o, &s, &err) == 0);
+                ck_assert_int_eq(s->seq.kv_type, kv);
+                qmix_session_sizes sz;
+                qmix_session_size(c, ctxs[i], th, kv, &sz);
+                ck_assert_uint_eq(sz.arena, s->arena_bytes);
+                ck_assert_uint_eq(sz.arena, sz.kv + sz.state + sz.scratch);
+                ck_assert_uint_eq(qmix_session_bytes(c, ctxs[i], th, kv), sz.total);
+                /* KV: full layers x K, V x ctx rows, each cache padded to 64 bytes at most */
+                uint64_t rows = (uint64_t)ctxs[i] * qmix_plan_kv_per_token(c, bits[b]);
+                ck_assert_uint_ge(sz.kv, rows);
+                ck_assert_uint_lt(sz.kv, rows + (uint64_t)n_full * 2 * 64);
+                /* the cache's address range is what the session carved for it */
+                for (int l = 0; l < c->n_layers; l++)
+                    if (c->layer_is_full[l])
+                        ck_assert_uint_ge((uintptr_t)s->seq.state[l].v_cache -
+                                              (uintptr_t)s->seq.state[l].k_cache,
+                                          (uint64_t)ctxs[i] * qmix_kv_row_bytes(c, kv));
+                /* the plan at that width and context counts exactly that cache */
+                if (th == 2) {
+                    qmix_plan_opts po = {.ctx = ctxs[i], .kv_bits = bits[b], .n_threads = th,
+                                         .memory = 1ull << 40};
+                    qmix_plan p;
+                    ck_assert(qmix_plan_checkpoint(FIXTURE, &po, &p, &err) == 0);
+                    ck_assert_uint_eq(p.kv_bytes, sz.kv);
+                    ck_assert_uint_eq(p.runtime_bytes + p.state_bytes + p.kv_bytes, sz.total);
+                }
+                qmix_session_free(s);
+            }
     qmix_model_close(m);
 }
 END_TEST

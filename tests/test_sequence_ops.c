@@ -92,13 +92,14 @@ END_TEST
 START_TEST(attend_matches_reference)
 {
     static const int dims[] = {1, 15, 16, 17, 64, 256};
-    static const int lens[] = {1, 2, 33, 300};
+    static const int lens[] = {1, 2, 33, 64, 65, 300};
     for (size_t di = 0; di < sizeof dims / sizeof dims[0]; di++)
         for (size_t li = 0; li < sizeof lens / sizeof lens[0]; li++) {
             int dim = dims[di], n = lens[li];
             int64_t ld = dim + 5;
             float *kv = malloc(sizeof(float) * (size_t)(2 * n * ld)), *q = malloc(sizeof(float) * dim);
-            float *scores = malloc(sizeof(float) * n), *out = malloc(sizeof(float) * dim);
+            float *scores = malloc(sizeof(float) * qk_attend_kv_scratch(1, dim));
+            float *out = malloc(sizeof(float) * dim);
             double *ref = calloc((size_t)dim, sizeof(double)), *w = malloc(sizeof(double) * n);
             for (int64_t i = 0; i < 2 * n * ld; i++) kv[i] = frand() * 3;
             for (int i = 0; i < dim; i++) q[i] = frand() * 3;
@@ -113,7 +114,12 @@ START_TEST(attend_matches_reference)
             for (int j = 0; j < n; j++) sum += w[j] = exp(w[j] - mx);
             for (int j = 0; j < n; j++)
                 for (int i = 0; i < dim; i++) ref[i] += w[j] / sum * values[j * ld + i];
-            qk_attend(q, keys, values, ld, n, dim, scale, scores, out);
+            /* the float32 cache: the online softmax over tiles of the full score row */
+            const float *qs[1] = {q};
+            float *outs[1] = {out};
+            int64_t ns[1] = {n};
+            qk_attend_kv(QMIX_KV_F32, 1, qs, outs, ns, keys, values, (size_t)ld * sizeof(float),
+                         dim, scale, scores);
             for (int i = 0; i < dim; i++)
                 ck_assert_msg(fabs(out[i] - ref[i]) < 1e-5 * (1 + fabs(ref[i])),
                               "dim %d n %d: out[%d] = %.7g, reference %.7g", dim, n, i, out[i], ref[i]);

@@ -813,6 +813,48 @@ START_TEST(prefix_cache_lru)
 }
 END_TEST
 
+/* With a quantized KV cache the prefix cache keeps snapshots in the cache's own form: a resumed
+ * prompt answers as a cold server with the same cache does, and the snapshots' bytes shrink by
+ * exactly the KV rows' saving (tiny-a: 512 K/V values per token, 2048 bytes in f32, 544 in q8_0,
+ * 288 in q4_0; the recurrent state is float32 in every case). */
+START_TEST(prefix_cache_quantized)
+{
+    const char *p1 = "The cat sat on the mat and looked at the door.";
+    const char *p2 = "A completely different story about ships.";
+    const char *p3 = "The cat sat on the mat and looked at the door. Then it slept";
+    static const char *types[] = {"f32", "q8_0", "q4_0"};
+    static const long long row_bytes[] = {2048, 544, 288};
+    long long bytes[3];
+    for (int t = 0; t < 3; t++) {
+        const char *extra[] = {"--kv-type", types[t], NULL};
+        server s;
+        long long n1, cached;
+        char *warm, *cold;
+        start(&s, extra);
+        completion(&s, p1, 3, &n1, &cached, NULL);
+        completion(&s, p2, 3, NULL, &cached, NULL);
+        completion(&s, p3, 8, NULL, &cached, &warm);
+        ck_assert_int_eq(cached, n1);
+        ck_assert_int_eq((long long)metric(&s, "qmix_prefix_cache_snapshot_hits_total"), 1);
+        ck_assert_int_eq((long long)metric(&s, "qmix_prefix_cache_entries"), 3);
+        bytes[t] = (long long)metric(&s, "qmix_prefix_cache_bytes");
+        ck_assert_int_eq(stop(&s), 0);
+        start(&s, extra);
+        completion(&s, p3, 8, NULL, &cached, &cold);
+        ck_assert_int_eq(cached, 0);
+        ck_assert_msg(!strcmp(warm, cold), "%s: resumed '%s', cold '%s'", types[t], warm, cold);
+        ck_assert_int_eq(stop(&s), 0);
+        free(warm);
+        free(cold);
+    }
+    /* the same entries (same token counts) in each: bytes differ by tokens x row saving */
+    long long tokens = (bytes[0] - bytes[2]) / (row_bytes[0] - row_bytes[2]);
+    ck_assert_int_gt(tokens, 0);
+    ck_assert_int_eq(bytes[0] - bytes[2], tokens * (row_bytes[0] - row_bytes[2]));
+    ck_assert_int_eq(bytes[0] - bytes[1], tokens * (row_bytes[0] - row_bytes[1]));
+}
+END_TEST
+
 /* Two conversations with the same system prompt: the second resumes from the snapshot at the
  * end of the system prompt (its second <|im_start|>) and answers as a cold server does. */
 static char *system_chat(const char *user)
@@ -1116,6 +1158,7 @@ static Suite *make_suite(void)
     tcase_add_test(tc, disconnect_busy_and_shutdown);
     tcase_add_test(tc, multi_turn_snapshot);
     tcase_add_test(tc, prefix_cache_lru);
+    tcase_add_test(tc, prefix_cache_quantized);
     tcase_add_test(tc, shared_system_prompt);
     tcase_add_test(tc, metrics_endpoint);
     tcase_add_test(tc, logprobs);

@@ -1,5 +1,6 @@
 #include "cli/cli.h"
 
+#include <ctype.h>
 #include <errno.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -332,4 +333,28 @@ int cli_missing(const char *cmd, const char *what)
 {
     fprintf(stderr, "qmix %s: missing %s (qmix %s --help for the usage)\n", cmd, what, cmd);
     return 2;
+}
+
+const char cli_kv_help[] =
+    "  --kv-bits B         KV cache storage: 32 float32 (default, exact), 16 float16, 8 q8_0,\n"
+    "                      4 q4_0 (blocks of 32 values with a float16 scale: 8.5 and 4.5 bits\n"
+    "                      per value; quantized once per token, read quantized)\n"
+    "  --kv-type T         the same by name: f32, f16, q8_0, q4_0\n";
+
+int cli_kv_option(const char *cmd, int argc, char **argv, int *i, qmix_kv_type *kv)
+{
+    const char *flag = argv[*i], *v;
+    int bits = !strcmp(flag, "--kv-bits");
+    if (!bits && strcmp(flag, "--kv-type")) return 0;
+    if (!(v = cli_value(cmd, argc, argv, i))) return -1;
+    qmix_kv_type t = qmix_kv_type_parse(v);
+    /* each flag takes its own spelling only, so a typo cannot pick the other meaning */
+    if (t == QMIX_KV_DEFAULT || (bits && !isdigit((unsigned char)v[0])) ||
+        (!bits && isdigit((unsigned char)v[0]))) {
+        fprintf(stderr, "qmix %s: %s must be %s, not '%s'\n", cmd, flag,
+                bits ? "32, 16, 8 or 4" : "f32, f16, q8_0 or q4_0", v);
+        return -1;
+    }
+    *kv = t;
+    return 1;
 }

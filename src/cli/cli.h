@@ -20,6 +20,11 @@ const char *cli_value(const char *cmd, int argc, char **argv, int *i);
 struct qmix_sampling;
 int cli_sampling_option(const char *cmd, int argc, char **argv, int *i, struct qmix_sampling *sp);
 extern const char cli_sampling_help[];
+/* --kv-bits 32|16|8|4 or --kv-type f32|f16|q8_0|q4_0 (the KV cache's storage): 1 if argv[*i] was
+ * one (value consumed, *kv set), 0 if not, -1 after printing an error. cli_kv_help: its --help
+ * lines. */
+int cli_kv_option(const char *cmd, int argc, char **argv, int *i, qmix_kv_type *kv);
+extern const char cli_kv_help[];
 /* The checkpoint directory of a model path (the path itself, or a weights file's directory; a
  * .gguf file stands for itself, the tokenizer and template loaders read it); prints an error and
  * returns -1 if it does not exist. */

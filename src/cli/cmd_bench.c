@@ -27,7 +27,7 @@ static void usage(FILE *out)
 {
     fprintf(out,
             "usage: qmix bench MODEL [--ctx LIST | --prompt N] [--gen N] [--threads LIST]\n"
-            "                  [--no-membw] [--no-prefault] [--json]\n\n"
+            "                  [--kv-bits 32|16|8|4] [--no-membw] [--no-prefault] [--json]\n\n"
             "For each thread count and each context length N: opens a session, prefills N\n"
             "pseudo-random token ids in one call (prefill tok/s), then decodes greedily (argmax) from\n"
             "that context, timing every step (generation tok/s = steps / total time; the median step\n"
@@ -50,8 +50,13 @@ static void usage(FILE *out)
             "                    matrix the forward pass can read is prefaulted, untimed, so the\n"
             "                    first row does not pay page faults / disk reads the others skip)\n"
             "  --no-membw        skip the memory-bandwidth measurement (and the %% column)\n"
-            "  --json            print one JSON object instead of the table\n");
+            "  --json            print one JSON object instead of the table\n"
+            "%s",
+            cli_kv_help);
 }
+
+/* --kv-bits / --kv-type: the cache every row's session uses */
+static qmix_kv_type kv_type;
 
 typedef struct bench_run {
     int threads, ctx;
@@ -222,7 +227,7 @@ static int run_one(qmix_model *model, int threads, int ctx, const int32_t *promp
 {
     const qmix_config *cfg = qmix_model_config(model);
     qmix_session *sess = NULL;
-    qmix_session_opts opts = {.max_ctx = ctx, .n_threads = threads};
+    qmix_session_opts opts = {.max_ctx = ctx, .n_threads = threads, .kv_type = kv_type};
     if (qmix_session_new(model, &opts, &sess, err)) return -1;
     r->threads = qmix_session_threads(sess);
     double t0 = cli_now();
@@ -265,9 +270,12 @@ int qmix_cmd_bench(int argc, char **argv)
     int ctx_list[MAX_RUNS] = {512}, n_ctx = 1, have_ctx = 0;
     for (int i = 1; i < argc; i++) {
         const char *a = argv[i], *v;
+        int handled;
         if (!strcmp(a, "--help") || !strcmp(a, "-h")) {
             usage(stdout);
             return 0;
+        } else if ((handled = cli_kv_option("bench", argc, argv, &i, &kv_type)) != 0) {
+            if (handled < 0) return 2;
         } else if (!strcmp(a, "--prompt")) {
             if (!(v = cli_value("bench", argc, argv, &i)) ||
                 cli_int("bench", a, v, 1, 1 << 24, &n_prompt))
@@ -370,9 +378,9 @@ int qmix_cmd_bench(int argc, char **argv)
                c->n_layers, c->n_layers - n_full, n_full, c->hidden_size, c->vocab_size,
                c->n_experts, c->n_experts_used, c->moe_ffn, c->shared_ffn, c->n_heads,
                c->n_kv_heads, c->head_dim, hf, ht);
-        printf("kernels %s; per row: prefill of the context (pseudo-random token ids, one call), "
+        printf("kernels %s, KV cache %s; per row: prefill of the context (pseudo-random token ids, one call), "
                "then %ld greedy decode steps from it\n",
-               isa, n_gen);
+               isa, qmix_kv_type_name(kv_type), n_gen);
         fflush(stdout);
     }
 
@@ -417,11 +425,11 @@ int qmix_cmd_bench(int argc, char **argv)
     if (json) {
         printf("{\"model\": ");
         json_str(model_path);
-        printf(", \"isa\": \"%s\", \"n_layers\": %d, \"n_full_attention\": %d, \"hidden_size\": %d, "
+        printf(", \"isa\": \"%s\", \"kv_type\": \"%s\", \"n_layers\": %d, \"n_full_attention\": %d, \"hidden_size\": %d, "
                "\"vocab_size\": %d, \"n_experts\": %d, \"n_experts_used\": %d, \"moe_ffn\": %d, "
                "\"shared_ffn\": %d, \"tensor_bytes\": %llu, \"decode_weight_bytes_per_token\": "
                "%llu, \"contexts\": [",
-               isa, c->n_layers, n_full, c->hidden_size, c->vocab_size, c->n_experts,
+               isa, qmix_kv_type_name(kv_type), c->n_layers, n_full, c->hidden_size, c->vocab_size, c->n_experts,
                c->n_experts_used, c->moe_ffn, c->shared_ffn, (unsigned long long)file_bytes,
                (unsigned long long)tok_bytes);
         for (int k = 0; k < n_ctx; k++) printf("%s%d", k ? ", " : "", ctx_list[k]);

@@ -31,9 +31,9 @@ static void usage(FILE *out)
             "  --ctx N             context size (default 8192)\n"
             "  --threads N         worker threads (default: all cores)\n"
             "  --seed S            random seed (default 0)\n"
-            "%s"
+            "%s%s"
             "Sampling defaults come from the model's generation_config.json.\n",
-            cli_sampling_help);
+            cli_kv_help, cli_sampling_help);
 }
 
 static volatile sig_atomic_t interrupted;
@@ -109,12 +109,15 @@ int qmix_cmd_chat(int argc, char **argv)
     long max_tokens = 4096, ctx = 8192, threads = 0, seed = 0;
     int thinking = 1, sampling_given = 0, ignore_eos = 0;
     qmix_sampling sp = qmix_sampling_greedy();
+    qmix_kv_type kv_type = QMIX_KV_DEFAULT;
     for (int i = 1; i < argc; i++) {
         const char *a = argv[i], *v;
         int handled;
         if (!strcmp(a, "--help") || !strcmp(a, "-h")) {
             usage(stdout);
             return 0;
+        } else if ((handled = cli_kv_option("chat", argc, argv, &i, &kv_type)) != 0) {
+            if (handled < 0) return 2;
         } else if ((handled = cli_sampling_option("chat", argc, argv, &i, &sp)) != 0) {
             if (handled < 0) return 2;
             sampling_given = 1;
@@ -169,7 +172,7 @@ int qmix_cmd_chat(int argc, char **argv)
     int32_t stop_ids[QMIX_MAX_EOS + 1];
     int n_stop = qmix_gen_chat_stop_ids(&gen, tok, stop_ids);
 
-    qmix_session_opts opts = {.max_ctx = (int)ctx, .n_threads = (int)threads};
+    qmix_session_opts opts = {.max_ctx = (int)ctx, .n_threads = (int)threads, .kv_type = kv_type};
     if (qmix_session_new(model, &opts, &sess, &err)) goto fail;
     sampler = qmix_sampler_new(&sp, qmix_model_config(model)->vocab_size);
     history = malloc(sizeof *history * (size_t)ctx);

@@ -27,9 +27,13 @@ static void usage(FILE *out)
             "%s"            "  --seed S            random seed for sampling (default 0)\n"
             "  --threads N         worker threads (default: all cores)\n"
             "  --ctx N             context size (default: prompt + n)\n"
-            "  --stop-at-eos       stop at the model's end-of-generation tokens (always with -p)\n",
-            cli_sampling_help);
+            "  --stop-at-eos       stop at the model's end-of-generation tokens (always with -p)\n"
+            "%s",
+            cli_sampling_help, cli_kv_help);
 }
+
+/* --kv-bits / --kv-type, for both paths */
+static qmix_kv_type kv_type;
 
 static void print_text(void *user, const char *text, size_t len)
 {
@@ -68,7 +72,7 @@ static int generate_text(const char *model_path, const char *text, const char *c
         goto fail;
     }
     if (!ctx) ctx = (long)n_prompt + n_gen;
-    qmix_session_opts opts = {.max_ctx = (int)ctx, .n_threads = (int)threads};
+    qmix_session_opts opts = {.max_ctx = (int)ctx, .n_threads = (int)threads, .kv_type = kv_type};
     if (!sampling_given) qmix_gen_sampling_defaults(&sp, &gen); /* the model's own defaults */
     sp.seed = (uint64_t)seed;
     if (qmix_session_new(model, &opts, &sess, &err)) goto fail;
@@ -142,6 +146,8 @@ int qmix_cmd_generate(int argc, char **argv)
             if (!(v = cli_value("generate", argc, argv, &i)) ||
                 cli_int("generate", a, v, 1, 1 << 24, &ctx))
                 return 2;
+        } else if ((handled = cli_kv_option("generate", argc, argv, &i, &kv_type)) != 0) {
+            if (handled < 0) return 2;
         } else if ((handled = cli_sampling_option("generate", argc, argv, &i, &sp)) != 0) {
             if (handled < 0) return 2;
             sampling_given = 1;
@@ -192,7 +198,7 @@ int qmix_cmd_generate(int argc, char **argv)
     int rc = 1;
     if (qmix_model_open(model_path, &model, &err)) goto fail;
     const qmix_config *cfg = qmix_model_config(model);
-    qmix_session_opts opts = {.max_ctx = (int)ctx, .n_threads = (int)threads};
+    qmix_session_opts opts = {.max_ctx = (int)ctx, .n_threads = (int)threads, .kv_type = kv_type};
     if (qmix_session_new(model, &opts, &sess, &err)) goto fail;
     sp.seed = (uint64_t)seed;
     sampler = qmix_sampler_new(&sp, cfg->vocab_size);
@@ -221,10 +227,10 @@ int qmix_cmd_generate(int argc, char **argv)
     /* the last sampled token is never fed back, so decode steps = generated - 1 */
     int steps = generated > 0 ? generated - 1 : 0;
     fprintf(stderr, "prefill: %d tokens in %.3f s (%.1f tok/s); decode: %d tokens in %.3f s "
-            "(%.1f tok/s); %d threads, %s kernels\n",
+            "(%.1f tok/s); %d threads, %s kernels, %s KV cache; peak RSS %.1f MiB\n",
             n_prompt, t1 - t0, n_prompt / (t1 - t0), steps, t2 - t1,
             steps ? steps / (t2 - t1) : 0.0, qmix_session_threads(sess),
-            qk_isa_name(qk_isa_active()));
+            qk_isa_name(qk_isa_active()), qmix_kv_type_name(kv_type), cli_peak_rss() / 1048576.0);
     rc = 0;
     goto done;
 fail:

@@ -38,11 +38,14 @@ static void usage(FILE *out)
             "  --plot FILE.svg     also draw the per-token KLD distribution (log scale, median\n"
             "                      and p99 marked) as an SVG picture\n"
             "  --threads N         worker threads (default: all cores)\n"
+            "%s"
+            "                      (for QUANT only: BASE keeps float32, so BASE BASE --kv-bits 4\n"
+            "                      measures what the 4-bit cache costs)\n"
             "  --json              one JSON object on stdout: mean, median, p90, p99, p999, max,\n"
             "                      top1, dp_mean, dp_rms, ppl_base, ppl_quant, tokens, windows,\n"
             "                      ctx, top_k (0: exact), complete\n\n"
             "Ctrl-C stops after the current chunk and reports the complete windows.\n",
-            QMIX_KLD_TOPK_DEFAULT);
+            QMIX_KLD_TOPK_DEFAULT, cli_kv_help);
 }
 
 static void on_progress(void *user, int done, int total)
@@ -50,10 +53,10 @@ static void on_progress(void *user, int done, int total)
     cli_progress("kld", done, total, *(const double *)user);
 }
 
-static int open_model(const char *path, int ctx, int threads, qmix_model **model,
+static int open_model(const char *path, int ctx, int threads, qmix_kv_type kv, qmix_model **model,
                       qmix_session **sess, qmix_err *err)
 {
-    qmix_session_opts opts = {.max_ctx = ctx, .n_threads = threads};
+    qmix_session_opts opts = {.max_ctx = ctx, .n_threads = threads, .kv_type = kv};
     if (qmix_model_open(path, model, err)) return -1;
     return qmix_session_new(*model, &opts, sess, err);
 }
@@ -109,9 +112,11 @@ int qmix_cmd_kld(int argc, char **argv)
     cli_eval_args ea = {.ctx = 512};
     long top_k = QMIX_KLD_TOPK_DEFAULT;
     int n_paths = 0;
+    qmix_kv_type kv_type = QMIX_KV_DEFAULT;
     for (int i = 1; i < argc; i++) {
         const char *a = argv[i];
         int taken = cli_eval_option("kld", argc, argv, &i, &ea);
+        if (!taken) taken = cli_kv_option("kld", argc, argv, &i, &kv_type);
         if (taken < 0) return 2;
         if (taken) continue;
         if (!strcmp(a, "--help") || !strcmp(a, "-h")) {
@@ -191,7 +196,7 @@ int qmix_cmd_kld(int argc, char **argv)
     cli_catch_sigint();
     double t0 = cli_now();
     if (save) {
-        if (open_model(paths[0], (int)ctx, (int)threads, &m_base, &s_base, &err)) goto fail;
+        if (open_model(paths[0], (int)ctx, (int)threads, QMIX_KV_DEFAULT, &m_base, &s_base, &err)) goto fail;
         int done = 0;
         run = qmix_kld_save_base(s_base, tokens, (int)ctx, n_windows, (int)top_k, save,
                                  on_progress, &t0, &cli_stop, &done, &err);
@@ -207,9 +212,9 @@ int qmix_cmd_kld(int argc, char **argv)
     }
     const char *quant_path = base_file ? paths[0] : paths[1];
     if (!base_file &&
-        open_model(paths[0], (int)ctx, (int)threads, &m_base, &s_base, &err))
+        open_model(paths[0], (int)ctx, (int)threads, QMIX_KV_DEFAULT, &m_base, &s_base, &err))
         goto fail;
-    if (open_model(quant_path, (int)ctx, (int)threads, &m_quant, &s_quant, &err)) goto fail;
+    if (open_model(quant_path, (int)ctx, (int)threads, kv_type, &m_quant, &s_quant, &err)) goto fail;
     run = qmix_kld_compare(s_quant, s_base, saved, tokens, (int)ctx, n_windows, on_progress, &t0,
                            &cli_stop, &r, &err);
     cli_progress_end();

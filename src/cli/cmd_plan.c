@@ -34,9 +34,10 @@ static void usage(FILE *out)
             "  --recipe NAME|FILE  size the weights after quantizing with a preset (qmix presets) or\n"
             "                      a recipe file (docs/recipes.md)\n"
             "  --ctx N             context to predict the peak for (default 4096)\n"
-            "  --kv-bits B         KV element width used for the fit: 32 is qmix's own cache\n"
-            "                      (float32, the default); 16, 8, 4 are what other engines store\n"
-            "                      (bf16/f16, 8-bit, 4-bit caches; their scales are not counted)\n"
+            "  --kv-bits B         qmix's KV cache for the fit, as --kv-bits of generate/serve:\n"
+            "                      32 f32 (the default), 16 f16, 8 q8_0, 4 q4_0 (block scales\n"
+            "                      counted: 8.5 and 4.5 bits per value); --kv-type f32|f16|q8_0|q4_0\n"
+            "                      names the same\n"
             "  --vision            count the vision tower (the checkpoint's model.visual.* tensors,\n"
             "                      else the family's vision config in bf16)\n"
             "  --threads N         threads of the session (default: all cores)\n"
@@ -64,10 +65,10 @@ static void ctx_label(int ctx, char *buf, size_t len)
 static const char *kv_bits_name(int bits)
 {
     switch (bits) {
-    case 32: return "float32 (qmix's own cache)";
-    case 16: return "16-bit (bf16/f16, other engines)";
-    case 8: return "8-bit (other engines)";
-    default: return "4-bit (other engines)";
+    case 32: return "f32";
+    case 16: return "f16";
+    case 8: return "q8_0, 8.5 bits per value with its scales";
+    default: return "q4_0, 4.5 bits per value with its scales";
     }
 }
 
@@ -139,8 +140,7 @@ static void print_tables(const char *source, const qmix_plan *p, const qmix_plan
     for (int i = 0; i < QMIX_PLAN_N_TABLE_BITS; i++) {
         int bits = qmix_plan_table_bits[i];
         gib(qmix_plan_kv_per_token(c, bits), b1, sizeof b1);
-        printf("- %d-bit KV per token: %s%s\n", bits, b1,
-               bits == 32 ? " (qmix's own cache: float32)" : " (other engines)");
+        printf("- %d-bit KV per token: %s (%s)\n", bits, b1, kv_bits_name(bits));
     }
     gib(p->state_bytes, b1, sizeof b1);
     printf("- GatedDeltaNet state: %s (float32, fixed, independent of context length)\n", b1);
@@ -154,7 +154,7 @@ static void print_tables(const char *source, const qmix_plan *p, const qmix_plan
     printf("\n");
     for (int i = 0; i < QMIX_PLAN_N_TABLE_BITS; i++) {
         int bits = qmix_plan_table_bits[i];
-        printf("| %d-bit%s |", bits, bits == 32 ? " (qmix)" : "");
+        printf("| %d-bit |", bits);
         for (int j = 0; j < QMIX_PLAN_N_TABLE_CTX; j++) {
             int ctx = qmix_plan_table_ctx[j];
             gib(qmix_plan_kv_per_token(c, bits) * (uint64_t)ctx, b1, sizeof b1);
@@ -204,7 +204,7 @@ static int print_json(const char *source, const qmix_plan *p, const qmix_plan_op
     json_object_set_new(j, "threads", json_integer(p->n_threads));
     json_object_set_new(j, "ctx", json_integer(p->ctx));
     json_object_set_new(j, "kv_bits", json_integer(p->kv_bits));
-    json_object_set_new(j, "kv_is_qmix_cache", json_boolean(p->kv_bits == 32));
+    json_object_set_new(j, "kv_is_qmix_cache", json_true());
     json_object_set_new(j, "memory_bytes", json_integer((json_int_t)o->memory));
     json_object_set_new(j, "reserve_bytes", json_integer((json_int_t)o->reserve));
     json_object_set_new(j, "available_bytes", json_integer((json_int_t)p->available));
@@ -270,14 +270,10 @@ int qmix_cmd_plan(int argc, char **argv)
             if (!(v = cli_value("plan", argc, argv, &i)) ||
                 cli_int("plan", a, v, 1, 1 << 30, &ctx))
                 return 2;
-        } else if (!strcmp(a, "--kv-bits")) {
-            if (!(v = cli_value("plan", argc, argv, &i)) || cli_int("plan", a, v, 1, 32, &kv_bits))
-                return 2;
-            if (kv_bits != 32 && kv_bits != 16 && kv_bits != 8 && kv_bits != 4) {
-                fprintf(stderr, "qmix plan: --kv-bits must be 32 (qmix's float32 cache), 16, 8 or "
-                                "4, not %ld\n", kv_bits);
-                return 2;
-            }
+        } else if (!strcmp(a, "--kv-bits") || !strcmp(a, "--kv-type")) {
+            qmix_kv_type kv;
+            if (cli_kv_option("plan", argc, argv, &i, &kv) < 0) return 2;
+            kv_bits = kv == QMIX_KV_F16 ? 16 : kv == QMIX_KV_Q8_0 ? 8 : kv == QMIX_KV_Q4_0 ? 4 : 32;
         } else if (!strcmp(a, "--threads")) {
             if (!(v = cli_value("plan", argc, argv, &i)) ||
                 cli_int("plan", a, v, 1, 1024, &threads))

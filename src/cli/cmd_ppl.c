@@ -33,9 +33,11 @@ static void usage(FILE *out)
             "  --trim F            fraction dropped at each end for the trimmed mean (0.1)\n"
             "  --score all|second-half  which tokens of a window count (see above; default all)\n"
             "  --threads N         worker threads (default: all cores)\n"
+            "%s"
             "  --json              print one JSON object on stdout: mean, median, trimmed_mean,\n"
             "                      windows, tokens, ctx, nll, window_ppl[], complete, seconds\n\n"
-            "Ctrl-C stops after the current chunk and reports the complete windows.\n");
+            "Ctrl-C stops after the current chunk and reports the complete windows.\n",
+            cli_kv_help);
 }
 
 static void on_progress(void *user, int done, int total)
@@ -49,9 +51,11 @@ int qmix_cmd_ppl(int argc, char **argv)
     cli_eval_args ea = {.ctx = 2048};
     double trim = QMIX_TRIM_DEFAULT;
     int second_half = 0;
+    qmix_kv_type kv_type = QMIX_KV_DEFAULT;
     for (int i = 1; i < argc; i++) {
         const char *a = argv[i];
         int taken = cli_eval_option("ppl", argc, argv, &i, &ea);
+        if (!taken) taken = cli_kv_option("ppl", argc, argv, &i, &kv_type);
         if (taken < 0) return 2;
         if (taken) continue;
         if (!strcmp(a, "--help") || !strcmp(a, "-h")) {
@@ -106,7 +110,8 @@ int qmix_cmd_ppl(int argc, char **argv)
     qmix_ppl_result r = {0};
     int rc = 1;
     if (qmix_model_open(model_path, &model, &err)) goto fail;
-    qmix_session_opts opts = {.max_ctx = (int)ctx, .n_threads = (int)ea.threads};
+    qmix_session_opts opts = {.max_ctx = (int)ctx, .n_threads = (int)ea.threads,
+                              .kv_type = kv_type};
     if (qmix_session_new(model, &opts, &sess, &err)) goto fail;
 
     cli_catch_sigint();

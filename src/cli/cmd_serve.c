@@ -57,10 +57,10 @@ static void usage(FILE *out)
             "  --chat-template-args JSON  default chat_template_kwargs, e.g.\n"
             "                      '{\"enable_thinking\": false}'\n"
             "  --seed S            seed for requests that give none (default: a fresh one each)\n"
-            "%s"
+            "%s%s"
             "Sampling flags set the defaults for fields a request leaves out; without them the\n"
             "model's generation_config.json gives temperature, top_p and top_k.\n",
-            cli_sampling_help);
+            cli_kv_help, cli_sampling_help);
 }
 
 int qmix_cmd_serve(int argc, char **argv)
@@ -77,6 +77,8 @@ int qmix_cmd_serve(int argc, char **argv)
         if (!strcmp(a, "--help") || !strcmp(a, "-h")) {
             usage(stdout);
             return 0;
+        } else if ((handled = cli_kv_option("serve", argc, argv, &i, &o.kv_type)) != 0) {
+            if (handled < 0) return 2;
         } else if ((handled = cli_sampling_option("serve", argc, argv, &i, &o.sampling)) != 0) {
             if (handled < 0) return 2;
             o.sampling_given = 1;

@@ -25,12 +25,20 @@ const int qmix_plan_table_bits[QMIX_PLAN_N_TABLE_BITS] = {32, 16, 8, 4};
  * session positions are ints; no released model of the family goes past 1M). */
 #define PLAN_CTX_CAP (1 << 24)
 
+qmix_kv_type qmix_plan_kv_type(int kv_bits)
+{
+    switch (kv_bits) {
+    case 16: return QMIX_KV_F16;
+    case 8: return QMIX_KV_Q8_0;
+    case 4: return QMIX_KV_Q4_0;
+    default: return QMIX_KV_F32;
+    }
+}
+
 uint64_t qmix_plan_kv_per_token(const qmix_config *c, int kv_bits)
 {
-    uint64_t n_full = 0;
-    for (int i = 0; i < c->n_layers; i++) n_full += c->layer_is_full[i] != 0;
-    /* K and V, each KV heads × head_dim elements, in every full-attention layer */
-    return n_full * 2 * (uint64_t)c->n_kv_heads * (uint64_t)c->head_dim * (uint64_t)kv_bits / 8;
+    /* K and V rows of every full-attention layer, as the session stores them (scales included) */
+    return qmix_kv_token_bytes(c, qmix_plan_kv_type(kv_bits));
 }
 
 uint64_t qmix_plan_vision_params(int out_hidden)
@@ -52,11 +60,10 @@ static void session_parts(const qmix_plan *p, int64_t ctx, int kv_bits, uint64_t
                           uint64_t *state, uint64_t *kv)
 {
     qmix_session_sizes sz;
-    qmix_session_size(&p->cfg, (int)ctx, p->n_threads, &sz);
+    qmix_session_size(&p->cfg, (int)ctx, p->n_threads, qmix_plan_kv_type(kv_bits), &sz);
     *runtime = sz.scratch + sz.other;
     *state = sz.state;
-    /* qmix's own cache is sz.kv (float32, the same as 32 bits per element); other widths scale */
-    *kv = kv_bits == 32 ? sz.kv : qmix_plan_kv_per_token(&p->cfg, kv_bits) * (uint64_t)ctx;
+    *kv = sz.kv; /* what the session allocates for that cache type */
 }
 
 uint64_t qmix_plan_peak_at(const qmix_plan *p, int64_t ctx, int kv_bits)
@@ -92,7 +99,7 @@ static void finish(qmix_plan *p, const qmix_plan_opts *o, uint64_t n_tensors)
 
 int64_t qmix_plan_max_context(const qmix_plan *p, int kv_bits, int *is_model_limit)
 {
-    /* The peak grows with the context (KV cache, per-thread score rows, the batch up to 512), so
+    /* The peak grows with the context (KV cache, the batch up to 512), so
      * the longest context is a binary search over the same function. */
     const qmix_config *c = &p->cfg;
     int64_t hi = c->max_position_embeddings > 0 ? c->max_position_embeddings : PLAN_CTX_CAP;

@@ -21,13 +21,13 @@
 /* Contexts of the KV table (seed-card style: "32K" = 32768 tokens, "100K" = 102400). */
 #define QMIX_PLAN_N_TABLE_CTX 5
 extern const int qmix_plan_table_ctx[QMIX_PLAN_N_TABLE_CTX];
-/* KV element widths of the table's rows: qmix's own float32 cache, then what other engines use. */
+/* KV element widths of the table's rows: qmix's own caches, f32, f16, q8_0, q4_0. */
 #define QMIX_PLAN_N_TABLE_BITS 4
 extern const int qmix_plan_table_bits[QMIX_PLAN_N_TABLE_BITS];
 
 typedef struct qmix_plan_opts {
     const qmix_recipe *recipe; /* NULL: the weights as stored */
-    int kv_bits;               /* 32 (qmix's float32 cache; also when 0), 16, 8 or 4 */
+    int kv_bits;               /* 32 (f32; also when 0), 16 (f16), 8 (q8_0) or 4 (q4_0) */
     int ctx;                   /* context to predict the peak for; <= 0: 4096 (a session's default) */
     int vision;                /* count the vision tower */
     int n_threads;             /* <= 0: all cores, as a session would */
@@ -55,7 +55,7 @@ typedef struct qmix_plan {
     uint64_t runtime_bytes;    /* the session minus KV and GDN state: activations for the batch,
                                   per-thread buffers, logits, job lists (at ctx) */
     uint64_t state_bytes;      /* Gated DeltaNet conv + recurrent state, float32, fixed */
-    uint64_t kv_bytes_per_token; /* full layers × 2 × KV heads × head_dim × kv_bits/8 */
+    uint64_t kv_bytes_per_token; /* full layers × 2 × KV heads × head_dim values, scales included */
     uint64_t kv_bytes;         /* at ctx */
     uint64_t fixed_bytes;      /* everything but the KV cache, at ctx */
     uint64_t peak_bytes;       /* fixed + KV, at ctx */
@@ -73,7 +73,10 @@ int qmix_plan_checkpoint(const char *dir, const qmix_plan_opts *o, qmix_plan *ou
  * layer count; without a recipe the weights are bf16 as released. */
 int qmix_plan_like(const char *like, const qmix_plan_opts *o, qmix_plan *out, qmix_err *err);
 
-/* Bytes per token of the KV cache at kv_bits per element. */
+/* The KV cache type of a width: 32 f32, 16 f16, 8 q8_0, 4 q4_0. */
+qmix_kv_type qmix_plan_kv_type(int kv_bits);
+/* Bytes per token of qmix's KV cache at that width (qmix_kv_token_bytes: 8.5 and 4.5 bits per
+ * value at 8 and 4, block scales included). */
 uint64_t qmix_plan_kv_per_token(const qmix_config *cfg, int kv_bits);
 /* The peak for another context (or kv width) of a finished plan. */
 uint64_t qmix_plan_peak_at(const qmix_plan *p, int64_t ctx, int kv_bits);

@@ -57,8 +57,19 @@ static qk_isa detect(void)
     return best;
 }
 
+qk_attend_kv_fn qk_attend_kv_for(qk_isa isa)
+{
+    switch (isa) {
+    case QK_ISA_SCALAR: return qk_attend_kv_scalar;
+    case QK_ISA_AVX2: return qk_attend_kv_avx2;
+    case QK_ISA_AVX512: return qk_attend_kv_avx512;
+    default: return NULL;
+    }
+}
+
 static qk_isa active = QK_ISA_COUNT;
 static qk_matmul_fn active_matmul;
+static qk_attend_kv_fn active_attend;
 
 qk_isa qk_isa_active(void)
 {
@@ -66,6 +77,7 @@ qk_isa qk_isa_active(void)
     if (active == QK_ISA_COUNT) {
         qk_isa isa = detect();
         active_matmul = qk_matmul_for(isa);
+        active_attend = qk_attend_kv_for(isa);
         __atomic_store_n(&active, isa, __ATOMIC_RELEASE);
     }
     return active;
@@ -76,6 +88,14 @@ void qk_matmul(const qk_mat *w, int64_t row_begin, int64_t row_end, const float 
 {
     if (__atomic_load_n(&active, __ATOMIC_ACQUIRE) == QK_ISA_COUNT) qk_isa_active();
     active_matmul(w, row_begin, row_end, x, n, ldx, y, ldy);
+}
+
+void qk_attend_kv(qmix_kv_type kv, int nq, const float *const *q, float *const *out,
+                  const int64_t *n, const void *keys, const void *values, size_t ld, int64_t dim,
+                  float scale, float *scratch)
+{
+    if (__atomic_load_n(&active, __ATOMIC_ACQUIRE) == QK_ISA_COUNT) qk_isa_active();
+    active_attend(kv, nq, q, out, n, keys, values, ld, dim, scale, scratch);
 }
 
 static int act_int8 = -1;

@@ -72,10 +72,35 @@ void qk_delta_rule_chunked(float *S, int dk, int dv, int n, const float *q, cons
                            const float *beta, float *o, int64_t ld_o, int chunk, float *scratch);
 size_t qk_delta_rule_chunked_scratch(int dk, int dv, int chunk);
 
-/* out[dim] = Σ_j softmax_j(scale·q·k_j)·v_j over n keys/values whose rows are ld_kv floats apart;
- * scores needs n floats. */
-void qk_attend(const float *q, const float *keys, const float *values, int64_t ld_kv, int64_t n,
-               int64_t dim, float scale, float *scores, float *out);
+/* KV cache rows (kvcache.c). A row of n values of one type: F32 / F16 plain values; Q8_0 and
+ * Q4_0 blocks of QK_KV_BLOCK values {f16 scale d; codes}: Q8_0 value = d·int8, Q4_0 value =
+ * d·(nibble − 8), nibble i of a block in the low half of byte i for i < 16, the high half of byte
+ * i − 16 otherwise. Quantized rows need n a multiple of QK_KV_BLOCK (qk_kv_valid). */
+#define QK_KV_BLOCK 32
+int qk_kv_valid(qmix_kv_type kv, int64_t n);
+size_t qk_kv_bytes(qmix_kv_type kv, int64_t n);
+void qk_kv_quantize(qmix_kv_type kv, const float *x, int64_t n, void *dst);
+void qk_kv_dequantize(qmix_kv_type kv, const void *src, int64_t n, float *out);
+
+/* Attention over a KV cache in its stored form, for nq queries sharing one head's keys/values:
+ * out[i][dim] = Σ_{j < n[i]} softmax_j(scale·q[i]·k_j)·v_j, key/value rows ld bytes apart (each
+ * dim values of type kv; F32 rows 4-byte aligned). Online softmax over tiles of QK_ATTN_TILE keys,
+ * every query sharing each tile read (a quantized tile is widened to float32 once, into the
+ * scratch): scratch holds
+ * qk_attend_kv_scratch(nq, dim) floats whatever n, so the context is bounded only by the cache.
+ * Each query's result is the same whatever queries it is grouped with. Dispatched to the active
+ * ISA like qk_matmul. */
+#define QK_ATTN_TILE 64
+#define QK_ATTN_MAX_Q 64 /* queries per call */
+#define qk_attend_kv_scratch(nq, dim) ((size_t)((nq) + (dim)) * QK_ATTN_TILE + 2 * (size_t)(nq))
+typedef void (*qk_attend_kv_fn)(qmix_kv_type kv, int nq, const float *const *q, float *const *out,
+                                const int64_t *n, const void *keys, const void *values, size_t ld,
+                                int64_t dim, float scale, float *scratch);
+void qk_attend_kv(qmix_kv_type kv, int nq, const float *const *q, float *const *out,
+                  const int64_t *n, const void *keys, const void *values, size_t ld, int64_t dim,
+                  float scale, float *scratch);
+/* The kernel of one ISA, for tests and benchmarks. */
+qk_attend_kv_fn qk_attend_kv_for(qk_isa isa);
 
 /* Elementwise and reduction ops on float32 vectors (scalar; the compiler vectorises them). */
 float qk_dot(const float *a, const float *b, int64_t n);

@@ -60,6 +60,14 @@ void qk_gmatvec_q8_scalar(const qk_mat *w, int64_t row_begin, int64_t row_end, c
 void qk_gmatvec_q8_vnni(const qk_mat *w, int64_t row_begin, int64_t row_end, const float *x,
                         float *y);
 
+/* Attention over a quantized KV cache (see qk_attend_kv), one per ISA. */
+#define QK_ATTEND_KV_ARGS                                                                          \
+    qmix_kv_type kv, int nq, const float *const *q, float *const *out, const int64_t *n,           \
+        const void *keys, const void *values, size_t ld, int64_t dim, float scale, float *scratch
+void qk_attend_kv_scalar(QK_ATTEND_KV_ARGS);
+void qk_attend_kv_avx2(QK_ATTEND_KV_ARGS);
+void qk_attend_kv_avx512(QK_ATTEND_KV_ARGS);
+
 /* Tokens are processed in chunks of this many so a chunk of X stays in L2 while the weight rows
  * stream past it; the weights are read once per chunk. */
 #define QK_TOKEN_CHUNK 64

@@ -17,7 +17,6 @@ typedef struct batch {
 } batch;
 
 typedef struct gdn_ctx { qmix_session *s; const qmix_layer *ly; const batch *b; } gdn_ctx;
-typedef struct attn_ctx { qmix_session *s; const batch *b; } attn_ctx;
 
 static qmix_layer_state *seg_state(const batch *b, int seg) { return &b->seqs[seg]->state[b->layer]; }
 
@@ -148,23 +147,54 @@ static void rope(float *x, int rot, int64_t pos, double theta)
     }
 }
 
-/* Task = (row, query head): softmax over the row's sequence's cached keys up to its position. */
-static void attn_head(void *arg, int task, int thread)
+/* Attention tasks: a block of rows × a chunk of the query heads that share one KV head. Each
+ * run of the block's rows that belongs to one sequence goes to the kernel as one call, so the
+ * run's rows and the chunk's heads read that sequence's cached keys once. */
+typedef struct attn_ctx {
+    qmix_session *s;
+    const batch *b;
+    int rows_per_block, heads_per_chunk, chunks_per_group;
+} attn_ctx;
+
+/* Softmax over each row's sequence's cached keys up to the row's position, read in the form the
+ * sequence stores them (bounded per-thread scratch, whatever the context), then the output gate. */
+static void attn_block(void *arg, int task, int thread)
 {
     attn_ctx *a = arg;
     qmix_session *s = a->s;
     const qmix_config *c = &s->model->cfg;
-    int64_t H = c->n_heads, KV = c->n_kv_heads, hd = c->head_dim;
-    int t = task / (int)H;
-    int64_t h = task % H, g = h / (H / KV);
-    int64_t p = row_pos(s, a->b, t);
-    const qmix_layer_state *st = seg_state(a->b, s->row_seg[t]);
-    const float *q = s->q + t * H * 2 * hd + h * 2 * hd, *gate = q + hd;
-    float *scores = s->scores + (int64_t)thread * s->max_ctx;
-    float *o = s->attn + t * H * hd + h * hd;
-    qk_attend(q, st->k_cache + g * hd, st->v_cache + g * hd, KV * hd, p + 1, hd,
-              1.0f / sqrtf((float)hd), scores, o);
-    for (int64_t d = 0; d < hd; d++) o[d] *= qk_sigmoid(gate[d]);
+    int64_t H = c->n_heads, KV = c->n_kv_heads, hd = c->head_dim, group = H / KV;
+    int per_kv = a->chunks_per_group, hc = a->heads_per_chunk;
+    int block = task / ((int)KV * per_kv), g = task / per_kv % (int)KV, chunk = task % per_kv;
+    int r0 = block * a->rows_per_block, r1 = r0 + a->rows_per_block;
+    if (r1 > a->b->rows) r1 = a->b->rows;
+    float *scratch = s->scores + (int64_t)thread * s->attn_scratch_per_thread;
+    const float *q[QK_ATTN_MAX_Q];
+    float *out[QK_ATTN_MAX_Q];
+    int64_t n[QK_ATTN_MAX_Q];
+    for (int t = r0; t < r1;) {
+        int seg = s->row_seg[t], end = t + 1;
+        while (end < r1 && s->row_seg[end] == seg) end++;
+        const qmix_seq *seq = a->b->seqs[seg];
+        const qmix_layer_state *st = &seq->state[a->b->layer];
+        size_t head_bytes = qk_kv_bytes(seq->kv_type, hd);
+        int nq = 0;
+        for (int r = t; r < end; r++)
+            for (int k = 0; k < hc; k++) {
+                int64_t h = g * group + chunk * hc + k;
+                q[nq] = s->q + r * H * 2 * hd + h * 2 * hd; /* [q(hd); gate(hd)] per head */
+                out[nq] = s->attn + r * H * hd + h * hd;
+                n[nq++] = row_pos(s, a->b, r) + 1;
+            }
+        qk_attend_kv(seq->kv_type, nq, q, out, n, st->k_cache + g * head_bytes,
+                     st->v_cache + g * head_bytes, seq->kv_row_bytes, hd, 1.0f / sqrtf((float)hd),
+                     scratch);
+        for (int i = 0; i < nq; i++) {
+            const float *gate = q[i] + hd;
+            for (int64_t d = 0; d < hd; d++) out[i][d] *= qk_sigmoid(gate[d]);
+        }
+        t = end;
+    }
 }
 
 static void full_attention(qmix_session *s, const qmix_layer *ly, const batch *b)
@@ -179,6 +209,7 @@ static void full_attention(qmix_session *s, const qmix_layer *ly, const batch *b
 
     for (int t = 0; t < n; t++) {
         int64_t p = row_pos(s, b, t);
+        const qmix_seq *seq = b->seqs[s->row_seg[t]];
         qmix_layer_state *st = seg_state(b, s->row_seg[t]);
         for (int64_t h = 0; h < H; h++) { /* q and gate interleave per head: [q(hd); gate(hd)] */
             float *q = s->q + t * H * 2 * hd + h * 2 * hd;
@@ -190,11 +221,19 @@ static void full_attention(qmix_session *s, const qmix_layer *ly, const batch *b
             qk_rmsnorm(k, k, ly->k_norm, hd, c->rms_eps);
             rope(k, c->rot_dim, p, c->rope_theta);
         }
-        memcpy(st->k_cache + p * KV * hd, s->k + t * KV * hd, KV * hd * sizeof(float));
-        memcpy(st->v_cache + p * KV * hd, s->v + t * KV * hd, KV * hd * sizeof(float));
+        /* written once, in the sequence's KV type; attention reads it in that form */
+        size_t row = seq->kv_row_bytes;
+        qk_kv_quantize(seq->kv_type, s->k + t * KV * hd, KV * hd, st->k_cache + (size_t)p * row);
+        qk_kv_quantize(seq->kv_type, s->v + t * KV * hd, KV * hd, st->v_cache + (size_t)p * row);
     }
-    attn_ctx a = {s, b};
-    qmix_pool_run(s->pool, attn_head, &a, (int)(n * H));
+    /* a GQA group's heads together, 32 queries a task; one head a task when that leaves too few
+     * tasks for the threads (decoding a single sequence) */
+    int group = (int)(H / KV), threads = qmix_pool_threads(s->pool);
+    attn_ctx a = {s, b, 1, group, 1};
+    if (group > 32 || (int64_t)n * KV < threads) a.heads_per_chunk = 1, a.chunks_per_group = group;
+    a.rows_per_block = 32 / a.heads_per_chunk;
+    int blocks = (n + a.rows_per_block - 1) / a.rows_per_block;
+    qmix_pool_run(s->pool, attn_block, &a, blocks * (int)KV * a.chunks_per_group);
 
     qmix_mm_job out = job(&ly->o_proj, s->attn, n, H * hd, s->out, D);
     qmix_run_matmuls(s, &out, 1);

@@ -57,19 +57,45 @@ static float *carve(sizer *z, size_t count)
 /* Batch size of a session holding max_ctx tokens. */
 static int batch_of(int max_ctx) { return max_ctx < QMIX_MAX_BATCH ? max_ctx : QMIX_MAX_BATCH; }
 
+static qmix_kv_type kv_resolved(qmix_kv_type kv) { return kv ? kv : QMIX_KV_F32; }
+
+size_t qmix_kv_row_bytes(const qmix_config *c, qmix_kv_type kv)
+{
+    /* blocks never straddle heads (head_dim % 32 == 0 for the quantized types), so a token's row
+     * of all KV heads is the heads' rows one after another */
+    return (size_t)c->n_kv_heads * qk_kv_bytes(kv_resolved(kv), c->head_dim);
+}
+
+size_t qmix_kv_token_bytes(const qmix_config *c, qmix_kv_type kv)
+{
+    size_t n_full = 0;
+    for (int i = 0; i < c->n_layers; i++) n_full += c->layer_is_full[i] != 0;
+    return n_full * 2 * qmix_kv_row_bytes(c, kv);
+}
+
+int qmix_kv_check(const qmix_config *c, qmix_kv_type kv, qmix_err *err)
+{
+    if ((unsigned)kv >= QMIX_KV_COUNT) return qmix_errf(err, "unknown KV cache type %d", (int)kv);
+    if (!qk_kv_valid(kv_resolved(kv), c->head_dim))
+        return qmix_errf(err, "a %s KV cache needs head_dim a multiple of %d; this model's is %d",
+                         qmix_kv_type_name(kv), QK_KV_BLOCK, c->head_dim);
+    return 0;
+}
+
 /* A sequence's buffers: KV caches of the full-attention layers, conv + delta-rule state of the
  * linear ones. state NULL: only sized. */
-static void carve_seq(qmix_layer_state *state, const qmix_config *c, int max_ctx, sizer *z)
+static void carve_seq(qmix_layer_state *state, const qmix_config *c, int max_ctx, qmix_kv_type kv,
+                      sizer *z)
 {
     size_t nk = c->lin_n_k_heads, nv = c->lin_n_v_heads, dk = c->lin_k_head_dim,
            dv = c->lin_v_head_dim, C = 2 * nk * dk + nv * dv, Kc = c->conv_kernel;
-    size_t KV = c->n_kv_heads, hd = c->head_dim, ctx = (size_t)max_ctx;
+    size_t ctx = (size_t)max_ctx, cache_floats = (ctx * qmix_kv_row_bytes(c, kv) + 3) / 4;
     for (int i = 0; i < c->n_layers; i++) {
         qmix_layer_state blank, *st = state ? &state[i] : &blank;
         size_t before = z->used;
         if (c->layer_is_full[i]) {
-            st->k_cache = carve(z, ctx * KV * hd);
-            st->v_cache = carve(z, ctx * KV * hd);
+            st->k_cache = (uint8_t *)carve(z, cache_floats);
+            st->v_cache = (uint8_t *)carve(z, cache_floats);
             z->kv += z->used - before;
         } else {
             st->conv = carve(z, (Kc - 1) * C);
@@ -88,10 +114,9 @@ static void carve_all(qmix_session *s, const qmix_config *c, size_t threads, int
     size_t B = (size_t)s->max_batch, D = c->hidden_size, E = c->n_experts, k = c->n_experts_used;
     size_t nk = c->lin_n_k_heads, nv = c->lin_n_v_heads, dk = c->lin_k_head_dim,
            dv = c->lin_v_head_dim, C = 2 * nk * dk + nv * dv;
-    size_t H = c->n_heads, KV = c->n_kv_heads, hd = c->head_dim, ctx = (size_t)s->max_ctx;
-    size_t per_thread = ctx;
+    size_t H = c->n_heads, KV = c->n_kv_heads, hd = c->head_dim;
 
-    if (own_seq) carve_seq(s->seq.state, c, s->max_ctx, z);
+    if (own_seq) carve_seq(s->seq.state, c, s->max_ctx, s->kv_type, z);
     s->x = carve(z, B * D);
     s->h = carve(z, B * D);
     s->out = carve(z, B * D);
@@ -104,7 +129,8 @@ static void carve_all(qmix_session *s, const qmix_config *c, size_t threads, int
     s->k = carve(z, B * KV * hd);
     s->v = carve(z, B * KV * hd);
     s->attn = carve(z, B * H * hd);
-    s->scores = carve(z, threads * per_thread);
+    s->attn_scratch_per_thread = (int64_t)(qk_attend_kv_scratch(QK_ATTN_MAX_Q, hd) + 15) & ~(int64_t)15;
+    s->scores = carve(z, threads * (size_t)s->attn_scratch_per_thread);
     s->gdn_scratch_per_thread = (int64_t)(2 * B + qk_delta_rule_chunked_scratch(
                                           (int)dk, (int)dv, QMIX_GDN_CHUNK) + dv + 15) & ~(int64_t)15;
     s->gdn_scratch = carve(z, threads * (size_t)s->gdn_scratch_per_thread);
@@ -132,11 +158,13 @@ static void carve_all(qmix_session *s, const qmix_config *c, size_t threads, int
 static int jobs_of(const qmix_config *c) { return 2 * c->n_experts + 8; }
 static int tasks_of(const qmix_config *c, int threads) { return jobs_of(c) * 4 * threads + 64; }
 
-void qmix_session_size(const qmix_config *cfg, int max_ctx, int n_threads, qmix_session_sizes *out)
+void qmix_session_size(const qmix_config *cfg, int max_ctx, int n_threads, qmix_kv_type kv,
+                       qmix_session_sizes *out)
 {
     if (max_ctx <= 0) max_ctx = 4096;
     int threads = n_threads > 0 ? n_threads : qmix_pool_default_threads();
-    qmix_session blank = {.max_ctx = max_ctx, .max_batch = batch_of(max_ctx)};
+    qmix_session blank = {.max_ctx = max_ctx, .max_batch = batch_of(max_ctx),
+                          .kv_type = kv_resolved(kv)};
     sizer z = {0};
     carve_all(&blank, cfg, (size_t)threads, 1, &z);
     out->kv = z.kv * sizeof(float);
@@ -149,10 +177,10 @@ void qmix_session_size(const qmix_config *cfg, int max_ctx, int n_threads, qmix_
     out->total = out->arena + out->other;
 }
 
-size_t qmix_session_bytes(const qmix_config *cfg, int max_ctx, int n_threads)
+size_t qmix_session_bytes(const qmix_config *cfg, int max_ctx, int n_threads, qmix_kv_type kv)
 {
     qmix_session_sizes sz;
-    qmix_session_size(cfg, max_ctx, n_threads, &sz);
+    qmix_session_size(cfg, max_ctx, n_threads, kv, &sz);
     return sz.total;
 }
 
@@ -162,10 +190,14 @@ static int session_open(qmix_model *model, const qmix_session_opts *opts, int ow
     *out = NULL;
     const qmix_config *c = &model->cfg;
     int max_ctx = opts && opts->max_ctx > 0 ? opts->max_ctx : 4096;
+    qmix_kv_type kv = kv_resolved(opts ? opts->kv_type : QMIX_KV_DEFAULT);
+    if (qmix_kv_check(c, kv, err)) return -1;
     qmix_session *s = calloc(1, sizeof *s);
     if (!s) return qmix_errf(err, "out of memory");
     s->model = model;
     s->max_ctx = max_ctx;
+    s->kv_type = s->seq.kv_type = kv;
+    s->seq.kv_row_bytes = qmix_kv_row_bytes(c, kv);
     s->max_batch = batch_of(max_ctx);
     s->seq.max_ctx = max_ctx;
     s->pool = qmix_pool_new(opts ? opts->n_threads : 0);
@@ -235,17 +267,22 @@ void qmix_seq_reset(qmix_seq *seq, const qmix_config *c)
 
 void qmix_session_reset(qmix_session *s) { qmix_seq_reset(&s->seq, &s->model->cfg); }
 
-int qmix_seq_new(const qmix_config *c, int max_ctx, qmix_seq **out, qmix_err *err)
+int qmix_seq_new(const qmix_config *c, int max_ctx, qmix_kv_type kv, qmix_seq **out,
+                 qmix_err *err)
 {
     *out = NULL;
+    kv = kv_resolved(kv);
+    if (qmix_kv_check(c, kv, err)) return -1;
     qmix_seq *seq = calloc(1, sizeof *seq);
     if (!seq || !(seq->state = calloc((size_t)c->n_layers, sizeof *seq->state))) {
         free(seq);
         return qmix_errf(err, "out of memory");
     }
     seq->max_ctx = max_ctx;
+    seq->kv_type = kv;
+    seq->kv_row_bytes = qmix_kv_row_bytes(c, kv);
     sizer z = {0};
-    carve_seq(NULL, c, max_ctx, &z);
+    carve_seq(NULL, c, max_ctx, kv, &z);
     if (posix_memalign(&seq->arena, 64, z.used * sizeof(float) + 64)) {
         free(seq->state);
         free(seq);
@@ -253,7 +290,7 @@ int qmix_seq_new(const qmix_config *c, int max_ctx, qmix_seq **out, qmix_err *er
                          z.used * sizeof(float) / 1048576.0);
     }
     z = (sizer){.base = seq->arena};
-    carve_seq(seq->state, c, max_ctx, &z);
+    carve_seq(seq->state, c, max_ctx, kv, &z);
     qmix_seq_reset(seq, c);
     *out = seq;
     return 0;
@@ -267,54 +304,55 @@ void qmix_seq_free(qmix_seq *seq)
     free(seq);
 }
 
-/* Floats of one linear-attention layer's conv window and delta-rule state. */
-static size_t conv_floats(const qmix_config *c)
+/* Bytes of one linear-attention layer's conv window and delta-rule state. */
+static size_t conv_bytes(const qmix_config *c)
 {
-    return (size_t)(c->conv_kernel - 1) *
+    return sizeof(float) * (size_t)(c->conv_kernel - 1) *
            (size_t)(2 * c->lin_n_k_heads * c->lin_k_head_dim + c->lin_n_v_heads * c->lin_v_head_dim);
 }
-static size_t ssm_floats(const qmix_config *c)
+static size_t ssm_bytes(const qmix_config *c)
 {
-    return (size_t)c->lin_n_v_heads * (size_t)c->lin_k_head_dim * (size_t)c->lin_v_head_dim;
+    return sizeof(float) * (size_t)c->lin_n_v_heads * (size_t)c->lin_k_head_dim *
+           (size_t)c->lin_v_head_dim;
 }
-static size_t kv_row_floats(const qmix_config *c) { return (size_t)c->n_kv_heads * (size_t)c->head_dim; }
 
-size_t qmix_seq_snapshot_bytes(const qmix_config *c, int n)
+size_t qmix_seq_snapshot_bytes(const qmix_config *c, qmix_kv_type kv, int n)
 {
-    size_t floats = 0;
+    size_t bytes = 0;
     for (int i = 0; i < c->n_layers; i++)
-        floats += c->layer_is_full[i] ? 2 * (size_t)n * kv_row_floats(c)
-                                      : conv_floats(c) + ssm_floats(c);
-    return floats * sizeof(float);
+        bytes += c->layer_is_full[i] ? 2 * (size_t)n * qmix_kv_row_bytes(c, kv)
+                                     : conv_bytes(c) + ssm_bytes(c);
+    return bytes;
 }
 
-/* One walk over the snapshot layout for both directions, so save and restore cannot disagree. */
-static void seq_copy(qmix_seq *seq, const qmix_config *c, float *buf, int n, int save)
+/* One walk over the snapshot layout for both directions, so save and restore cannot disagree.
+ * KV rows are copied in the form they are stored in: a quantized cache snapshots quantized. */
+static void seq_copy(qmix_seq *seq, const qmix_config *c, uint8_t *buf, int n, int save)
 {
-    size_t conv = conv_floats(c), ssm = ssm_floats(c), kv = (size_t)n * kv_row_floats(c);
+    size_t conv = conv_bytes(c), ssm = ssm_bytes(c), kv = (size_t)n * seq->kv_row_bytes;
     for (int i = 0; i < c->n_layers; i++) {
         qmix_layer_state *st = &seq->state[i];
-        float *parts[2] = {c->layer_is_full[i] ? st->k_cache : st->conv,
-                           c->layer_is_full[i] ? st->v_cache : st->ssm};
+        void *parts[2] = {c->layer_is_full[i] ? (void *)st->k_cache : (void *)st->conv,
+                          c->layer_is_full[i] ? (void *)st->v_cache : (void *)st->ssm};
         size_t sizes[2] = {c->layer_is_full[i] ? kv : conv, c->layer_is_full[i] ? kv : ssm};
         for (int p = 0; p < 2; p++) {
             if (sizes[p]) {
-                if (save) memcpy(buf, parts[p], sizes[p] * sizeof *buf);
-                else memcpy(parts[p], buf, sizes[p] * sizeof *buf);
+                if (save) memcpy(buf, parts[p], sizes[p]);
+                else memcpy(parts[p], buf, sizes[p]);
             }
             buf += sizes[p];
         }
     }
 }
 
-void qmix_seq_save(const qmix_seq *seq, const qmix_config *c, float *buf)
+void qmix_seq_save(const qmix_seq *seq, const qmix_config *c, void *buf)
 {
     seq_copy((qmix_seq *)seq, c, buf, seq->pos, 1);
 }
 
-void qmix_seq_restore(qmix_seq *seq, const qmix_config *c, const float *buf, int n)
+void qmix_seq_restore(qmix_seq *seq, const qmix_config *c, const void *buf, int n)
 {
-    seq_copy(seq, c, (float *)buf, n, 0);
+    seq_copy(seq, c, (uint8_t *)buf, n, 0);
     seq->pos = n;
 }
 

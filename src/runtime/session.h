@@ -18,13 +18,15 @@
 typedef struct qmix_layer_state {
     float *conv;      /* linear: [Kc-1][C], oldest first */
     float *ssm;       /* linear: [nv][dk][dv] */
-    float *k_cache;   /* full: [max_ctx][KV*hd] */
-    float *v_cache;   /* full: [max_ctx][KV*hd] */
+    uint8_t *k_cache; /* full: [max_ctx] rows of kv_row_bytes: KV heads × hd values of kv_type */
+    uint8_t *v_cache; /* full: likewise */
 } qmix_layer_state;
 
 /* One sequence's state: where it is and what the layers carry from token to token. */
 typedef struct qmix_seq {
     int max_ctx, pos;
+    qmix_kv_type kv_type;    /* how its KV cache stores keys and values (never DEFAULT) */
+    size_t kv_row_bytes;     /* one token's K (or V) row of one layer: qmix_kv_row_bytes */
     qmix_layer_state *state; /* [n_layers] */
     void *arena;             /* owned buffers (NULL for a session's own sequence) */
 } qmix_seq;
@@ -45,13 +47,16 @@ struct qmix_session {
     qmix_model *model;
     qmix_pool *pool;
     int max_ctx, max_batch;
+    qmix_kv_type kv_type;                /* of the session's own sequence */
     qmix_seq seq;                        /* the session's own sequence */
 
     /* activations, [max_batch][...] */
     float *x, *h, *out;                  /* [B][D] */
     float *qkv, *z, *gdn_a, *gdn_b, *gdn_o;  /* linear attention */
     float *q, *k, *v, *attn;             /* full attention */
-    float *scores;                       /* [threads][max_ctx] */
+    float *scores;                       /* [threads][attn_scratch_per_thread]: attention's
+                                            score tiles and row, whatever the context */
+    int64_t attn_scratch_per_thread;
     float *gdn_scratch;                  /* [threads][gdn_scratch_per_thread] */
     int64_t gdn_scratch_per_thread;
     float *router;                       /* [B][E] */
@@ -88,14 +93,22 @@ struct qmix_session {
  * state table, matmul job/task lists; total = arena + other. The thread pool's stacks are not
  * counted (its workers touch a few KiB of them). */
 typedef struct qmix_session_sizes {
-    size_t kv;       /* float32 K and V caches of the full-attention layers, max_ctx tokens */
+    size_t kv;       /* K and V caches of the full-attention layers, max_ctx tokens of kv_type */
     size_t state;    /* Gated DeltaNet conv + recurrent state: fixed, independent of max_ctx */
     size_t scratch;  /* activations for min(max_ctx, QMIX_MAX_BATCH) tokens, per-thread buffers,
                         logits */
     size_t arena, other, total;
 } qmix_session_sizes;
-void qmix_session_size(const qmix_config *cfg, int max_ctx, int n_threads, qmix_session_sizes *out);
-size_t qmix_session_bytes(const qmix_config *cfg, int max_ctx, int n_threads);
+void qmix_session_size(const qmix_config *cfg, int max_ctx, int n_threads, qmix_kv_type kv,
+                       qmix_session_sizes *out);
+size_t qmix_session_bytes(const qmix_config *cfg, int max_ctx, int n_threads, qmix_kv_type kv);
+
+/* Bytes of one token's K (or V) row of one full-attention layer stored as kv (DEFAULT: f32), and
+ * of one token in every full-attention layer, K and V: the planner's KV per token. */
+size_t qmix_kv_row_bytes(const qmix_config *cfg, qmix_kv_type kv);
+size_t qmix_kv_token_bytes(const qmix_config *cfg, qmix_kv_type kv);
+/* Whether the model's heads can be stored as kv (quantized types need head_dim % 32 == 0). */
+int qmix_kv_check(const qmix_config *cfg, qmix_kv_type kv, qmix_err *err);
 
 /* Runs n_jobs matmuls as one parallel step over the pool. */
 void qmix_run_matmuls(qmix_session *s, const qmix_mm_job *jobs, int n_jobs);
@@ -105,17 +118,20 @@ void qmix_run_matmuls(qmix_session *s, const qmix_mm_job *jobs, int n_jobs);
 int qmix_session_new_shared(qmix_model *model, const qmix_session_opts *opts, qmix_session **out,
                             qmix_err *err);
 
-/* A sequence of up to max_ctx tokens over cfg's geometry, at position 0. */
-int qmix_seq_new(const qmix_config *cfg, int max_ctx, qmix_seq **out, qmix_err *err);
+/* A sequence of up to max_ctx tokens over cfg's geometry, at position 0, its KV cache stored as
+ * kv (DEFAULT: f32). A sequence run by a shared session keeps its own type. */
+int qmix_seq_new(const qmix_config *cfg, int max_ctx, qmix_kv_type kv, qmix_seq **out,
+                 qmix_err *err);
 void qmix_seq_free(qmix_seq *seq);
 /* Back to position 0 with zero recurrent state. */
 void qmix_seq_reset(qmix_seq *seq, const qmix_config *cfg);
-/* Bytes of a snapshot of a sequence at n tokens: KV rows [0, n) of the full-attention layers plus
- * the recurrent (conv + delta-rule) state of the linear-attention layers. */
-size_t qmix_seq_snapshot_bytes(const qmix_config *cfg, int n);
-/* Copies the sequence's state at its position pos into buf (qmix_seq_snapshot_bytes(pos)), or
- * back (restore: the sequence is then at position n). */
-void qmix_seq_save(const qmix_seq *seq, const qmix_config *cfg, float *buf);
-void qmix_seq_restore(qmix_seq *seq, const qmix_config *cfg, const float *buf, int n);
+/* Bytes of a snapshot of a sequence at n tokens: KV rows [0, n) of the full-attention layers in
+ * their stored form (kv) plus the recurrent (conv + delta-rule) state of the linear-attention
+ * layers. */
+size_t qmix_seq_snapshot_bytes(const qmix_config *cfg, qmix_kv_type kv, int n);
+/* Copies the sequence's state at its position pos into buf (qmix_seq_snapshot_bytes(its kv type,
+ * pos)), or back (restore: the sequence, of the same kv type, is then at position n). */
+void qmix_seq_save(const qmix_seq *seq, const qmix_config *cfg, void *buf);
+void qmix_seq_restore(qmix_seq *seq, const qmix_config *cfg, const void *buf, int n);
 
 #endif

@@ -32,7 +32,7 @@ typedef struct slot {
 typedef struct cache_entry {
     int32_t *tokens;
     int n;
-    float *data;
+    void *data; /* qmix_seq_save of a slot: KV rows in their stored (maybe quantized) form */
     size_t bytes;
     uint64_t last_used;
     struct cache_entry *next;
@@ -262,13 +262,13 @@ static void cache_store(srv_engine *e, slot *s)
             c->last_used = ++e->tick;
             return;
         }
-    size_t bytes = qmix_seq_snapshot_bytes(e->cfg, n) + sizeof(int32_t) * (size_t)n;
+    size_t bytes = qmix_seq_snapshot_bytes(e->cfg, s->seq->kv_type, n) + sizeof(int32_t) * (size_t)n;
     if (bytes > e->cache_limit) return;
     cache_make_room(e, bytes);
     cache_entry *c = calloc(1, sizeof *c);
     if (c) {
         c->tokens = malloc(sizeof *c->tokens * (size_t)n);
-        c->data = malloc(qmix_seq_snapshot_bytes(e->cfg, n));
+        c->data = malloc(qmix_seq_snapshot_bytes(e->cfg, s->seq->kv_type, n));
     }
     if (!c || !c->tokens || !c->data) { /* no room after all: the cache is an optimisation */
         if (c) cache_entry_free(c);
@@ -584,7 +584,7 @@ int srv_engine_new(qmix_model *model, const qmix_tokenizer *tok,
     pthread_mutex_init(&e->mu, NULL);
     pthread_cond_init(&e->work, NULL);
     *out = e;
-    qmix_session_opts so = {.max_ctx = e->ctx, .n_threads = o->n_threads};
+    qmix_session_opts so = {.max_ctx = e->ctx, .n_threads = o->n_threads, .kv_type = o->kv_type};
     if (qmix_session_new_shared(model, &so, &e->sess, err)) goto fail;
     size_t n = (size_t)e->n_slots;
     e->slots = calloc(n, sizeof *e->slots);
@@ -600,7 +600,7 @@ int srv_engine_new(qmix_model *model, const qmix_tokenizer *tok,
     }
     for (int i = 0; i < e->n_slots; i++) {
         slot *s = &e->slots[i];
-        if (qmix_seq_new(e->cfg, e->ctx, &s->seq, err)) goto fail;
+        if (qmix_seq_new(e->cfg, e->ctx, o->kv_type, &s->seq, err)) goto fail;
         if (!(s->history = malloc(sizeof *s->history * (size_t)e->ctx))) {
             qmix_errf(err, "out of memory");
             goto fail;

@@ -68,6 +68,7 @@ typedef struct srv_engine_opts {
     int max_queue; /* requests waiting for a slot before new ones get 503 */
     int prefill_chunk;  /* prompt tokens per step while other slots decode (0: 128) */
     size_t cache_bytes; /* prefix cache budget; 0: no prefix cache */
+    qmix_kv_type kv_type; /* the slots' KV cache storage (0: f32); snapshots keep that form */
 } srv_engine_opts;
 
 /* Takes no ownership of model and tok; they must outlive the engine. gen: the model's

@@ -310,7 +310,8 @@ int qmix_server_start(const qmix_server_opts *o, qmix_server **out, qmix_err *er
     s->max_body = o->max_body ? o->max_body : 8u << 20;
     srv_engine_opts eo = {.n_slots = o->parallel > 0 ? o->parallel : 1, .ctx = o->ctx,
                           .n_threads = o->threads, .max_queue = o->max_queue,
-                          .prefill_chunk = o->prefill_chunk, .cache_bytes = o->prefix_cache_bytes};
+                          .prefill_chunk = o->prefill_chunk, .cache_bytes = o->prefix_cache_bytes,
+                          .kv_type = o->kv_type};
     if (srv_engine_new(s->model, s->tok, &gen, &eo, &s->eng, err)) goto fail;
 
     qmix_sampling sp = o->sampling;

@@ -23,6 +23,7 @@ typedef struct qmix_server_opts {
     int threads;             /* compute threads; 0: all cores */
     int prefill_chunk;       /* prompt tokens per step while others decode (0: 128) */
     size_t prefix_cache_bytes; /* prefix snapshot budget; 0: none */
+    qmix_kv_type kv_type;    /* KV cache storage of the slots (0: f32) */
     int max_queue;           /* requests waiting for a slot before 503 */
     size_t max_body;         /* request body limit in bytes */
     const json_t *template_args; /* default chat_template_kwargs (an object) or NULL */
