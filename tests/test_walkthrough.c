@@ -1,5 +1,5 @@
 /* The README's walk-through, run as written on the demo model: the lines between its
- * walkthrough-begin / walkthrough-end markers go to bash unchanged, except the five variable
+ * walkthrough-begin / walkthrough-end markers go to bash unchanged, except the six variable
  * lines, which get the demo's values (the model, a budget it must be squeezed into, small text
  * files so the run takes seconds). `qmix` is a shell function that runs the built CLI; for `serve`
  * it starts the server on a free port, asks it one chat question and stops it. */
@@ -43,7 +43,8 @@ START_TEST(readme_walkthrough_runs_on_the_demo_model)
     snprintf(qmix, sizeof qmix, "%s%s%s", bin[0] == '/' ? "" : cwd, bin[0] == '/' ? "" : "/", bin);
     /* the variables, by name: the demo's values */
     struct { const char *name; char value[2600]; } vars[] = {
-        {"M", ""}, {"MEM", "22M"}, {"RESERVE", "0"}, {"TEXT", "calib.txt"}, {"HELDOUT", "heldout.txt"}};
+        {"M", ""}, {"MEM", "32M"}, {"RESERVE", "0"}, {"CTX", "65536"}, {"TEXT", "calib.txt"},
+        {"HELDOUT", "heldout.txt"}};
     snprintf(vars[0].value, sizeof vars[0].value, "%s/testdata/demo", cwd);
 
     char *lines = walkthrough_lines();
@@ -85,7 +86,7 @@ START_TEST(readme_walkthrough_runs_on_the_demo_model)
     }
     fclose(f);
     free(lines);
-    ck_assert_msg(replaced == 5, "the walk-through sets %d of the 5 variables", replaced);
+    ck_assert_msg(replaced == 6, "the walk-through sets %d of the 6 variables", replaced);
 
     char cmd[6000];
     snprintf(cmd, sizeof cmd, "cd '%s' && bash walk.sh >walk.out 2>walk.err", dir);
