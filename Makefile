@@ -14,7 +14,7 @@ BUILD   := build
 SANFLAGS :=
 endif
 
-PKGS    := jansson libpcre2-8 libutf8proc libmicrohttpd
+PKGS    := jansson libpcre2-8 libutf8proc libmicrohttpd libpng libjpeg
 CFLAGS_BASE := -std=c11 -D_GNU_SOURCE -Wall -Wextra -Wshadow -Wno-unused-parameter \
                -Wstrict-prototypes -Wmissing-prototypes -pthread $(OPT) -g $(SANFLAGS) \
                -Iinclude -Isrc $(shell pkg-config --cflags $(PKGS))

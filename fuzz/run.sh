@@ -26,9 +26,10 @@ common=(-std=c11 -D_GNU_SOURCE -g -O1 -fno-omit-frame-pointer -pthread
         -fsanitize=address,undefined -fno-sanitize-recover=undefined
         -Wall -Wextra -Wshadow -Wno-unused-parameter -Wstrict-prototypes -Wmissing-prototypes
         -Iinclude -Isrc)
-read -r -a jansson_cflags <<<"$(pkg-config --cflags jansson)"
-read -r -a jansson_libs <<<"$(pkg-config --libs jansson)"
-common+=("${jansson_cflags[@]}")
+# libraries the harnessed parsers use: jansson (JSON), libpng and libjpeg (images)
+read -r -a dep_cflags <<<"$(pkg-config --cflags jansson libpng libjpeg)"
+read -r -a dep_libs <<<"$(pkg-config --libs jansson libpng libjpeg)"
+common+=("${dep_cflags[@]}")
 
 # --- build the library (never src/cli); kernels get the SIMD flags the Makefile uses ---
 mkdir -p "$out/obj" "$out/crashes"
@@ -74,7 +75,7 @@ fuzzers=()
 for h in fuzz/fuzz_*.c; do
     name=$(basename "$h" .c)
     name=${name#fuzz_}
-    "$CC" "${common[@]}" -fsanitize=fuzzer "$h" "$out/libqmix-fuzz.a" "${jansson_libs[@]}" -lm \
+    "$CC" "${common[@]}" -fsanitize=fuzzer "$h" "$out/libqmix-fuzz.a" "${dep_libs[@]}" -lm \
         -o "$out/fuzz_$name"
     fuzzers+=("$name")
 done

@@ -50,6 +50,7 @@ typedef struct qmix_config {
     int n_heads, n_kv_heads, head_dim;        /* full attention: H, KV, hd */
     int rot_dim;                 /* head_dim * partial_rotary_factor */
     double rope_theta;
+    int mrope_section[3];        /* M-RoPE (t, h, w) sections in rotary pairs; 0 0 0: text-only */
     int lin_n_k_heads, lin_n_v_heads;         /* nk, nv */
     int lin_k_head_dim, lin_v_head_dim;       /* dk, dv */
     int conv_kernel;             /* Kc */

@@ -99,7 +99,7 @@ START_TEST(missing_arguments_are_named)
         {"kld", "missing BASE and QUANT"},
         {"compare " DEMO, "missing the second checkpoint"},
         {"convert " DEMO " /tmp/qmix-never.gguf", "missing --to"},
-        {"logits " DEMO, "missing --tokens"},
+        {"logits " DEMO, "missing --out FILE"},
     };
     for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
         tu_run_result r = tu_run(cases[i].args);

@@ -10,8 +10,12 @@
 #include <unistd.h>
 
 #include "cli/cli.h"
+#include "cli/cli_mm.h"
 #include "cli/commands.h"
 #include "formats/config.h"
+#include "model/vision.h"
+#include "runtime/mm_input.h"
+#include "runtime/session.h"
 #include "runtime/generate.h"
 #include "runtime/sampler.h"
 #include "text/chat.h"
@@ -23,8 +27,11 @@ static void usage(FILE *out)
     fprintf(out,
             "usage: qmix chat MODEL_DIR [options]\n\n"
             "Talk to the model. Type a message and Enter; /think and /no_think switch thinking,\n"
-            "/reset starts over, /exit (or Ctrl-D) quits; Ctrl-C stops the current answer.\n\n"
+            "/reset starts over, /exit (or Ctrl-D) quits; Ctrl-C stops the current answer.\n"
+            "/image PATH attaches a PNG or JPEG image to the next message (models with a vision\n"
+            "tower; repeat for several images).\n\n"
             "  --system TEXT       system message\n"
+            "  --mmproj FILE       the vision tower as llama.cpp's separate projector GGUF\n"
             "  --max-tokens N      longest answer (default 4096)\n"
             "  --no-think          start with thinking off (default on)\n"
             "  --ignore-eos        keep generating past end-of-generation tokens (benchmarks)\n"
@@ -105,7 +112,7 @@ static char *read_line(void)
 
 int qmix_cmd_chat(int argc, char **argv)
 {
-    const char *model_path = NULL, *system_text = NULL;
+    const char *model_path = NULL, *system_text = NULL, *mmproj = NULL;
     long max_tokens = 4096, ctx = 8192, threads = 0, seed = 0;
     int thinking = 1, sampling_given = 0, ignore_eos = 0;
     qmix_sampling sp = qmix_sampling_greedy();
@@ -121,6 +128,8 @@ int qmix_cmd_chat(int argc, char **argv)
         } else if ((handled = cli_sampling_option("chat", argc, argv, &i, &sp)) != 0) {
             if (handled < 0) return 2;
             sampling_given = 1;
+        } else if (!strcmp(a, "--mmproj")) {
+            if (!(mmproj = cli_value("chat", argc, argv, &i))) return 2;
         } else if (!strcmp(a, "--system")) {
             if (!(system_text = cli_value("chat", argc, argv, &i))) return 2;
         } else if (!strcmp(a, "--no-think")) {
@@ -152,7 +161,8 @@ int qmix_cmd_chat(int argc, char **argv)
     qmix_session *sess = NULL;
     qmix_sampler *sampler = NULL;
     qmix_tokenizer *tok = NULL;
-    json_t *messages = json_array();
+    json_t *messages = json_array(), *pending = json_array(); /* pending: image parts */
+    qmix_vision *vision = NULL;
     int32_t *history = NULL;
     int n_history = 0, rc = 1;
     qmix_generation_config gen;
@@ -205,7 +215,30 @@ int qmix_cmd_chat(int argc, char **argv)
             free(line);
             continue;
         }
+        if (!strncmp(line, "/image", 6) && (line[6] == ' ' || !line[6])) {
+            const char *path = line + 6;
+            while (*path == ' ') path++;
+            qmix_image probe;
+            qmix_err ierr;
+            if (!*path) {
+                printf("usage: /image PATH\n");
+            } else if (!vision && cli_mm_vision(model, mmproj, tok, &vision, &ierr)) {
+                printf("cannot attach an image: %s\n", ierr.msg);
+            } else if (qmix_image_load(path, &probe, &ierr)) {
+                printf("cannot attach %s: %s\n", path, ierr.msg);
+            } else {
+                printf("image attached (%dx%d); it goes with your next message\n", probe.width,
+                       probe.height);
+                qmix_image_free(&probe);
+                json_array_append_new(pending, json_pack("{s:s, s:{s:s}}", "type", "image_url",
+                                                         "image_url", "url", path));
+            }
+            free(line);
+            continue;
+        }
         if (!strcmp(line, "/reset")) {
+            n_history = 0; /* a new conversation's images may differ under the same token ids */
+            json_array_clear(pending);
             json_array_clear(messages);
             if (system_text)
                 json_array_append_new(messages, json_pack("{s:s, s:s}", "role", "system",
@@ -214,27 +247,35 @@ int qmix_cmd_chat(int argc, char **argv)
             free(line);
             continue;
         }
-        json_array_append_new(messages, json_pack("{s:s, s:s}", "role", "user", "content", line));
+        if (json_array_size(pending)) {
+            json_array_append_new(pending, json_pack("{s:s, s:s}", "type", "text", "text", line));
+            json_array_append_new(messages, json_pack("{s:s, s:o}", "role", "user", "content",
+                                                      pending));
+            pending = json_array();
+        } else {
+            json_array_append_new(messages, json_pack("{s:s, s:s}", "role", "user", "content", line));
+        }
         free(line);
 
         qmix_chat_opts co;
         qmix_chat_opts_default(&co);
         co.enable_thinking = thinking;
-        char *prompt_text = NULL;
-        size_t prompt_len = 0;
-        int32_t *prompt = NULL;
-        size_t n_prompt = 0;
-        if (qmix_chat_render(messages, NULL, &co, &prompt_text, &prompt_len, &err) ||
-            qmix_chat_encode(tok, prompt_text, prompt_len, messages, &prompt, &n_prompt, &err)) {
-            free(prompt_text);
-            goto fail;
+        /* the whole conversation, images encoded again each turn (the tower is cheap next to
+         * the answer at chat sizes) */
+        qmix_mm_request req;
+        if (qmix_mm_request_build(model, vision, sess->pool, tok, messages, NULL, &co, 1, 64, &req,
+                                  &err)) {
+            if (!vision) goto fail;
+            fprintf(stderr, "qmix chat: %s\n", err.msg); /* a bad image: drop the message */
+            json_array_remove(messages, json_array_size(messages) - 1);
+            continue;
         }
-        free(prompt_text);
+        size_t n_prompt = (size_t)req.prompt.n;
         if ((long)n_prompt + 1 >= ctx) {
             fprintf(stderr, "qmix chat: the conversation (%zu tokens) fills the context (%ld); "
                     "/reset or use --ctx\n", n_prompt, ctx);
             json_array_remove(messages, json_array_size(messages) - 1);
-            free(prompt);
+            qmix_mm_request_free(&req);
             continue;
         }
         view v = {.parser = qmix_toolcall_parser_new(NULL, thinking), .tty = tty};
@@ -245,9 +286,10 @@ int qmix_cmd_chat(int argc, char **argv)
         qmix_gen_result res;
         interrupted = 0;
         qmix_sampler_reset(sampler);
-        int grc = qmix_generate(sess, sampler, tok, prompt, (int)n_prompt, history, &n_history,
-                                &go, on_text, &v, &res, &err);
-        free(prompt);
+        int grc = qmix_generate_mm(sess, sampler, tok, req.prompt.tokens, req.prompt.embeds,
+                                   req.prompt.pos3, (int)n_prompt, history, &n_history, &go,
+                                   on_text, &v, &res, &err);
+        qmix_mm_request_free(&req);
         if (grc) {
             qmix_toolcall_parser_free(v.parser);
             goto fail;
@@ -278,6 +320,8 @@ fail:
     fprintf(stderr, "qmix chat: %s\n", err.msg);
 done:
     json_decref(messages);
+    json_decref(pending);
+    qmix_vision_free(vision);
     free(history);
     qmix_tok_free(tok);
     qmix_sampler_free(sampler);

@@ -18,6 +18,7 @@
 #include "cli/convert_gptq.h"
 #include "quant/ggml_blocks.h"
 #include "quant/gguf_export.h"
+#include "quant/gguf_mmproj.h"
 #include "quant/hf_export.h"
 #include "quant/imatrix.h"
 #include "quant/quantize.h"
@@ -235,6 +236,16 @@ int qmix_cmd_convert(int argc, char **argv)
         fprintf(stderr, "qmix convert: %s\n", err.msg);
         return 1;
     }
+    /* a vision tower goes beside, as llama.cpp's mmproj file */
+    char mmproj[4096];
+    int wrote;
+    qmix_mmproj_path_for(out, mmproj, sizeof mmproj);
+    if (qmix_gguf_write_mmproj(in, mmproj, o.type == QMIX_GGML_F32, &wrote, &err)) {
+        fprintf(stderr, "qmix convert: the vision tower: %s\n", err.msg);
+        return 1;
+    }
+    if (wrote)
+        printf("vision tower (%s) -> %s\n", o.type == QMIX_GGML_F32 ? "F32" : "F16", mmproj);
     char what[600];
     snprintf(what, sizeof what, "converted %s -> %s (GGUF, matrices %s)", in, out,
              qmix_ggml_type_name(o.type));

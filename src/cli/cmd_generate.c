@@ -3,18 +3,21 @@
 #include <string.h>
 
 #include "cli/cli.h"
+#include "cli/cli_mm.h"
 #include "cli/commands.h"
 #include "kernels/kernels.h"
 #include "formats/config.h"
 #include "runtime/generate.h"
 #include "runtime/sampler.h"
+#include "runtime/session.h"
 #include "text/tokenizer.h"
 #include "util/fileio.h"
 
 static void usage(FILE *out)
 {
     fprintf(out,
-            "usage: qmix generate MODEL (--tokens \"IDS\" | -p TEXT) [-n N] [options]\n\n"
+            "usage: qmix generate MODEL (--tokens \"IDS\" | -p TEXT | --image F... -p TEXT |\n"
+            "                            --messages conv.json) [-n N] [options]\n\n"
             "Continues a token sequence and prints the new token ids (--tokens), or continues a\n"
             "text with the model's tokenizer and streams the new text (-p); then prefill and decode\n"
             "tok/s on stderr.\n\n"
@@ -23,6 +26,19 @@ static void usage(FILE *out)
             "                      sampling then defaults to the model's generation_config.json\n"
             "                      (--tokens: greedy)\n"
             "  --stop STR          with -p: stop before this text (repeatable)\n"
+            "  --image FILE        a PNG or JPEG image (repeatable, before the -p text): the\n"
+            "                      prompt is one chat-formatted user message of the images and\n"
+            "                      the text; the model needs a vision tower\n"
+            "  --messages FILE     OpenAI-style chat messages (JSON list, or {\"messages\": [...]})\n"
+            "                      rendered with the chat format; image parts as\n"
+            "                      {\"type\": \"image_url\", \"image_url\": {\"url\": \"file://PATH\"}} or\n"
+            "                      data:image/...;base64 URLs\n"
+            "  --mmproj FILE       the vision tower as llama.cpp's separate projector GGUF (for\n"
+            "                      a GGUF model; written beside it by qmix convert --to gguf)\n"
+            "  --no-think          with --image / --messages: thinking off (empty think block)\n"
+            "  --ignore-eos        with --image / --messages: generate past end-of-turn tokens\n"
+            "  --print-ids         with --image / --messages: print generated token ids (one per\n"
+            "                      line) instead of text\n"
             "  -n N                tokens to generate (default 16)\n"
             "%s"            "  --seed S            random seed for sampling (default 0)\n"
             "  --threads N         worker threads (default: all cores)\n"
@@ -35,12 +51,13 @@ static void usage(FILE *out)
 /* --kv-bits / --kv-type, for both paths */
 static qmix_kv_type kv_type;
 
+/* user: where to note whether the text so far ends a line (NULL: not tracked) */
 static void print_text(void *user, const char *text, size_t len)
 {
     int *ends_line = user;
     fwrite(text, 1, len, stdout);
     fflush(stdout);
-    if (len) *ends_line = text[len - 1] == '\n';
+    if (len && ends_line) *ends_line = text[len - 1] == '\n';
 }
 
 /* -p: text in, streamed text out, stopping at the model's end-of-generation tokens. */
@@ -114,11 +131,100 @@ done:
     return rc;
 }
 
+static void print_piece(void *user, const char *text, size_t len) { print_text(user, text, len); }
+
+/* --messages / --image: a chat-formatted prompt, with images through the vision tower. */
+static int generate_messages(const char *model_path, const char *messages_path,
+                             const char *const *images, int n_images, const char *text,
+                             qmix_sampling sp, int sampling_given, long n_gen, long seed,
+                             long threads, long ctx, int ignore_eos, int print_ids, int think,
+                             const char *mmproj)
+{
+    qmix_err err;
+    qmix_model *model = NULL;
+    qmix_session *sess = NULL;
+    qmix_sampler *sampler = NULL;
+    qmix_tokenizer *tok = NULL;
+    qmix_mm_request req = {0};
+    json_t *messages = NULL;
+    int32_t *history = NULL;
+    char dir[4096];
+    int rc = 1;
+    qmix_generation_config gen;
+    if (cli_model_dir(model_path, dir, sizeof dir)) return 2;
+    if (!(messages = cli_mm_messages(messages_path, images, n_images, text, &err)) ||
+        qmix_model_open(model_path, &model, &err) ||
+        qmix_generation_config_load(dir, &gen, &err) ||
+        cli_mm_request(model, dir, mmproj, messages, (int)threads, think, &tok, &req, &err))
+        goto fail;
+    const qmix_mm_prompt *mp = &req.prompt;
+    if (!ctx) ctx = (long)mp->n + n_gen;
+    qmix_session_opts opts = {.max_ctx = (int)ctx, .n_threads = (int)threads, .kv_type = kv_type};
+    if (!sampling_given) qmix_gen_sampling_defaults(&sp, &gen);
+    sp.seed = (uint64_t)seed;
+    if (qmix_session_new(model, &opts, &sess, &err)) goto fail;
+    sampler = qmix_sampler_new(&sp, qmix_model_config(model)->vocab_size);
+    history = malloc(sizeof *history * (size_t)ctx);
+    if (!sampler || !history) {
+        snprintf(err.msg, sizeof err.msg, "out of memory");
+        goto fail;
+    }
+    int32_t stop[QMIX_MAX_EOS + 1];
+    int n_stop = ignore_eos ? 0 : qmix_gen_chat_stop_ids(&gen, tok, stop);
+    if (print_ids) { /* ids, one per line, as --tokens prints them */
+        double t0 = cli_now();
+        if (qmix_session_prefill_mm(sess, mp->tokens, mp->n, mp->embeds, mp->pos3, NULL, &err))
+            goto fail;
+        qmix_sampler_add_prompt(sampler, mp->tokens, mp->n);
+        double t1 = cli_now();
+        int generated = 0;
+        for (; generated < n_gen; generated++) {
+            int32_t next = qmix_sampler_sample(sampler, qmix_session_logits(sess));
+            int is_stop = 0;
+            for (int k = 0; k < n_stop; k++) is_stop |= next == stop[k];
+            if (is_stop) break;
+            qmix_sampler_accept(sampler, next);
+            printf("%d\n", next);
+            fflush(stdout);
+            if (generated + 1 < n_gen && qmix_session_decode(sess, next, &err)) goto fail;
+        }
+        fprintf(stderr, "prefill: %d tokens (%d images) in %.3f s; %d tokens generated in %.3f s\n",
+                mp->n, req.n_images, t1 - t0, generated, cli_now() - t1);
+    } else {
+        int n_history = 0, ends_line = 1;
+        qmix_gen_opts go = {.max_tokens = (int)n_gen, .stop_ids = stop, .n_stop_ids = n_stop};
+        qmix_gen_result res;
+        if (qmix_generate_mm(sess, sampler, tok, mp->tokens, mp->embeds, mp->pos3, mp->n, history,
+                             &n_history, &go, print_piece, &ends_line, &res, &err))
+            goto fail;
+        if (!ends_line) putchar('\n');
+        fflush(stdout);
+        static const char *finish[] = {"stop", "length", "cancelled"};
+        fprintf(stderr, "[%s] prefill: %d tokens (%d images) in %.3f s; decode: %d tokens in "
+                "%.3f s (%.1f tok/s)\n", finish[res.finish], res.n_prompt, req.n_images,
+                res.prefill_s, res.n_generated, res.decode_s,
+                res.decode_s > 0 ? res.n_generated / res.decode_s : 0.0);
+    }
+    rc = 0;
+    goto done;
+fail:
+    fprintf(stderr, "qmix generate: %s\n", err.msg);
+done:
+    free(history);
+    qmix_mm_request_free(&req);
+    json_decref(messages);
+    qmix_tok_free(tok);
+    qmix_sampler_free(sampler);
+    qmix_session_free(sess);
+    qmix_model_close(model);
+    return rc;
+}
+
 int qmix_cmd_generate(int argc, char **argv)
 {
     const char *model_path = NULL, *tokens_spec = NULL, *prompt_text = NULL;
-    const char *stops[16];
-    int n_stops = 0;
+    const char *stops[16], *images[CLI_MAX_IMAGES], *messages_path = NULL, *mmproj = NULL;
+    int n_stops = 0, n_images = 0, ignore_eos = 0, print_ids = 0, think = 1;
     long n_gen = 16, threads = 0, seed = 0, ctx = 0;
     qmix_sampling sp = qmix_sampling_greedy();
     int stop_at_eos = 0, sampling_given = 0;
@@ -160,6 +266,23 @@ int qmix_cmd_generate(int argc, char **argv)
                 return 2;
             }
             stops[n_stops++] = v;
+        } else if (!strcmp(a, "--image")) {
+            if (!(v = cli_value("generate", argc, argv, &i))) return 2;
+            if (n_images == CLI_MAX_IMAGES) {
+                fprintf(stderr, "qmix generate: at most %d --image files\n", CLI_MAX_IMAGES);
+                return 2;
+            }
+            images[n_images++] = v;
+        } else if (!strcmp(a, "--messages")) {
+            if (!(messages_path = cli_value("generate", argc, argv, &i))) return 2;
+        } else if (!strcmp(a, "--mmproj")) {
+            if (!(mmproj = cli_value("generate", argc, argv, &i))) return 2;
+        } else if (!strcmp(a, "--ignore-eos")) {
+            ignore_eos = 1;
+        } else if (!strcmp(a, "--print-ids")) {
+            print_ids = 1;
+        } else if (!strcmp(a, "--no-think")) {
+            think = 0;
         } else if (!strcmp(a, "--stop-at-eos")) {
             stop_at_eos = 1;
         } else if (a[0] == '-') {
@@ -172,9 +295,19 @@ int qmix_cmd_generate(int argc, char **argv)
             return 2;
         }
     }
+    if (model_path && (messages_path || n_images)) {
+        if (tokens_spec || (messages_path && (n_images || prompt_text))) {
+            fprintf(stderr, "qmix generate: --messages takes no --tokens, -p or --image; --image "
+                    "takes -p, not --tokens\n");
+            return 2;
+        }
+        return generate_messages(model_path, messages_path, images, n_images, prompt_text, sp,
+                                 sampling_given, n_gen, seed, threads, ctx, ignore_eos, print_ids,
+                                 think, mmproj);
+    }
     if (!model_path) return cli_missing("generate", "MODEL");
     if (!tokens_spec == !prompt_text) {
-        fprintf(stderr, "qmix generate: give exactly one of -p TEXT and --tokens IDS\n");
+        fprintf(stderr, "qmix generate: give exactly one of -p TEXT and --tokens IDS (or --image, --messages)\n");
         return 2;
     }
     if (prompt_text)

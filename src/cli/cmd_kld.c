@@ -17,7 +17,8 @@ static void usage(FILE *out)
     fprintf(out,
             "usage: qmix kld BASE QUANT (--text FILE | --tokens FILE) [options]\n"
             "       qmix kld BASE --save-base FILE (--text FILE | --tokens FILE) [options]\n"
-            "       qmix kld --base-logits FILE QUANT [options]\n\n"
+            "       qmix kld --base-logits FILE QUANT [options]\n"
+            "       qmix kld BASE QUANT --images DIR --prompt TEXT [options]  (see --images --help)\n\n"
             "KL divergence KL(P_base || P_quant) of QUANT's next-token distribution from BASE's on\n"
             "the same tokens (non-overlapping windows of --ctx tokens, every token but the first of\n"
             "a window scored): mean, median, p90, p99, p99.9 and max over tokens, top-1 agreement\n"
@@ -112,6 +113,8 @@ int qmix_cmd_kld(int argc, char **argv)
     cli_eval_args ea = {.ctx = 512};
     long top_k = QMIX_KLD_TOPK_DEFAULT;
     int n_paths = 0;
+    for (int i = 1; i < argc; i++) /* the image form has its own options */
+        if (!strcmp(argv[i], "--images")) return qmix_cmd_kld_images(argc, argv);
     qmix_kv_type kv_type = QMIX_KV_DEFAULT;
     for (int i = 1; i < argc; i++) {
         const char *a = argv[i];

@@ -7,6 +7,7 @@
 
 #include "cli/cli.h"
 #include "cli/quantize_budget.h"
+#include "quant/gguf_mmproj.h"
 #include "quant/ggml_blocks.h"
 #include "quant/gguf_export.h"
 #include "quant/imatrix.h"
@@ -56,6 +57,15 @@ int quantize_to_gguf(const char *in, const char *out, const qmix_recipe *r,
     char what[600];
     snprintf(what, sizeof what, "quantized %s -> %s (GGUF) with recipe %s", in, out, r->name);
     cli_print_gguf_report(what, &rep, o->imatrix != NULL);
+    /* a vision tower goes beside, kept 16-bit, as llama.cpp's mmproj file */
+    char mmproj[4096];
+    int wrote_mmproj;
+    qmix_mmproj_path_for(out, mmproj, sizeof mmproj);
+    if (qmix_gguf_write_mmproj(in, mmproj, 0, &wrote_mmproj, &err)) {
+        fprintf(stderr, "qmix quantize: the vision tower: %s\n", err.msg);
+        return 1;
+    }
+    if (wrote_mmproj) printf("vision tower (F16, kept 16-bit) -> %s\n", mmproj);
     return 0;
 }
 

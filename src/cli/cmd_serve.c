@@ -54,6 +54,11 @@ static void usage(FILE *out)
             "                      shared by all slots, least recently used evicted first:\n"
             "                      e.g. 512M, 2G; 0 turns it off (default 1G)\n"
             "  --max-body BYTES    request body limit (default 8388608); larger gets 413\n"
+            "  --mmproj FILE       the vision tower as llama.cpp's separate projector GGUF (for a\n"
+            "                      GGUF model)\n"
+            "  --max-images N      images one chat request may carry (default 8); images\n"
+            "                      come as image_url parts with data: URLs (models with a\n"
+            "                      vision tower; remote URLs are refused)\n"
             "  --chat-template-args JSON  default chat_template_kwargs, e.g.\n"
             "                      '{\"enable_thinking\": false}'\n"
             "  --seed S            seed for requests that give none (default: a fresh one each)\n"
@@ -82,6 +87,8 @@ int qmix_cmd_serve(int argc, char **argv)
         } else if ((handled = cli_sampling_option("serve", argc, argv, &i, &o.sampling)) != 0) {
             if (handled < 0) return 2;
             o.sampling_given = 1;
+        } else if (!strcmp(a, "--mmproj")) {
+            if (!(o.mmproj = cli_value("serve", argc, argv, &i))) return 2;
         } else if (!strcmp(a, "--host") || !strcmp(a, "--api-key") ||
                    !strcmp(a, "--chat-template-args") || !strcmp(a, "--model-name")) {
             if (!(v = cli_value("serve", argc, argv, &i))) return 2;
@@ -100,11 +107,12 @@ int qmix_cmd_serve(int argc, char **argv)
             o.prefix_cache_bytes = (size_t)bytes;
         } else if (!strcmp(a, "--port") || !strcmp(a, "--ctx") || !strcmp(a, "--parallel") ||
                    !strcmp(a, "--queue") || !strcmp(a, "--threads") || !strcmp(a, "--max-body") ||
-                   !strcmp(a, "--seed") || !strcmp(a, "--prefill-chunk")) {
+                   !strcmp(a, "--seed") || !strcmp(a, "--prefill-chunk") ||
+                   !strcmp(a, "--max-images")) {
             static const struct { const char *flag; long lo, hi; } ranges[] = {
                 {"--port", 0, 65535}, {"--ctx", 16, 1 << 24}, {"--parallel", 1, 256},
                 {"--queue", 0, 1 << 20}, {"--threads", 0, 1024}, {"--max-body", 1024, 1L << 32},
-                {"--prefill-chunk", 1, 1 << 20}, {"--seed", 0, LONG_MAX}};
+                {"--prefill-chunk", 1, 1 << 20}, {"--seed", 0, LONG_MAX}, {"--max-images", 1, 1024}};
             size_t k = 0;
             while (strcmp(a, ranges[k].flag)) k++;
             if (!(v = cli_value("serve", argc, argv, &i)) ||
@@ -118,7 +126,8 @@ int qmix_cmd_serve(int argc, char **argv)
             case 4: o.threads = (int)n; break;
             case 5: o.max_body = (size_t)n; break;
             case 6: o.prefill_chunk = (int)n; break;
-            default: o.sampling.seed = (uint64_t)n, o.seed_given = 1; break;
+            case 7: o.sampling.seed = (uint64_t)n, o.seed_given = 1; break;
+            default: o.max_images = (int)n; break;
             }
         } else if (a[0] == '-') {
             fprintf(stderr, "qmix serve: unknown option '%s' (see --help)\n", a);

@@ -14,6 +14,7 @@ int qmix_cmd_template(int argc, char **argv);
 int qmix_cmd_tokenize(int argc, char **argv);
 int qmix_cmd_ppl(int argc, char **argv);
 int qmix_cmd_kld(int argc, char **argv);
+int qmix_cmd_kld_images(int argc, char **argv); /* qmix kld ... --images DIR */
 int qmix_cmd_convert(int argc, char **argv);
 int qmix_cmd_serve(int argc, char **argv);
 int qmix_cmd_sensitivity(int argc, char **argv);

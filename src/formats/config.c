@@ -140,6 +140,20 @@ static int read_text_config(json_t *root, json_t *text, qmix_config *c, const ch
         return qmix_errf(err, "%s: rotary dimension %d (head_dim x partial_rotary_factor) is %s",
                          label, c->rot_dim, c->rot_dim ? "odd" : "zero");
     c->rope_theta = theta;
+    /* M-RoPE sections (interleaved): only image tokens have differing (t, h, w) positions */
+    json_t *sec = json_object_get(rope ? rope : text, "mrope_section");
+    if (!sec && rope) sec = json_object_get(text, "mrope_section");
+    memset(c->mrope_section, 0, sizeof c->mrope_section);
+    if (sec) { /* sections past the rotary pairs are harmless: the interleaving stops there */
+        if (json_array_size(sec) != 3)
+            return qmix_errf(err, "%s: mrope_section is not a list of 3 integers", label);
+        for (int i = 0; i < 3; i++) {
+            json_t *v = json_array_get(sec, (size_t)i);
+            if (!json_is_integer(v) || json_integer_value(v) < 0 || json_integer_value(v) > 65536)
+                return qmix_errf(err, "%s: mrope_section[%d] is not a valid section", label, i);
+            c->mrope_section[i] = (int)json_integer_value(v);
+        }
+    }
     if (get_num(text, "rms_norm_eps", 1e-6, &eps, label, err)) return -1;
     /* checked as the float it is used as: 1e-50 would become 0, 1e300 infinity */
     if (!(eps > 0) || !((float)eps > 0) || !isfinite((float)eps))

@@ -14,6 +14,7 @@ typedef struct batch {
     const int *n_tokens;
     int n_seqs, rows;
     int layer; /* the layer being run: which state of each sequence to use */
+    const int32_t *mpos; /* [rows][3] M-RoPE (t, h, w) positions, or NULL: pos + rope_delta */
 } batch;
 
 typedef struct gdn_ctx { qmix_session *s; const qmix_layer *ly; const batch *b; } gdn_ctx;
@@ -25,6 +26,18 @@ static int64_t row_pos(const qmix_session *s, const batch *b, int row)
 {
     int seg = s->row_seg[row];
     return b->seqs[seg]->pos + (row - s->seg_row[seg]);
+}
+
+/* Rotary positions (t, h, w) of a batch row: given (image prompts), or the row's place in its
+ * sequence shifted by the sequence's rope_delta (the same for all three). */
+static void row_rope_pos(const qmix_session *s, const batch *b, int row, int64_t out[3])
+{
+    if (b->mpos) {
+        for (int k = 0; k < 3; k++) out[k] = b->mpos[3 * row + k];
+        return;
+    }
+    int64_t p = row_pos(s, b, row) + b->seqs[s->row_seg[row]]->rope_delta;
+    out[0] = out[1] = out[2] = p;
 }
 
 static void rmsnorm_rows(float *out, const float *x, const float *w, int n, int64_t dim, float eps)
@@ -134,12 +147,15 @@ static void linear_attention(qmix_session *s, const qmix_layer *ly, const batch 
 
 /* ---- gated full attention ---------------------------------------------------------------- */
 
-/* NeoX-style rotation of the first rot dims: pairs (i, i + rot/2). */
-static void rope(float *x, int rot, int64_t pos, double theta)
+/* NeoX-style rotation of the first rot dims: pairs (i, i + rot/2). Interleaved M-RoPE: pair i
+ * turns by the h position if i % 3 == 1 and i < 3·sec[1], by w if i % 3 == 2 and i < 3·sec[2],
+ * else by t (text tokens have t = h = w). */
+static void rope(float *x, int rot, const int64_t pos[3], double theta, const int *sec)
 {
     int half = rot / 2;
     for (int i = 0; i < half; i++) {
-        double f = (double)pos * pow(theta, -2.0 * i / rot);
+        int axis = i % 3 == 1 && i < 3 * sec[1] ? 1 : i % 3 == 2 && i < 3 * sec[2] ? 2 : 0;
+        double f = (double)pos[axis] * pow(theta, -2.0 * i / rot);
         float cs = (float)cos(f), sn = (float)sin(f);
         float a = x[i], b = x[i + half];
         x[i] = a * cs - b * sn;
@@ -208,18 +224,19 @@ static void full_attention(qmix_session *s, const qmix_layer *ly, const batch *b
     qmix_run_matmuls(s, in, 3);
 
     for (int t = 0; t < n; t++) {
-        int64_t p = row_pos(s, b, t);
+        int64_t p = row_pos(s, b, t), rp[3];
+        row_rope_pos(s, b, t, rp);
         const qmix_seq *seq = b->seqs[s->row_seg[t]];
         qmix_layer_state *st = seg_state(b, s->row_seg[t]);
         for (int64_t h = 0; h < H; h++) { /* q and gate interleave per head: [q(hd); gate(hd)] */
             float *q = s->q + t * H * 2 * hd + h * 2 * hd;
             qk_rmsnorm(q, q, ly->q_norm, hd, c->rms_eps);
-            rope(q, c->rot_dim, p, c->rope_theta);
+            rope(q, c->rot_dim, rp, c->rope_theta, c->mrope_section);
         }
         for (int64_t g = 0; g < KV; g++) {
             float *k = s->k + t * KV * hd + g * hd;
             qk_rmsnorm(k, k, ly->k_norm, hd, c->rms_eps);
-            rope(k, c->rot_dim, p, c->rope_theta);
+            rope(k, c->rot_dim, rp, c->rope_theta, c->mrope_section);
         }
         /* written once, in the sequence's KV type; attention reads it in that form */
         size_t row = seq->kv_row_bytes;
@@ -352,13 +369,14 @@ static void run_layers(qmix_session *s, batch *b, int lo, int hi, int n)
     }
 }
 
-void qmix_forward_batch(qmix_session *s, qmix_seq *const *seqs, const int *n_tokens, int n_seqs,
-                        const int32_t *tokens, float *logits, float *all_logits)
+void qmix_forward_batch_mm(qmix_session *s, qmix_seq *const *seqs, const int *n_tokens, int n_seqs,
+                           const int32_t *tokens, const float *const *embeds, const int32_t *mpos,
+                           float *logits, float *all_logits)
 {
     const qmix_model *m = s->model;
     const qmix_config *c = &m->cfg;
     int64_t D = c->hidden_size, V = c->vocab_size;
-    batch b = {.seqs = seqs, .n_tokens = n_tokens, .n_seqs = n_seqs};
+    batch b = {.seqs = seqs, .n_tokens = n_tokens, .n_seqs = n_seqs, .mpos = mpos};
     for (int seg = 0; seg < n_seqs; seg++) {
         s->seg_row[seg] = b.rows;
         for (int t = 0; t < n_tokens[seg]; t++) s->row_seg[b.rows++] = seg;
@@ -366,6 +384,9 @@ void qmix_forward_batch(qmix_session *s, qmix_seq *const *seqs, const int *n_tok
     int n = b.rows;
 
     for (int t = 0; t < n; t++) qk_mat_row_f32(&m->embed, tokens[t], s->x + t * D);
+    if (embeds) /* image tokens: the vision tower's rows replace the token embeddings */
+        for (int t = 0; t < n; t++)
+            if (embeds[t]) memcpy(s->x + t * D, embeds[t], (size_t)D * sizeof(float));
 
     run_layers(s, &b, 0, c->n_layers, n);
 
@@ -385,7 +406,21 @@ void qmix_forward_batch(qmix_session *s, qmix_seq *const *seqs, const int *n_tok
         qmix_mm_job head = job(&m->lm_head, s->h, n_seqs, D, logits, V);
         qmix_run_matmuls(s, &head, 1);
     }
-    for (int seg = 0; seg < n_seqs; seg++) seqs[seg]->pos += n_tokens[seg];
+    for (int seg = 0; seg < n_seqs; seg++) {
+        seqs[seg]->pos += n_tokens[seg];
+        if (mpos) { /* later tokens continue after the largest position so far */
+            const int32_t *last = mpos + 3 * (s->seg_row[seg] + n_tokens[seg] - 1);
+            int32_t hi = last[0] > last[1] ? last[0] : last[1];
+            hi = hi > last[2] ? hi : last[2];
+            seqs[seg]->rope_delta = hi + 1 - seqs[seg]->pos;
+        }
+    }
+}
+
+void qmix_forward_batch(qmix_session *s, qmix_seq *const *seqs, const int *n_tokens, int n_seqs,
+                        const int32_t *tokens, float *logits, float *all_logits)
+{
+    qmix_forward_batch_mm(s, seqs, n_tokens, n_seqs, tokens, NULL, NULL, logits, all_logits);
 }
 
 void qmix_forward(qmix_session *s, const int32_t *tokens, int n, float *all_logits)

@@ -18,6 +18,14 @@ void qmix_forward(qmix_session *s, const int32_t *tokens, int n, float *all_logi
 void qmix_forward_batch(qmix_session *s, qmix_seq *const *seqs, const int *n_tokens, int n_seqs,
                         const int32_t *tokens, float *logits, float *all_logits);
 
+/* The same with image rows: embeds NULL or [rows] (a non-NULL entry replaces that row's token
+ * embedding), mpos NULL or [rows][3] M-RoPE (t, h, w) positions of every row. With mpos, each
+ * sequence's rope_delta is set so that its next tokens continue after its last row's largest
+ * position. */
+void qmix_forward_batch_mm(qmix_session *s, qmix_seq *const *seqs, const int *n_tokens, int n_seqs,
+                           const int32_t *tokens, const float *const *embeds, const int32_t *mpos,
+                           float *logits, float *all_logits);
+
 /* Layers [layer_lo, layer_hi) only, over n (<= s->max_batch) rows x[n][hidden] of the residual
  * stream of the session's own sequence at positions s->seq.pos.. — the stream entering layer_lo
  * (the embeddings when it is 0), left in x as it leaves layer_hi - 1 — and, with all_logits

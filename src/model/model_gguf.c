@@ -273,6 +273,12 @@ static int gguf_config(const qmix_gguf *g, qmix_config *c, qmix_err *err)
     double v;
     if ((r = qmix_gguf_get_float(g, "qwen35moe.rope.freq_base", &v, err)) < 0) goto out;
     if (r) json_object_set_new(cfg, "rope_theta", json_real(v));
+    const qmix_gguf_kv *sec = qmix_gguf_kv_find(g, "qwen35moe.rope.dimension_sections");
+    if (sec && sec->type == QMIX_GGUF_ARRAY && sec->arr_type != QMIX_GGUF_STRING && sec->arr_n >= 3) {
+        json_t *a = json_array();
+        for (uint64_t i = 0; i < 3; i++) json_array_append_new(a, json_integer(qmix_gguf_arr_int(sec, i)));
+        json_object_set_new(cfg, "mrope_section", a);
+    }
     if ((r = qmix_gguf_get_float(g, "qwen35moe.attention.layer_norm_rms_epsilon", &v, err)) < 0)
         goto out;
     if (r) json_object_set_new(cfg, "rms_norm_eps", json_real(v));

@@ -439,7 +439,10 @@ static void declare_model(qmix_ggw *w, const qmix_model *m, const char *in, uint
     qmix_ggw_kv_f32(w, A("attention.layer_norm_rms_epsilon"), c->rms_eps);
     qmix_ggw_kv_f32(w, A("rope.freq_base"), (float)c->rope_theta);
     qmix_ggw_kv_u32(w, A("rope.dimension_count"), (uint32_t)c->rot_dim);
-    static const int32_t sections[4] = {11, 11, 10, 0};
+    /* the config's M-RoPE sections; a text-only config without them gets the family's */
+    int32_t sections[4] = {11, 11, 10, 0};
+    if (c->mrope_section[0] || c->mrope_section[1] || c->mrope_section[2])
+        for (int i = 0; i < 3; i++) sections[i] = c->mrope_section[i];
     qmix_ggw_kv_arr(w, A("rope.dimension_sections"), QMIX_GGUF_I32, 4, sections);
     qmix_ggw_kv_u32(w, A("expert_count"), (uint32_t)c->n_experts);
     qmix_ggw_kv_u32(w, A("expert_used_count"), (uint32_t)c->n_experts_used);

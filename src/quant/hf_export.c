@@ -202,9 +202,12 @@ static int write_config(const qmix_model *m, const char *dir, qmix_err *err)
     for (int i = 0; i < c->n_layers && !interval; i++)
         if (c->layer_is_full[i]) interval = i + 1;
     double prf = c->head_dim ? (double)c->rot_dim / c->head_dim : 0.25;
-    /* text positions are equal on all three M-RoPE axes, so the sections do not change the text
-     * model; these are the released ones */
-    json_t *sec = json_pack("[iii]", 11, 11, 10);
+    /* the source's M-RoPE sections (they matter for image tokens only); the released ones when
+     * the source has none */
+    int has_sec = c->mrope_section[0] || c->mrope_section[1] || c->mrope_section[2];
+    json_t *sec = has_sec ? json_pack("[iii]", c->mrope_section[0], c->mrope_section[1],
+                                      c->mrope_section[2])
+                          : json_pack("[iii]", 11, 11, 10);
     json_object_set_new(rope, "mrope_interleaved", json_true());
     json_object_set_new(rope, "mrope_section", sec);
     json_object_set_new(rope, "partial_rotary_factor", json_real(prf));

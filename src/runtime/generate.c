@@ -4,6 +4,7 @@
 #include <string.h>
 #include <time.h>
 
+#include "runtime/session.h"
 #include "util/err.h"
 
 static double now(void)
@@ -131,6 +132,15 @@ int qmix_generate(qmix_session *s, qmix_sampler *smp, const qmix_tokenizer *tok,
                   const qmix_gen_opts *o, qmix_gen_text_fn on_text, void *user,
                   qmix_gen_result *res, qmix_err *err)
 {
+    return qmix_generate_mm(s, smp, tok, prompt, NULL, NULL, n_prompt, history, n_history, o,
+                            on_text, user, res, err);
+}
+
+int qmix_generate_mm(qmix_session *s, qmix_sampler *smp, const qmix_tokenizer *tok,
+                     const int32_t *prompt, const float *const *embeds, const int32_t *pos3,
+                     int n_prompt, int32_t *history, int *n_history, const qmix_gen_opts *o,
+                     qmix_gen_text_fn on_text, void *user, qmix_gen_result *res, qmix_err *err)
+{
     memset(res, 0, sizeof *res);
     res->n_prompt = n_prompt;
     if (n_prompt <= 0) return qmix_errf(err, "empty prompt");
@@ -144,7 +154,11 @@ int qmix_generate(qmix_session *s, qmix_sampler *smp, const qmix_tokenizer *tok,
     }
     res->n_prompt_reused = common;
     double t0 = now();
-    if (qmix_session_prefill(s, prompt + common, n_prompt - common, NULL, err)) {
+    int failed = pos3 ? qmix_session_prefill_mm(s, prompt + common, n_prompt - common,
+                                                embeds ? embeds + common : NULL,
+                                                pos3 + 3 * (int64_t)common, NULL, err)
+                      : qmix_session_prefill(s, prompt + common, n_prompt - common, NULL, err);
+    if (failed) {
         *n_history = 0;
         qmix_session_reset(s);
         return -1;

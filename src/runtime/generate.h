@@ -71,6 +71,14 @@ int qmix_generate(qmix_session *session, qmix_sampler *sampler, const qmix_token
                   const qmix_gen_opts *opts, qmix_gen_text_fn on_text, void *user,
                   qmix_gen_result *result, qmix_err *err);
 
+/* The same for a prompt with images (qmix_mm_prompt): embeds[n_prompt] replace image tokens'
+ * embeddings, pos3[n_prompt][3] are the M-RoPE positions. The caller resets the session when the
+ * images differ from those of the history it holds (the ids alone cannot tell). */
+int qmix_generate_mm(qmix_session *session, qmix_sampler *sampler, const qmix_tokenizer *tok,
+                     const int32_t *prompt, const float *const *embeds, const int32_t *pos3,
+                     int n_prompt, int32_t *history, int *n_history, const qmix_gen_opts *opts,
+                     qmix_gen_text_fn on_text, void *user, qmix_gen_result *result, qmix_err *err);
+
 /* The model's own sampling defaults: generation_config.json's temperature, top_p and top_k, where
  * it gives them, over sp (for callers whose user set no sampling flag). */
 void qmix_gen_sampling_defaults(qmix_sampling *sp, const qmix_generation_config *gen);

@@ -263,6 +263,7 @@ void qmix_seq_reset(qmix_seq *seq, const qmix_config *c)
         /* the KV cache needs no clearing: positions beyond pos are never read */
     }
     seq->pos = 0;
+    seq->rope_delta = 0;
 }
 
 void qmix_session_reset(qmix_session *s) { qmix_seq_reset(&s->seq, &s->model->cfg); }
@@ -378,6 +379,21 @@ int qmix_session_prefill(qmix_session *s, const int32_t *tokens, int n, float *a
     for (int at = 0; at < n; at += s->max_batch) {
         int len = n - at < s->max_batch ? n - at : s->max_batch;
         qmix_forward(s, tokens + at, len, all_logits ? all_logits + (int64_t)at * V : NULL);
+    }
+    return 0;
+}
+
+int qmix_session_prefill_mm(qmix_session *s, const int32_t *tokens, int n, const float *const *embeds,
+                            const int32_t *pos3, float *all_logits, qmix_err *err)
+{
+    if (check_tokens(s, tokens, n, err)) return -1;
+    int64_t V = s->model->cfg.vocab_size;
+    qmix_seq *self = &s->seq;
+    for (int at = 0; at < n; at += s->max_batch) {
+        int len = n - at < s->max_batch ? n - at : s->max_batch;
+        qmix_forward_batch_mm(s, &self, &len, 1, tokens + at, embeds ? embeds + at : NULL,
+                              pos3 + 3 * (int64_t)at, s->logits,
+                              all_logits ? all_logits + (int64_t)at * V : NULL);
     }
     return 0;
 }

@@ -27,6 +27,8 @@ typedef struct qmix_seq {
     int max_ctx, pos;
     qmix_kv_type kv_type;    /* how its KV cache stores keys and values (never DEFAULT) */
     size_t kv_row_bytes;     /* one token's K (or V) row of one layer: qmix_kv_row_bytes */
+    int rope_delta;          /* rotary position of the token at index p is p + rope_delta (images
+                                take fewer positions than tokens: M-RoPE) */
     qmix_layer_state *state; /* [n_layers] */
     void *arena;             /* owned buffers (NULL for a session's own sequence) */
 } qmix_seq;
@@ -110,6 +112,11 @@ size_t qmix_kv_token_bytes(const qmix_config *cfg, qmix_kv_type kv);
 /* Whether the model's heads can be stored as kv (quantized types need head_dim % 32 == 0). */
 int qmix_kv_check(const qmix_config *cfg, qmix_kv_type kv, qmix_err *err);
 
+/* Prefill with image rows (qmix_forward_batch_mm): embeds[n] (NULL entries: text) and
+ * pos3[n][3] M-RoPE positions of the prompt's tokens, in batches. */
+int qmix_session_prefill_mm(qmix_session *s, const int32_t *tokens, int n, const float *const *embeds,
+                            const int32_t *pos3, float *all_logits, qmix_err *err);
+
 /* Runs n_jobs matmuls as one parallel step over the pool. */
 void qmix_run_matmuls(qmix_session *s, const qmix_mm_job *jobs, int n_jobs);
 
@@ -130,7 +137,9 @@ void qmix_seq_reset(qmix_seq *seq, const qmix_config *cfg);
  * layers. */
 size_t qmix_seq_snapshot_bytes(const qmix_config *cfg, qmix_kv_type kv, int n);
 /* Copies the sequence's state at its position pos into buf (qmix_seq_snapshot_bytes(its kv type,
- * pos)), or back (restore: the sequence, of the same kv type, is then at position n). */
+ * pos)), or back (restore: the sequence, of the same kv type, is then at position n). rope_delta
+ * is not part of the snapshot: a caller restoring a prefix with images sets it from the prompt's
+ * positions. */
 void qmix_seq_save(const qmix_seq *seq, const qmix_config *cfg, void *buf);
 void qmix_seq_restore(qmix_seq *seq, const qmix_config *cfg, const void *buf, int n);
 

@@ -8,6 +8,7 @@
 #include <string.h>
 #include <time.h>
 
+#include "runtime/mm_input.h"
 #include "text/chat.h"
 #include "text/toolcall.h"
 
@@ -638,11 +639,13 @@ static json_t *parse_body(const char *body, size_t len, api_reply *r)
 
 /* Fills the job from the shared fields and hands it to the engine. Takes prompt and c->stop. */
 static void submit(const api_ctx *ctx, int chat, common_req *c, int32_t *prompt, size_t n_prompt,
-                   gen_state *g, api_reply *r)
+                   qmix_mm_request *mm, gen_state *g, api_reply *r)
 {
     srv_job *job = srv_job_new();
     if (!job) {
         free(prompt);
+        qmix_mm_request_free(mm);
+        free(mm);
         free_stop(c->stop, c->n_stop);
         gen_state_free(g);
         fail(r, 500, NULL, NULL, "out of memory");
@@ -650,6 +653,7 @@ static void submit(const api_ctx *ctx, int chat, common_req *c, int32_t *prompt,
     }
     job->prompt = prompt;
     job->n_prompt = (int)n_prompt;
+    job->mm = mm;
     job->stop = c->stop;
     job->n_stop = c->n_stop;
     c->stop = NULL;
@@ -693,8 +697,8 @@ static void submit(const api_ctx *ctx, int chat, common_req *c, int32_t *prompt,
 }
 
 /* Checks and normalizes messages: text content parts become one string (the template joins
- * them the same way), images are refused until the vision encoder exists. */
-static json_t *normalize_messages(json_t *messages, api_reply *r)
+ * them the same way); with image parts (a model with a vision tower) the parts stay a list. */
+static json_t *normalize_messages(json_t *messages, int allow_images, api_reply *r)
 {
     if (!json_is_array(messages) || !json_array_size(messages)) {
         fail(r, 400, "messages", messages ? "invalid_type" : "missing",
@@ -733,16 +737,23 @@ static json_t *normalize_messages(json_t *messages, api_reply *r)
             size_t cap = 64, len = 0, k;
             char *text = malloc(cap);
             json_t *part;
+            int images = 0;
             json_array_foreach(content, k, part) {
                 const char *type = json_string_value(json_object_get(part, "type"));
                 json_t *t = json_object_get(part, "text");
-                if (type && (!strcmp(type, "image_url") || !strcmp(type, "image") ||
-                             !strcmp(type, "input_image") || !strcmp(type, "video") ||
-                             !strcmp(type, "video_url") || !strcmp(type, "input_audio"))) {
+                int image = type && (!strcmp(type, "image_url") || !strcmp(type, "image") ||
+                                     !strcmp(type, "input_image"));
+                if (image && allow_images && strcmp(rs, "system")) {
+                    images++;
+                    continue;
+                }
+                if (image || (type && (!strcmp(type, "video") || !strcmp(type, "video_url") ||
+                                       !strcmp(type, "input_audio")))) {
                     free(text);
                     fail(r, 400, "messages", "unsupported_content",
-                         "messages[%zu].content[%zu]: %s parts are not supported yet: this "
-                         "server runs the text model only (no vision encoder)", i, k, type);
+                         "messages[%zu].content[%zu]: %s parts are not supported%s", i, k, type,
+                         !image ? "" : !allow_images ? ": this model has no vision tower"
+                                                     : " in system messages");
                     goto bad;
                 }
                 if (!type || strcmp(type, "text") || !json_is_string(t)) {
@@ -771,7 +782,7 @@ static json_t *normalize_messages(json_t *messages, api_reply *r)
                 fail(r, 500, NULL, NULL, "out of memory");
                 goto bad;
             }
-            json_object_set_new(m, "content", json_stringn(text, len));
+            if (!images) json_object_set_new(m, "content", json_stringn(text, len));
             free(text);
         } else if (!json_is_string(content)) {
             fail(r, 400, "messages", "invalid_type",
@@ -798,8 +809,9 @@ void api_chat_completions(const api_ctx *ctx, const char *body, size_t len, api_
     char *text = NULL;
     int32_t *prompt = NULL;
     size_t text_len = 0, n_prompt = 0;
+    qmix_mm_request *mm = NULL;
     if (!root || parse_common(ctx, root, 1, &c, r)) goto done;
-    if (!(messages = normalize_messages(json_object_get(root, "messages"), r))) goto done;
+    if (!(messages = normalize_messages(json_object_get(root, "messages"), ctx->vision != NULL, r))) goto done;
     tools = json_object_get(root, "tools");
     if (tools && json_is_null(tools)) tools = NULL;
     if (tools && !json_is_array(tools)) {
@@ -919,6 +931,39 @@ void api_chat_completions(const api_ctx *ctx, const char *body, size_t len, api_
         fail(r, 400, "messages", "invalid_value", "%s", err.msg);
         goto done;
     }
+    if (ctx->vision) { /* images: encoded here (one request at a time), spliced into the prompt */
+        mm = calloc(1, sizeof *mm);
+        if (!mm) {
+            fail(r, 500, NULL, NULL, "out of memory");
+            goto done;
+        }
+        pthread_mutex_lock(ctx->vision_mu);
+        erc = qmix_mm_request_images(ctx->vision, ctx->vision_pool, prompt, (int)n_prompt,
+                                     messages, 0, ctx->max_images, ctx->vision->cfg.out_hidden,
+                                     mm, &err);
+        pthread_mutex_unlock(ctx->vision_mu);
+        if (erc) {
+            free(mm);
+            mm = NULL;
+            fail(r, 400, "messages", "invalid_value", "%s", err.msg);
+            goto done;
+        }
+        if (!mm->n_images) { /* text only: the plain path */
+            qmix_mm_request_free(mm);
+            free(mm);
+            mm = NULL;
+        } else { /* the job's prompt: keys that tell images apart (prefix reuse) */
+            int32_t *keys = malloc(sizeof *keys * (size_t)mm->prompt.n);
+            if (!keys) {
+                fail(r, 500, NULL, NULL, "out of memory");
+                goto done;
+            }
+            memcpy(keys, mm->prompt.keys, sizeof *keys * (size_t)mm->prompt.n);
+            free(prompt);
+            prompt = keys;
+            n_prompt = (size_t)mm->prompt.n;
+        }
+    }
     if ((long)n_prompt + 1 >= ctx->ctx) {
         fail(r, 400, "messages", "context_length_exceeded", "the prompt has %zu tokens; this "
              "server's context is %d tokens (--ctx), which leaves no room to answer", n_prompt,
@@ -939,11 +984,14 @@ void api_chat_completions(const api_ctx *ctx, const char *body, size_t len, api_
         fail(r, 500, NULL, NULL, "out of memory");
         goto done;
     }
-    submit(ctx, 1, &c, prompt, n_prompt, g, r);
+    submit(ctx, 1, &c, prompt, n_prompt, mm, g, r);
     prompt = NULL;
+    mm = NULL;
 done:
     free_stop(c.stop, c.n_stop);
     free(prompt);
+    if (mm) qmix_mm_request_free(mm);
+    free(mm);
     free(text);
     json_decref(messages);
     json_decref(root);
@@ -1018,7 +1066,7 @@ void api_completions(const api_ctx *ctx, const char *body, size_t len, api_reply
         fail(r, 500, NULL, NULL, "out of memory");
         goto done;
     }
-    submit(ctx, 0, &c, prompt, n_prompt, g, r);
+    submit(ctx, 0, &c, prompt, n_prompt, NULL, g, r);
     prompt = NULL;
 done:
     free_stop(c.stop, c.n_stop);

@@ -22,6 +22,12 @@ typedef struct api_ctx {
     int seed_given;
     const json_t *template_args;
     int ctx;
+    /* images: the model's vision tower (NULL: none), the threads encoding images and the lock
+     * that runs one encoding at a time, the most images one request may carry */
+    const struct qmix_vision *vision;
+    struct qmix_pool *vision_pool;
+    pthread_mutex_t *vision_mu;
+    int max_images;
 } api_ctx;
 
 typedef struct api_reply {

@@ -9,6 +9,7 @@
 
 #include "formats/config.h"
 #include "model/forward.h"
+#include "runtime/mm_input.h"
 #include "runtime/session.h"
 #include "util/err.h"
 
@@ -54,6 +55,9 @@ struct srv_engine {
     int *step_n;
     int32_t *step_tokens;
     float *step_logits; /* [n_slots][vocab] */
+    /* a step with image rows: real token ids (step_tokens holds keys), embeddings, positions */
+    int32_t *step_ids, *step_pos3;
+    const float **step_embeds;
     pthread_t thread;
     int started;
 
@@ -92,6 +96,8 @@ srv_job *srv_job_new(void)
 static void job_free(srv_job *j)
 {
     free(j->prompt);
+    if (j->mm) qmix_mm_request_free(j->mm);
+    free(j->mm);
     for (int i = 0; i < j->n_stop; i++) free(j->stop[i]);
     free(j->stop);
     free(j->out);
@@ -368,6 +374,12 @@ static void start_job(srv_engine *e, slot *s)
     cache_entry *hit = cache_lookup(e, j);
     if (hit && hit->n > live) {
         qmix_seq_restore(s->seq, e->cfg, hit->data, hit->n);
+        s->seq->rope_delta = 0; /* the slot's last job may have left another */
+        if (j->mm) { /* continue after the largest M-RoPE position of the restored prefix */
+            const int32_t *p = j->mm->prompt.pos3 + 3 * (hit->n - 1);
+            int32_t hi = p[0] > p[1] ? p[0] : p[1];
+            s->seq->rope_delta = (hi > p[2] ? hi : p[2]) + 1 - hit->n;
+        }
         memcpy(s->history, hit->tokens, sizeof *s->history * (size_t)hit->n);
         s->n_history = live = hit->n;
         hit->last_used = ++e->tick;
@@ -403,7 +415,8 @@ static void start_job(srv_engine *e, slot *s)
         finish(e, s, QMIX_FINISH_STOP, "out of memory");
         return;
     }
-    if (qmix_gen_stream_init(&s->gen, s->sampler, e->tok, j->prompt, j->n_prompt, &s->gen_opts,
+    if (qmix_gen_stream_init(&s->gen, s->sampler, e->tok, j->mm ? j->mm->prompt.tokens : j->prompt,
+                             j->n_prompt, &s->gen_opts,
                              on_gen_text, j, &err)) {
         qmix_sampler_free(s->sampler);
         s->sampler = NULL;
@@ -511,9 +524,27 @@ static void step(srv_engine *e)
         budget -= n;
     }
     if (!n_seqs) return;
+    int with_images = 0;
+    for (int k = 0; k < n_seqs; k++)
+        with_images |= e->step_slots[k]->phase == SLOT_PREFILL && e->step_slots[k]->job->mm;
+    if (with_images) /* every row gets its token id, embedding (images) and M-RoPE position */
+        for (int k = 0, row = 0; k < n_seqs; row += e->step_n[k], k++) {
+            slot *s = e->step_slots[k];
+            const qmix_mm_prompt *mp = s->phase == SLOT_PREFILL && s->job->mm ? &s->job->mm->prompt : NULL;
+            for (int i = 0; i < e->step_n[k]; i++) {
+                int at = s->job->prefilled + i, r = row + i;
+                e->step_ids[r] = mp ? mp->tokens[at] : e->step_tokens[r];
+                e->step_embeds[r] = mp ? mp->embeds[at] : NULL;
+                for (int c = 0; c < 3; c++)
+                    e->step_pos3[3 * r + c] = mp ? mp->pos3[3 * at + c]
+                                                 : s->seq->pos + i + s->seq->rope_delta;
+            }
+        }
     double t0 = now_s();
-    qmix_forward_batch(e->sess, e->step_seqs, e->step_n, n_seqs, e->step_tokens, e->step_logits,
-                       NULL);
+    qmix_forward_batch_mm(e->sess, e->step_seqs, e->step_n, n_seqs,
+                          with_images ? e->step_ids : e->step_tokens,
+                          with_images ? e->step_embeds : NULL, with_images ? e->step_pos3 : NULL,
+                          e->step_logits, NULL);
     double t1 = now_s();
     pthread_mutex_lock(&e->mu);
     e->steps++;
@@ -592,9 +623,12 @@ int srv_engine_new(qmix_model *model, const qmix_tokenizer *tok,
     e->step_slots = calloc(n, sizeof *e->step_slots);
     e->step_n = calloc(n, sizeof *e->step_n);
     e->step_tokens = malloc(sizeof *e->step_tokens * (size_t)e->sess->max_batch);
+    e->step_ids = malloc(sizeof *e->step_ids * (size_t)e->sess->max_batch);
+    e->step_pos3 = malloc(sizeof *e->step_pos3 * 3 * (size_t)e->sess->max_batch);
+    e->step_embeds = malloc(sizeof *e->step_embeds * (size_t)e->sess->max_batch);
     e->step_logits = malloc(sizeof *e->step_logits * n * (size_t)e->n_vocab);
     if (!e->slots || !e->step_seqs || !e->step_slots || !e->step_n || !e->step_tokens ||
-        !e->step_logits) {
+        !e->step_logits || !e->step_ids || !e->step_pos3 || !e->step_embeds) {
         qmix_errf(err, "out of memory");
         goto fail;
     }
@@ -654,6 +688,9 @@ void srv_engine_free(srv_engine *e)
     free(e->step_n);
     free(e->step_tokens);
     free(e->step_logits);
+    free(e->step_ids);
+    free(e->step_pos3);
+    free(e->step_embeds);
     free(e);
 }
 

@@ -35,6 +35,10 @@ struct srv_job {
     int n_stop;
     int chat; /* chat stops at <|im_end|> too; completions only at the model's eos ids */
     int ignore_eos; /* vLLM's extension: run to max_tokens (benchmarks, tests) */
+    /* a prompt with images, or NULL: then prompt holds its keys (image rows negative, unique per
+     * image content, so prefix reuse and the prefix cache tell images apart) and mm its real
+     * tokens, embeddings and M-RoPE positions; the job owns and frees it */
+    struct qmix_mm_request *mm;
     /* called on the scheduler thread: text as it is generated, then once at the end (res is set);
      * on_token (may be NULL) for each generated token with the logits it was drawn from, before
      * its text */

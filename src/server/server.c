@@ -17,6 +17,7 @@
 
 #include "formats/config.h"
 #include "runtime/generate.h"
+#include "model/vision.h"
 #include "server/api.h"
 #include "server/engine.h"
 #include "text/tokenizer.h"
@@ -29,6 +30,9 @@ struct qmix_server {
     pthread_mutex_t tok_mu;
     srv_engine *eng;
     api_ctx api;
+    qmix_vision *vision;       /* the model's vision tower, or NULL */
+    qmix_pool *vision_pool;
+    pthread_mutex_t vision_mu;
     char *model_id, *model_path, *api_key;
     json_t *template_args;
     size_t max_body;
@@ -289,6 +293,7 @@ int qmix_server_start(const qmix_server_opts *o, qmix_server **out, qmix_err *er
     qmix_server *s = calloc(1, sizeof *s);
     if (!s) return qmix_errf(err, "out of memory");
     pthread_mutex_init(&s->tok_mu, NULL);
+    pthread_mutex_init(&s->vision_mu, NULL);
     qmix_generation_config gen;
     if (qmix_model_open(o->model_path, &s->model, err) || qmix_tok_load(o->model_dir, &s->tok, err) ||
         qmix_generation_config_load(o->model_dir, &gen, err))
@@ -313,13 +318,22 @@ int qmix_server_start(const qmix_server_opts *o, qmix_server **out, qmix_err *er
                           .prefill_chunk = o->prefill_chunk, .cache_bytes = o->prefix_cache_bytes,
                           .kv_type = o->kv_type};
     if (srv_engine_new(s->model, s->tok, &gen, &eo, &s->eng, err)) goto fail;
+    if ((o->mmproj || qmix_model_has_vision(s->model)) &&
+        ((o->mmproj ? qmix_vision_open_mmproj(s->model, o->mmproj, s->tok, &s->vision, err)
+                    : qmix_vision_open(s->model, &s->vision, err)) ||
+         !(s->vision_pool = qmix_pool_new(o->threads)))) {
+        if (s->vision) qmix_errf(err, "cannot start the image encoder's threads");
+        goto fail;
+    }
 
     qmix_sampling sp = o->sampling;
     if (!o->sampling_given) qmix_gen_sampling_defaults(&sp, &gen); /* as `qmix chat` does */
     s->api = (api_ctx){.eng = s->eng, .tok = s->tok, .tok_mu = &s->tok_mu,
                        .model_id = s->model_id, .model_path = s->model_path, .defaults = sp,
                        .seed_given = o->seed_given, .template_args = s->template_args,
-                       .ctx = o->ctx};
+                       .ctx = o->ctx, .vision = s->vision, .vision_pool = s->vision_pool,
+                       .vision_mu = &s->vision_mu,
+                       .max_images = o->max_images > 0 ? o->max_images : 8};
 
     char port[16];
     snprintf(port, sizeof port, "%d", o->port);
@@ -375,8 +389,11 @@ void qmix_server_stop(qmix_server *s)
     }
     srv_engine_free(s->eng);
     qmix_tok_free(s->tok);
+    if (s->vision_pool) qmix_pool_free(s->vision_pool);
+    qmix_vision_free(s->vision);
     qmix_model_close(s->model);
     pthread_mutex_destroy(&s->tok_mu);
+    pthread_mutex_destroy(&s->vision_mu);
     json_decref(s->template_args);
     free(s->model_id);
     free(s->model_path);

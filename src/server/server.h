@@ -30,6 +30,8 @@ typedef struct qmix_server_opts {
     qmix_sampling sampling;  /* defaults for fields a request leaves out */
     int sampling_given;      /* 0: the model's generation_config.json overrides temp/top-p/top-k */
     int seed_given;          /* 0: requests without a seed get a fresh random one */
+    int max_images;          /* images one request may carry (0: 8); with a vision tower */
+    const char *mmproj;      /* the vision tower as a separate mmproj GGUF, or NULL */
 } qmix_server_opts;
 
 typedef struct qmix_server qmix_server;
