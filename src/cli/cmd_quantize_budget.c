@@ -16,6 +16,8 @@
 #include "eval/windows.h"
 #include "quant/allocate.h"
 #include "quant/calib.h"
+#include "quant/ggml_blocks.h"
+#include "quant/gguf_export.h"
 #include "quant/recipe.h"
 #include "util/fileio.h"
 
@@ -193,6 +195,7 @@ int budget_option(int argc, char **argv, int *i, budget_args *b)
                     CMD, v);
             return -1;
         }
+        b->cand_given = 1;
         return 1;
     case 13:
         if (int_set(v, (const int[]){32, 64, 128}, 3, b->groups, &b->n_groups)) {
@@ -274,8 +277,8 @@ typedef struct sens_row {
 
 /* Appends the rows of a saved `qmix sensitivity --json` to *rows; *v: its group size and
  * method. */
-static int load_sensitivity_json(const char *path, sens_row **rows, int *n, int *layers_seen,
-                                 variant *v)
+static int load_sensitivity_json(const char *path, int gguf, sens_row **rows, int *n,
+                                 int *layers_seen, variant *v)
 {
     json_error_t je;
     json_t *root = json_load_file(path, JSON_REJECT_DUPLICATES, &je);
@@ -285,6 +288,7 @@ static int load_sensitivity_json(const char *path, sens_row **rows, int *n, int 
     }
     json_t *arr = json_object_get(root, "rows"), *gs = json_object_get(root, "group_size");
     const char *method = json_string_value(json_object_get(root, "method"));
+    const char *format = json_string_value(json_object_get(root, "format"));
     size_t count = json_array_size(arr);
     v->group = json_is_integer(gs) ? (int)json_integer_value(gs) : 64;
     v->method = method ? qmix_method_parse(method) : QMIX_METHOD_RTN; /* older files: RTN */
@@ -296,7 +300,12 @@ static int load_sensitivity_json(const char *path, sens_row **rows, int *n, int 
     }
     *rows = grown;
     memset(*rows + *n, 0, (count + 1) * sizeof **rows);
+    int file_gguf = format && !strcmp(format, "gguf");
     const char *why = !json_is_array(arr) ? "no \"rows\" array"
+                      : file_gguf != gguf
+                          ? (gguf ? "measured with MLX affine groups, not GGUF blocks (qmix "
+                                    "sensitivity --gguf)"
+                                  : "measured with GGUF blocks, for --format gguf")
                       : v->group != 32 && v->group != 64 && v->group != 128
                           ? "group_size not 32, 64 or 128"
                       : v->method != QMIX_METHOD_RTN && v->method != QMIX_METHOD_GPTQ &&
@@ -356,6 +365,7 @@ static int measure_sensitivity(const char *in, const budget_args *b, variant v,
         return -1;
     }
     qmix_sens_opts o = {.n_bits = b->n_cand, .group_size = v.group, .method = v.method,
+                        .gguf = b->gguf,
                         .calib = stats, .min_tokens = stats ? qmix_calib_failsafe_rows(qmix_calib_tokens(stats), -1) : 0, .per_layer = b->bands > 1,
                         .tokens = tokens, .n_tokens = n_tokens, .ctx = b->calib_ctx,
                         .n_windows = b->calib_windows, .n_threads = b->threads,
@@ -405,11 +415,45 @@ static int measure_sensitivity(const char *in, const budget_args *b, variant v,
 
 /* ---- sizes: the quantizer's dry run of a uniform recipe ----------------------------------- */
 
+/* The GGUF writer's own sizes for the recipe: every type decided (fallbacks included), nothing
+ * written; the report in qmix_quant_report's terms (bpw over every tensor). */
+static int gguf_sizes(const char *in, const qmix_recipe *r, const qmix_quant_opts *base,
+                      qmix_quant_report *rep)
+{
+    qmix_err err;
+    qmix_gguf_export_report g;
+    qmix_gguf_export_opts go = {.recipe = r, .n_threads = 1, .dry_run = 1, .report = &g,
+                                .keep_type = base->dtype == QMIX_F16 ? QMIX_GGML_F16
+                                                                     : QMIX_GGML_BF16};
+    if (qmix_gguf_export(in, NULL, &go, &err)) {
+        fprintf(stderr, "qmix %s: %s\n", CMD, err.msg);
+        return -1;
+    }
+    memset(rep, 0, sizeof *rep);
+    rep->params = g.params;
+    rep->bytes = g.bytes;
+    rep->bpw = g.params ? 8.0 * (double)g.bytes / (double)g.params : 0;
+    rep->n_tensors = g.n_tensors;
+    for (int k = 0; k < QMIX_ROLE_COUNT; k++) {
+        rep->roles[k].params = g.roles[k].params;
+        rep->roles[k].bytes = g.roles[k].bytes;
+        rep->roles[k].tensors = g.roles[k].tensors;
+    }
+    return 0;
+}
+
 static int dry_run(const char *in, const char *recipe_text, const qmix_quant_opts *base,
-                   qmix_quant_report *rep)
+                   int gguf, qmix_quant_report *rep)
 {
     qmix_err err;
     qmix_recipe r;
+    if (gguf) {
+        if (qmix_recipe_parse(recipe_text, "allocation", &r, &err)) {
+            fprintf(stderr, "qmix %s: %s\n", CMD, err.msg);
+            return -1;
+        }
+        return gguf_sizes(in, &r, base, rep);
+    }
     qmix_quant_opts o = *base;
     o.recipe = &r;
     o.dry_run = 1;
@@ -430,9 +474,27 @@ static int allocated_role(int r)
            r != QMIX_ROLE_MTP && r != QMIX_ROLE_OTHER;
 }
 
-int quantize_with_budget(const char *in, const char *out, const budget_args *b,
+int quantize_with_budget(const char *in, const char *out, const budget_args *args,
                          qmix_quant_opts *qo)
 {
+    budget_args bv = *args, *b = &bv;
+    if (b->gguf) {
+        /* GGUF: blocks fix their own group size (one nominal 32); widths 2-6 and 8 each have a
+         * type; the shared-expert gate is always written F32 (llama.cpp never quantizes it) */
+        if (b->n_groups > 1 || b->groups[0] != 64 || b->n_methods > 1 ||
+            b->methods[0] != QMIX_METHOD_RTN || b->stats) {
+            fprintf(stderr, "qmix %s: --format gguf allocates GGUF block types, rounded to "
+                    "nearest: --group, --methods and --stats do not apply\n", CMD);
+            return 2;
+        }
+        b->groups[0] = 32;
+        if (!b->cand_given) {
+            const int cand[] = {2, 3, 4, 5, 6, 8};
+            b->n_cand = 6;
+            memcpy(b->cand_bits, cand, sizeof cand);
+        }
+        b->keep_roles |= 1u << QMIX_ROLE_SHARED_EXPERT_GATE;
+    }
     if (!b->n_sensitivity && !b->calib && !b->tokens) {
         fprintf(stderr, "qmix %s: a budget needs measured sensitivity: give --calib FILE, --tokens "
                 "FILE or --sensitivity FILE\n", CMD);
@@ -475,7 +537,8 @@ int quantize_with_budget(const char *in, const char *out, const budget_args *b,
         for (int f = 0; f < b->n_sensitivity; f++) {
             int seen = 0;
             variant v;
-            if (load_sensitivity_json(b->sensitivity[f], &rows, &n_rows, &seen, &v)) goto done;
+            if (load_sensitivity_json(b->sensitivity[f], b->gguf, &rows, &n_rows, &seen, &v))
+                goto done;
             if (f && seen != layers_seen) {
                 fprintf(stderr, "qmix %s: --sensitivity files mix per-role and per-layer rows\n", CMD);
                 goto done;
@@ -530,12 +593,12 @@ int quantize_with_budget(const char *in, const char *out, const budget_args *b,
 
     /* 2. what every role costs at each candidate (width, group size), and kept */
     qmix_quant_report keep, at[MAX_VARIANTS][9];
-    if (dry_run(in, "default keep\n", qo, &keep)) goto done;
+    if (dry_run(in, "default keep\n", qo, b->gguf, &keep)) goto done;
     for (int j = 0; j < n_groups; j++)
         for (int k = 0; k < b->n_cand; k++) {
             char line[64];
             snprintf(line, sizeof line, "default bits=%d group=%d\n", b->cand_bits[k], groups[j]);
-            if (dry_run(in, line, qo, &at[j][b->cand_bits[k]])) goto done;
+            if (dry_run(in, line, qo, b->gguf, &at[j][b->cand_bits[k]])) goto done;
         }
 
     /* 3. the budget for the weights */
@@ -686,7 +749,7 @@ int quantize_with_budget(const char *in, const char *out, const budget_args *b,
             fprintf(stderr, "qmix %s: %s\n", CMD, err.msg);
             goto done;
         }
-        if (dry_run(in, text, qo, &final)) goto done;
+        if (dry_run(in, text, qo, b->gguf, &final)) goto done;
         if (final.bytes <= weights_budget || fixed || attempt == 4) break;
         uint64_t over = final.bytes - weights_budget;
         target = target > over ? target - over : 0;
@@ -772,12 +835,29 @@ int quantize_with_budget(const char *in, const char *out, const budget_args *b,
     /* 7. quantize with it, keep the recipe beside the weights, measure the real KLD */
     qo->recipe = &recipe;
     qmix_quant_report rep;
-    if (qmix_quantize(in, out, qo, &rep, &err)) {
-        fprintf(stderr, "qmix %s: %s\n", CMD, err.msg);
-        goto done;
-    }
     char path[4200];
-    snprintf(path, sizeof path, "%s/qmix-recipe.txt", out);
+    if (b->gguf) {
+        /* one file: the recipe goes beside it as OUT.recipe.txt */
+        qmix_gguf_export_report grep_;
+        qmix_gguf_export_opts go = {.recipe = &recipe, .progress = qo->progress,
+                                    .n_threads = qo->n_threads, .report = &grep_,
+                                    .keep_type = qo->dtype == QMIX_F16 ? QMIX_GGML_F16
+                                                                       : QMIX_GGML_BF16};
+        if (qmix_gguf_export(in, out, &go, &err)) {
+            fprintf(stderr, "qmix %s: %s\n", CMD, err.msg);
+            goto done;
+        }
+        memset(&rep, 0, sizeof rep);
+        rep.bytes = grep_.bytes;
+        rep.bpw = grep_.params ? 8.0 * (double)grep_.bytes / (double)grep_.params : 0;
+        snprintf(path, sizeof path, "%s.recipe.txt", out);
+    } else {
+        if (qmix_quantize(in, out, qo, &rep, &err)) {
+            fprintf(stderr, "qmix %s: %s\n", CMD, err.msg);
+            goto done;
+        }
+        snprintf(path, sizeof path, "%s/qmix-recipe.txt", out);
+    }
     FILE *f = fopen(path, "w");
     if (!f || fputs(text, f) < 0 || fclose(f)) {
         fprintf(stderr, "qmix %s: cannot write %s\n", CMD, path);
@@ -785,7 +865,8 @@ int quantize_with_budget(const char *in, const char *out, const budget_args *b,
     }
     cli_human_bytes((double)rep.bytes, ha, sizeof ha);
     if (js) json_object_set_new(js, "written_bytes", json_integer((json_int_t)rep.bytes));
-    else printf("quantized %s -> %s: %s, %.3f bpw, recipe in %s\n", in, out, ha, rep.bpw, path);
+    else printf("quantized %s -> %s%s: %s, %.3f bpw, recipe in %s\n", in, out,
+                b->gguf ? " (GGUF)" : "", ha, rep.bpw, path);
     if (b->verify && tokens) {
         qmix_model *mb = NULL, *mq = NULL;
         qmix_session *sb = NULL, *sq = NULL;

@@ -15,7 +15,10 @@ typedef struct budget_args {
     const char *sensitivity[9];  /* saved `qmix sensitivity --json`, one per (group, method) */
     int n_sensitivity;
     int calib_ctx, calib_windows;
-    int cand_bits[6], n_cand;   /* candidate bits (default 2,3,4,6,8) */
+    int cand_bits[6], n_cand;   /* candidate bits (default 2,3,4,6,8; GGUF 2,3,4,5,6,8) */
+    int cand_given;             /* --candidates was given */
+    int gguf;                   /* --format gguf: candidates are the GGUF block types the
+                                   writer gives each width, measured and sized as written */
     int groups[3], n_groups;    /* candidate group sizes (--group 32,64,128; default 64): each
                                    is measured; the first is the recipe's default */
     int methods[3], n_methods;  /* candidate methods (--methods rtn,gptq; default rtn) */
