@@ -171,11 +171,6 @@ int qmix_cmd_quantize(int argc, char **argv)
                     "(quantize with --recipe and the method)\n");
             return 2;
         }
-        if (!strcmp(format, "gptq")) {
-            fprintf(stderr, "qmix quantize: a budget writes MLX or GGUF; write its --recipe-out "
-                    "with --recipe and --format gptq\n");
-            return 2;
-        }
         budget.gguf = !strcmp(format, "gguf");
         if (group) {
             budget.groups[0] = (int)group;

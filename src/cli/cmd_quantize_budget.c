@@ -55,8 +55,15 @@ const char budget_help[] =
     "                       OUT/qmix-recipe.txt)\n"
     "  --dry-run            print the allocation, predicted size and KLD; write nothing\n"
     "  --no-verify          skip measuring the real KLD of the result\n"
+    "  Output formats: MLX (default); --format gguf chooses GGUF block types (each width is\n"
+    "  the type the GGUF writer gives it: 2 Q2_K, 3 Q3_K, 4 Q4_K, 5 Q5_K, 6 Q6_K, 8 Q8_0, with\n"
+    "  its fallback where a K-quant block does not divide a row; keep BF16), measured on those\n"
+    "  blocks (--sensitivity files from qmix sensitivity --gguf) and sized as written, recipe\n"
+    "  beside the file as OUT.recipe.txt; --format gptq chooses what vLLM loads (2/3/4/8 bits,\n"
+    "  routed experts 4 or 8, fused q/k/v, GDN qkv/z and b/a one setting each; router,\n"
+    "  shared-expert gate and embedding 16-bit)\n"
     "  --json               print one JSON object: budget_bytes, bytes, bpw, predicted_kld,\n"
-    "                       groups[] (role, layers, bits, bytes, kld), recipe, written_bytes and\n"
+    "                       groups[] (role, roles, layers, bits, bytes, kld), recipe, written_bytes and\n"
     "                       measured_kld when quantized and verified\n";
 
 void budget_defaults(budget_args *b)
@@ -466,6 +473,72 @@ static int dry_run(const char *in, const char *recipe_text, const qmix_quant_opt
     return 0;
 }
 
+/* ---- --format gptq: what vLLM loads --------------------------------------------------------- */
+
+/* Modules vLLM fuses, which GPTQ must give one setting (per layer for the routed experts). */
+static const uint32_t gptq_fused[] = {
+    1u << QMIX_ROLE_ATTN_Q | 1u << QMIX_ROLE_ATTN_K | 1u << QMIX_ROLE_ATTN_V,
+    1u << QMIX_ROLE_GDN_QKV | 1u << QMIX_ROLE_GDN_Z,
+    1u << QMIX_ROLE_GDN_A | 1u << QMIX_ROLE_GDN_B,
+    1u << QMIX_ROLE_EXPERTS_GATE_UP | 1u << QMIX_ROLE_EXPERTS_DOWN,
+};
+
+/* Whether a GPTQ checkpoint can hold role r alone at (bits, group), as the GPTQ writer checks:
+ * 2, 3, 4 or 8 bits; routed experts 4 or 8 (vLLM's fused-MoE kernels); every matrix's output
+ * channels times bits a multiple of 32 (qzeros packing) and its input a multiple of the group.
+ * Router, shared-expert gate and embedding are kept by the caller (vLLM builds them
+ * unquantized). */
+static int gptq_one_ok(const qmix_config *c, int r, int bits, int group)
+{
+    if (bits != 2 && bits != 3 && bits != 4 && bits != 8) return 0;
+    int64_t rows[2] = {0, 0}, cols[2] = {c->hidden_size, c->hidden_size};
+    int64_t nv = (int64_t)c->lin_n_v_heads * c->lin_v_head_dim;
+    switch (r) {
+    case QMIX_ROLE_ATTN_Q: rows[0] = 2 * c->n_heads * c->head_dim; break; /* query and gate */
+    case QMIX_ROLE_ATTN_K: case QMIX_ROLE_ATTN_V: rows[0] = c->n_kv_heads * c->head_dim; break;
+    case QMIX_ROLE_ATTN_O: rows[0] = c->hidden_size; cols[0] = c->n_heads * c->head_dim; break;
+    case QMIX_ROLE_GDN_OUT: rows[0] = c->hidden_size; cols[0] = nv; break;
+    case QMIX_ROLE_GDN_QKV: rows[0] = 2 * c->lin_n_k_heads * c->lin_k_head_dim + nv; break;
+    case QMIX_ROLE_GDN_Z: rows[0] = nv; break;
+    case QMIX_ROLE_GDN_A: case QMIX_ROLE_GDN_B: rows[0] = c->lin_n_v_heads; break;
+    case QMIX_ROLE_SHARED_EXPERT:
+        rows[0] = c->shared_ffn;
+        rows[1] = c->hidden_size;
+        cols[1] = c->shared_ffn;
+        break;
+    case QMIX_ROLE_EXPERTS_GATE_UP: rows[0] = c->moe_ffn; break;
+    case QMIX_ROLE_EXPERTS_DOWN: rows[0] = c->hidden_size; cols[0] = c->moe_ffn; break;
+    case QMIX_ROLE_LM_HEAD: rows[0] = c->vocab_size; break;
+    default: return 0;
+    }
+    if ((r == QMIX_ROLE_EXPERTS_GATE_UP || r == QMIX_ROLE_EXPERTS_DOWN) && bits != 4 && bits != 8)
+        return 0;
+    for (int k = 0; k < 2; k++)
+        if ((rows[k] * bits) % 32 || cols[k] % group) return 0;
+    return 1;
+}
+
+/* ... and together with the modules it is fused with (all of them, or none). */
+static int gptq_role_ok(const qmix_config *c, int r, int bits, int group)
+{
+    uint32_t mask = 1u << r;
+    for (size_t k = 0; k < sizeof gptq_fused / sizeof *gptq_fused; k++)
+        if (gptq_fused[k] & mask) mask = gptq_fused[k];
+    for (int x = 0; x < QMIX_ROLE_COUNT; x++)
+        if ((mask & (1u << x)) && !gptq_one_ok(c, x, bits, group)) return 0;
+    return 1;
+}
+
+/* The group's roles, comma-separated (more than one where fused modules share a setting). */
+static const char *group_roles(const qmix_alloc_group *g, char *buf, size_t len)
+{
+    int off = snprintf(buf, len, "%s", qmix_role_name(g->role));
+    for (int r = 0; r < QMIX_ROLE_COUNT && off > 0 && (size_t)off < len; r++)
+        if (g->also & (1u << r))
+            off += snprintf(buf + off, len - (size_t)off, ",%s", qmix_role_name((qmix_role)r));
+    return buf;
+}
+
 /* ---- the command ------------------------------------------------------------------------- */
 
 static int allocated_role(int r)
@@ -494,6 +567,30 @@ int quantize_with_budget(const char *in, const char *out, const budget_args *arg
             memcpy(b->cand_bits, cand, sizeof cand);
         }
         b->keep_roles |= 1u << QMIX_ROLE_SHARED_EXPERT_GATE;
+    }
+    int gptq = qo->format == QMIX_QFORMAT_GPTQ;
+    qmix_config cfg = {0};
+    if (gptq) {
+        /* vLLM: 2/3/4/8 bits; router, shared-expert gate and embedding 16-bit */
+        int n = 0;
+        for (int k = 0; k < b->n_cand; k++)
+            if (b->cand_bits[k] != 5 && b->cand_bits[k] != 6) b->cand_bits[n++] = b->cand_bits[k];
+        if (!n) {
+            fprintf(stderr, "qmix %s: --format gptq holds 2, 3, 4 or 8 bits: give those in "
+                    "--candidates\n", CMD);
+            return 2;
+        }
+        b->n_cand = n;
+        b->keep_roles |= 1u << QMIX_ROLE_SHARED_EXPERT_GATE | 1u << QMIX_ROLE_EMBED |
+                         1u << QMIX_ROLE_ROUTER;
+        qmix_model *m;
+        qmix_err e;
+        if (qmix_model_open(in, &m, &e)) {
+            fprintf(stderr, "qmix %s: %s\n", CMD, e.msg);
+            return 1;
+        }
+        cfg = *qmix_model_config(m);
+        qmix_model_close(m);
     }
     if (!b->n_sensitivity && !b->calib && !b->tokens) {
         fprintf(stderr, "qmix %s: a budget needs measured sensitivity: give --calib FILE, --tokens "
@@ -593,13 +690,32 @@ int quantize_with_budget(const char *in, const char *out, const budget_args *arg
 
     /* 2. what every role costs at each candidate (width, group size), and kept */
     qmix_quant_report keep, at[MAX_VARIANTS][9];
-    if (dry_run(in, "default keep\n", qo, b->gguf, &keep)) goto done;
+    /* kept weights are the same 16-bit bytes in MLX and GPTQ output (and GPTQ refuses a file
+     * with nothing quantized) */
+    qmix_quant_opts keep_opts = *qo;
+    if (gptq) keep_opts.format = QMIX_QFORMAT_MLX;
+    if (dry_run(in, "default keep\n", &keep_opts, b->gguf, &keep)) goto done;
     for (int j = 0; j < n_groups; j++)
         for (int k = 0; k < b->n_cand; k++) {
-            char line[64];
-            snprintf(line, sizeof line, "default bits=%d group=%d\n", b->cand_bits[k], groups[j]);
+            char line[1024];
+            int off = snprintf(line, sizeof line, "default bits=%d group=%d\n", b->cand_bits[k],
+                               groups[j]);
+            /* GPTQ: roles it cannot hold at these bits stay 16-bit in the sizing run (and are
+             * no candidate below) */
+            for (int r = 0; gptq && r < QMIX_ROLE_COUNT; r++)
+                if (allocated_role(r) && !gptq_role_ok(&cfg, r, b->cand_bits[k], groups[j]))
+                    off += snprintf(line + off, sizeof line - (size_t)off, "%s keep\n",
+                                    qmix_role_name((qmix_role)r));
             if (dry_run(in, line, qo, b->gguf, &at[j][b->cand_bits[k]])) goto done;
         }
+
+    if (gptq) {
+        /* what GPTQ output always keeps (norms, GDN parameters, MTP, vision) as it writes it */
+        const qmix_quant_report *any = &at[0][b->cand_bits[0]];
+        for (int r = 0; r < QMIX_ROLE_COUNT; r++)
+            if (!allocated_role(r)) keep.roles[r] = any->roles[r];
+        keep.params = any->params;
+    }
 
     /* 3. the budget for the weights */
     uint64_t weights_budget;
@@ -704,6 +820,7 @@ int quantize_with_budget(const char *in, const char *out, const budget_args *arg
                 for (int k = 0; k < b->n_cand && seen[j] && quantizable[j]; k++) {
                     int bits = b->cand_bits[k];
                     if (bits < b->min_bits[r] || isnan(kld[j][bits])) continue;
+                    if (gptq && !gptq_role_ok(&cfg, r, bits, var[j].group)) continue;
                     gr->opt[gr->n_opts++] = (qmix_alloc_opt){
                         .bits = bits, .group = var[j].group, .method = var[j].method,
                         .bytes = (uint64_t)(at[var_group[j]][bits].roles[r].bytes * share),
@@ -711,6 +828,8 @@ int quantize_with_budget(const char *in, const char *out, const budget_args *arg
                 }
         }
     }
+    for (size_t k = 0; gptq && k < sizeof gptq_fused / sizeof *gptq_fused; k++)
+        n = qmix_alloc_link(g, n, gptq_fused[k]);
     if (weights_budget <= fixed_bytes) {
         fprintf(stderr, "qmix %s: the weight budget (%.1f MiB) does not even hold what is always "
                 "kept at 16 bits (%.1f MiB)\n", CMD, weights_budget / 1048576.0,
@@ -764,8 +883,11 @@ int quantize_with_budget(const char *in, const char *out, const budget_args *arg
         json_t *jgroups = json_array();
         for (int i = 0; i < n; i++) {
             const qmix_alloc_opt *c = &g[i].opt[g[i].choice];
-            json_array_append_new(jgroups, json_pack("{s:s, s:i, s:i, s:i, s:i, s:s, s:I, s:f}", "role",
-                                                     qmix_role_name(g[i].role), "layer_lo",
+            char names[256];
+            json_array_append_new(jgroups, json_pack("{s:s, s:s, s:i, s:i, s:i, s:i, s:s, s:I, s:f}",
+                                                     "role", qmix_role_name(g[i].role), "roles",
+                                                     group_roles(&g[i], names, sizeof names),
+                                                     "layer_lo",
                                                      g[i].layer_lo, "layer_hi", g[i].layer_hi,
                                                      "bits", c->bits ? c->bits : 16, "group_size",
                                                      c->bits ? c->group : 0, "method",
@@ -798,20 +920,23 @@ int quantize_with_budget(const char *in, const char *out, const budget_args *arg
                "|---|---|---|---|---|---|---|---|---|\n");
         for (int i = 0; i < n; i++) {
             const qmix_alloc_opt *c = &g[i].opt[g[i].choice];
-            char layers[32] = "all", bits[8] = "bf16", gsize[8] = "-";
+            char layers[32] = "all", bits[8] = "bf16", gsize[8] = "-", names[256];
             if (g[i].layer_lo >= 0)
                 snprintf(layers, sizeof layers, "%d-%d", g[i].layer_lo, g[i].layer_hi);
             if (c->bits) snprintf(bits, sizeof bits, "%d", c->bits);
             if (c->bits) snprintf(gsize, sizeof gsize, "%d", c->group);
             /* a whole role: the dry run's count (sampled rows cover only some layers) */
-            double params = g[i].layer_lo < 0 ? (double)keep.roles[g[i].role].params : 0;
+            uint32_t mask = 1u << g[i].role | g[i].also;
+            double params = 0;
+            for (int r = 0; r < QMIX_ROLE_COUNT && g[i].layer_lo < 0; r++)
+                if (mask & (1u << r)) params += (double)keep.roles[r].params;
             for (int k = 0; k < n_rows && g[i].layer_lo >= 0; k++)
-                if (rows[k].role == (int)g[i].role && rows[k].layer >= g[i].layer_lo &&
+                if ((mask & (1u << rows[k].role)) && rows[k].layer >= g[i].layer_lo &&
                     rows[k].layer <= g[i].layer_hi)
                     params += (double)rows[k].params;
             cli_human_bytes((double)c->bytes, ha, sizeof ha);
             printf("| %s | %s | %s | %s | %s | %.0f | %s | %.1f%% | %.5f |\n",
-                   qmix_role_name(g[i].role), layers, bits, gsize,
+                   group_roles(&g[i], names, sizeof names), layers, bits, gsize,
                    c->bits ? qmix_method_name(c->method) : "-", params, ha,
                    final.bytes ? 100.0 * (double)c->bytes / (double)final.bytes : 0, c->kld);
         }
