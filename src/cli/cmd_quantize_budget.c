@@ -55,6 +55,12 @@ const char budget_help[] =
     "                       OUT/qmix-recipe.txt)\n"
     "  --dry-run            print the allocation, predicted size and KLD; write nothing\n"
     "  --no-verify          skip measuring the real KLD of the result\n"
+    "  --refine N           with calibration text or tokens: measure the allocation, then\n"
+    "                       up to N rounds (default 3; 0: off) of alternatives (the groups\n"
+    "                       with the largest predicted loss one setting up, the most protected\n"
+    "                       per byte one down, the best uniform setting that fits), each\n"
+    "                       re-allocated around the move and measured; keeps the best measured\n"
+    "                       and prints predicted vs measured for each\n"
     "  Output formats: MLX (default); --format gguf chooses GGUF block types (each width is\n"
     "  the type the GGUF writer gives it: 2 Q2_K, 3 Q3_K, 4 Q4_K, 5 Q5_K, 6 Q6_K, 8 Q8_0, with\n"
     "  its fallback where a K-quant block does not divide a row; keep BF16), measured on those\n"
@@ -79,6 +85,7 @@ void budget_defaults(budget_args *b)
     b->n_methods = 1;
     b->bands = 1;
     b->verify = 1;
+    b->refine = 3;
     b->bpw = -1;
     const int cand[] = {2, 3, 4, 6, 8};
     b->n_cand = 5;
@@ -153,7 +160,7 @@ int budget_option(int argc, char **argv, int *i, budget_args *b)
                                          "--sensitivity", "--calib-ctx", "--calib-windows",
                                          "--candidates", "--group", "--layer-bands", "--min",
                                          "--keep", "--fixed", "--recipe-out", "--methods",
-                                         "--stats"};
+                                         "--refine", "--stats"};
     size_t k = 0;
     while (k < sizeof valued / sizeof *valued && strcmp(a, valued[k])) k++;
     if (k == sizeof valued / sizeof *valued) return 0;
@@ -264,6 +271,7 @@ int budget_option(int argc, char **argv, int *i, budget_args *b)
         }
         return 1;
     }
+    case 20: if (cli_int(CMD, a, v, 0, 20, &n)) return -1; b->refine = (int)n; return 1;
     default: b->stats = v; return 1;
     }
 }
@@ -537,6 +545,357 @@ static const char *group_roles(const qmix_alloc_group *g, char *buf, size_t len)
         if (g->also & (1u << r))
             off += snprintf(buf + off, len - (size_t)off, ",%s", qmix_role_name((qmix_role)r));
     return buf;
+}
+
+/* ---- allocation to recipe ---------------------------------------------------------------- */
+
+typedef struct alloc_job {
+    const char *in;
+    const qmix_quant_opts *qo;
+    const budget_args *b;
+    const char *header, *fixed;
+    int default_group;
+    uint64_t weights_budget;
+} alloc_job;
+
+/* Allocates g for target; the recipe's real size comes from one more dry run (bands split a
+ * role's bytes by parameters, which can round differently): shrink and retry if it overshoots.
+ * The recipe as text and parsed, and its sizes. */
+static int allocate_recipe(const alloc_job *j, qmix_alloc_group *g, int n, uint64_t target,
+                           char *text, qmix_recipe *recipe, qmix_quant_report *final, int quiet)
+{
+    qmix_err err;
+    for (int attempt = 0;; attempt++) {
+        if (qmix_allocate(g, n, target, &err) ||
+            qmix_alloc_recipe(g, n, j->default_group, j->header, text, RECIPE_BYTES, &err)) {
+            if (!quiet) fprintf(stderr, "qmix %s: %s\n", CMD, err.msg);
+            return -1;
+        }
+        if (j->fixed) {
+            size_t len = strlen(text);
+            snprintf(text + len, RECIPE_BYTES - len, "# --fixed %s\n%s\n", j->b->fixed, j->fixed);
+        }
+        if (qmix_recipe_parse(text, "allocation", recipe, &err)) {
+            fprintf(stderr, "qmix %s: %s\n", CMD, err.msg);
+            return -1;
+        }
+        if (dry_run(j->in, text, j->qo, j->b->gguf, final)) return -1;
+        if (final->bytes <= j->weights_budget || j->fixed || attempt == 4) return 0;
+        uint64_t over = final->bytes - j->weights_budget;
+        target = target > over ? target - over : 0;
+    }
+}
+
+/* ---- writing and measuring a recipe (step 7, and each refinement candidate) ---------------- */
+
+/* Writes IN quantized by recipe r to out: a GGUF file, or an MLX/GPTQ directory. */
+static int write_out(const char *in, const char *out, int gguf, qmix_quant_opts *qo,
+                     qmix_recipe *r, qmix_quant_report *rep)
+{
+    qmix_err err;
+    if (gguf) {
+        qmix_gguf_export_report g;
+        qmix_gguf_export_opts go = {.recipe = r, .progress = qo->progress,
+                                    .n_threads = qo->n_threads, .report = &g,
+                                    .keep_type = qo->dtype == QMIX_F16 ? QMIX_GGML_F16
+                                                                       : QMIX_GGML_BF16};
+        if (qmix_gguf_export(in, out, &go, &err)) {
+            fprintf(stderr, "qmix %s: %s\n", CMD, err.msg);
+            return -1;
+        }
+        memset(rep, 0, sizeof *rep);
+        rep->bytes = g.bytes;
+        rep->bpw = g.params ? 8.0 * (double)g.bytes / (double)g.params : 0;
+        return 0;
+    }
+    qo->recipe = r;
+    if (qmix_quantize(in, out, qo, rep, &err)) {
+        fprintf(stderr, "qmix %s: %s\n", CMD, err.msg);
+        return -1;
+    }
+    return 0;
+}
+
+/* Mean KLD (and top-1 agreement) of the checkpoint at path against IN on the calibration
+ * windows. */
+static int measure_kld(const char *in, const char *path, const budget_args *b,
+                       const int32_t *tokens, int64_t n_tokens, double *mean, double *top1,
+                       int64_t *n_scored)
+{
+    qmix_err err;
+    qmix_model *mb = NULL, *mq = NULL;
+    qmix_session *sb = NULL, *sq = NULL;
+    qmix_kld_result kr = {0};
+    qmix_session_opts so = {.max_ctx = b->calib_ctx, .n_threads = b->threads};
+    int windows = qmix_eval_n_windows(n_tokens, b->calib_ctx, b->calib_windows), rc = -1;
+    if (qmix_model_open(in, &mb, &err) || qmix_model_open(path, &mq, &err) ||
+        qmix_session_new(mb, &so, &sb, &err) || qmix_session_new(mq, &so, &sq, &err) ||
+        qmix_kld_compare(sq, sb, NULL, tokens, b->calib_ctx, windows, NULL, NULL, &cli_stop,
+                         &kr, &err) < 0) {
+        fprintf(stderr, "qmix %s: measuring %s: %s\n", CMD, path, err.msg);
+    } else if (kr.n > 0) {
+        double sum = 0;
+        for (int64_t i = 0; i < kr.n; i++) sum += kr.kld[i];
+        *mean = sum / (double)kr.n;
+        *top1 = (double)kr.top1_same / (double)kr.n;
+        *n_scored = kr.n;
+        rc = 0;
+    }
+    qmix_kld_result_free(&kr);
+    qmix_session_free(sq);
+    qmix_session_free(sb);
+    qmix_model_close(mq);
+    qmix_model_close(mb);
+    return rc;
+}
+
+/* Refinement candidates are choice vectors over the groups' full settings. */
+static uint64_t choice_bytes(const qmix_alloc_group *g, int n, const int *ch)
+{
+    uint64_t sum = 0;
+    for (int i = 0; i < n; i++) sum += g[i].opt[ch[i]].bytes;
+    return sum;
+}
+
+/* One step up for group i (the cheapest setting predicted better than its choice), paid for by
+ * one step down of the groups whose predicted loss grows least per byte freed until the
+ * choices fit target again; or one step down (the largest cheaper setting) with the bytes
+ * freed spent on the steps up that buy most. 0 if no such move fits. */
+static int swap_move(const qmix_alloc_group *g, int n, uint64_t target, int *ch, int i, int up)
+{
+    const qmix_alloc_opt *cur = &g[i].opt[ch[i]];
+    int pick = -1;
+    for (int o = 0; o < g[i].n_opts; o++) {
+        const qmix_alloc_opt *c = &g[i].opt[o];
+        if (up ? c->kld < cur->kld && c->bytes > cur->bytes &&
+                     (pick < 0 || c->bytes < g[i].opt[pick].bytes)
+               : c->bytes < cur->bytes && (pick < 0 || c->bytes > g[i].opt[pick].bytes))
+            pick = o;
+    }
+    if (pick < 0) return 0;
+    ch[i] = pick;
+    for (;;) {
+        uint64_t used = choice_bytes(g, n, ch);
+        if (up && used <= target) return 1;
+        int bk = -1, bo = -1;
+        double best = 0;
+        for (int k = 0; k < n; k++) {
+            if (k == i) continue;
+            const qmix_alloc_opt *c = &g[k].opt[ch[k]];
+            for (int o = 0; o < g[k].n_opts; o++) {
+                const qmix_alloc_opt *x = &g[k].opt[o];
+                double r;
+                if (up) {
+                    if (x->bytes >= c->bytes) continue;
+                    r = -(x->kld - c->kld) / (double)(c->bytes - x->bytes); /* loss per byte */
+                } else {
+                    if (x->bytes <= c->bytes || x->kld >= c->kld ||
+                        x->bytes - c->bytes > target - used)
+                        continue;
+                    r = (c->kld - x->kld) / (double)(x->bytes - c->bytes); /* gain per byte */
+                }
+                if (bk < 0 || r > best) {
+                    best = r;
+                    bk = k;
+                    bo = o;
+                }
+            }
+        }
+        if (bk < 0) return !up;
+        ch[bk] = bo;
+    }
+}
+
+/* The uniform setting (bits, variant) that fits target with the most bytes, as choices (groups
+ * that can only be kept stay kept). 0 if none fits. */
+static int uniform_anchor(const qmix_alloc_group *g, int n, uint64_t target, const int *cand,
+                          int n_cand, const variant *var, int n_var, int *ch, char *what,
+                          size_t len)
+{
+    uint64_t best_bytes = 0;
+    int found = 0;
+    int *tmp = malloc((size_t)n * sizeof *tmp);
+    if (!tmp) return 0;
+    for (int j = 0; j < n_var; j++)
+        for (int k = 0; k < n_cand; k++) {
+            int ok = 1;
+            for (int i = 0; i < n && ok; i++) {
+                tmp[i] = -1;
+                for (int o = 0; o < g[i].n_opts; o++)
+                    if (g[i].opt[o].bits == cand[k] && g[i].opt[o].group == var[j].group &&
+                        g[i].opt[o].method == var[j].method)
+                        tmp[i] = o;
+                if (tmp[i] < 0 && g[i].n_opts > 1) ok = 0;
+                if (tmp[i] < 0) tmp[i] = 0;
+            }
+            uint64_t bytes = ok ? choice_bytes(g, n, tmp) : 0;
+            if (ok && bytes <= target && bytes > best_bytes) {
+                best_bytes = bytes;
+                memcpy(ch, tmp, (size_t)n * sizeof *ch);
+                snprintf(what, len, "uniform %d-bit group %d %s", cand[k], var[j].group,
+                         qmix_method_name(var[j].method));
+                found = 1;
+            }
+        }
+    free(tmp);
+    return found;
+}
+
+typedef struct rank { int i; double key; } rank;
+
+static int cmp_rank(const void *a, const void *b)
+{
+    const rank *x = a, *y = b;
+    return x->key > y->key ? -1 : x->key < y->key ? 1 : x->i - y->i;
+}
+
+/* The recipe (text, parsed, sized) of the choices ch over g's settings. */
+static int choice_recipe(const alloc_job *j, qmix_alloc_group *g, int n, const int *ch,
+                         char *text, qmix_recipe *recipe, qmix_quant_report *final)
+{
+    qmix_err err;
+    for (int i = 0; i < n; i++) g[i].choice = ch[i];
+    if (qmix_alloc_recipe(g, n, j->default_group, j->header, text, RECIPE_BYTES, &err)) {
+        fprintf(stderr, "qmix %s: %s\n", CMD, err.msg);
+        return -1;
+    }
+    if (j->fixed) {
+        size_t len = strlen(text);
+        snprintf(text + len, RECIPE_BYTES - len, "# --fixed %s\n%s\n", j->b->fixed, j->fixed);
+    }
+    if (qmix_recipe_parse(text, "allocation", recipe, &err)) {
+        fprintf(stderr, "qmix %s: %s\n", CMD, err.msg);
+        return -1;
+    }
+    return dry_run(j->in, text, j->qo, j->b->gguf, final);
+}
+
+/* See step 5b of quantize_with_budget. Candidates are written to out (each overwriting the
+ * last); on return g's choices, text, recipe and final hold the best measured allocation,
+ * *written says whether out holds it. */
+static int refine(const alloc_job *job, qmix_alloc_group *g, int n, uint64_t target,
+                  const variant *var, int n_var, const int32_t *tokens, int64_t n_tokens,
+                  const char *out, qmix_quant_opts *qo, char *text, qmix_recipe *recipe,
+                  qmix_quant_report *final, qmix_quant_report *best_rep, int *written,
+                  double *best_kld, double *best_top1, int64_t *best_scored, json_t **jout)
+{
+    const budget_args *b = job->b;
+    int *best = malloc((size_t)n * sizeof *best), *ch = malloc((size_t)n * sizeof *ch),
+        *round_best = malloc((size_t)n * sizeof *round_best);
+    rank *up = malloc((size_t)n * sizeof *up), *down = malloc((size_t)n * sizeof *down);
+    char *ctext = malloc(RECIPE_BYTES);
+    json_t *steps = jout ? json_array() : NULL;
+    int rc = -1, saved_progress = qo->progress;
+    if (!best || !ch || !round_best || !up || !down || !ctext) {
+        fprintf(stderr, "qmix %s: out of memory\n", CMD);
+        goto out;
+    }
+    double t0 = cli_now(), top1;
+    int64_t scored;
+    qmix_quant_report rep, round_rep = {0};
+    qo->progress = 0;
+    if (write_out(job->in, out, b->gguf, qo, recipe, &rep) ||
+        measure_kld(job->in, out, b, tokens, n_tokens, best_kld, best_top1, best_scored))
+        goto out;
+    qo->force = 1; /* out is ours now: later candidates overwrite it */
+    *best_rep = rep;
+    *written = 1;
+    for (int i = 0; i < n; i++) best[i] = g[i].choice;
+    if (!b->json)
+        printf("refine       the allocation: predicted KLD %.5f, measured %.5f (%.1f s a "
+               "candidate; at most %d rounds of <= 5)\n", qmix_alloc_kld(g, n), *best_kld,
+               cli_now() - t0, b->refine);
+    if (steps)
+        json_array_append_new(steps, json_pack("{s:i, s:s, s:f, s:f}", "round", 0, "move",
+                                               "allocation", "predicted", qmix_alloc_kld(g, n),
+                                               "measured", *best_kld));
+    for (int round = 1; round <= b->refine && !cli_stop; round++) {
+        double round_kld = -1, round_top1 = 0;
+        int64_t round_scored = 0;
+        int round_written = 0;
+        char round_what[160] = "";
+        for (int i = 0; i < n; i++) {
+            const qmix_alloc_opt *c = &g[i].opt[best[i]];
+            up[i] = (rank){i, c->kld};
+            down[i] = (rank){i, -(c->kld + 1e-12) / (double)(c->bytes + 1)};
+        }
+        qsort(up, (size_t)n, sizeof *up, cmp_rank);
+        qsort(down, (size_t)n, sizeof *down, cmp_rank);
+        int nu = 0, nd = 0;
+        for (int mv = 0; mv < 5; mv++) {
+            char what[160], names[256];
+            int ok = 0;
+            if (mv == 0) {
+                ok = round == 1 && uniform_anchor(g, n, target, b->cand_bits, b->n_cand, var,
+                                                  n_var, ch, what, sizeof what);
+            } else {
+                int is_up = mv <= 2;
+                while (!ok && (is_up ? nu : nd) < n) {
+                    int i = is_up ? up[nu++].i : down[nd++].i;
+                    memcpy(ch, best, (size_t)n * sizeof *ch);
+                    if ((ok = swap_move(g, n, target, ch, i, is_up)))
+                        snprintf(what, sizeof what, "%s %s", group_roles(&g[i], names, sizeof names),
+                                 is_up ? "up" : "down");
+                }
+            }
+            int same = 1;
+            for (int i = 0; ok && i < n; i++) same &= ch[i] == best[i];
+            qmix_quant_report cfinal;
+            qmix_recipe crecipe;
+            if (!ok || same) continue;
+            if (choice_recipe(job, g, n, ch, ctext, &crecipe, &cfinal)) goto out;
+            if (cfinal.bytes > job->weights_budget) continue;
+            double kld, predicted = qmix_alloc_kld(g, n);
+            if (write_out(job->in, out, b->gguf, qo, &crecipe, &rep) ||
+                measure_kld(job->in, out, b, tokens, n_tokens, &kld, &top1, &scored))
+                goto out;
+            *written = 0;
+            round_written = 0;
+            if (!b->json)
+                printf("refine       round %d: %-40s predicted KLD %.5f, measured %.5f\n", round,
+                       what, predicted, kld);
+            if (steps)
+                json_array_append_new(steps, json_pack("{s:i, s:s, s:f, s:f}", "round", round,
+                                                       "move", what, "predicted", predicted,
+                                                       "measured", kld));
+            if (round_kld < 0 || kld < round_kld) {
+                round_kld = kld;
+                round_top1 = top1;
+                round_scored = scored;
+                round_rep = rep;
+                round_written = 1;
+                memcpy(round_best, ch, (size_t)n * sizeof *ch);
+                snprintf(round_what, sizeof round_what, "%s", what);
+            }
+        }
+        /* a gain below 0.1 % is measurement detail, not a better allocation */
+        if (round_kld < 0 || round_kld >= *best_kld * (1 - 1e-3)) break;
+        memcpy(best, round_best, (size_t)n * sizeof *best);
+        *best_kld = round_kld;
+        *best_top1 = round_top1;
+        *best_scored = round_scored;
+        *best_rep = round_rep;
+        *written = round_written;
+        if (!b->json) printf("refine       round %d: took %s\n", round, round_what);
+        if (steps)
+            json_array_append_new(steps, json_pack("{s:i, s:s, s:f}", "round", round, "took",
+                                                   round_what, "measured", round_kld));
+    }
+    if (choice_recipe(job, g, n, best, text, recipe, final)) goto out;
+    if (!b->json) printf("refine       best measured KLD %.5f (%.1f s)\n\n", *best_kld,
+                         cli_now() - t0);
+    rc = 0;
+out:
+    qo->progress = saved_progress;
+    if (jout && !rc) *jout = steps;
+    else json_decref(steps);
+    free(best);
+    free(ch);
+    free(round_best);
+    free(up);
+    free(down);
+    free(ctext);
+    return rc;
 }
 
 /* ---- the command ------------------------------------------------------------------------- */
@@ -851,29 +1210,26 @@ int quantize_with_budget(const char *in, const char *out, const budget_args *arg
              "# candidates: keep and %d widths with %s;\n"
              "# predicted KLD is the sum of the groups' measured KLDs\n", weights_budget / 1048576.0,
              b->bpw > 0 ? "--bpw" : b->budget ? "--budget" : "--memory", b->n_cand, var_list);
-    for (int attempt = 0;; attempt++) {
-        if (qmix_allocate(g, n, target, &err)) {
-            fprintf(stderr, "qmix %s: %s\n", CMD, err.msg);
-            goto done;
-        }
-        if (qmix_alloc_recipe(g, n, var[0].group, header, text, RECIPE_BYTES, &err)) {
-            fprintf(stderr, "qmix %s: %s\n", CMD, err.msg);
-            goto done;
-        }
-        if (fixed) {
-            size_t len = strlen(text);
-            snprintf(text + len, RECIPE_BYTES - len, "# --fixed %s\n%s\n", b->fixed, fixed);
-        }
-        if (qmix_recipe_parse(text, "allocation", &recipe, &err)) {
-            fprintf(stderr, "qmix %s: %s\n", CMD, err.msg);
-            goto done;
-        }
-        if (dry_run(in, text, qo, b->gguf, &final)) goto done;
-        if (final.bytes <= weights_budget || fixed || attempt == 4) break;
-        uint64_t over = final.bytes - weights_budget;
-        target = target > over ? target - over : 0;
-    }
+    alloc_job job = {in, qo, b, header, fixed, var[0].group, weights_budget};
+    if (allocate_recipe(&job, g, n, target, text, &recipe, &final, 0)) goto done;
     double predicted = qmix_alloc_kld(g, n);
+
+    /* 5b. refine: the predictor adds the groups' separate losses, which is wrong where errors
+     * compound (or cancel), so measure the allocation, then alternatives that move a group
+     * (the largest predicted losses up a setting, the cheapest-per-byte protected ones down,
+     * and once the best uniform setting that fits), each re-allocated around the move; keep
+     * the best measured, until a round finds nothing better */
+    int best_written = 0;
+    qmix_quant_report best_rep = {0};
+    double best_measured = -1, best_top1 = 0;
+    int64_t best_scored = 0;
+    json_t *jrefine = NULL;
+    if (b->refine > 0 && tokens && !b->dry_run &&
+        refine(&job, g, n, target, var, n_var, tokens, n_tokens, out, qo, text, &recipe, &final,
+               &best_rep, &best_written, &best_measured, &best_top1, &best_scored,
+               b->json ? &jrefine : NULL))
+        goto done;
+    predicted = qmix_alloc_kld(g, n);
 
     /* 6. report */
     char hb[32], ha[32], hr[32];
@@ -902,6 +1258,8 @@ int quantize_with_budget(const char *in, const char *out, const budget_args *arg
         json_object_set_new(js, "predicted_kld", json_real(predicted));
         json_object_set_new(js, "groups", jgroups);
         json_object_set_new(js, "recipe", json_string(text));
+        if (jrefine) json_object_set_new(js, "refine", jrefine);
+        jrefine = NULL;
     } else {
         if (b->bpw > 0) {
             printf("budget       weights <= %s (%.3f bpw of %llu parameters)\n", hb, b->bpw,
@@ -957,32 +1315,13 @@ int quantize_with_budget(const char *in, const char *out, const budget_args *arg
         goto done;
     }
 
-    /* 7. quantize with it, keep the recipe beside the weights, measure the real KLD */
-    qo->recipe = &recipe;
+    /* 7. quantize with it (unless refining left the best written), keep the recipe beside the
+     * weights, measure the real KLD */
     qmix_quant_report rep;
     char path[4200];
-    if (b->gguf) {
-        /* one file: the recipe goes beside it as OUT.recipe.txt */
-        qmix_gguf_export_report grep_;
-        qmix_gguf_export_opts go = {.recipe = &recipe, .progress = qo->progress,
-                                    .n_threads = qo->n_threads, .report = &grep_,
-                                    .keep_type = qo->dtype == QMIX_F16 ? QMIX_GGML_F16
-                                                                       : QMIX_GGML_BF16};
-        if (qmix_gguf_export(in, out, &go, &err)) {
-            fprintf(stderr, "qmix %s: %s\n", CMD, err.msg);
-            goto done;
-        }
-        memset(&rep, 0, sizeof rep);
-        rep.bytes = grep_.bytes;
-        rep.bpw = grep_.params ? 8.0 * (double)grep_.bytes / (double)grep_.params : 0;
-        snprintf(path, sizeof path, "%s.recipe.txt", out);
-    } else {
-        if (qmix_quantize(in, out, qo, &rep, &err)) {
-            fprintf(stderr, "qmix %s: %s\n", CMD, err.msg);
-            goto done;
-        }
-        snprintf(path, sizeof path, "%s/qmix-recipe.txt", out);
-    }
+    snprintf(path, sizeof path, b->gguf ? "%s.recipe.txt" : "%s/qmix-recipe.txt", out);
+    if (best_written) rep = best_rep;
+    else if (write_out(in, out, b->gguf, qo, &recipe, &rep)) goto done;
     FILE *f = fopen(path, "w");
     if (!f || fputs(text, f) < 0 || fclose(f)) {
         fprintf(stderr, "qmix %s: cannot write %s\n", CMD, path);
@@ -992,36 +1331,18 @@ int quantize_with_budget(const char *in, const char *out, const budget_args *arg
     if (js) json_object_set_new(js, "written_bytes", json_integer((json_int_t)rep.bytes));
     else printf("quantized %s -> %s%s: %s, %.3f bpw, recipe in %s\n", in, out,
                 b->gguf ? " (GGUF)" : "", ha, rep.bpw, path);
-    if (b->verify && tokens) {
-        qmix_model *mb = NULL, *mq = NULL;
-        qmix_session *sb = NULL, *sq = NULL;
-        qmix_kld_result kr = {0};
-        qmix_session_opts so = {.max_ctx = b->calib_ctx, .n_threads = b->threads};
-        int windows = qmix_eval_n_windows(n_tokens, b->calib_ctx, b->calib_windows);
-        if (qmix_model_open(in, &mb, &err) || qmix_model_open(out, &mq, &err) ||
-            qmix_session_new(mb, &so, &sb, &err) || qmix_session_new(mq, &so, &sq, &err) ||
-            qmix_kld_compare(sq, sb, NULL, tokens, b->calib_ctx, windows, NULL, NULL, &cli_stop,
-                             &kr, &err) < 0) {
-            fprintf(stderr, "qmix %s: verifying: %s\n", CMD, err.msg);
-        } else if (kr.n > 0) {
-            double sum = 0;
-            for (int64_t i = 0; i < kr.n; i++) sum += kr.kld[i];
-            double mean = sum / (double)kr.n, top1 = (double)kr.top1_same / (double)kr.n;
-            if (js) {
-                json_object_set_new(js, "measured_kld", json_real(mean));
-                json_object_set_new(js, "measured_top1", json_real(top1));
-            } else {
-                printf("verified     measured KLD %.5f vs predicted %.5f on %lld calibration "
-                       "tokens (top-1 %.1f %%)%s\n", mean, predicted, (long long)kr.n,
-                       100.0 * top1,
-                       b->n_sensitivity ? "" : " (the tokens the prediction was measured on)");
-            }
+    double mean = best_measured, top1 = best_top1;
+    int64_t scored = best_scored;
+    if (b->verify && tokens && (best_measured >= 0 ||
+                                !measure_kld(in, out, b, tokens, n_tokens, &mean, &top1, &scored))) {
+        if (js) {
+            json_object_set_new(js, "measured_kld", json_real(mean));
+            json_object_set_new(js, "measured_top1", json_real(top1));
+        } else {
+            printf("verified     measured KLD %.5f vs predicted %.5f on %lld calibration "
+                   "tokens (top-1 %.1f %%)%s\n", mean, predicted, (long long)scored, 100.0 * top1,
+                   b->n_sensitivity ? "" : " (the tokens the prediction was measured on)");
         }
-        qmix_kld_result_free(&kr);
-        qmix_session_free(sq);
-        qmix_session_free(sb);
-        qmix_model_close(mq);
-        qmix_model_close(mb);
     }
     rc = 0;
 done:
@@ -1033,6 +1354,7 @@ done:
         }
         json_decref(js);
     }
+    json_decref(jrefine);
     qmix_calib_close(stats);
     free(g);
     free(text);

@@ -29,6 +29,7 @@ typedef struct budget_args {
     const char *fixed;          /* recipe file whose rules override the allocation */
     const char *recipe_out;
     int dry_run, verify, json;
+    int refine;                 /* rounds of measured refinement (needs calibration tokens) */
 } budget_args;
 
 /* Parses one budget flag at argv[*i] (consuming its value): 1 if it was one, 0 if not, -1 after
