@@ -235,10 +235,13 @@ START_TEST(command_errors)
 END_TEST
 
 /* The issue's proof, on the trained demo model: at the size of each hand preset, the automatic
- * allocation (from sensitivity measured on WikiText-2, a different text: the committed
- * testdata/demo/sensitivity-wiki.json, made by `qmix sensitivity testdata/demo --bits 2,3,4,6,8
- * --calib testdata/assets/wiki.test.raw --ctx 512 --windows 8 --json`) is no larger and has lower
- * KLD on the model's held-out text. Measured: 0.112 vs 0.123, 0.0024 vs 0.0041, 0.040 vs 0.088. */
+ * allocation with the default candidates (every width at group sizes 32, 64 and 128, as `--bpw X
+ * --calib TEXT` measures them; here from sensitivity measured on WikiText-2, a different text:
+ * the committed testdata/demo/sensitivity-wiki{,-g32,-g128}.json, made by `qmix sensitivity
+ * testdata/demo --bits 2,3,4,6,8 --calib testdata/assets/wiki.test.raw --ctx 512 --windows 8
+ * --json [--group-size 32|128]`) is no larger and has at least 20 % lower KLD on the model's
+ * held-out text. Measured: 0.0923 vs 0.1229 (dynamic-2.6), 0.0023 vs 0.0041 (tiered-4.7),
+ * uniform-3 0.0371 vs 0.0885. */
 START_TEST(auto_beats_presets_on_demo)
 {
     if (tu_light_skip("automatic vs presets on the demo model")) return;
@@ -256,7 +259,9 @@ START_TEST(auto_beats_presets_on_demo)
         tu_expect(args, 0, "bits per weight");
         snprintf(args, sizeof args,
                  "quantize testdata/demo '%s/auto' --sensitivity testdata/demo/sensitivity-wiki.json "
-                 "--bpw %.6f --force --quiet --no-verify --json", dir, rep.bpw);
+                 "--sensitivity testdata/demo/sensitivity-wiki-g32.json --sensitivity "
+                 "testdata/demo/sensitivity-wiki-g128.json --bpw %.6f --force --quiet --no-verify "
+                 "--json", dir, rep.bpw);
         json_t *a = run_json(args);
         ck_assert_msg(num(a, "written_bytes") <= (double)rep.bytes, "%s: auto %.0f > preset %llu bytes",
                       presets[p], num(a, "written_bytes"), (unsigned long long)rep.bytes);
@@ -271,8 +276,8 @@ START_TEST(auto_beats_presets_on_demo)
         }
         printf("info: demo at %s's size (%.3f bpw): preset KLD %.5f, automatic %.5f\n", presets[p],
                rep.bpw, kld[0], kld[1]);
-        ck_assert_msg(kld[1] < kld[0], "%s: automatic KLD %g not below the preset's %g", presets[p],
-                      kld[1], kld[0]);
+        ck_assert_msg(kld[1] < 0.8 * kld[0], "%s: automatic KLD %g not 20 %% below the preset's %g",
+                      presets[p], kld[1], kld[0]);
     }
     tu_rmdir(dir);
 }

@@ -175,6 +175,7 @@ int qmix_cmd_quantize(int argc, char **argv)
         if (group) {
             budget.groups[0] = (int)group;
             budget.n_groups = 1;
+            budget.group_given = 1;
         }
         return quantize_with_budget(in, out, &budget, &o);
     }

@@ -39,8 +39,9 @@ const char budget_help[] =
     "                       let the allocation choose those too (at most 9 files)\n"
     "  --calib-ctx N        window length (512); --calib-windows N windows (8)\n"
     "  --candidates LIST    bit widths to choose from (2,3,4,6,8) besides keep\n"
-    "  --group G[,G...]     candidate group sizes of 32, 64, 128 (64); with several, each\n"
-    "                       group of tensors gets the (bits, group size) that pays best\n"
+    "  --group G[,G...]     candidate group sizes of 32, 64, 128 to measure (default all\n"
+    "                       three; --sensitivity files say their own); each group of\n"
+    "                       tensors gets the (bits, group size) that pays best\n"
     "  --methods M[,M...]   candidate methods of rtn, gptq, imatrix (rtn), each measured;\n"
     "                       calibrated ones need --stats\n"
     "  --stats STATS        statistics from qmix calibrate: for measuring and quantizing with\n"
@@ -212,6 +213,7 @@ int budget_option(int argc, char **argv, int *i, budget_args *b)
         b->cand_given = 1;
         return 1;
     case 13:
+        b->group_given = 1;
         if (int_set(v, (const int[]){32, 64, 128}, 3, b->groups, &b->n_groups)) {
             fprintf(stderr, "qmix %s: --group: distinct sizes of 32, 64, 128, got '%s'\n", CMD, v);
             return -1;
@@ -913,7 +915,7 @@ int quantize_with_budget(const char *in, const char *out, const budget_args *arg
     if (b->gguf) {
         /* GGUF: blocks fix their own group size (one nominal 32); widths 2-6 and 8 each have a
          * type; the shared-expert gate is always written F32 (llama.cpp never quantizes it) */
-        if (b->n_groups > 1 || b->groups[0] != 64 || b->n_methods > 1 ||
+        if (b->group_given || b->n_methods > 1 ||
             b->methods[0] != QMIX_METHOD_RTN || b->stats) {
             fprintf(stderr, "qmix %s: --format gguf allocates GGUF block types, rounded to "
                     "nearest: --group, --methods and --stats do not apply\n", CMD);
@@ -1009,12 +1011,24 @@ int quantize_with_budget(const char *in, const char *out, const budget_args *arg
             var[n_var++] = v;
         }
     } else {
+        /* by default every group size competes (the choice pays most on every model measured) */
+        if (!b->group_given && !b->gguf) {
+            const int all[3] = {64, 32, 128};
+            memcpy(b->groups, all, sizeof all);
+            b->n_groups = 3;
+        }
         for (int j = 0; j < b->n_groups; j++)
             for (int k = 0; k < b->n_methods; k++)
                 var[n_var++] = (variant){b->groups[j], b->methods[k]};
-        for (int j = 0; j < n_var; j++)
+        double t_first = cli_now();
+        for (int j = 0; j < n_var; j++) {
             if (measure_sensitivity(in, b, var[j], stats, tokens, n_tokens, &rows, &n_rows))
                 goto done;
+            if (j == 0 && n_var > 1)
+                fprintf(stderr, "qmix %s: %d more candidate variants to measure: about %.0f s "
+                        "(--group/--methods choose fewer)\n", CMD, n_var - 1,
+                        (cli_now() - t_first) * (n_var - 1));
+        }
         layers_seen = b->bands > 1;
     }
     /* one canonical order (group size, then method), so nothing downstream (tie-breaks, the

@@ -19,8 +19,9 @@ typedef struct budget_args {
     int cand_given;             /* --candidates was given */
     int gguf;                   /* --format gguf: candidates are the GGUF block types the
                                    writer gives each width, measured and sized as written */
-    int groups[3], n_groups;    /* candidate group sizes (--group 32,64,128; default 64): each
-                                   is measured; the first is the recipe's default */
+    int groups[3], n_groups;    /* candidate group sizes (--group; default 32, 64 and 128 when
+                                   measuring, MLX/GPTQ): each is measured */
+    int group_given;            /* --group (or quantize's --group-size) was given */
     int methods[3], n_methods;  /* candidate methods (--methods rtn,gptq; default rtn) */
     const char *stats;          /* --stats: qmix calibrate's statistics for gptq/imatrix */
     int bands;                  /* layer bands per role (1: per role) */
