@@ -38,6 +38,8 @@ const char budget_help[] =
     "                       repeat with files measured at other --group-size or --method to\n"
     "                       let the allocation choose those too (at most 9 files)\n"
     "  --calib-ctx N        window length (512); --calib-windows N windows (8)\n"
+    "  --sample N           measure N layers per role and N experts per layer, evenly spread\n"
+    "                       (default 8 for models with more than 32 experts, else 0: all)\n"
     "  --candidates LIST    bit widths to choose from (2,3,4,6,8) besides keep\n"
     "  --group G[,G...]     candidate group sizes of 32, 64, 128 to measure (default all\n"
     "                       three; --sensitivity files say their own); each group of\n"
@@ -59,9 +61,10 @@ const char budget_help[] =
     "  --refine N           with calibration text or tokens: measure the allocation, then\n"
     "                       up to N rounds (default 3; 0: off) of alternatives (the groups\n"
     "                       with the largest predicted loss one setting up, the most protected\n"
-    "                       per byte one down, the best uniform setting that fits), each\n"
-    "                       re-allocated around the move and measured; keeps the best measured\n"
-    "                       and prints predicted vs measured for each\n"
+    "                       per byte one down, the best uniform setting that fits; the bytes\n"
+    "                       balanced by the predictor's best steps elsewhere), each measured;\n"
+    "                       keeps the best measured and prints predicted vs measured for\n"
+    "                       each (--no-verify: off)\n"
     "  Output formats: MLX (default); --format gguf chooses GGUF block types (each width is\n"
     "  the type the GGUF writer gives it: 2 Q2_K, 3 Q3_K, 4 Q4_K, 5 Q5_K, 6 Q6_K, 8 Q8_0, with\n"
     "  its fallback where a K-quant block does not divide a row; keep BF16), measured on those\n"
@@ -87,6 +90,7 @@ void budget_defaults(budget_args *b)
     b->bands = 1;
     b->verify = 1;
     b->refine = 3;
+    b->sample = -1;
     b->bpw = -1;
     const int cand[] = {2, 3, 4, 6, 8};
     b->n_cand = 5;
@@ -161,7 +165,7 @@ int budget_option(int argc, char **argv, int *i, budget_args *b)
                                          "--sensitivity", "--calib-ctx", "--calib-windows",
                                          "--candidates", "--group", "--layer-bands", "--min",
                                          "--keep", "--fixed", "--recipe-out", "--methods",
-                                         "--refine", "--stats"};
+                                         "--refine", "--sample", "--stats"};
     size_t k = 0;
     while (k < sizeof valued / sizeof *valued && strcmp(a, valued[k])) k++;
     if (k == sizeof valued / sizeof *valued) return 0;
@@ -274,6 +278,7 @@ int budget_option(int argc, char **argv, int *i, budget_args *b)
         return 1;
     }
     case 20: if (cli_int(CMD, a, v, 0, 20, &n)) return -1; b->refine = (int)n; return 1;
+    case 21: if (cli_int(CMD, a, v, 0, 1 << 20, &n)) return -1; b->sample = (int)n; return 1;
     default: b->stats = v; return 1;
     }
 }
@@ -381,7 +386,11 @@ static int measure_sensitivity(const char *in, const budget_args *b, variant v,
         fprintf(stderr, "qmix %s: %s\n", CMD, err.msg);
         return -1;
     }
+    /* many experts: measure a spread sample of layers and experts (their KLD scaled to the
+     * whole role below) so a 35B-scale model is measured in minutes, not hours */
+    int sample = b->sample >= 0 ? b->sample : qmix_model_config(m)->n_experts > 32 ? 8 : 0;
     qmix_sens_opts o = {.n_bits = b->n_cand, .group_size = v.group, .method = v.method,
+                        .sample = sample,
                         .gguf = b->gguf,
                         .calib = stats, .min_tokens = stats ? qmix_calib_failsafe_rows(qmix_calib_tokens(stats), -1) : 0, .per_layer = b->bands > 1,
                         .tokens = tokens, .n_tokens = n_tokens, .ctx = b->calib_ctx,
@@ -1231,14 +1240,14 @@ int quantize_with_budget(const char *in, const char *out, const budget_args *arg
     /* 5b. refine: the predictor adds the groups' separate losses, which is wrong where errors
      * compound (or cancel), so measure the allocation, then alternatives that move a group
      * (the largest predicted losses up a setting, the cheapest-per-byte protected ones down,
-     * and once the best uniform setting that fits), each re-allocated around the move; keep
-     * the best measured, until a round finds nothing better */
+     * and once the best uniform setting that fits), the bytes balanced by the predictor's best
+     * steps elsewhere; keep the best measured, until a round finds nothing better */
     int best_written = 0;
     qmix_quant_report best_rep = {0};
     double best_measured = -1, best_top1 = 0;
     int64_t best_scored = 0;
     json_t *jrefine = NULL;
-    if (b->refine > 0 && tokens && !b->dry_run &&
+    if (b->refine > 0 && b->verify && tokens && !b->dry_run &&
         refine(&job, g, n, target, var, n_var, tokens, n_tokens, out, qo, text, &recipe, &final,
                &best_rep, &best_written, &best_measured, &best_top1, &best_scored,
                b->json ? &jrefine : NULL))

@@ -31,6 +31,7 @@ typedef struct budget_args {
     const char *recipe_out;
     int dry_run, verify, json;
     int refine;                 /* rounds of measured refinement (needs calibration tokens) */
+    int sample;                 /* sensitivity sampling (layers, experts); -1: by model size */
 } budget_args;
 
 /* Parses one budget flag at argv[*i] (consuming its value): 1 if it was one, 0 if not, -1 after
