@@ -187,7 +187,7 @@ START_TEST(command_budgets_and_constraints)
     /* for real: written within budget, recipe beside the weights, KLD measured */
     snprintf(args, sizeof args,
              "quantize " TINY_B " '%s/q' --sensitivity '%s' --bpw 6 --tokens " TOKENS
-             " --calib-ctx 16 --json --quiet", dir, sens);
+             " --calib-ctx 16 --refine 1 --json --quiet", dir, sens);
     o = run_json(args);
     ck_assert(num(o, "written_bytes") <= num(o, "budget_bytes"));
     ck_assert(num(o, "written_bytes") == num(o, "bytes"));
@@ -227,10 +227,10 @@ START_TEST(command_errors)
     tu_expect("quantize " TINY_B " /tmp/x --bpw 4 --sensitivity testdata/nope.json", 1, "nope.json");
     tu_expect("quantize " TINY_B " /tmp/x --bpw 4 --sensitivity " TINY_B "/config.json", 1,
            "qmix sensitivity --json");
-    tu_expect("quantize " TINY_B " /tmp/x --bpw 0.5 --tokens " TOKENS " --calib-ctx 16 --dry-run", 1,
-           "budget");
-    tu_expect("quantize " TINY_B " /tmp/x --memory 8M --tokens " TOKENS " --calib-ctx 16 --dry-run", 1,
-           "runtime");
+    tu_expect("quantize " TINY_B " /tmp/x --bpw 0.5 --tokens " TOKENS " --calib-ctx 16 --group 64 "
+              "--dry-run", 1, "budget");
+    tu_expect("quantize " TINY_B " /tmp/x --memory 8M --tokens " TOKENS " --calib-ctx 16 --group 64 "
+              "--dry-run", 1, "runtime");
 }
 END_TEST
 
@@ -531,8 +531,8 @@ START_TEST(command_gguf_budget)
     for (int i = 0; i < 3; i++) {
         const double bpw[] = {12, 7, 5.5};
         snprintf(args, sizeof args, "quantize " TINY_B " '%s/a%d.gguf' --format gguf --sensitivity "
-                 "'%s' --bpw %g --tokens " TOKENS " --calib-ctx 16 --json --quiet", dir, i, sens,
-                 bpw[i]);
+                 "'%s' --bpw %g --tokens " TOKENS " --calib-ctx 16 --refine %d --json --quiet", dir, i,
+                 sens, bpw[i], i == 2);
         json_t *o = run_json(args);
         ck_assert_msg(num(o, "written_bytes") == num(o, "bytes"), "bpw %g: predicted %.0f, "
                       "written %.0f bytes", bpw[i], num(o, "bytes"), num(o, "written_bytes"));
@@ -617,7 +617,8 @@ START_TEST(command_gptq_budget)
     for (int i = 0; i < 2; i++) {
         const double bpw[] = {14, 12};
         snprintf(args, sizeof args, "quantize " TINY_B " '%s/g%d' --format gptq --sensitivity '%s' "
-                 "--bpw %g --tokens " TOKENS " --calib-ctx 16 --json --quiet", dir, i, sens, bpw[i]);
+                 "--bpw %g --tokens " TOKENS " --calib-ctx 16 --refine 0 --json --quiet", dir, i, sens,
+                 bpw[i]);
         json_t *o = run_json(args);
         ck_assert(num(o, "written_bytes") <= num(o, "budget_bytes"));
         ck_assert(num(o, "written_bytes") == num(o, "bytes"));
