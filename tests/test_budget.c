@@ -2,13 +2,20 @@
 #include <jansson.h>
 #include <math.h>
 
+#include "model/model.h"
 #include "quant/allocate.h"
+#include "quant/fakequant.h"
+#include "quant/ggml_blocks.h"
+#include "quant/gguf_export.h"
 #include "quant/quantize.h"
 #include "quant/recipe.h"
+#include "runtime/threadpool.h"
 #include "testutil.h"
 
 #define TINY_B "testdata/fixtures/tiny-b"
 #define TOKENS TINY_B "/golden/tokens.txt"
+/* the GGUF allocation's held-out KLD must be below this fraction of the Q4_K_M mirror's */
+#define GGUF_MARGIN 0.99
 
 static void set_opts(qmix_alloc_group *g, qmix_role role, const uint64_t *bytes, const double *kld,
                      int n)
@@ -180,7 +187,7 @@ START_TEST(command_budgets_and_constraints)
     /* for real: written within budget, recipe beside the weights, KLD measured */
     snprintf(args, sizeof args,
              "quantize " TINY_B " '%s/q' --sensitivity '%s' --bpw 6 --tokens " TOKENS
-             " --calib-ctx 16 --json --quiet", dir, sens);
+             " --calib-ctx 16 --refine 1 --json --quiet", dir, sens);
     o = run_json(args);
     ck_assert(num(o, "written_bytes") <= num(o, "budget_bytes"));
     ck_assert(num(o, "written_bytes") == num(o, "bytes"));
@@ -220,18 +227,21 @@ START_TEST(command_errors)
     tu_expect("quantize " TINY_B " /tmp/x --bpw 4 --sensitivity testdata/nope.json", 1, "nope.json");
     tu_expect("quantize " TINY_B " /tmp/x --bpw 4 --sensitivity " TINY_B "/config.json", 1,
            "qmix sensitivity --json");
-    tu_expect("quantize " TINY_B " /tmp/x --bpw 0.5 --tokens " TOKENS " --calib-ctx 16 --dry-run", 1,
-           "budget");
-    tu_expect("quantize " TINY_B " /tmp/x --memory 8M --tokens " TOKENS " --calib-ctx 16 --dry-run", 1,
-           "runtime");
+    tu_expect("quantize " TINY_B " /tmp/x --bpw 0.5 --tokens " TOKENS " --calib-ctx 16 --group 64 "
+              "--dry-run", 1, "budget");
+    tu_expect("quantize " TINY_B " /tmp/x --memory 8M --tokens " TOKENS " --calib-ctx 16 --group 64 "
+              "--dry-run", 1, "runtime");
 }
 END_TEST
 
 /* The issue's proof, on the trained demo model: at the size of each hand preset, the automatic
- * allocation (from sensitivity measured on WikiText-2, a different text: the committed
- * testdata/demo/sensitivity-wiki.json, made by `qmix sensitivity testdata/demo --bits 2,3,4,6,8
- * --calib testdata/assets/wiki.test.raw --ctx 512 --windows 8 --json`) is no larger and has lower
- * KLD on the model's held-out text. Measured: 0.112 vs 0.123, 0.0024 vs 0.0041, 0.040 vs 0.088. */
+ * allocation with the default candidates (every width at group sizes 32, 64 and 128, as `--bpw X
+ * --calib TEXT` measures them; here from sensitivity measured on WikiText-2, a different text:
+ * the committed testdata/demo/sensitivity-wiki{,-g32,-g128}.json, made by `qmix sensitivity
+ * testdata/demo --bits 2,3,4,6,8 --calib testdata/assets/wiki.test.raw --ctx 512 --windows 8
+ * --json [--group-size 32|128]`) is no larger and has at least 20 % lower KLD on the model's
+ * held-out text. Measured: 0.0923 vs 0.1229 (dynamic-2.6), 0.0023 vs 0.0041 (tiered-4.7),
+ * uniform-3 0.0371 vs 0.0885. */
 START_TEST(auto_beats_presets_on_demo)
 {
     if (tu_light_skip("automatic vs presets on the demo model")) return;
@@ -249,7 +259,9 @@ START_TEST(auto_beats_presets_on_demo)
         tu_expect(args, 0, "bits per weight");
         snprintf(args, sizeof args,
                  "quantize testdata/demo '%s/auto' --sensitivity testdata/demo/sensitivity-wiki.json "
-                 "--bpw %.6f --force --quiet --no-verify --json", dir, rep.bpw);
+                 "--sensitivity testdata/demo/sensitivity-wiki-g32.json --sensitivity "
+                 "testdata/demo/sensitivity-wiki-g128.json --bpw %.6f --force --quiet --no-verify "
+                 "--json", dir, rep.bpw);
         json_t *a = run_json(args);
         ck_assert_msg(num(a, "written_bytes") <= (double)rep.bytes, "%s: auto %.0f > preset %llu bytes",
                       presets[p], num(a, "written_bytes"), (unsigned long long)rep.bytes);
@@ -264,8 +276,8 @@ START_TEST(auto_beats_presets_on_demo)
         }
         printf("info: demo at %s's size (%.3f bpw): preset KLD %.5f, automatic %.5f\n", presets[p],
                rep.bpw, kld[0], kld[1]);
-        ck_assert_msg(kld[1] < kld[0], "%s: automatic KLD %g not below the preset's %g", presets[p],
-                      kld[1], kld[0]);
+        ck_assert_msg(kld[1] < 0.8 * kld[0], "%s: automatic KLD %g not 20 %% below the preset's %g",
+                      presets[p], kld[1], kld[0]);
     }
     tu_rmdir(dir);
 }
@@ -446,6 +458,264 @@ START_TEST(method_choice_on_demo)
 }
 END_TEST
 
+
+/* What the GGUF allocation measures is what the GGUF writer writes: a matrix fake-quantized with
+ * the type the writer gives bits=4 (Q4_K on tiny-b's 512-wide attention output, its Q5_0
+ * fallback on the 64-wide expert inputs) is byte for byte the tensor in the written file. */
+START_TEST(gguf_fakequant_is_the_written_file)
+{
+    char *dir = tu_tmpdir(), path[1200], args[4096];
+    snprintf(path, sizeof path, "%s/r.txt", dir);
+    tu_write(path, "default bits=4\n", 15);
+    snprintf(args, sizeof args, "quantize " TINY_B " '%s/q.gguf' --format gguf --recipe '%s'", dir,
+             path);
+    tu_expect(args, 0, "GGUF");
+    snprintf(path, sizeof path, "%s/q.gguf", dir);
+    qmix_model *src, *gg;
+    qmix_err err;
+    ck_assert_msg(qmix_model_open(TINY_B, &src, &err) == 0, "%s", err.msg);
+    ck_assert_msg(qmix_model_open(path, &gg, &err) == 0, "%s", err.msg);
+    int L = 0;
+    while (L < src->cfg.n_layers && !src->layers[L].is_full) L++;
+    ck_assert_int_lt(L, src->cfg.n_layers);
+    qk_mat *mats[2] = {&src->layers[L].o_proj, &src->layers[L].experts[3].gate};
+    const qk_mat *want[2] = {&gg->layers[L].o_proj, &gg->layers[L].experts[3].gate};
+    const int types[2] = {QMIX_GGML_Q4_K, QMIX_GGML_Q5_0};
+    qmix_pool *pool = qmix_pool_new(2);
+    ck_assert_ptr_nonnull(pool);
+    for (int k = 0; k < 2; k++) {
+        qmix_fq_set s = {0};
+        ck_assert(qmix_fq_add(&s, mats[k], -1, 4, 32, QMIX_METHOD_RTN, L, -1, -1) == 0);
+        s.t[0].ggml_type = qmix_gguf_fallback_type(qmix_gguf_type_for_bits(4, 0), mats[k]->cols);
+        ck_assert_int_eq(s.t[0].ggml_type, types[k]);
+        qmix_fq_opts fo = {0};
+        double e2 = 0, n2 = 0;
+        ck_assert_msg(qmix_fq_quantize(&s, pool, &fo, &e2, &n2, NULL, &err) == 0, "%s", err.msg);
+        ck_assert(e2 > 0 && e2 < 0.01 * n2);
+        const qk_mat *q = &s.t[0].quant;
+        ck_assert_int_eq(want[k]->ggml_type, types[k]);
+        ck_assert_int_eq((int)q->row_bytes, (int)want[k]->row_bytes);
+        ck_assert_int_eq((int)q->rows, (int)want[k]->rows);
+        for (int64_t r = 0; r < q->rows; r++)
+            ck_assert_msg(!memcmp((const uint8_t *)q->data + r * q->row_bytes,
+                                  (const uint8_t *)want[k]->data + r * want[k]->row_bytes,
+                                  q->row_bytes), "matrix %d row %lld differs from the file", k,
+                          (long long)r);
+        qmix_fq_free(&s);
+    }
+    qmix_pool_free(pool);
+    qmix_model_close(gg);
+    qmix_model_close(src);
+    tu_rmdir(dir);
+}
+END_TEST
+
+/* --format gguf with a budget: sensitivity measured on GGUF blocks, sizes from the GGUF writer
+ * (predicted bytes = written bytes, within budget), the file verified by measuring its KLD; an
+ * MLX measurement is refused for GGUF output and the other way round. */
+START_TEST(command_gguf_budget)
+{
+    char *dir = tu_tmpdir(), args[4096], sens[1024], mlx[1024];
+    snprintf(sens, sizeof sens, "%s/sens.json", dir);
+    snprintf(mlx, sizeof mlx, "%s/mlx.json", dir);
+    for (int k = 0; k < 2; k++) {
+        snprintf(args, sizeof args, "sensitivity " TINY_B " --bits 2,4,8 --tokens " TOKENS
+                 " --ctx 16 --json --quiet%s", k ? "" : " --gguf");
+        tu_run_result r = tu_run(args);
+        ck_assert_msg(r.status == 0, "%s", r.err);
+        ck_assert(strstr(r.out, k ? "\"mlx\"" : "\"gguf\""));
+        tu_write(k ? mlx : sens, r.out, strlen(r.out));
+        tu_run_free(&r);
+    }
+    double prev = -1;
+    for (int i = 0; i < 3; i++) {
+        const double bpw[] = {12, 7, 5.5};
+        snprintf(args, sizeof args, "quantize " TINY_B " '%s/a%d.gguf' --format gguf --sensitivity "
+                 "'%s' --bpw %g --tokens " TOKENS " --calib-ctx 16 --refine %d --json --quiet", dir, i,
+                 sens, bpw[i], i == 2);
+        json_t *o = run_json(args);
+        ck_assert_msg(num(o, "written_bytes") == num(o, "bytes"), "bpw %g: predicted %.0f, "
+                      "written %.0f bytes", bpw[i], num(o, "bytes"), num(o, "written_bytes"));
+        ck_assert(num(o, "bytes") <= num(o, "budget_bytes"));
+        ck_assert(num(o, "predicted_kld") >= prev);
+        prev = num(o, "predicted_kld");
+        double measured = num(o, "measured_kld");
+        ck_assert(measured >= 0 && isfinite(measured));
+        const char *recipe = json_string_value(json_object_get(o, "recipe"));
+        ck_assert(recipe && strstr(recipe, "bits="));
+        json_decref(o);
+        char path[1200];
+        snprintf(path, sizeof path, "%s/a%d.gguf.recipe.txt", dir, i);
+        ck_assert_msg(access(path, R_OK) == 0, "no %s", path);
+    }
+    snprintf(args, sizeof args, "quantize " TINY_B " '%s/x.gguf' --format gguf --sensitivity '%s' "
+             "--bpw 6 --dry-run", dir, mlx);
+    tu_expect(args, 1, "not GGUF blocks");
+    snprintf(args, sizeof args, "quantize " TINY_B " '%s/x' --sensitivity '%s' --bpw 6 --dry-run",
+             dir, sens);
+    tu_expect(args, 1, "measured with GGUF blocks");
+    snprintf(args, sizeof args, "quantize " TINY_B " '%s/x.gguf' --format gguf --sensitivity '%s' "
+             "--bpw 6 --group 32,64 --dry-run", dir, sens);
+    tu_expect(args, 2, "do not apply");
+    tu_rmdir(dir);
+}
+END_TEST
+
+/* The issue's proof for GGUF output, on the trained demo model: at the size of the Q4_K_M-like
+ * mirror of llama-quantize's type choice (docs/gguf-q4_k_m.recipe), the allocation over GGUF
+ * block types (sensitivity measured on WikiText-2 with GGUF blocks: the committed
+ * testdata/demo/sensitivity-wiki-gguf.json, made by `qmix sensitivity testdata/demo --gguf --bits
+ * 2,3,4,5,6,8 --calib testdata/assets/wiki.test.raw --ctx 512 --windows 8 --json`) is no larger
+ * and has clearly lower KLD on the held-out text. */
+START_TEST(gguf_allocation_beats_q4_k_m_on_demo)
+{
+    if (tu_light_skip("GGUF allocation vs the Q4_K_M mirror on the demo model")) return;
+    char *dir = tu_tmpdir(), args[4096];
+    qmix_recipe r;
+    qmix_err err;
+    ck_assert_msg(qmix_recipe_load("docs/gguf-q4_k_m.recipe", &r, &err) == 0, "%s", err.msg);
+    qmix_gguf_export_report rep;
+    qmix_gguf_export_opts go = {.recipe = &r, .dry_run = 1, .n_threads = 1, .report = &rep};
+    ck_assert_msg(qmix_gguf_export("testdata/demo", NULL, &go, &err) == 0, "%s", err.msg);
+    double bpw = 8.0 * (double)rep.bytes / (double)rep.params;
+    snprintf(args, sizeof args, "quantize testdata/demo '%s/ref.gguf' --format gguf --recipe "
+             "docs/gguf-q4_k_m.recipe", dir);
+    tu_expect(args, 0, "GGUF");
+    snprintf(args, sizeof args, "quantize testdata/demo '%s/auto.gguf' --format gguf --sensitivity "
+             "testdata/demo/sensitivity-wiki-gguf.json --bpw %.6f --quiet --no-verify --json", dir,
+             bpw);
+    json_t *a = run_json(args);
+    ck_assert_msg(num(a, "written_bytes") <= (double)rep.bytes, "auto %.0f > mirror %llu bytes",
+                  num(a, "written_bytes"), (unsigned long long)rep.bytes);
+    json_decref(a);
+    double kld[2];
+    for (int k = 0; k < 2; k++)
+        kld[k] = tu_kld_mean("kld testdata/demo '%s/%s.gguf' --text testdata/demo/heldout.txt "
+                             "--ctx 256 --windows 12 --json", dir, k ? "auto" : "ref");
+    printf("info: demo GGUF at the Q4_K_M mirror's size (%.3f bpw): mirror KLD %.5f, "
+           "allocation %.5f\n", bpw, kld[0], kld[1]);
+    ck_assert_msg(kld[1] < GGUF_MARGIN * kld[0], "allocation KLD %g not below %.2f x the mirror's %g",
+                  kld[1], GGUF_MARGIN, kld[0]);
+    tu_rmdir(dir);
+}
+END_TEST
+
+/* --format gptq with a budget chooses only what vLLM loads: 2/3/4/8 bits, routed experts 4 or 8
+ * with gate/up and down alike, the fused modules (q/k/v, GDN qkv/z and b/a) one setting each,
+ * router, shared-expert gate and embedding 16-bit; the checkpoint is written within budget and
+ * loads (its KLD is measured). */
+START_TEST(command_gptq_budget)
+{
+    char *dir = tu_tmpdir(), args[4096], sens[1024];
+    snprintf(sens, sizeof sens, "%s/sens.json", dir);
+    snprintf(args, sizeof args,
+             "sensitivity " TINY_B " --bits 2,3,4,6,8 --tokens " TOKENS " --ctx 16 --json --quiet");
+    tu_run_result r = tu_run(args);
+    ck_assert_msg(r.status == 0, "%s", r.err);
+    tu_write(sens, r.out, strlen(r.out));
+    tu_run_free(&r);
+    for (int i = 0; i < 2; i++) {
+        const double bpw[] = {14, 12};
+        snprintf(args, sizeof args, "quantize " TINY_B " '%s/g%d' --format gptq --sensitivity '%s' "
+                 "--bpw %g --tokens " TOKENS " --calib-ctx 16 --refine 0 --json --quiet", dir, i, sens,
+                 bpw[i]);
+        json_t *o = run_json(args);
+        ck_assert(num(o, "written_bytes") <= num(o, "budget_bytes"));
+        ck_assert(num(o, "written_bytes") == num(o, "bytes"));
+        ck_assert(isfinite(num(o, "measured_kld")));
+        json_t *gr;
+        size_t k;
+        int fused_seen = 0;
+        json_array_foreach(json_object_get(o, "groups"), k, gr) {
+            const char *role = json_string_value(json_object_get(gr, "role"));
+            const char *roles = json_string_value(json_object_get(gr, "roles"));
+            int bits = (int)json_integer_value(json_object_get(gr, "bits"));
+            ck_assert_msg(bits == 2 || bits == 3 || bits == 4 || bits == 8 || bits == 16,
+                          "%s at %d bits", roles, bits);
+            if (!strcmp(role, "router") || !strcmp(role, "embed") ||
+                !strcmp(role, "shared_expert_gate"))
+                ck_assert_msg(bits == 16, "%s at %d bits", role, bits);
+            if (strstr(roles, "experts_")) {
+                ck_assert_str_eq(roles, "experts_gate_up,experts_down");
+                ck_assert_msg(bits == 4 || bits == 8 || bits == 16, "experts at %d bits", bits);
+            }
+            /* a fused member never appears on its own */
+            ck_assert(strcmp(role, "attn_k") && strcmp(role, "attn_v") && strcmp(role, "gdn_z") &&
+                      strcmp(role, "gdn_b") && strcmp(role, "experts_down"));
+            fused_seen += !strcmp(roles, "attn_q,attn_k,attn_v") || !strcmp(roles, "gdn_qkv,gdn_z") ||
+                          !strcmp(roles, "gdn_a,gdn_b");
+        }
+        ck_assert_int_eq(fused_seen, 3);
+        json_decref(o);
+    }
+    snprintf(args, sizeof args, "quantize " TINY_B " '%s/x' --format gptq --sensitivity '%s' --bpw 6 "
+             "--candidates 6 --dry-run", dir, sens);
+    tu_expect(args, 2, "2, 3, 4 or 8");
+    tu_rmdir(dir);
+}
+END_TEST
+
+/* Both ends of the range, on the demo model at the size of llama.cpp's Q8_0 (8.617 bpw there):
+ * the GGUF allocation, refined on measured KLD (calibration windows of WikiText-2; the uniform
+ * Q8_0 setting is one of the candidates it measures), is no worse than Q8_0 on the held-out
+ * text, and neither is the MLX allocation over 8-bit groups of 32/64/128 and 16-bit with f16
+ * scales (bf16 scales cost 8-bit MLX more than the rounding itself: uniform-8 with bf16 scales
+ * 0.00079 vs 0.00046 with f16, Q8_0 0.00050). The refinement reports predicted vs measured. */
+START_TEST(top_end_on_demo)
+{
+    if (tu_light_skip("the 8.6 bpw end on the demo model")) return;
+    char *dir = tu_tmpdir(), args[4096], path[1200];
+    snprintf(path, sizeof path, "%s/u8.txt", dir);
+    tu_write(path, "default bits=8\n", 15);
+    snprintf(args, sizeof args, "quantize testdata/demo '%s/q8.gguf' --format gguf --recipe '%s'",
+             dir, path);
+    tu_expect(args, 0, "GGUF");
+    qmix_recipe r;
+    qmix_err err;
+    ck_assert(qmix_recipe_load(path, &r, &err) == 0);
+    qmix_gguf_export_report rep;
+    qmix_gguf_export_opts go = {.recipe = &r, .dry_run = 1, .n_threads = 1, .report = &rep};
+    ck_assert_msg(qmix_gguf_export("testdata/demo", NULL, &go, &err) == 0, "%s", err.msg);
+    double bpw = 8.0 * (double)rep.bytes / (double)rep.params;
+    const char *runs[2] = {"'%s/auto.gguf' --format gguf --sensitivity "
+                           "testdata/demo/sensitivity-wiki-gguf.json",
+                           "'%s/auto' --dtype f16 --sensitivity testdata/demo/sensitivity-wiki.json "
+                           "--sensitivity testdata/demo/sensitivity-wiki-g32.json --sensitivity "
+                           "testdata/demo/sensitivity-wiki-g128.json"};
+    double q8 = tu_kld_mean("kld testdata/demo '%s/q8.gguf' --text testdata/demo/heldout.txt "
+                            "--ctx 256 --windows 12 --json", dir);
+    for (int k = 0; k < 2; k++) {
+        char target[1024];
+        snprintf(target, sizeof target, runs[k], dir);
+        snprintf(args, sizeof args, "quantize testdata/demo %s --bpw %.6f --calib "
+                 "testdata/assets/wiki.test.raw --calib-windows 4 --quiet --json", target, bpw);
+        json_t *a = run_json(args);
+        ck_assert_msg(num(a, "written_bytes") <= (double)rep.bytes, "%.0f > Q8_0's %llu bytes",
+                      num(a, "written_bytes"), (unsigned long long)rep.bytes);
+        json_t *steps = json_object_get(a, "refine");
+        ck_assert_msg(json_array_size(steps) >= 2, "no refinement steps");
+        /* the result is the best measured candidate */
+        double best = 1e30, step;
+        size_t i;
+        json_t *st;
+        json_array_foreach(steps, i, st)
+            if (json_is_number(json_object_get(st, "predicted")) &&
+                (step = json_number_value(json_object_get(st, "measured"))) < best)
+                best = step;
+        ck_assert_msg(fabs(num(a, "measured_kld") - best) <= 1e-9 * best, "kept %g, best %g",
+                      num(a, "measured_kld"), best);
+        json_decref(a);
+        double kld = tu_kld_mean("kld testdata/demo '%s/%s' --text testdata/demo/heldout.txt "
+                                 "--ctx 256 --windows 12 --json", dir, k ? "auto" : "auto.gguf");
+        printf("info: demo at Q8_0's size (%.3f bpw): Q8_0 KLD %.5f, %s allocation %.5f\n", bpw,
+               q8, k ? "MLX (f16 scales)" : "GGUF", kld);
+        ck_assert_msg(kld <= q8 * 1.001, "%s allocation %g worse than Q8_0's %g", k ? "MLX" : "GGUF",
+                      kld, q8);
+    }
+    tu_rmdir(dir);
+}
+END_TEST
+
 static Suite *budget_suite(void)
 {
     Suite *s = suite_create("budget");
@@ -460,6 +730,11 @@ static Suite *budget_suite(void)
     tcase_add_test(tc, auto_beats_presets_on_demo);
     tcase_add_test(tc, group_size_choice_on_demo);
     tcase_add_test(tc, method_choice_on_demo);
+    tcase_add_test(tc, gguf_fakequant_is_the_written_file);
+    tcase_add_test(tc, command_gguf_budget);
+    tcase_add_test(tc, command_gptq_budget);
+    tcase_add_test(tc, top_end_on_demo);
+    tcase_add_test(tc, gguf_allocation_beats_q4_k_m_on_demo);
     suite_add_tcase(s, tc);
     return s;
 }

@@ -171,14 +171,11 @@ int qmix_cmd_quantize(int argc, char **argv)
                     "(quantize with --recipe and the method)\n");
             return 2;
         }
-        if (strcmp(format, "mlx")) {
-            fprintf(stderr, "qmix quantize: a budget writes MLX; write its --recipe-out with "
-                    "--recipe and --format %s\n", format);
-            return 2;
-        }
+        budget.gguf = !strcmp(format, "gguf");
         if (group) {
             budget.groups[0] = (int)group;
             budget.n_groups = 1;
+            budget.group_given = 1;
         }
         return quantize_with_budget(in, out, &budget, &o);
     }

@@ -23,7 +23,7 @@ static void usage(FILE *out)
             "                        [--calib FILE | --tokens FILE] [--ctx 512] [--windows 8]\n"
             "                        [--per-layer] [--sample N] [--json] [--threads N]\n"
             "                        [--target-bits X] [--recipe-out FILE] [--quiet]\n"
-            "                        [--method rtn|gptq|imatrix --stats STATS]\n\n"
+            "                        [--method rtn|gptq|imatrix --stats STATS] [--gguf]\n\n"
             "For every tensor role (embed, lm_head, attention, GDN projections, router, shared\n"
             "expert and its gate, routed experts), quantizes that role ALONE (MLX affine, bf16\n"
             "scales; round to nearest unless --method says) in memory and measures the error it\n"
@@ -54,6 +54,11 @@ static void usage(FILE *out)
             "                     quantize --method M would (GPTQ with its RTN failsafe below 0.5%%\n"
             "                     of the calibration tokens), with the statistics of --stats\n"
             "  --stats STATS      statistics from qmix calibrate (for gptq and imatrix)\n"
+            "  --gguf             measure GGUF block types instead (for qmix quantize --format\n"
+            "                     gguf --sensitivity): each width is the type the GGUF writer\n"
+            "                     gives it (2 Q2_K, 3 Q3_K, 4 Q4_K, 5 Q5_K, 6 Q6_K, 8 Q8_0), with\n"
+            "                     its fallback for rows a K-quant block does not divide (Q5_0,\n"
+            "                     Q5_1, Q8_0, Q4_0); rtn or imatrix\n"
             "  --quiet            no progress on stderr\n\n"
             "Ctrl-C stops the run and prints what was measured so far.\n");
 }
@@ -117,9 +122,13 @@ static int row_measured(const qmix_sens_row *row)
 static void print_table(const char *model, const qmix_sens_result *r, const char *recipe)
 {
     char buf[64], t1[32], t2[32];
-    printf("qmix sensitivity: %s: MLX affine by %s, group %d, bits", model,
-           r->method == QMIX_METHOD_RTN ? "round to nearest" : qmix_method_name(r->method),
-           r->group_size);
+    if (r->gguf)
+        printf("qmix sensitivity: %s: GGUF blocks by %s, bits", model,
+               r->method == QMIX_METHOD_RTN ? "round to nearest" : qmix_method_name(r->method));
+    else
+        printf("qmix sensitivity: %s: MLX affine by %s, group %d, bits", model,
+               r->method == QMIX_METHOD_RTN ? "round to nearest" : qmix_method_name(r->method),
+               r->group_size);
     for (int b = 0; b < r->n_bits; b++) printf("%s%d", b ? "," : " ", r->bits[b]);
     if (r->has_calib)
         printf("; calibration %lld tokens (%d windows of %d), base logits %s\n",
@@ -215,6 +224,7 @@ static void print_json(const char *model, const qmix_sens_result *r, const char 
     json_object_set_new(o, "bits", bits);
     json_object_set_new(o, "group_size", json_integer(r->group_size));
     json_object_set_new(o, "method", json_string(qmix_method_name(r->method)));
+    json_object_set_new(o, "format", json_string(r->gguf ? "gguf" : "mlx"));
     json_object_set_new(o, "per_layer", json_boolean(r->per_layer));
     json_object_set_new(o, "sample", r->sample > 0 ? json_integer(r->sample) : json_null());
     if (r->has_calib) {
@@ -374,6 +384,8 @@ int qmix_cmd_sensitivity(int argc, char **argv)
             }
         } else if (!strcmp(a, "--per-layer")) {
             per_layer = 1;
+        } else if (!strcmp(a, "--gguf")) {
+            o.gguf = 1;
         } else if (!strcmp(a, "--json")) {
             json = 1;
         } else if (!strcmp(a, "--quiet")) {
@@ -428,7 +440,7 @@ int qmix_cmd_sensitivity(int argc, char **argv)
     /* GPTQ's RTN failsafe at qmix quantize's default */
     if (cstats) o.min_tokens = qmix_calib_failsafe_rows(qmix_calib_tokens(cstats), -1);
     double t_start = cli_now();
-    o.group_size = (int)group;
+    o.group_size = o.gguf ? 32 : (int)group; /* GGUF blocks: 32 or 256, never 64 */
     o.per_layer = per_layer;
     o.sample = (int)sample;
     o.tokens = tokens;

@@ -15,9 +15,13 @@ typedef struct budget_args {
     const char *sensitivity[9];  /* saved `qmix sensitivity --json`, one per (group, method) */
     int n_sensitivity;
     int calib_ctx, calib_windows;
-    int cand_bits[6], n_cand;   /* candidate bits (default 2,3,4,6,8) */
-    int groups[3], n_groups;    /* candidate group sizes (--group 32,64,128; default 64): each
-                                   is measured; the first is the recipe's default */
+    int cand_bits[6], n_cand;   /* candidate bits (default 2,3,4,6,8; GGUF 2,3,4,5,6,8) */
+    int cand_given;             /* --candidates was given */
+    int gguf;                   /* --format gguf: candidates are the GGUF block types the
+                                   writer gives each width, measured and sized as written */
+    int groups[3], n_groups;    /* candidate group sizes (--group; default 32, 64 and 128 when
+                                   measuring, MLX/GPTQ): each is measured */
+    int group_given;            /* --group (or quantize's --group-size) was given */
     int methods[3], n_methods;  /* candidate methods (--methods rtn,gptq; default rtn) */
     const char *stats;          /* --stats: qmix calibrate's statistics for gptq/imatrix */
     int bands;                  /* layer bands per role (1: per role) */
@@ -26,6 +30,8 @@ typedef struct budget_args {
     const char *fixed;          /* recipe file whose rules override the allocation */
     const char *recipe_out;
     int dry_run, verify, json;
+    int refine;                 /* rounds of measured refinement (needs calibration tokens) */
+    int sample;                 /* sensitivity sampling (layers, experts); -1: by model size */
 } budget_args;
 
 /* Parses one budget flag at argv[*i] (consuming its value): 1 if it was one, 0 if not, -1 after

@@ -19,6 +19,8 @@
 #include "quant/affine.h"
 #include "quant/calib.h"
 #include "quant/fakequant.h"
+#include "quant/ggml_blocks.h"
+#include "quant/gguf_export.h"
 #include "quant/recipe.h"
 #include "runtime/session.h"
 #include "runtime/threadpool.h"
@@ -196,8 +198,17 @@ static int tset_quantize(tset *ts, qmix_pool *pool, const qmix_sens_opts *o, int
     int method = o->method == QMIX_METHOD_GPTQ || o->method == QMIX_METHOD_IMATRIX
                      ? o->method : QMIX_METHOD_RTN;
     for (int k = 0; k < ts->n; k++) {
-        ts->t[k].bits = bits;
-        ts->t[k].method = method;
+        target *t = &ts->t[k];
+        t->bits = bits;
+        t->method = method;
+        if (o->gguf) {
+            /* the writer's type for these bits and this row length; a float fallback is
+             * "not quantized" (the row keeps its 16-bit weights) */
+            int type = qmix_gguf_fallback_type(qmix_gguf_type_for_bits(bits, 0), t->orig.cols);
+            int quant = qmix_ggml_block_elems(type) > 1;
+            t->ggml_type = quant ? type : 0;
+            t->bits = quant ? bits : 0;
+        }
     }
     qmix_fq_opts fo = {.calib = o->calib, .min_tokens = o->min_tokens};
     double e2 = 0, n2 = 0;
@@ -378,7 +389,13 @@ static int check_opts(const qmix_model *m, const qmix_sens_opts *o, int *bits, q
 {
     if (o->n_bits < 1 || o->n_bits > QMIX_SENS_MAX_BITS)
         return qmix_errf(err, "between 1 and %d bit widths, got %d", QMIX_SENS_MAX_BITS, o->n_bits);
+    if (o->gguf && o->group_size != 32)
+        return qmix_errf(err, "GGUF blocks are measured with group_size 32 (blocks of 32 or 256)");
+    if (o->gguf && o->method == QMIX_METHOD_GPTQ)
+        return qmix_errf(err, "GGUF blocks are measured with rtn or imatrix, not gptq");
     for (int i = 0; i < o->n_bits; i++) {
+        if (o->gguf && qmix_gguf_type_for_bits(o->bits[i], 0) < 0)
+            return qmix_errf(err, "no GGUF type holds %d bits (2, 3, 4, 5, 6, 8)", o->bits[i]);
         if (!qmix_affine_valid(o->bits[i], o->group_size))
             return qmix_errf(err, "cannot quantize to %d bits with group size %d (bits 2, 3, 4, 5, "
                              "6, 8; group 32, 64, 128)", o->bits[i], o->group_size);
@@ -463,6 +480,7 @@ int qmix_sensitivity_run(qmix_model *m, const qmix_sens_opts *o, qmix_sens_resul
     res->group_size = o->group_size;
     res->method = o->method ? o->method : QMIX_METHOD_RTN;
     res->per_layer = o->per_layer;
+    res->gguf = o->gguf;
     res->sample = o->sample;
     int E = c->n_experts, experts[4096], n_exp = E, all_experts[4096];
     if (E > 4096) return qmix_errf(err, "%d experts: at most 4096 supported", E);

@@ -38,6 +38,11 @@ typedef struct qmix_sens_opts {
     int method;
     const struct qmix_calib *calib;
     int64_t min_tokens;
+    /* 1: measure GGUF block types instead of MLX affine: bits b is the type the GGUF writer
+       gives a recipe's bits=b (2 Q2_K, 3 Q3_K, 4 Q4_K, 5 Q5_K, 6 Q6_K, 8 Q8_0) after its
+       fallback for rows the block does not divide (Q4_K -> Q5_0, ...; F16 -> not quantized);
+       group_size must then be 32 and method rtn or imatrix. */
+    int gguf;
     int per_layer;                 /* one row per (role, layer) instead of per role */
     int sample;                    /* > 0: that many layers per role (evenly spaced) and experts
                                       per layer; 0: everything */
@@ -79,6 +84,7 @@ typedef struct qmix_sens_row {
 
 typedef struct qmix_sens_result {
     int n_bits, bits[QMIX_SENS_MAX_BITS], group_size, per_layer, sample, method;
+    int gguf;                      /* measured with GGUF block types */
     qmix_sens_row *rows;
     int n_rows;
     int has_calib;

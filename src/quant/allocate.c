@@ -78,6 +78,40 @@ int qmix_allocate(qmix_alloc_group *g, int n, uint64_t budget, qmix_err *err)
     return 0;
 }
 
+int qmix_alloc_link(qmix_alloc_group *g, int n, uint32_t roles)
+{
+    for (int i = 0; i < n; i++) {
+        if (!(roles & (1u << g[i].role))) continue;
+        for (int j = i + 1; j < n;) {
+            if (!(roles & (1u << g[j].role)) || g[j].layer_lo != g[i].layer_lo ||
+                g[j].layer_hi != g[i].layer_hi) {
+                j++;
+                continue;
+            }
+            int k = 0;
+            for (int a = 0; a < g[i].n_opts; a++) {
+                const qmix_alloc_opt *x = &g[i].opt[a];
+                for (int b = 0; b < g[j].n_opts; b++) {
+                    const qmix_alloc_opt *y = &g[j].opt[b];
+                    if (x->bits != y->bits || (x->bits && (x->group != y->group ||
+                                                           x->method != y->method)))
+                        continue;
+                    g[i].opt[k] = *x;
+                    g[i].opt[k].bytes += y->bytes;
+                    g[i].opt[k].kld += y->kld;
+                    k++;
+                    break;
+                }
+            }
+            g[i].n_opts = k;
+            g[i].also |= 1u << g[j].role | g[j].also;
+            for (int m = j; m + 1 < n; m++) g[m] = g[m + 1];
+            n--;
+        }
+    }
+    return n;
+}
+
 int qmix_alloc_recipe(const qmix_alloc_group *g, int n, int group_size, const char *header,
                       char *buf, size_t len, qmix_err *err)
 {
@@ -91,13 +125,18 @@ int qmix_alloc_recipe(const qmix_alloc_group *g, int n, int group_size, const ch
         if (g[i].layer_lo >= 0)
             snprintf(sel, sizeof sel, g[i].layer_lo == g[i].layer_hi ? " layers=%d" : " layers=%d-%d",
                      g[i].layer_lo, g[i].layer_hi);
+        char names[256];
+        int nw = snprintf(names, sizeof names, "%s", qmix_role_name(g[i].role));
+        for (int r = 0; r < 32 && nw > 0 && (size_t)nw < sizeof names; r++)
+            if (g[i].also & (1u << r))
+                nw += snprintf(names + nw, sizeof names - (size_t)nw, ",%s",
+                               qmix_role_name((qmix_role)r));
         if (c->bits)
-            w = snprintf(buf + off, len - off, "%s%s bits=%d group=%d%s%s\n",
-                         qmix_role_name(g[i].role), sel, c->bits, c->group ? c->group : group_size,
+            w = snprintf(buf + off, len - off, "%s%s bits=%d group=%d%s%s\n", names, sel, c->bits, c->group ? c->group : group_size,
                          c->method > QMIX_METHOD_RTN ? " method=" : "",
                          c->method > QMIX_METHOD_RTN ? qmix_method_name(c->method) : "");
         else
-            w = snprintf(buf + off, len - off, "%s%s keep\n", qmix_role_name(g[i].role), sel);
+            w = snprintf(buf + off, len - off, "%s%s keep\n", names, sel);
         if (w < 0 || (size_t)w >= len - off)
             return qmix_errf(err, "recipe text does not fit %zu bytes", len);
         off += (size_t)w;

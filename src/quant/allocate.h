@@ -26,6 +26,8 @@ typedef struct qmix_alloc_opt {
 
 typedef struct qmix_alloc_group {
     qmix_role role;
+    uint32_t also;           /* bit r: role r shares the group's setting (modules a consumer
+                                fuses); its bytes and loss are in the options */
     int layer_lo, layer_hi;  /* the band of layers; -1, -1: every layer of the role */
     int n_opts;
     qmix_alloc_opt opt[QMIX_ALLOC_MAX_OPTS];
@@ -41,6 +43,12 @@ int qmix_allocate(qmix_alloc_group *g, int n, uint64_t budget, qmix_err *err);
 /* Σ bytes and Σ kld of the chosen settings. */
 uint64_t qmix_alloc_bytes(const qmix_alloc_group *g, int n);
 double qmix_alloc_kld(const qmix_alloc_group *g, int n);
+
+/* Merges the groups of the roles in `roles` that cover the same layers into one (the first),
+ * whose settings are those every member can take (same bits, group size and method), bytes
+ * and loss summed: for consumers that fuse those modules and need one setting. Returns the new
+ * number of groups (g compacted, order kept). */
+int qmix_alloc_link(qmix_alloc_group *g, int n, uint32_t roles);
 
 /* The allocation as recipe text (docs/recipes.md format): one rule per group, at its setting's
  * group size (group_size where that is 0), after the header comment lines. -1 with err if buf is too small. */

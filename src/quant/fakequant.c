@@ -9,6 +9,7 @@
 #include "model/model.h"
 #include "quant/affine.h"
 #include "quant/calib.h"
+#include "quant/ggml_blocks.h"
 #include "quant/recipe.h"
 #include "runtime/threadpool.h"
 #include "util/err.h"
@@ -112,6 +113,33 @@ typedef struct qjob {
     int64_t scratch_per_thread;
 } qjob;
 
+/* The GGUF block variant of quant_task: rows encoded as the GGUF writer encodes them (from the
+ * float32 widening of the source row, importance-weighted when given) and decoded back for the
+ * error. */
+static void ggml_task(void *arg, int task, int thread)
+{
+    qjob *q = arg;
+    qmix_fq_target *t = q->t;
+    int64_t cols = t->orig.cols;
+    float *w = q->scratch + (int64_t)thread * q->scratch_per_thread, *deq = w + cols;
+    int64_t r0 = (int64_t)task * q->rows_per_task, r1 = r0 + q->rows_per_task;
+    if (r1 > t->orig.rows) r1 = t->orig.rows;
+    double e2 = 0, n2 = 0;
+    for (int64_t r = r0; r < r1; r++) {
+        uint8_t *row = (uint8_t *)t->codes + (size_t)r * t->quant.row_bytes;
+        qk_mat_row_f32(&t->orig, r, w);
+        qmix_ggml_quantize_row(t->ggml_type, w, cols, q->imp, row);
+        qmix_ggml_dequant_row(t->ggml_type, row, cols, deq);
+        for (int64_t c = 0; c < cols; c++) {
+            double d = (double)w[c] - deq[c];
+            e2 += d * d;
+            n2 += (double)w[c] * w[c];
+        }
+    }
+    q->err2[task] = e2;
+    q->norm2[task] = n2;
+}
+
 static void quant_task(void *arg, int task, int thread)
 {
     qjob *q = arg;
@@ -184,6 +212,8 @@ static int prepare_method(const qmix_fq_opts *o, const qmix_fq_target *t, qmix_p
                           qmix_gptq_prep *prep, float *imp, qmix_fq_counts *cnt, qmix_err *err)
 {
     if (t->method != QMIX_METHOD_GPTQ && t->method != QMIX_METHOD_IMATRIX) return QMIX_FQ_RTN;
+    if (t->ggml_type > 0 && t->method == QMIX_METHOD_GPTQ)
+        return qmix_errf(err, "GPTQ does not map onto GGUF blocks (rtn or imatrix)");
     qmix_calib_entry tmp;
     const qmix_calib_entry *e = stats_of(o, t, &tmp);
     if (!e || e->n == 0) {
@@ -233,9 +263,13 @@ int qmix_fq_quantize(qmix_fq_set *s, qmix_pool *pool, const qmix_fq_opts *o, dou
     for (int k = 0; k < s->n; k++) {
         const qmix_fq_target *t = &s->t[k];
         if (!wants_copy(t)) continue;
-        if (!qmix_affine_valid(t->bits, t->group))
-            return qmix_errf(err, "cannot quantize to %d bits with group size %d", t->bits,
-                             t->group);
+        if (t->ggml_type > 0 ? !qmix_ggml_can_quantize(t->ggml_type) ||
+                                   !qmix_ggml_row_bytes(t->ggml_type, t->orig.cols)
+                             : !qmix_affine_valid(t->bits, t->group))
+            return qmix_errf(err, t->ggml_type > 0 ? "cannot write %d-wide rows as GGUF type %d"
+                                                   : "cannot quantize to %d bits with group size %d",
+                             t->ggml_type > 0 ? (int)t->orig.cols : t->bits,
+                             t->ggml_type > 0 ? t->ggml_type : t->group);
         if (t->orig.cols > max_cols) max_cols = t->orig.cols;
         int64_t tasks = (t->orig.rows + rows_per_task - 1) / rows_per_task;
         if (tasks > max_tasks) max_tasks = tasks;
@@ -262,10 +296,19 @@ int qmix_fq_quantize(qmix_fq_set *s, qmix_pool *pool, const qmix_fq_opts *o, dou
         if (!wants_copy(t)) continue;
         int64_t rows = t->orig.rows, cols = t->orig.cols, ng = cols / t->group;
         int64_t words = qmix_affine_row_words(cols, t->bits);
-        t->codes = malloc((size_t)(rows * words) * sizeof *t->codes);
-        t->scales = malloc((size_t)(rows * ng) * sizeof *t->scales);
-        t->biases = malloc((size_t)(rows * ng) * sizeof *t->biases);
-        if (!t->codes || !t->scales || !t->biases) {
+        size_t grb = t->ggml_type > 0 ? qmix_ggml_row_bytes(t->ggml_type, cols) : 0;
+        if (grb) {
+            /* one allocation of encoded rows; the scale arrays stay empty */
+            t->codes = malloc((size_t)rows * grb);
+            t->scales = t->biases = NULL;
+            t->quant = (qk_mat){.dtype = QMIX_U8, .rows = rows, .cols = cols, .row_bytes = grb,
+                                .ggml_type = t->ggml_type};
+        } else {
+            t->codes = malloc((size_t)(rows * words) * sizeof *t->codes);
+            t->scales = malloc((size_t)(rows * ng) * sizeof *t->scales);
+            t->biases = malloc((size_t)(rows * ng) * sizeof *t->biases);
+        }
+        if (!t->codes || (!grb && (!t->scales || !t->biases))) {
             rc = qmix_errf(err, "out of memory for a %lld x %lld quantized copy", (long long)rows,
                            (long long)cols);
             break;
@@ -285,11 +328,15 @@ int qmix_fq_quantize(qmix_fq_set *s, qmix_pool *pool, const qmix_fq_opts *o, dou
                   .imp = how == QMIX_FQ_IMATRIX ? imp : NULL, .rows_per_task = rows_per_task,
                   .err2 = sums, .norm2 = sums + max_tasks, .scratch = scratch,
                   .scratch_per_thread = per_thread};
-        qmix_pool_run(pool, quant_task, &q, (int)tasks);
+        qmix_pool_run(pool, grb ? ggml_task : quant_task, &q, (int)tasks);
         qmix_gptq_prep_free(&prep);
         for (int64_t j = 0; j < tasks; j++) {
             e2 += q.err2[j];
             n2 += q.norm2[j];
+        }
+        if (grb) {
+            t->quant.data = t->codes;
+            continue;
         }
         t->quant = (qk_mat){.dtype = QMIX_U32, .rows = rows, .cols = cols,
                             .row_bytes = (size_t)words * sizeof(uint32_t), .data = t->codes,

@@ -1,6 +1,7 @@
 /* Fake quantization: a model's qk_mat views pointed at in-memory MLX affine copies of their
  * weights (rounded to nearest, by GPTQ or by importance-weighted RTN, stored with bf16
- * scales/biases as qmix quantize stores them) and restored bitwise afterwards. The checkpoint
+ * scales/biases as qmix quantize stores them), or at GGUF block copies (any block type the GGUF
+ * writer writes, with or without importance), and restored bitwise afterwards. The checkpoint
  * mapping is never written: the copies are malloc'd, the views swapped.
  *
  * Used by sensitivity analysis (one role quantized at a time, eval/sensitivity.c) and by
@@ -34,6 +35,9 @@ typedef struct qmix_fq_target {
                                  the embedding), or -1 */
     int quantizable;          /* shape allows group: rows, cols > 0 and cols % group == 0 */
     int bits, group;          /* bits 0: left as it is */
+    int ggml_type;            /* > 0: quantized to this GGUF block type (ggml id, group ignored)
+                                 as qmix quantize --format gguf writes it, instead of MLX affine;
+                                 importance-weighted when method is IMATRIX */
     int method;               /* QMIX_METHOD_RTN (or DEFAULT), _GPTQ or _IMATRIX (quant/recipe.h);
                                  others are rounded to nearest */
     int layer, kind, expert;  /* its calibration input (quant/calib.h); kind -1: none */

@@ -483,6 +483,21 @@ static int importance(const item *it, const qmix_imatrix *im, const qmix_config 
     return 1;
 }
 
+/* Adds the tensor's parameters and written bytes to the report. */
+static void account(const item *it, qmix_gguf_export_report *rep)
+{
+    qmix_gguf_role_stat *st = &rep->roles[qmix_role_of(it->hf)];
+    uint64_t params = (uint64_t)(it->ne[0] * it->ne[1] * it->ne[2]);
+    uint64_t bytes = qmix_ggml_row_bytes(it->type, it->ne[0]) * (uint64_t)(it->ne[1] * it->ne[2]);
+    st->params += params;
+    st->bytes += bytes;
+    st->tensors++;
+    st->type_mask |= 1ull << it->type;
+    rep->params += params;
+    rep->bytes += bytes;
+    rep->n_tensors++;
+}
+
 int qmix_gguf_export(const char *in, const char *out, const qmix_gguf_export_opts *o,
                      qmix_err *err)
 {
@@ -563,21 +578,16 @@ int qmix_gguf_export(const char *in, const char *out, const qmix_gguf_export_opt
         qmix_errf(err, "out of memory");
         goto done;
     }
+    if (o->dry_run) {
+        for (size_t i = 0; i < p.n; i++) account(&p.items[i], rep);
+        rc = 0;
+        goto done;
+    }
     if (qmix_ggw_open(w, out, err)) goto done;
     for (size_t i = 0; i < p.n; i++) {
         const item *it = &p.items[i];
         size_t rb = qmix_ggml_row_bytes(it->type, it->ne[0]);
-        qmix_role role = qmix_role_of(it->hf);
-        qmix_gguf_role_stat *st = &rep->roles[role];
-        uint64_t params = (uint64_t)(it->ne[0] * it->ne[1] * it->ne[2]);
-        uint64_t bytes = rb * (uint64_t)(it->ne[1] * it->ne[2]);
-        st->params += params;
-        st->bytes += bytes;
-        st->tensors++;
-        st->type_mask |= 1ull << it->type;
-        rep->params += params;
-        rep->bytes += bytes;
-        rep->n_tensors++;
+        account(it, rep);
         if (o->progress)
             fprintf(stderr, "\rqmix: tensor %zu/%zu %-34s %-5s", i + 1, p.n, it->name,
                     qmix_ggml_type_name(it->type));
@@ -621,6 +631,6 @@ done:
     free(imp_hf);
     free(enc);
     qmix_model_close(m);
-    if (rc) qmix_err_prefix(err, "converting %s to %s", in, out);
+    if (rc) qmix_err_prefix(err, "converting %s to %s", in, out ? out : "GGUF");
     return rc;
 }

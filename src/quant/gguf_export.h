@@ -43,6 +43,8 @@ typedef struct qmix_gguf_export_opts {
     const struct qmix_imatrix *imatrix;  /* or NULL */
     const char *imatrix_file;            /* quantize.imatrix.file (NULL: the imatrix's path) */
     int n_threads;     /* quantizing threads; 0: all cores */
+    int dry_run;       /* 1: decide every type and fill the report (sizes exact), write nothing
+                          (out may be NULL) */
     qmix_gguf_export_report *report;     /* filled when not NULL */
 } qmix_gguf_export_opts;
 
