@@ -22,6 +22,7 @@ typedef struct gen_state {
     char *text; /* completions, non-streaming: the generated text */
     size_t text_len, text_cap;
     int oom;
+    int cut_short; /* cancelled before it finished: answered as an error */
     /* logprobs: per generated token, OpenAI's entries; "pending" ones go out with the next
      * streamed chunk, "all" ones in the final body */
     int logprobs, top_logprobs;
@@ -524,7 +525,13 @@ static const char *finish_reason(srv_job *job)
     gen_state *g = job->user;
     if (job->res.finish == QMIX_FINISH_LENGTH) return "length";
     if (g->chat && qmix_toolcall_count(g->parser)) return "tool_calls";
-    return "stop"; /* also a cancelled generation: only a shutdown leaves a reader for it */
+    return "stop"; /* a cancelled generation is answered as an error (on_done) */
+}
+
+static const char *cancel_code(const srv_job *job)
+{
+    const gen_state *g = job->user;
+    return g->cut_short ? "cancelled" : NULL;
 }
 
 static json_t *usage(srv_job *job)
@@ -543,9 +550,16 @@ static void on_done(srv_job *job)
         job->failed = 1;
         snprintf(job->error, sizeof job->error, "out of memory");
     }
+    if (job->res.finish == QMIX_FINISH_CANCEL && !job->failed) {
+        /* a shutdown (or a client gone, who reads nothing): not a normal "stop" */
+        job->failed = g->cut_short = 1;
+        snprintf(job->error, sizeof job->error,
+                 "the request was cancelled (the server is shutting down) before the answer "
+                 "was complete");
+    }
     if (!g->stream) return; /* api_final builds the body */
     if (job->failed) {
-        char *e = api_error("server_error", NULL, NULL, "%s", job->error);
+        char *e = api_error("server_error", NULL, cancel_code(job), "%s", job->error);
         if (e) {
             srv_job_emit(job, "data: ", 6);
             srv_job_emit(job, e, strlen(e));
@@ -584,8 +598,8 @@ char *api_final(srv_job *job, int *status)
 {
     gen_state *g = job->user;
     if (job->failed) {
-        *status = 500;
-        return api_error("server_error", NULL, NULL, "%s", job->error);
+        *status = cancel_code(job) ? 503 : 500;
+        return api_error("server_error", NULL, cancel_code(job), "%s", job->error);
     }
     json_t *choice;
     if (g->chat) {
