@@ -735,9 +735,8 @@ int quantize_with_budget(const char *in, const char *out, const budget_args *b,
                ha, final.bytes ? 100.0 * (double)fixed_bytes / (double)final.bytes : 0);
     }
     if (b->recipe_out) {
-        FILE *f = fopen(b->recipe_out, "w");
-        if (!f || fputs(text, f) < 0 || fclose(f)) {
-            fprintf(stderr, "qmix %s: cannot write %s\n", CMD, b->recipe_out);
+        if (qmix_write_file(b->recipe_out, text, strlen(text), &err)) {
+            fprintf(stderr, "qmix %s: %s\n", CMD, err.msg);
             goto done;
         }
     }
@@ -756,9 +755,8 @@ int quantize_with_budget(const char *in, const char *out, const budget_args *b,
     }
     char path[4200];
     snprintf(path, sizeof path, "%s/qmix-recipe.txt", out);
-    FILE *f = fopen(path, "w");
-    if (!f || fputs(text, f) < 0 || fclose(f)) {
-        fprintf(stderr, "qmix %s: cannot write %s\n", CMD, path);
+    if (qmix_write_file(path, text, strlen(text), &err)) {
+        fprintf(stderr, "qmix %s: %s\n", CMD, err.msg);
         goto done;
     }
     cli_human_bytes((double)rep.bytes, ha, sizeof ha);
