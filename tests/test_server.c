@@ -433,6 +433,10 @@ START_TEST(errors)
                  "{\"messages\": [{\"role\": \"user\", \"content\": \"Hi\"}], \"stop\": 5}", auth,
                  400, "stop");
     expect_error(&s, "/v1/chat/completions", "{\"messages\": \"Hi\"}", auth, 400, "messages");
+    /* a developer message without content (renaming its role once freed the role's string
+     * before it was read again: found by fuzz/fuzz_api.c) */
+    expect_error(&s, "/v1/chat/completions", "{\"messages\": [{\"role\": \"developer\"}]}",
+                 auth, 400, "has no 'content'");
     expect_error(&s, "/v1/chat/completions",
                  "{\"messages\": [{\"role\": \"user\", \"content\": [{\"type\": \"image_url\", "
                  "\"image_url\": {\"url\": \"data:image/png;base64,AAAA\"}}]}]}", auth, 400,

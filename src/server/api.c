@@ -695,6 +695,11 @@ static void submit(const api_ctx *ctx, int chat, common_req *c, int32_t *prompt,
     if (g->chat && g->stream) /* the first chunk names the role, as OpenAI's does */
         emit_json(job, chunk(g, json_pack("{s:i, s:{s:s, s:s}, s:n}", "index", 0, "delta",
                                           "role", "assistant", "content", "", "finish_reason")));
+    if (!ctx->eng) { /* parse-only (fuzz/fuzz_api.c): the request was accepted, nothing runs */
+        srv_job_release(job);
+        r->status = 200;
+        return;
+    }
     if (srv_engine_submit(ctx->eng, job)) {
         srv_job_release(job);
         fail(r, 503, NULL, "server_busy", "every slot is busy and the queue is full; retry later");
@@ -735,7 +740,10 @@ static json_t *normalize_messages(json_t *messages, api_reply *r)
             fail(r, 400, "messages", "invalid_value", "messages[%zu]: unknown role '%s'", i, rs);
             goto bad;
         }
-        if (!strcmp(rs, "developer")) json_object_set_new(m, "role", json_string("system"));
+        if (!strcmp(rs, "developer")) { /* replacing the role frees the string rs points to */
+            json_object_set_new(m, "role", json_string("system"));
+            rs = "system";
+        }
         json_t *content = json_object_get(m, "content");
         if (!content || json_is_null(content)) {
             if (strcmp(rs, "assistant")) {
