@@ -260,7 +260,7 @@ static int load_gguf(const char *path, qmix_imatrix **out, qmix_err *err)
         for (int64_t m = 0; m < nm; m++) {
             float cn;
             memcpy(&cn, cnt + m, 4);
-            if (!isfinite(cn) || cn < 0) {
+            if (!isfinite(cn) || cn < 0 || cn >= 0x1p62f) { /* a row count: int64 holds it */
                 qmix_errf(err, "%s: %s[%lld] = %g", path, cname, (long long)m, cn);
                 goto fail;
             }
