@@ -52,7 +52,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
         for (size_t i = 0; i < qmix_toolcall_count(a); i++) {
             const qmix_tool_call *x = qmix_toolcall_at(a, i), *y = qmix_toolcall_at(b, i);
             if (strcmp(x->name, y->name) || strcmp(x->arguments, y->arguments)) __builtin_trap();
-            json_t *args = json_loads(x->arguments, 0, &je);
+            json_t *args = json_loads(x->arguments, JSON_ALLOW_NUL, &je); /* \u0000 is valid */
             if (!json_is_object(args)) __builtin_trap();
             json_decref(args);
         }
