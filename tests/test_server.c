@@ -1308,6 +1308,36 @@ START_TEST(api_keys)
 }
 END_TEST
 
+/* A stream cut short by shutdown ends with an error event that says so, not a finish_reason. */
+START_TEST(stream_cut_by_shutdown)
+{
+    server s;
+    const char *extra[] = {"--ctx", "40000", NULL};
+    start(&s, extra);
+    char cmd[4096], out[1024];
+    curl_cmd(&s, "/v1/chat/completions",
+             "{\"messages\": [{\"role\": \"user\", \"content\": \"Hi\"}], \"max_tokens\": 39000, "
+             "\"ignore_eos\": true, \"stream\": true}", NULL, cmd, sizeof cmd, out, sizeof out);
+    FILE *p = popen(cmd, "r");
+    double end = now() + 5;
+    while (now() < end && !health_int(&s, "slots_busy")) usleep(20000);
+    usleep(200000); /* some chunks out */
+    ck_assert_int_eq(terminate(&s), 0);
+    int status = 0;
+    ck_assert_int_eq(fscanf(p, "%d", &status), 1);
+    pclose(p);
+    ck_assert_int_eq(status, 200);
+    char *body = tu_read(out, NULL);
+    ck_assert_msg(strstr(body, "\"code\":\"cancelled\"") && strstr(body, "shutting down"), "%s",
+                  body);
+    ck_assert_msg(!strstr(body, "\"finish_reason\":\"stop\"") &&
+                      !strstr(body, "\"finish_reason\":\"length\""), "%s", body);
+    ck_assert_msg(strstr(body, "data: [DONE]"), "%s", body);
+    free(body);
+    tu_rmdir(s.dir);
+}
+END_TEST
+
 static Suite *make_suite(void)
 {
     Suite *s = suite_create("server");
@@ -1331,6 +1361,7 @@ static Suite *make_suite(void)
     tcase_add_test(tc, idle_timeout_and_per_address_limit);
     tcase_add_test(tc, browser_requests);
     tcase_add_test(tc, api_keys);
+    tcase_add_test(tc, stream_cut_by_shutdown);
     suite_add_tcase(s, tc);
     return s;
 }
