@@ -419,10 +419,10 @@ static Suite *budget_suite(void)
     tcase_add_test(tc, allocator_monotone_and_infeasible);
     tcase_add_test(tc, command_budgets_and_constraints);
     tcase_add_test(tc, command_errors);
-    tcase_add_test(tc, sensitivity_file_checked);
     tcase_add_test(tc, auto_beats_presets_on_demo);
     tcase_add_test(tc, group_size_choice_on_demo);
     tcase_add_test(tc, method_choice_on_demo);
+    tcase_add_test(tc, sensitivity_file_checked);
     suite_add_tcase(s, tc);
     return s;
 }

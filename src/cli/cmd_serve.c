@@ -202,8 +202,6 @@ int qmix_cmd_serve(int argc, char **argv)
         usage(stderr);
         return 2;
     }
-    char key_buf[1024];
-    if (serve_api_key(&o.api_key, key_file, key_buf, sizeof key_buf)) return 2;
     json_t *targs = NULL;
     if (template_args) {
         json_error_t je;
@@ -222,6 +220,11 @@ int qmix_cmd_serve(int argc, char **argv)
             return 2;
         }
         o.template_args = targs;
+    }
+    char key_buf[1024];
+    if (serve_api_key(&o.api_key, key_file, key_buf, sizeof key_buf)) {
+        json_decref(targs);
+        return 2;
     }
     char dir[PATH_MAX], real[PATH_MAX];
     if (cli_model_dir(o.model_path, dir, sizeof dir)) {
