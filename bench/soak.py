@@ -8,7 +8,8 @@ Each client loops until the time is up, picking at random:
   malformed   a bad request that must get a 4xx (invalid JSON, wrong type, text/plain body,
               unknown endpoint, huge max_tokens type, half a request and then a hang-up)
 and every --burst-every seconds a burst of more requests than the slots and the queue hold
-(some must get 503 busy, none may fail otherwise). The server's RSS is sampled all along.
+(some must get 503 busy, none may fail otherwise); a client that gets 503 backs off 0.1-0.5 s.
+The server's RSS is sampled all along.
 
 Reports requests and outcomes by kind, unexpected errors by kind, latency percentiles (time to
 first token and total for streams, total for completions) and the RSS trend. Exits 1 when there
@@ -43,6 +44,9 @@ def parse_args():
     p.add_argument("--max-tokens", type=int, default=32)
     p.add_argument("--threads", type=int, default=0, help="server compute threads (0: all)")
     p.add_argument("--burst-every", type=float, default=10)
+    p.add_argument("--prefix-cache", default="64M",
+                   help="the server's prefix cache (default 64M: it fills early, so the RSS trend "
+                        "after that shows leaks, not the cache)")
     p.add_argument("--seed", type=int, default=1)
     return p.parse_args()
 
@@ -67,7 +71,8 @@ class Stats:
 
 def start_server(a):
     cmd = [a.qmix, "serve", a.model, "--port", "0", "--parallel", str(a.parallel),
-           "--queue", str(a.queue), "--ctx", "2048", "--threads", str(a.threads)]
+           "--queue", str(a.queue), "--ctx", "2048", "--threads", str(a.threads),
+           "--prefix-cache", a.prefix_cache]
     log = open(os.path.join(os.environ.get("TMPDIR", "/tmp"), f"qmix-soak-{os.getpid()}.log"),
                "w+")
     proc = subprocess.Popen(cmd, stdout=log, stderr=log)
@@ -115,7 +120,10 @@ def do_stream(port, rng, a, st, drop):
     done = False
     try:
         for line in r:
-            if line.startswith(b"data: ") and ttft is None:
+            # time to the first generated text (the first chunk only names the role)
+            if ttft is None and line.startswith(b"data: {") and (
+                    b'"content":"' in line and b'"content":""' not in line or
+                    b'"reasoning_content":"' in line):
                 ttft = time.monotonic() - t0
                 if drop:
                     break
@@ -188,6 +196,7 @@ def do_malformed(port, rng, st):
 def client(port, a, st, deadline, seed):
     rng = random.Random(seed)
     while time.monotonic() < deadline:
+        busy = st.outcomes[("stream", "busy")] + st.outcomes[("complete", "busy")]
         x = rng.random()
         if x < 0.6:
             do_stream(port, rng, a, st, drop=False)
@@ -197,6 +206,8 @@ def client(port, a, st, deadline, seed):
             do_complete(port, rng, a, st)
         else:
             do_malformed(port, rng, st)
+        if st.outcomes[("stream", "busy")] + st.outcomes[("complete", "busy")] > busy:
+            time.sleep(rng.uniform(0.1, 0.5))  # a 503 says retry later: clients back off
 
 
 def burster(port, a, st, deadline):
@@ -219,6 +230,16 @@ def rss_mib(pid):
                     return int(line.split()[1]) / 1024
     except OSError:
         return None
+
+
+def slope_per_min(pts):
+    n = len(pts)
+    if n < 2:
+        return 0.0
+    mt = sum(t for t, _ in pts) / n
+    mr = sum(r for _, r in pts) / n
+    var = sum((t - mt) ** 2 for t, _ in pts)
+    return sum((t - mt) * (r - mr) for t, r in pts) / var * 60 if var else 0.0
 
 
 def pct(xs, p):
@@ -270,15 +291,11 @@ def main():
             print(f"  {k:<14} {pct(xs, 50):8.3f} {pct(xs, 90):8.3f} {pct(xs, 99):8.3f} "
                   f"{max(xs):8.3f} {len(xs):8d}")
     if rss:
-        n = len(rss)
-        mean_t = sum(t for t, _ in rss) / n
-        mean_r = sum(r for _, r in rss) / n
-        var = sum((t - mean_t) ** 2 for t, _ in rss)
-        slope = sum((t - mean_t) * (r - mean_r) for t, r in rss) / var * 60 if var else 0
-        half = rss[n // 2:]
+        half = rss[len(rss) // 2:]
         print(f"RSS (MiB): start {rss[0][1]:.1f}, end {rss[-1][1]:.1f}, max "
-              f"{max(r for _, r in rss):.1f}; trend {slope:+.2f} MiB/min over the run, "
-              f"second half {min(r for _, r in half):.1f}..{max(r for _, r in half):.1f}")
+              f"{max(r for _, r in rss):.1f}; trend {slope_per_min(rss):+.2f} MiB/min over the "
+              f"run (the prefix cache filling), {slope_per_min(half):+.2f} MiB/min over the "
+              f"second half ({min(r for _, r in half):.1f}..{max(r for _, r in half):.1f})")
     print(f"server: {'alive' if alive else 'DIED'} at the end, exit status {rc} after SIGTERM "
           f"(log: {logname})")
     sys.exit(1 if nerr or not alive or rc != 0 else 0)
