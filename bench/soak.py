@@ -137,11 +137,12 @@ def do_stream(port, rng, a, st, drop):
         c.close()
         return st.add(kind, "error", f"read: {type(e).__name__}")
     c.close()
-    if drop:
-        return st.add(kind, "dropped", ttft=ttft) if ttft else st.add(kind, "error", "no chunk")
-    if not done:
+    if not done and not (drop and ttft is not None):
         return st.add(kind, "error", "stream ended without [DONE]")
-    st.add(kind, "ok", ttft=ttft, stream_total=time.monotonic() - t0)
+    lat = {"ttft": ttft} if ttft is not None else {}  # none: an answer with no visible text
+    if drop:
+        return st.add(kind, "dropped" if ttft is not None else "finished first", **lat)
+    st.add(kind, "ok", stream_total=time.monotonic() - t0, **lat)
 
 
 def do_complete(port, rng, a, st):
