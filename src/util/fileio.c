@@ -371,8 +371,8 @@ int qmix_outdir_commit(qmix_outdir *d, qmix_err *err)
             rc = qmix_errf(err, "cannot rename %s to %s: %s", d->work, d->final, strerror(errno));
     } else if (!S_ISDIR(st.st_mode)) {
         rc = qmix_errf(err, "%s exists and is not a directory", d->final);
-    } else if (dir_is_empty(d->final)) {
-        if (rmdir(d->final) || rename(d->work, d->final))
+    } else if (dir_is_empty(d->final) && !rmdir(d->final)) { /* not a mount point, say */
+        if (rename(d->work, d->final))
             rc = qmix_errf(err, "cannot rename %s to %s: %s", d->work, d->final, strerror(errno));
     } else {
         rc = move_into(d, err);
