@@ -1,17 +1,26 @@
 #!/usr/bin/env bash
 # Builds the libFuzzer harnesses (fuzz/fuzz_*.c) with clang, ASan and UBSan into build-fuzz/ and
-# runs each for a bounded time: fuzz/run.sh [SECONDS_PER_FUZZER] (default 30).
+# runs each for a bounded time: fuzz/run.sh [SECONDS_PER_FUZZER] (default 30), or
+# fuzz/run.sh --total SECONDS to share one budget among all of them (at least 10 s each; what CI
+# runs, so that more fuzzers do not make CI longer). FUZZ_ONLY="api tokenizer" runs a subset.
 #
-# The library sources the harnesses reach (src/util, src/formats: the parsers of untrusted input)
-# are compiled here with clang, instrumented (build/libqmix.a is gcc-built and uninstrumented).
-# FUZZ_SRC_DIRS widens the set, e.g. FUZZ_SRC_DIRS="util formats model runtime kernels eval". Seeds come from fuzz/corpus/NAME/ (read-only); inputs the
+# The library (every directory of src/ but cli) is compiled here with clang, instrumented
+# (build/libqmix.a is gcc-built and uninstrumented); FUZZ_SRC_DIRS narrows or reorders the set.
+# Harnesses that need a model's tokenizer read testdata/fixtures/tiny-a (run from the repository
+# root, as this script does). Seeds come from fuzz/corpus/NAME/ (read-only); inputs the
 # fuzzer finds accumulate in build-fuzz/corpus/NAME/ and are reused by later runs. A crash, leak,
 # sanitizer report or slow input is written to build-fuzz/crashes/ and fails the script.
 # Reproduce one with: build-fuzz/fuzz_NAME build-fuzz/crashes/NAME-crash-...
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-secs=${1:-30}
+total=
+if [ "${1:-}" = --total ]; then
+    total=${2:-}
+    secs=$total
+else
+    secs=${1:-30}
+fi
 case $secs in '' | *[!0-9]*) echo "fuzz/run.sh: seconds must be a whole number, got '$secs'" >&2; exit 2 ;; esac
 CC=${FUZZ_CC:-clang}
 out=build-fuzz
@@ -25,22 +34,26 @@ fi
 common=(-std=c11 -D_GNU_SOURCE -g -O1 -fno-omit-frame-pointer -pthread
         -fsanitize=address,undefined -fno-sanitize-recover=undefined
         -Wall -Wextra -Wshadow -Wno-unused-parameter -Wstrict-prototypes -Wmissing-prototypes
-        -Iinclude -Isrc)
-# libraries the harnessed parsers use: jansson (JSON), libpng and libjpeg (images)
-read -r -a dep_cflags <<<"$(pkg-config --cflags jansson libpng libjpeg)"
-read -r -a dep_libs <<<"$(pkg-config --libs jansson libpng libjpeg)"
-common+=("${dep_cflags[@]}")
+        -Iinclude -Isrc
+        # clang 14 names a target_clones function's dispatcher NAME.ifunc, so calls from other
+        # files do not link: one plain version here (the fuzzers test parsers, not kernels)
+        -DQMIX_NO_CLONES '-Dtarget_clones(...)=unused')
+pkgs="jansson libpcre2-8 libutf8proc libmicrohttpd libpng libjpeg" # as the Makefile's PKGS
+read -r -a pkg_cflags <<<"$(pkg-config --cflags $pkgs)"
+read -r -a pkg_libs <<<"$(pkg-config --libs $pkgs)"
+common+=("${pkg_cflags[@]}")
+src_dirs=${FUZZ_SRC_DIRS:-util formats text quant eval model runtime kernels server}
 
 # --- build the library (never src/cli); kernels get the SIMD flags the Makefile uses ---
 mkdir -p "$out/obj" "$out/crashes"
 srcs=()
-for d in ${FUZZ_SRC_DIRS:-util formats}; do
+for d in $src_dirs; do
     [ "$d" = cli ] && continue
     for f in src/"$d"/*.c; do [ -e "$f" ] && srcs+=("$f"); done
 done
 # the ggml type table the GGUF parser sizes tensors with, and the .qcal reader (both
 # self-contained on purpose)
-case " ${FUZZ_SRC_DIRS:-util formats} " in
+case " $src_dirs " in
     *" quant "*) ;;
     *) srcs+=(src/quant/ggml_blocks.c src/quant/calib_read.c) ;;
 esac
@@ -49,6 +62,9 @@ build_one() { # src obj
     case $src in
         *_avx2.c) extra=(-mavx2 -mfma -mf16c) ;;
         *_avx512.c) extra=(-mavx512f -mavx512bw -mavx512vl -mavx512dq -mfma -mf16c) ;;
+        *_vnni.c) extra=(-mavx512f -mavx512bw -mavx512vl -mavx512dq -mfma -mf16c -mavx512vnni) ;;
+        *_vbmi.c) extra=(-mavx512f -mavx512bw -mavx512vl -mavx512dq -mfma -mf16c -mavx512vnni
+                         -mavx512vbmi) ;;
     esac
     mkdir -p "$(dirname "$obj")"
     "$CC" "${common[@]}" -fsanitize=fuzzer-no-link "${extra[@]}" -c "$src" -o "$obj"
@@ -75,11 +91,19 @@ fuzzers=()
 for h in fuzz/fuzz_*.c; do
     name=$(basename "$h" .c)
     name=${name#fuzz_}
-    "$CC" "${common[@]}" -fsanitize=fuzzer "$h" "$out/libqmix-fuzz.a" "${dep_libs[@]}" -lm \
-        -o "$out/fuzz_$name"
+    if [ -n "${FUZZ_ONLY:-}" ] && [[ " $FUZZ_ONLY " != *" $name "* ]]; then continue; fi
+    "$CC" "${common[@]}" -fsanitize=fuzzer "$h" "$out/libqmix-fuzz.a" "${pkg_libs[@]}" -lutil \
+        -lm -o "$out/fuzz_$name" &
     fuzzers+=("$name")
+    if [ $(jobs -rp | wc -l) -ge "$jobs" ]; then wait -n; fi
 done
+wait
 echo "fuzz: built ${fuzzers[*]} with $("$CC" --version | sed -n 1p)"
+if [ -n "$total" ]; then
+    secs=$((total / ${#fuzzers[@]}))
+    [ "$secs" -ge 10 ] || secs=10
+    echo "fuzz: ${total}s shared by ${#fuzzers[@]} fuzzers: ${secs}s each"
+fi
 
 # --- run ---
 failed=()

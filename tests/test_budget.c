@@ -2,6 +2,7 @@
 #include <jansson.h>
 #include <math.h>
 
+#include "eval/sens_json.h"
 #include "model/model.h"
 #include "quant/allocate.h"
 #include "quant/fakequant.h"
@@ -716,6 +717,47 @@ START_TEST(top_end_on_demo)
 }
 END_TEST
 
+/* A saved sensitivity file is user input: a row's layer was taken as any integer and later sized
+ * the per-layer tables; now it is checked (and the reader is fuzzed: fuzz/fuzz_sensitivity.c). */
+START_TEST(sensitivity_file_checked)
+{
+    static const char good[] =
+        "{\"group_size\": 64, \"method\": \"rtn\", \"rows\": [{\"role\": \"attn_q\", \"layer\": 3, "
+        "\"params\": 100, \"params_measured\": 50, \"quantizable\": true, \"bits\": {\"4\": "
+        "{\"kld\": 0.5}, \"9\": {\"kld\": 1}}}]}";
+    qmix_sens_saved_row *rows = NULL;
+    int n = 0, layers = 0, group = 0, method = -1, gguf = -1;
+    qmix_err err;
+    ck_assert_msg(!qmix_sens_json_parse(good, strlen(good), "good.json", &rows, &n, &layers, &group,
+                                        &method, &gguf, &err), "%s", err.msg);
+    ck_assert_int_eq(n, 1);
+    ck_assert_int_eq(rows[0].layer, 3);
+    ck_assert_int_eq(layers, 1);
+    ck_assert_int_eq(group, 64);
+    ck_assert(rows[0].kld[4] == 0.5 && isnan(rows[0].kld[3]));
+    static const char *const bad[][2] = {
+        {"{\"rows\": [{\"role\": \"attn_q\", \"layer\": 100000, \"params\": 1, \"bits\": {}}]}",
+         "out of range"},
+        {"{\"rows\": [{\"role\": \"attn_q\", \"layer\": -5, \"params\": 1, \"bits\": {}}]}",
+         "out of range"},
+        {"{\"rows\": [{\"role\": \"attn_q\", \"params\": 10, \"params_measured\": 11, \"bits\": {}}]}",
+         "out of range"},
+        {"{\"rows\": [{\"role\": \"nope\", \"params\": 1, \"bits\": {}}]}", "known role"},
+        {"{\"group_size\": 48, \"rows\": []}", "group_size"},
+        {"[1]", "rows"},
+        {"{\"rows\": [", "bad.json:1"},
+    };
+    for (size_t i = 0; i < sizeof bad / sizeof *bad; i++) {
+        ck_assert_int_eq(qmix_sens_json_parse(bad[i][0], strlen(bad[i][0]), "bad.json", &rows, &n,
+                                              &layers, &group, &method, &gguf, &err), -1);
+        ck_assert_msg(strstr(err.msg, bad[i][1]) && strstr(err.msg, "bad.json"), "%s: %s",
+                      bad[i][0], err.msg);
+        ck_assert_int_eq(n, 1); /* nothing appended */
+    }
+    free(rows);
+}
+END_TEST
+
 static Suite *budget_suite(void)
 {
     Suite *s = suite_create("budget");
@@ -735,6 +777,7 @@ static Suite *budget_suite(void)
     tcase_add_test(tc, command_gptq_budget);
     tcase_add_test(tc, top_end_on_demo);
     tcase_add_test(tc, gguf_allocation_beats_q4_k_m_on_demo);
+    tcase_add_test(tc, sensitivity_file_checked);
     suite_add_tcase(s, tc);
     return s;
 }

@@ -522,6 +522,30 @@ START_TEST(toolcall_random_split_invariance)
 }
 END_TEST
 
+/* A parameter value that is not UTF-8 makes the call malformed (kept as content, with a warning);
+ * it was taken for an out-of-memory error that stopped the parser, so what followed was lost
+ * when the output came in pieces (found by fuzz/fuzz_toolcall.c). */
+START_TEST(toolcall_value_not_utf8)
+{
+    static const char out[] = "<tool_call>\n<function=get_weather>\n<parameter=city>\nPar\xff\n"
+                              "</parameter>\n</function>\n</tool_call> after";
+    for (size_t chunk = 1; chunk <= sizeof out; chunk += sizeof out - 2) {
+        qmix_toolcall_parser *p = qmix_toolcall_parser_new(NULL, false);
+        for (size_t i = 0; i < sizeof out - 1; i += chunk)
+            ck_assert_int_eq(qmix_toolcall_feed(p, out + i, sizeof out - 1 - i < chunk
+                                                               ? sizeof out - 1 - i : chunk), 0);
+        ck_assert_int_eq(qmix_toolcall_finish(p), 0);
+        size_t len;
+        const char *content = qmix_toolcall_content(p, &len);
+        ck_assert_uint_eq(qmix_toolcall_count(p), 0);
+        ck_assert_msg(len > 6 && !strcmp(content + len - 6, " after"), "%zu: %s", chunk, content);
+        ck_assert_uint_eq(qmix_toolcall_warning_count(p), 1);
+        ck_assert_ptr_nonnull(strstr(qmix_toolcall_warning(p, 0), "UTF-8"));
+        qmix_toolcall_parser_free(p);
+    }
+}
+END_TEST
+
 /* What the template renders for an assistant turn parses back into the same reasoning, content
  * and typed arguments. */
 START_TEST(toolcall_round_trip)
@@ -712,6 +736,7 @@ static Suite *chat_suite(void)
     tcase_add_loop_test(tc, toolcall_cases, 0, (int)(sizeof tc_cases / sizeof tc_cases[0]));
     tcase_add_test(tc, toolcall_round_trip);
     tcase_add_test(tc, toolcall_random_split_invariance);
+    tcase_add_test(tc, toolcall_value_not_utf8);
     suite_add_tcase(s, tc);
     tc = tcase_create("cli");
     tcase_set_timeout(tc, 60);

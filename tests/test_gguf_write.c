@@ -8,6 +8,7 @@
 
 #include "eval/kld.h"
 #include "formats/gguf.h"
+#include "formats/gguf_write.h"
 #include "model/model.h"
 #include "qmix.h"
 #include "quant/ggml_blocks.h"
@@ -507,6 +508,44 @@ START_TEST(mlx_route)
 }
 END_TEST
 
+/* An imatrix GGUF whose count is beyond what a row count can be is refused with a message (it
+ * was converted to int64 unchecked: undefined behaviour, found by fuzz/fuzz_imatrix.c); a sane
+ * one loads. */
+static char *imatrix_gguf(const char *dir, float count)
+{
+    static char path[1100];
+    snprintf(path, sizeof path, "%s/im-%g.gguf", dir, count);
+    qmix_ggw *w = qmix_ggw_new();
+    qmix_ggw_kv_str(w, "general.type", "imatrix");
+    qmix_ggw_kv_u32(w, "imatrix.chunk_count", 2);
+    qmix_ggw_kv_u32(w, "imatrix.chunk_size", 16);
+    qmix_ggw_kv_arr_str_begin(w, "imatrix.datasets", 1);
+    qmix_ggw_arr_str(w, "tokens.txt", 10);
+    const int64_t ne_sum[2] = {16, 1}, ne_count[2] = {1, 1};
+    qmix_ggw_tensor(w, "blk.0.attn_q.weight.in_sum2", QMIX_GGML_F32, 2, ne_sum);
+    qmix_ggw_tensor(w, "blk.0.attn_q.weight.counts", QMIX_GGML_F32, 2, ne_count);
+    qmix_err err;
+    float sums[16];
+    for (int i = 0; i < 16; i++) sums[i] = (float)i;
+    ck_assert_msg(!qmix_ggw_open(w, path, &err) && !qmix_ggw_write(w, sums, sizeof sums, &err) &&
+                      !qmix_ggw_write(w, &count, 4, &err) && !qmix_ggw_close(w, &err),
+                  "%s", err.msg);
+    return path;
+}
+
+START_TEST(imatrix_gguf_counts)
+{
+    char *dir = tu_tmpdir();
+    qmix_imatrix *im = NULL;
+    qmix_err err;
+    ck_assert_msg(!qmix_imatrix_load(imatrix_gguf(dir, 4), &im, &err), "%s", err.msg);
+    qmix_imatrix_free(im);
+    ck_assert_int_eq(qmix_imatrix_load(imatrix_gguf(dir, 4e31f), &im, &err), -1);
+    ck_assert_msg(strstr(err.msg, "counts"), "%s", err.msg);
+    tu_rmdir(dir);
+}
+END_TEST
+
 static Suite *gguf_write_suite(void)
 {
     Suite *s = suite_create("gguf_write");
@@ -520,6 +559,7 @@ static Suite *gguf_write_suite(void)
     tcase_add_test(tc, unsupported_requests);
     tcase_add_loop_test(tc, hf_round_trip, 0, 2);
     tcase_add_test(tc, mlx_route);
+    tcase_add_test(tc, imatrix_gguf_counts);
     suite_add_tcase(s, tc);
     return s;
 }

@@ -4,7 +4,12 @@
 #include <jansson.h>
 #include <math.h>
 #include <signal.h>
+#include <arpa/inet.h>
+#include <errno.h>
+#include <netinet/in.h>
+#include <poll.h>
 #include <sys/prctl.h>
+#include <sys/socket.h>
 #include <sys/wait.h>
 #include <time.h>
 
@@ -428,6 +433,10 @@ START_TEST(errors)
                  "{\"messages\": [{\"role\": \"user\", \"content\": \"Hi\"}], \"stop\": 5}", auth,
                  400, "stop");
     expect_error(&s, "/v1/chat/completions", "{\"messages\": \"Hi\"}", auth, 400, "messages");
+    /* a developer message without content (renaming its role once freed the role's string
+     * before it was read again: found by fuzz/fuzz_api.c) */
+    expect_error(&s, "/v1/chat/completions", "{\"messages\": [{\"role\": \"developer\"}]}",
+                 auth, 400, "has no 'content'");
     expect_error(&s, "/v1/chat/completions",
                  "{\"messages\": [{\"role\": \"user\", \"content\": [{\"type\": \"image_url\", "
                  "\"image_url\": {\"url\": \"data:image/png;base64,AAAA\"}}]}]}", auth, 400,
@@ -667,15 +676,17 @@ START_TEST(disconnect_busy_and_shutdown)
     char *h = tu_read(path, NULL);
     ck_assert_msg(strcasestr(h, "Retry-After: 1") != NULL, "no Retry-After in:\n%s", h);
     free(h);
-    /* shutdown while that request runs: it is answered (cut short), the server exits 0 */
+    /* shutdown while that request runs: it is answered with an error that says it was cut
+     * short (not a normal stop), the server exits 0 */
     ck_assert_int_eq(terminate(&s), 0);
     int status = 0;
     ck_assert_int_eq(fscanf(p, "%d", &status), 1);
-    ck_assert_int_eq(status, 200);
+    ck_assert_int_eq(status, 503);
     pclose(p);
     char *body = tu_read(out, NULL);
     json_t *v = parse(body);
-    ck_assert_int_lt(int_at(v, "usage.completion_tokens"), 39000);
+    ck_assert_str_eq(str_at(v, "error.code"), "cancelled");
+    ck_assert_ptr_nonnull(strstr(str_at(v, "error.message"), "shutting down"));
     json_decref(v);
     free(body);
     tu_rmdir(s.dir);
@@ -1144,6 +1155,231 @@ START_TEST(openai_client)
 }
 END_TEST
 
+/* A TCP connection to the server from source address src (NULL: any), or -1. */
+static int connect_from(server *s, const char *src)
+{
+    int fd = socket(AF_INET, SOCK_STREAM, 0);
+    if (fd < 0) return -1;
+    struct sockaddr_in a = {.sin_family = AF_INET};
+    if (src) {
+        inet_pton(AF_INET, src, &a.sin_addr);
+        if (bind(fd, (struct sockaddr *)&a, sizeof a)) {
+            close(fd);
+            return -1;
+        }
+    }
+    a.sin_port = htons((uint16_t)s->port);
+    inet_pton(AF_INET, "127.0.0.1", &a.sin_addr);
+    if (connect(fd, (struct sockaddr *)&a, sizeof a)) {
+        close(fd);
+        return -1;
+    }
+    return fd;
+}
+
+/* Half a request's headers, then silence: what a slowloris client holds a connection with. */
+static const char half_request[] = "POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nCont";
+
+/* 1 if the server closed the connection within timeout_ms (it reads end-of-file or a reset). */
+static int closed_within(int fd, int timeout_ms)
+{
+    struct pollfd p = {.fd = fd, .events = POLLIN};
+    if (poll(&p, 1, timeout_ms) <= 0) return 0;
+    char c;
+    return recv(fd, &c, 1, MSG_DONTWAIT) <= 0;
+}
+
+/* 300 idle connections that sent half a header do not stop /health and a chat request. */
+START_TEST(half_open_lockout)
+{
+    server s;
+    const char *extra[] = {"--ctx", "256", NULL};
+    start(&s, extra);
+    enum { N = 300 };
+    int fds[N];
+    for (int i = 0; i < N; i++) {
+        fds[i] = connect_from(&s, NULL);
+        ck_assert_msg(fds[i] >= 0, "connection %d: %s", i, strerror(errno));
+        ck_assert_int_eq(send(fds[i], half_request, sizeof half_request - 1, MSG_NOSIGNAL),
+                         (ssize_t)(sizeof half_request - 1));
+    }
+    usleep(200000); /* every one of them accepted and waiting */
+    resp r = http(&s, "/health", NULL, "--max-time 5");
+    ck_assert_msg(r.status == 200, "/health under 300 half-open connections: %d", r.status);
+    free(r.body);
+    char buf[1024];
+    r = http(&s, "/v1/chat/completions", hello(0, 1, 4, buf, sizeof buf), "--max-time 10");
+    ck_assert_msg(r.status == 200, "chat under 300 half-open connections: %d %s", r.status, r.body);
+    free(r.body);
+    int still_open = 0;
+    for (int i = 0; i < N; i++) still_open += !closed_within(fds[i], 0);
+    ck_assert_int_eq(still_open, N); /* answered beside them, not after closing them */
+    for (int i = 0; i < N; i++) close(fds[i]);
+    ck_assert_int_eq(stop(&s), 0);
+}
+END_TEST
+
+/* A silent incomplete request is closed after --idle-timeout; one address past
+ * --max-conn-per-ip is refused while 127.0.0.1 still gets through. */
+START_TEST(idle_timeout_and_per_address_limit)
+{
+    server s;
+    const char *extra[] = {"--idle-timeout", "1", "--max-conn-per-ip", "4", NULL};
+    start(&s, extra);
+    int fds[5];
+    for (int i = 0; i < 5; i++) {
+        fds[i] = connect_from(&s, "127.0.0.2");
+        ck_assert_int_ge(fds[i], 0);
+        send(fds[i], half_request, sizeof half_request - 1, MSG_NOSIGNAL);
+    }
+    ck_assert_msg(closed_within(fds[4], 500), "a fifth connection from one address was kept");
+    for (int i = 0; i < 4; i++)
+        ck_assert_msg(!closed_within(fds[i], 0), "connection %d closed before its timeout", i);
+    resp r = http(&s, "/health", NULL, "--max-time 5");
+    ck_assert_int_eq(r.status, 200);
+    free(r.body);
+    double t0 = now();
+    for (int i = 0; i < 4; i++) ck_assert_msg(closed_within(fds[i], 5000), "not timed out");
+    ck_assert_double_lt(now() - t0, 4.5);
+    for (int i = 0; i < 5; i++) close(fds[i]);
+    /* the address's count went back down: it may connect again */
+    int fd = connect_from(&s, "127.0.0.2");
+    ck_assert_int_ge(fd, 0);
+    ck_assert_msg(!closed_within(fd, 300), "refused after its connections closed");
+    close(fd);
+    ck_assert_int_eq(stop(&s), 0);
+}
+END_TEST
+
+/* What a browser page can send: a text/plain or untyped POST (no preflight), a foreign Host
+ * (DNS rebinding), a foreign Origin; and CORS when --cors allows one origin. */
+START_TEST(browser_requests)
+{
+    server s;
+    const char *extra[] = {"--cors", "http://app.example", NULL};
+    start(&s, extra);
+    char buf[1024];
+    const char *body = hello(0, 1, 2, buf, sizeof buf);
+    char req[1100], cmd[4096];
+    snprintf(req, sizeof req, "%s/plain.json", s.dir);
+    tu_write(req, body, strlen(body));
+    static const char *const refused[][2] = {
+        {"-H 'Content-Type: text/plain'", "415"},
+        {"-H 'Content-Type: application/x-www-form-urlencoded'", "415"},
+        {"-H 'Content-Type:'", "415"}, /* curl then sends none */
+        {"-H 'Content-Type: application/json' -H 'Host: attacker.example:80'", "403"},
+        {"-H 'Content-Type: application/json' -H 'Origin: http://other.example'", "403"},
+        {"-H 'Content-Type: application/json; charset=utf-8'", "200"},
+        {"-H 'Content-Type: Application/JSON' -H 'Origin: http://app.example'", "200"},
+    };
+    for (size_t i = 0; i < sizeof refused / sizeof *refused; i++) {
+        snprintf(cmd, sizeof cmd, "curl -s -o /dev/null -w '%%{http_code}' %s --data-binary '@%s' "
+                 "'http://127.0.0.1:%d/v1/chat/completions'", refused[i][0], req, s.port);
+        FILE *p = popen(cmd, "r");
+        char code[16] = "";
+        ck_assert_int_eq(fscanf(p, "%15s", code), 1);
+        pclose(p);
+        ck_assert_msg(!strcmp(code, refused[i][1]), "%s: %s, expected %s", refused[i][0], code,
+                      refused[i][1]);
+    }
+    /* Host naming this machine is fine */
+    resp r = http(&s, "/health", NULL, "-H 'Host: localhost'");
+    ck_assert_int_eq(r.status, 200);
+    free(r.body);
+    /* the preflight: 204 with the CORS headers for the allowed origin, 403 for another */
+    char hdr[1100];
+    snprintf(hdr, sizeof hdr, "-X OPTIONS -H 'Origin: http://app.example' -H "
+             "'Access-Control-Request-Method: POST' -D '%s/pre'", s.dir);
+    r = http(&s, "/v1/chat/completions", NULL, hdr);
+    ck_assert_int_eq(r.status, 204);
+    free(r.body);
+    snprintf(hdr, sizeof hdr, "%s/pre", s.dir);
+    char *h = tu_read(hdr, NULL);
+    ck_assert_msg(strcasestr(h, "Access-Control-Allow-Origin: http://app.example"), "%s", h);
+    ck_assert_msg(strcasestr(h, "Access-Control-Allow-Headers:"), "%s", h);
+    free(h);
+    expect_error(&s, "/v1/chat/completions", NULL,
+                 "-X OPTIONS -H 'Origin: http://other.example'", 403, "cross-origin");
+    ck_assert_int_eq(stop(&s), 0);
+
+    /* without --cors every cross-origin request is refused, preflights included */
+    start(&s, NULL);
+    expect_error(&s, "/v1/chat/completions", NULL, "-X OPTIONS -H 'Origin: http://app.example'",
+                 403, "--cors");
+    expect_error(&s, "/v1/chat/completions", body, "-H 'Origin: http://app.example'", 403,
+                 "cross-origin");
+    ck_assert_int_eq(stop(&s), 0);
+}
+END_TEST
+
+/* Keys: an empty one is refused at start (flag, file or environment); the scheme is
+ * case-insensitive; a key file works. */
+START_TEST(api_keys)
+{
+    tu_expect("serve " MODEL " --port 0 --api-key ''", 2, "empty");
+    setenv("QMIX_API_KEY", "", 1);
+    tu_expect("serve " MODEL " --port 0", 2, "QMIX_API_KEY");
+    unsetenv("QMIX_API_KEY");
+    char *dir = tu_tmpdir();
+    char path[1100], args[1400];
+    snprintf(path, sizeof path, "%s/empty-key", dir);
+    tu_write(path, "\n", 1);
+    snprintf(args, sizeof args, "serve " MODEL " --port 0 --api-key-file '%s'", path);
+    tu_expect(args, 2, "empty");
+    snprintf(args, sizeof args, "serve " MODEL " --port 0 --api-key-file '%s/none'", dir);
+    tu_expect(args, 2, "No such file");
+
+    snprintf(path, sizeof path, "%s/key", dir);
+    tu_write(path, "s3cret-key\n", 11);
+    server s;
+    const char *extra[] = {"--api-key-file", path, NULL};
+    start(&s, extra);
+    resp r = http(&s, "/v1/models", NULL, "-H 'Authorization: bearer s3cret-key'");
+    ck_assert_int_eq(r.status, 200);
+    free(r.body);
+    r = http(&s, "/v1/models", NULL, "-H 'Authorization: BEARER   s3cret-key'");
+    ck_assert_int_eq(r.status, 200);
+    free(r.body);
+    expect_error(&s, "/v1/models", NULL, "-H 'Authorization: Bearer s3cret-ke'", 401, "API key");
+    expect_error(&s, "/v1/models", NULL, "-H 'Authorization: Bearer s3cret-key2'", 401,
+                 "API key");
+    expect_error(&s, "/v1/models", NULL, "-H 'Authorization: Basic s3cret-key'", 401, "API key");
+    expect_error(&s, "/v1/models", NULL, "-H 'Authorization: Bearer '", 401, "API key");
+    ck_assert_int_eq(stop(&s), 0);
+    tu_rmdir(dir);
+}
+END_TEST
+
+/* A stream cut short by shutdown ends with an error event that says so, not a finish_reason. */
+START_TEST(stream_cut_by_shutdown)
+{
+    server s;
+    const char *extra[] = {"--ctx", "40000", NULL};
+    start(&s, extra);
+    char cmd[4096], out[1024];
+    curl_cmd(&s, "/v1/chat/completions",
+             "{\"messages\": [{\"role\": \"user\", \"content\": \"Hi\"}], \"max_tokens\": 39000, "
+             "\"ignore_eos\": true, \"stream\": true}", NULL, cmd, sizeof cmd, out, sizeof out);
+    FILE *p = popen(cmd, "r");
+    double end = now() + 5;
+    while (now() < end && !health_int(&s, "slots_busy")) usleep(20000);
+    usleep(200000); /* some chunks out */
+    ck_assert_int_eq(terminate(&s), 0);
+    int status = 0;
+    ck_assert_int_eq(fscanf(p, "%d", &status), 1);
+    pclose(p);
+    ck_assert_int_eq(status, 200);
+    char *body = tu_read(out, NULL);
+    ck_assert_msg(strstr(body, "\"code\":\"cancelled\"") && strstr(body, "shutting down"), "%s",
+                  body);
+    ck_assert_msg(!strstr(body, "\"finish_reason\":\"stop\"") &&
+                      !strstr(body, "\"finish_reason\":\"length\""), "%s", body);
+    ck_assert_msg(strstr(body, "data: [DONE]"), "%s", body);
+    free(body);
+    tu_rmdir(s.dir);
+}
+END_TEST
+
 static Suite *make_suite(void)
 {
     Suite *s = suite_create("server");
@@ -1164,6 +1400,11 @@ static Suite *make_suite(void)
     tcase_add_test(tc, logprobs);
     tcase_add_test(tc, tool_choice);
     tcase_add_test(tc, openai_client);
+    tcase_add_test(tc, half_open_lockout);
+    tcase_add_test(tc, idle_timeout_and_per_address_limit);
+    tcase_add_test(tc, browser_requests);
+    tcase_add_test(tc, api_keys);
+    tcase_add_test(tc, stream_cut_by_shutdown);
     suite_add_tcase(s, tc);
     return s;
 }

@@ -980,6 +980,29 @@ START_TEST(test_cli)
 }
 END_TEST
 
+/* A word whose bytes have no tokens (no byte fallback, no unk) yields no ids; as the first word
+ * it reached the BPE cache before the cache had any ids and copied zero bytes from NULL, which
+ * UBSan aborts on (found by fuzzing tokenizer.json). */
+START_TEST(test_word_without_ids)
+{
+    const char *json = "{\"model\": {\"type\": \"BPE\", \"vocab\": {\"a\": 0, \"b\": 1, "
+                       "\"ab\": 2}, \"merges\": [\"a b\"]}, \"decoder\": {\"type\": \"ByteLevel\"}}";
+    qmix_tokenizer *t;
+    qmix_err err;
+    ck_assert_msg(qmix_tok_load_json(json, strlen(json), "minimal.json", &t, &err) == 0, "%s",
+                  err.msg);
+    int32_t *ids = NULL;
+    size_t n = encode(t, "zz", 2, 0, &ids);
+    ck_assert_int_eq(n, 0);
+    free(ids);
+    n = encode(t, "zzab", 4, 0, &ids);
+    ck_assert_int_eq(n, 1);
+    ck_assert_int_eq(ids[0], 2);
+    free(ids);
+    qmix_tok_free(t);
+}
+END_TEST
+
 static Suite *tokenizer_suite(void)
 {
     Suite *s = suite_create("tokenizer");
@@ -1001,6 +1024,7 @@ static Suite *tokenizer_suite(void)
     tcase_add_test(tc, test_reference_agreement);
     tcase_add_test(tc, test_qwen35_marks);
     tcase_add_test(tc, test_cli);
+    tcase_add_test(tc, test_word_without_ids);
     suite_add_tcase(s, tc);
     return s;
 }

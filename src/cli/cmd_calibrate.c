@@ -452,9 +452,12 @@ int qmix_cmd_calibrate(int argc, char **argv)
         fprintf(stderr, "qmix calibrate: wrote %d entries, expected %d\n", written, h.n_entries);
         goto fail_quiet;
     }
-    int cl = fclose(f);
+    /* on disk before the rename: a crash right after it must not leave an empty .qcal */
+    int cl = fflush(f) || ferror(f) || fsync(fileno(f));
+    cl |= fclose(f);
     f = NULL;
     if (cl || rename(tmp_path, out_path)) {
+        remove(tmp_path);
         fprintf(stderr, "qmix calibrate: cannot write %s: %s\n", out_path, strerror(errno));
         goto fail_quiet;
     }

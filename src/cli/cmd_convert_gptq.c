@@ -30,6 +30,7 @@
 #include "quant/gptq_format.h"
 #include "quant/quantize.h"
 #include "util/err.h"
+#include "util/fileio.h"
 
 static char *join(const char *a, const char *b)
 {
@@ -791,15 +792,7 @@ static int copy_side_files(const char *in, const char *out, qmix_err *err)
                                  "video_preprocessor_config.json"};
     for (size_t i = 0; i < sizeof side / sizeof side[0]; i++) {
         char *a = join(in, side[i]), *b = join(out, side[i]);
-        FILE *fi = a ? fopen(a, "rb") : NULL, *fo = fi && b ? fopen(b, "wb") : NULL;
-        int rc = 0;
-        if (fi && !fo) rc = qmix_errf(err, "%s: cannot create", b);
-        char buf[65536];
-        size_t k;
-        while (fo && (k = fread(buf, 1, sizeof buf, fi)) > 0)
-            if (fwrite(buf, 1, k, fo) != k) rc = qmix_errf(err, "%s: write failed", b);
-        if (fi) fclose(fi);
-        if (fo && fclose(fo) && !rc) rc = qmix_errf(err, "%s: write failed", b);
+        int rc = !a || !b ? qmix_errf(err, "out of memory") : qmix_copy_file(a, b, 1, err);
         free(a);
         free(b);
         if (rc) return -1;
@@ -810,11 +803,13 @@ static int copy_side_files(const char *in, const char *out, qmix_err *err)
 static int run(job *j, const char *in, const char *out, int to_mlx)
 {
     qmix_err *err = j->err;
-    char *cfgp = join(in, "config.json"), *dst = join(out, "config.json");
+    /* built in OUT.partial-PID, moved to out when complete (util/fileio.h) */
+    qmix_outdir od = {0};
+    char *cfgp = join(in, "config.json"), *dst = NULL;
     json_t *root = NULL, *qblock = NULL, *qc = NULL;
     int rc = -1;
     json_error_t je;
-    if (!cfgp || !dst || qmix_config_load(cfgp, &j->cfg, err)) goto done;
+    if (!cfgp || qmix_config_load(cfgp, &j->cfg, err)) goto done;
     int g = qmix_gptq_info_load(cfgp, &j->info, err);
     if (g < 0) goto done;
     if (to_mlx && !g) {
@@ -843,11 +838,14 @@ static int run(job *j, const char *in, const char *out, int to_mlx)
         json_decref(qc);
         qc = NULL;
     }
-    if (mkdir(out, 0777) && errno != EEXIST) {
-        qmix_errf(err, "%s: cannot create: %s", out, strerror(errno));
+    if (qmix_outdir_begin(&od, out, err)) goto done;
+    out = od.work;
+    if (!(dst = join(out, "config.json"))) {
+        qmix_errf(err, "out of memory");
         goto done;
     }
-    if (write_all(j, out, to_mlx ? "mlx" : "pt")) goto done;
+    /* side files and weights first; config.json, the file that makes it a model, last */
+    if (copy_side_files(in, out, err) || write_all(j, out, to_mlx ? "mlx" : "pt")) goto done;
     root = json_load_file(cfgp, JSON_REJECT_DUPLICATES, &je);
     if (!root) {
         qmix_errf(err, "%s: cannot read config.json", in);
@@ -863,20 +861,16 @@ static int run(job *j, const char *in, const char *out, int to_mlx)
         json_object_update(q, qblock);
         json_object_set_new(root, "quantization_config", json_deep_copy(q));
         json_object_set_new(root, "quantization", q);
-        if (json_dump_file(root, dst, JSON_INDENT(4) | JSON_SORT_KEYS)) {
-            qmix_errf(err, "%s: cannot write", dst);
-            goto done;
-        }
+        if (qmix_write_json(dst, root, JSON_INDENT(4) | JSON_SORT_KEYS, err)) goto done;
     } else {
         if (qmix_gptq_build_qconfig(j->gm, j->n_gm, &qo, &qc, &non_marlin, err)) goto done;
         json_object_set(root, "quantization_config", qc);
         char *qdst = join(out, "quantize_config.json");
-        int w = !qdst || json_dump_file(root, dst, JSON_INDENT(2)) || json_dump_file(qc, qdst, JSON_INDENT(2));
+        int w = !qdst ? qmix_errf(err, "out of memory")
+                      : qmix_write_json(qdst, qc, JSON_INDENT(2), err) ||
+                            qmix_write_json(dst, root, JSON_INDENT(2), err);
         free(qdst);
-        if (w) {
-            qmix_errf(err, "%s: cannot write config", out);
-            goto done;
-        }
+        if (w) goto done;
         if (j->n_requant)
             fprintf(stderr, "qmix convert: warning: %lld matrices had groups that are not "
                     "s·(q − z) with an integer zero in [1, maxq]: re-quantized (symmetric RTN "
@@ -889,9 +883,10 @@ static int run(job *j, const char *in, const char *out, int to_mlx)
             fprintf(stderr, "qmix convert: note: %d modules are outside vLLM's Marlin kernels "
                     "(asymmetric or 2/3-bit)\n", non_marlin);
     }
-    if (copy_side_files(in, out, err)) goto done;
+    if (qmix_outdir_commit(&od, err)) goto done;
     rc = 0;
 done:
+    qmix_outdir_abandon(&od);
     json_decref(root);
     json_decref(qblock);
     json_decref(qc);

@@ -6,6 +6,7 @@
 #include "cli/cli_mm.h"
 #include "cli/commands.h"
 #include "runtime/session.h"
+#include "util/fileio.h"
 
 static void usage(FILE *out)
 {
@@ -133,13 +134,7 @@ int qmix_cmd_logits(int argc, char **argv)
             memcpy(logits + (int64_t)i * V, qmix_session_logits(sess), V * sizeof *logits);
         }
     }
-    f = fopen(out_path, "wb");
-    if (!f || fwrite(logits, sizeof *logits, (size_t)n * V, f) != (size_t)n * V || fclose(f)) {
-        f = NULL;
-        snprintf(err.msg, sizeof err.msg, "%s: write failed", out_path);
-        goto fail;
-    }
-    f = NULL;
+    if (qmix_write_file(out_path, logits, (size_t)n * V * sizeof *logits, &err)) goto fail;
     rc = 0;
     goto done;
 fail:

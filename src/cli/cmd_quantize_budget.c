@@ -19,6 +19,7 @@
 #include "quant/ggml_blocks.h"
 #include "quant/gguf_export.h"
 #include "quant/recipe.h"
+#include "eval/sens_json.h"
 #include "util/fileio.h"
 
 #define CMD "quantize"
@@ -289,84 +290,32 @@ int budget_option(int argc, char **argv, int *i, budget_args *b)
 typedef struct variant { int group, method; } variant;
 #define MAX_VARIANTS 9
 
-typedef struct sens_row {
-    int role, layer;
-    int group, method;           /* the group size and method it was measured with */
-    int64_t params, params_measured; /* measured < params: experts were sampled */
-    int quantizable;
-    double kld[9];               /* by bits; NAN where not measured */
-} sens_row;
+typedef qmix_sens_saved_row sens_row; /* eval/sens_json.h */
 
 /* Appends the rows of a saved `qmix sensitivity --json` to *rows; *v: its group size and
  * method. */
 static int load_sensitivity_json(const char *path, int gguf, sens_row **rows, int *n,
                                  int *layers_seen, variant *v)
 {
-    json_error_t je;
-    json_t *root = json_load_file(path, JSON_REJECT_DUPLICATES, &je);
-    if (!root) {
-        fprintf(stderr, "qmix %s: %s:%d: %s\n", CMD, path, je.line, je.text);
+    char *text;
+    size_t len;
+    qmix_err err;
+    int file_gguf = 0;
+    if (qmix_read_file(path, 256u << 20, &text, &len, &err) ||
+        qmix_sens_json_parse(text, len, path, rows, n, layers_seen, &v->group, &v->method,
+                             &file_gguf, &err)) {
+        if (text) free(text);
+        fprintf(stderr, "qmix %s: %s\n", CMD, err.msg);
         return -1;
     }
-    json_t *arr = json_object_get(root, "rows"), *gs = json_object_get(root, "group_size");
-    const char *method = json_string_value(json_object_get(root, "method"));
-    const char *format = json_string_value(json_object_get(root, "format"));
-    size_t count = json_array_size(arr);
-    v->group = json_is_integer(gs) ? (int)json_integer_value(gs) : 64;
-    v->method = method ? qmix_method_parse(method) : QMIX_METHOD_RTN; /* older files: RTN */
-    sens_row *grown = realloc(*rows, (*n + count + 1) * sizeof **rows);
-    if (!grown) {
-        json_decref(root);
-        fprintf(stderr, "qmix %s: out of memory\n", CMD);
+    free(text);
+    if (file_gguf != gguf) {
+        fprintf(stderr, "qmix %s: %s: %s\n", CMD, path,
+                gguf ? "measured with MLX affine groups, not GGUF blocks (qmix sensitivity --gguf)"
+                     : "measured with GGUF blocks, for --format gguf");
         return -1;
     }
-    *rows = grown;
-    memset(*rows + *n, 0, (count + 1) * sizeof **rows);
-    int file_gguf = format && !strcmp(format, "gguf");
-    const char *why = !json_is_array(arr) ? "no \"rows\" array"
-                      : file_gguf != gguf
-                          ? (gguf ? "measured with MLX affine groups, not GGUF blocks (qmix "
-                                    "sensitivity --gguf)"
-                                  : "measured with GGUF blocks, for --format gguf")
-                      : v->group != 32 && v->group != 64 && v->group != 128
-                          ? "group_size not 32, 64 or 128"
-                      : v->method != QMIX_METHOD_RTN && v->method != QMIX_METHOD_GPTQ &&
-                              v->method != QMIX_METHOD_IMATRIX
-                          ? "method not rtn, gptq or imatrix"
-                          : NULL;
-    for (size_t i = 0; !why && i < count; i++) {
-        json_t *o = json_array_get(arr, i), *bits = json_object_get(o, "bits");
-        const char *role = json_string_value(json_object_get(o, "role"));
-        sens_row *s = &(*rows)[(*n)++];
-        s->group = v->group;
-        s->method = v->method;
-        s->role = role ? role_by_name(role, (int)strlen(role)) : -1;
-        json_t *layer = json_object_get(o, "layer");
-        s->layer = json_is_integer(layer) ? (int)json_integer_value(layer) : -1;
-        if (s->layer >= 0) *layers_seen = 1;
-        s->params = json_integer_value(json_object_get(o, "params"));
-        json_t *pm = json_object_get(o, "params_measured");
-        s->params_measured = json_is_integer(pm) ? json_integer_value(pm) : s->params;
-        s->quantizable = json_is_true(json_object_get(o, "quantizable"));
-        if (s->role < 0 || !json_is_object(bits) || s->params <= 0) {
-            why = "a row without a known role, params or bits";
-            break;
-        }
-        for (int b = 0; b < 9; b++) s->kld[b] = NAN;
-        const char *key;
-        json_t *cell;
-        json_object_foreach(bits, key, cell) {
-            int b = atoi(key);
-            json_t *k = json_object_get(cell, "kld");
-            if (b >= 2 && b <= 8 && json_is_number(k)) s->kld[b] = json_number_value(k);
-        }
-    }
-    json_decref(root);
-    if (why) {
-        fprintf(stderr, "qmix %s: %s: %s (expected `qmix sensitivity --json` output)\n", CMD, path,
-                why);
-        return -1;
-    }
+    free(text);
     return 0;
 }
 
@@ -1326,9 +1275,8 @@ int quantize_with_budget(const char *in, const char *out, const budget_args *arg
                ha, final.bytes ? 100.0 * (double)fixed_bytes / (double)final.bytes : 0);
     }
     if (b->recipe_out) {
-        FILE *f = fopen(b->recipe_out, "w");
-        if (!f || fputs(text, f) < 0 || fclose(f)) {
-            fprintf(stderr, "qmix %s: cannot write %s\n", CMD, b->recipe_out);
+        if (qmix_write_file(b->recipe_out, text, strlen(text), &err)) {
+            fprintf(stderr, "qmix %s: %s\n", CMD, err.msg);
             goto done;
         }
     }
@@ -1345,9 +1293,8 @@ int quantize_with_budget(const char *in, const char *out, const budget_args *arg
     snprintf(path, sizeof path, b->gguf ? "%s.recipe.txt" : "%s/qmix-recipe.txt", out);
     if (best_written) rep = best_rep;
     else if (write_out(in, out, b->gguf, qo, &recipe, &rep)) goto done;
-    FILE *f = fopen(path, "w");
-    if (!f || fputs(text, f) < 0 || fclose(f)) {
-        fprintf(stderr, "qmix %s: cannot write %s\n", CMD, path);
+    if (qmix_write_file(path, text, strlen(text), &err)) {
+        fprintf(stderr, "qmix %s: %s\n", CMD, err.msg);
         goto done;
     }
     cli_human_bytes((double)rep.bytes, ha, sizeof ha);

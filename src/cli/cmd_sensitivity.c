@@ -13,6 +13,7 @@
 #include "eval/sensitivity.h"
 #include "quant/calib.h"
 #include "quant/recipe.h"
+#include "util/fileio.h"
 
 #define CMD "sensitivity"
 
@@ -479,9 +480,8 @@ int qmix_cmd_sensitivity(int argc, char **argv)
             status = 1;
         }
         if (recipe_out) {
-            FILE *f = fopen(recipe_out, "w");
-            if (!f || fputs(recipe, f) < 0 || fclose(f)) {
-                fprintf(stderr, "qmix %s: cannot write %s\n", CMD, recipe_out);
+            if (qmix_write_file(recipe_out, recipe, strlen(recipe), &err)) {
+                fprintf(stderr, "qmix %s: %s\n", CMD, err.msg);
                 status = 1;
             }
         }

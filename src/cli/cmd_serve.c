@@ -1,5 +1,6 @@
 /* qmix serve: the OpenAI-compatible HTTP server (src/server) until SIGINT or SIGTERM. */
 #include <jansson.h>
+#include <errno.h>
 #include <limits.h>
 #include <pthread.h>
 #include <signal.h>
@@ -31,6 +32,51 @@ static long long parse_size(const char *v)
     return (long long)(n * scale);
 }
 
+/* The API key from --api-key, --api-key-file or QMIX_API_KEY. An empty one is refused: it would
+ * start a server that accepts an empty bearer token, which is no protection at all. */
+static int serve_api_key(const char **key, const char *file, char *buf, size_t cap)
+{
+    if (*key && file) {
+        fprintf(stderr, "qmix serve: give --api-key or --api-key-file, not both\n");
+        return -1;
+    }
+    const char *from = "--api-key";
+    if (file) {
+        FILE *f = fopen(file, "r");
+        if (!f) {
+            fprintf(stderr, "qmix serve: --api-key-file %s: %s\n", file, strerror(errno));
+            return -1;
+        }
+        if (!fgets(buf, (int)cap, f)) buf[0] = 0;
+        fclose(f);
+        size_t n = strlen(buf);
+        while (n && (buf[n - 1] == '\n' || buf[n - 1] == '\r' || buf[n - 1] == ' ')) buf[--n] = 0;
+        *key = buf;
+        from = "--api-key-file";
+    } else if (!*key && getenv("QMIX_API_KEY")) {
+        *key = getenv("QMIX_API_KEY");
+        from = "QMIX_API_KEY";
+    }
+    if (*key && !**key) {
+        fprintf(stderr, "qmix serve: %s: the API key is empty (it would accept an empty bearer "
+                "token); give a key, or none to run without one\n", from);
+        return -1;
+    }
+    for (const char *c = *key; c && *c; c++)
+        if ((unsigned char)*c <= ' ' || *c == 0x7f) {
+            fprintf(stderr, "qmix serve: %s: the API key has whitespace or control characters\n",
+                    from);
+            return -1;
+        }
+    return 0;
+}
+
+/* Bound beyond this machine: anyone who can reach the port can use the model. */
+static int host_is_loopback(const char *host)
+{
+    return !strcmp(host, "localhost") || !strncmp(host, "127.", 4) || !strcmp(host, "::1");
+}
+
 static void usage(FILE *out)
 {
     fprintf(out,
@@ -40,7 +86,17 @@ static void usage(FILE *out)
             "SIGINT or SIGTERM shut it down cleanly.\n\n"
             "  --host ADDR         address to listen on (default 127.0.0.1: this machine only)\n"
             "  --port N            TCP port (default 8080; 0: any free port)\n"
-            "  --api-key KEY       require 'Authorization: Bearer KEY' (except on /health)\n"
+            "  --api-key KEY       require 'Authorization: Bearer KEY' (except on /health and\n"
+            "                      /metrics); the environment's QMIX_API_KEY if not given\n"
+            "  --api-key-file PATH the key from a file (first line), kept out of `ps`\n"
+            "  --cors ORIGIN       allow browser pages from ORIGIN (e.g. http://localhost:3000,\n"
+            "                      or *) to call the API; default: cross-origin requests get 403\n"
+            "  --max-connections N open connections at most (default 1024)\n"
+            "  --max-conn-per-ip N connections per client address, loopback exempt (default\n"
+            "                      32; 0: no limit)\n"
+            "  --idle-timeout S    close a connection silent for S seconds while its request\n"
+            "                      is incomplete or between requests (default 10; a request\n"
+            "                      being answered may stay silent for 600)\n"
             "  --model-name NAME   the model id clients use (default: the directory's name)\n"
             "  --ctx N             context per slot, prompt plus answer (default 8192)\n"
             "  --parallel N        slots: requests decoded together (default 1), one pass\n"
@@ -74,7 +130,8 @@ int qmix_cmd_serve(int argc, char **argv)
                           .max_queue = 64, .max_body = 8u << 20, .prefill_chunk = 128,
                           .prefix_cache_bytes = (size_t)1 << 30,
                           .sampling = qmix_sampling_greedy()};
-    const char *template_args = NULL;
+    const char *template_args = NULL, *key_file = NULL;
+    o.per_ip_limit = 32;
     for (int i = 1; i < argc; i++) {
         const char *a = argv[i], *v;
         int handled;
@@ -96,6 +153,19 @@ int qmix_cmd_serve(int argc, char **argv)
             else if (a[2] == 'a') o.api_key = v;
             else if (a[2] == 'c') template_args = v;
             else o.model_id = v;
+        } else if (!strcmp(a, "--api-key-file") || !strcmp(a, "--cors")) {
+            if (!(v = cli_value("serve", argc, argv, &i))) return 2;
+            if (a[2] == 'a') key_file = v;
+            else o.cors_origin = v;
+        } else if (!strcmp(a, "--max-connections") || !strcmp(a, "--max-conn-per-ip") ||
+                   !strcmp(a, "--idle-timeout")) {
+            long lo = a[2] == 'i' || a[6] == 'o' ? 1 : 0;
+            if (!(v = cli_value("serve", argc, argv, &i)) ||
+                cli_int("serve", a, v, lo, a[2] == 'i' ? 3600 : 65536, &n))
+                return 2;
+            if (a[2] == 'i') o.idle_timeout = (unsigned)n;
+            else if (a[6] == 'o') o.max_connections = (unsigned)n;
+            else o.per_ip_limit = (unsigned)n;
         } else if (!strcmp(a, "--prefix-cache")) {
             if (!(v = cli_value("serve", argc, argv, &i))) return 2;
             long long bytes = parse_size(v);
@@ -159,6 +229,11 @@ int qmix_cmd_serve(int argc, char **argv)
         }
         o.template_args = targs;
     }
+    char key_buf[1024];
+    if (serve_api_key(&o.api_key, key_file, key_buf, sizeof key_buf)) {
+        json_decref(targs);
+        return 2;
+    }
     char dir[PATH_MAX], real[PATH_MAX];
     if (cli_model_dir(o.model_path, dir, sizeof dir)) {
         json_decref(targs);
@@ -197,6 +272,9 @@ int qmix_cmd_serve(int argc, char **argv)
             qmix_server_model_id(srv), v6 ? "[" : "", host, v6 ? "]" : "",
             qmix_server_port(srv), o.parallel, o.parallel == 1 ? "" : "s", o.ctx,
             o.api_key ? ", API key required" : "");
+    if (!o.api_key && !host_is_loopback(host))
+        fprintf(stderr, "qmix serve: warning: listening on %s without an API key: anyone who "
+                "can reach this port can use the model (--api-key-file PATH)\n", host);
     int sig = 0;
     sigwait(&stop_sigs, &sig);
     fprintf(stderr, "qmix serve: %s, shutting down\n", sig == SIGINT ? "SIGINT" : "SIGTERM");

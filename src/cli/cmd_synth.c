@@ -25,6 +25,7 @@
 #include "formats/safetensors_write.h"
 #include "model/geometry.h"
 #include "util/err.h"
+#include "util/fileio.h"
 
 /* ---- options ---------------------------------------------------------------------------- */
 
@@ -844,21 +845,11 @@ static json_t *make_config(const opts *o)
 
 static int write_text_file(const char *path, const char *text, qmix_err *err)
 {
-    FILE *f = fopen(path, "w");
-    if (!f) return qmix_errf(err, "cannot create %s: %s", path, strerror(errno));
-    size_t len = strlen(text);
-    int ok = fwrite(text, 1, len, f) == len && fputc('\n', f) != EOF;
-    int e = errno;
-    if (fclose(f)) {
-        if (ok) e = errno;
-        ok = 0;
-    }
-    if (!ok) {
-        struct stat st;
-        if (!stat(path, &st) && S_ISREG(st.st_mode)) unlink(path);
-        return qmix_errf(err, "writing %s: %s", path, strerror(e));
-    }
-    return 0;
+    qmix_wfile w;
+    if (qmix_wfile_open(&w, path, err)) return -1;
+    fputs(text, w.f);
+    fputc('\n', w.f);
+    return qmix_wfile_commit(&w, err); /* an error names errno; nothing is left at path */
 }
 
 static int write_config(const opts *o, qmix_err *err)
@@ -960,6 +951,7 @@ int qmix_cmd_synth(int argc, char **argv)
 
     qmix_err err = {{0}};
     plan p = {0};
+    int writing = 0;
     double t0 = now_s();
     if (build_plan(&o, &p)) {
         plan_free(&p);
@@ -987,6 +979,7 @@ int qmix_cmd_synth(int argc, char **argv)
     pr.on = !o.quiet && (pr.tty || p.file_bytes > 100u * 1000 * 1000);
     pr.t0 = pr.last = now_s();
     pr.total = p.file_bytes;
+    writing = 1;
     if (write_shards(&o, &p, &pr, &err)) goto fail;
     progress_show(&pr, 1);
     if (p.n_shards > 1 && write_index(&o, &p, &err)) goto fail;
@@ -1005,6 +998,10 @@ int qmix_cmd_synth(int argc, char **argv)
 
 fail:
     fprintf(stderr, "qmix synth: %s\n", err.msg);
+    if (writing) { /* no half checkpoint: remove the shards already written */
+        qmix_err cerr;
+        prepare_dir(o.out_dir, 1, &cerr);
+    }
     plan_free(&p);
     return 1;
 }

@@ -11,6 +11,7 @@
 #include "eval/windows.h"
 #include "runtime/session.h"
 #include "util/err.h"
+#include "util/fileio.h"
 
 #define BASE_MAGIC "QMIXKLB1"
 #define BASE_HEADER_BYTES (8 + 4 * 4)
@@ -182,8 +183,9 @@ int qmix_kld_save_base(qmix_session *base, const int32_t *tokens, int ctx, int n
         return qmix_errf(err, "top-k %d must be in [1, min(vocab %d, 65536)]", top_k, vocab);
     if (n_windows < 1) return qmix_errf(err, "no window of %d tokens to evaluate", ctx);
     save_ctx c = {.path = path, .vocab = vocab, .top_k = top_k};
-    c.f = fopen(path, "wb");
-    if (!c.f) return qmix_errf(err, "%s: %s", path, strerror(errno));
+    qmix_wfile out; /* renamed to path only once complete (or cleanly stopped) */
+    if (qmix_wfile_open(&out, path, err)) return -1;
+    c.f = out.f;
     c.ids = malloc(4ull * top_k);
     c.logp = malloc(4ull * top_k);
     int rc = -1;
@@ -203,13 +205,14 @@ int qmix_kld_save_base(qmix_session *base, const int32_t *tokens, int ctx, int n
     long rows_end = BASE_HEADER_BYTES + (long)*done * (ctx - 1) * (8l * top_k + 4);
     if (fflush(c.f) || fseek(c.f, rows_end, SEEK_SET) ||
         fwrite(tokens, 4, (size_t)*done * ctx, c.f) != (size_t)*done * ctx ||
-        fflush(c.f) || ftruncate(fileno(c.f), rows_end + 4l * *done * ctx) ||
+        fflush(c.f) || ftruncate(out.fd, rows_end + 4l * *done * ctx) ||
         fseek(c.f, 0, SEEK_SET) || write_header(c.f, vocab, ctx, *done, top_k)) {
         rc = qmix_errf(err, "%s: write error: %s", path, strerror(errno));
         goto out;
     }
 out:
-    if (c.f && fclose(c.f) && rc >= 0) rc = qmix_errf(err, "%s: %s", path, strerror(errno));
+    if (rc < 0) qmix_wfile_abandon(&out);
+    else if (qmix_wfile_commit(&out, err)) rc = -1;
     free(c.ids);
     free(c.logp);
     return rc;

@@ -11,6 +11,7 @@
 #include "formats/gguf.h"
 #include "quant/ggml_blocks.h"
 #include "util/err.h"
+#include "util/fileio.h"
 
 typedef struct buf { uint8_t *p; size_t len, cap; } buf;
 
@@ -24,7 +25,8 @@ struct qmix_ggw {
     uint64_t arr_pending;     /* strings still owed to an array being declared */
     char bad[256];            /* first declaration error */
     char *path;
-    FILE *f;
+    qmix_wfile out;           /* under a temporary name until qmix_ggw_close renames it */
+    FILE *f;                  /* out.f */
     uint64_t cur, cur_written; /* streaming position */
 };
 
@@ -197,8 +199,8 @@ int qmix_ggw_open(qmix_ggw *w, const char *path, qmix_err *err)
                  (unsigned long long)w->arr_pending);
     if (w->bad[0]) return qmix_errf(err, "%s: %s", path, w->bad);
     if (!(w->path = strdup(path))) return qmix_errf(err, "out of memory");
-    w->f = fopen(path, "wb");
-    if (!w->f) return qmix_errf(err, "%s: %s", path, strerror(errno));
+    if (qmix_wfile_open(&w->out, path, err)) return -1;
+    w->f = w->out.f;
     buf h = {0};
     put(w, &h, "GGUF", 4);
     put_le(w, &h, 3, 4);
@@ -259,9 +261,9 @@ int qmix_ggw_close(qmix_ggw *w, qmix_err *err)
         rc = qmix_errf(err, "%s: tensor '%s' is incomplete (%llu of %llu bytes written)",
                        w->path, w->tensors[w->cur].name, (unsigned long long)w->cur_written,
                        (unsigned long long)w->tensors[w->cur].nbytes);
-    if (w->f && fclose(w->f) && !rc) rc = werr(w, err);
+    if (w->f && rc) qmix_wfile_abandon(&w->out);
+    else if (w->f) rc = qmix_wfile_commit(&w->out, err);
     w->f = NULL;
-    if (rc && w->path) remove(w->path);
     free_writer(w);
     return rc;
 }
@@ -269,9 +271,6 @@ int qmix_ggw_close(qmix_ggw *w, qmix_err *err)
 void qmix_ggw_discard(qmix_ggw *w)
 {
     if (!w) return;
-    if (w->f) {
-        fclose(w->f);
-        remove(w->path);
-    }
+    if (w->f) qmix_wfile_abandon(&w->out);
     free_writer(w);
 }

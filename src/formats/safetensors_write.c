@@ -9,6 +9,7 @@
 #include <unistd.h>
 
 #include "util/err.h"
+#include "util/fileio.h"
 
 #define STW_BUF_CAP QMIX_STW_BUF_BYTES
 
@@ -20,7 +21,8 @@ struct stw_ent {
 struct qmix_stw {
     char *path;
     int fd;
-    int regular;         /* only a regular file is removed on failure (never /dev/...) */
+    char *tmp;           /* written under this name, renamed to path when complete (NULL:
+                          * in place, e.g. /dev/stdout) */
     struct stw_ent *t;
     size_t n;
     size_t cur;          /* tensor being received; n before the first qmix_stw_begin */
@@ -197,12 +199,6 @@ static int flush_buf(qmix_stw *w, qmix_err *err)
     return rc;
 }
 
-static int is_regular(int fd)
-{
-    struct stat st;
-    return fstat(fd, &st) == 0 && S_ISREG(st.st_mode);
-}
-
 static void stw_free(qmix_stw *w)
 {
     if (!w) return;
@@ -216,8 +212,8 @@ static void stw_free(qmix_stw *w)
 void qmix_stw_discard(qmix_stw *w)
 {
     if (!w) return;
-    if (w->fd >= 0) close(w->fd);
-    if (w->regular) unlink(w->path);
+    qmix_out_abandon(w->fd, w->tmp);
+    w->tmp = NULL;
     stw_free(w);
 }
 
@@ -253,14 +249,12 @@ int qmix_stw_open(const char *path, const qmix_stw_tensor *tensors, size_t n_ten
         return qmix_errf(err, "%s: out of memory", path);
     }
 
-    w->fd = open(path, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
+    w->fd = qmix_out_open(path, &w->tmp, err);
     if (w->fd < 0) {
-        int e = errno;
         free(hdr);
         stw_free(w);
-        return qmix_errf(err, "cannot create %s: %s", path, strerror(e));
+        return -1;
     }
-    w->regular = is_regular(w->fd);
     unsigned char len8[8];
     for (int i = 0; i < 8; i++) len8[i] = (unsigned char)((uint64_t)hlen >> (8 * i));
     memcpy(w->buf, len8, 8);
@@ -338,10 +332,11 @@ int qmix_stw_close(qmix_stw *w, qmix_err *err)
                        w->t[w->cur == w->n ? 0 : w->cur + 1].name);
     if (!rc) rc = flush_buf(w, err);
     if (!rc) {
-        /* close() can be the first to report a failed write-back (NFS, quotas). */
+        /* fsync/close can be the first to report a failed write-back (NFS, quotas) */
         int fd = w->fd;
         w->fd = -1;
-        if (close(fd)) rc = qmix_errf(err, "closing %s: %s", w->path, strerror(errno));
+        rc = qmix_out_commit(fd, w->tmp, w->path, err);
+        w->tmp = NULL;
     }
     if (rc) {
         qmix_stw_discard(w);
@@ -394,17 +389,16 @@ int qmix_st_write_index(const char *path, uint64_t total_size, uint64_t total_pa
     char *text = json_dumps(root, JSON_INDENT(2) | JSON_SORT_KEYS);
     json_decref(root);
     if (!text) return qmix_errf(err, "%s: out of memory", path);
-    int fd = open(path, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
+    char *tmp;
+    int fd = qmix_out_open(path, &tmp, err);
     if (fd < 0) {
-        int e = errno;
         free(text);
-        return qmix_errf(err, "cannot create %s: %s", path, strerror(e));
+        return -1;
     }
-    int regular = is_regular(fd);
     int rc = full_write(fd, path, text, strlen(text), err);
     if (!rc) rc = full_write(fd, path, "\n", 1, err);
     free(text);
-    if (close(fd) && !rc) rc = qmix_errf(err, "closing %s: %s", path, strerror(errno));
-    if (rc && regular) unlink(path);
+    if (rc) qmix_out_abandon(fd, tmp);
+    else rc = qmix_out_commit(fd, tmp, path, err);
     return rc;
 }

@@ -21,6 +21,7 @@
 #include "text/tok_gguf.h"
 #include "text/tokenizer.h"
 #include "util/err.h"
+#include "util/fileio.h"
 
 /* HF index -> source index over a head axis when the source keeps GGUF's tiled order: entries
  * [off, off + nv·d) are nv heads of d; HF head g·r + j sits at tiled position j·nk + g. */
@@ -250,18 +251,9 @@ static int write_config(const qmix_model *m, const char *dir, qmix_err *err)
     json_object_set_new(root, "tie_word_embeddings", json_boolean(m->lm_head.data == m->embed.data));
     char path[4096];
     snprintf(path, sizeof path, "%s/config.json", dir);
-    int rc = json_dump_file(root, path, JSON_INDENT(2) | JSON_SORT_KEYS);
+    int rc = qmix_write_json(path, root, JSON_INDENT(2) | JSON_SORT_KEYS, err);
     json_decref(root);
-    return rc ? qmix_errf(err, "%s: cannot write", path) : 0;
-}
-
-static int write_text(const char *path, const char *s, size_t len, qmix_err *err)
-{
-    FILE *f = fopen(path, "wb");
-    if (!f) return qmix_errf(err, "%s: cannot create: %s", path, strerror(errno));
-    int bad = fwrite(s, 1, len, f) != len;
-    bad |= fclose(f) != 0;
-    return bad ? qmix_errf(err, "%s: write failed", path) : 0;
+    return rc;
 }
 
 static int copy_side(const char *from_dir, const char *to_dir, const char *name, qmix_err *err)
@@ -269,21 +261,7 @@ static int copy_side(const char *from_dir, const char *to_dir, const char *name,
     char a[4096], b[4096];
     snprintf(a, sizeof a, "%s/%s", from_dir, name);
     snprintf(b, sizeof b, "%s/%s", to_dir, name);
-    FILE *in = fopen(a, "rb");
-    if (!in) return 0; /* absent side files are fine */
-    FILE *out = fopen(b, "wb");
-    if (!out) {
-        fclose(in);
-        return qmix_errf(err, "%s: cannot create: %s", b, strerror(errno));
-    }
-    char buf[65536];
-    size_t k;
-    int rc = 0;
-    while ((k = fread(buf, 1, sizeof buf, in)) > 0)
-        if (fwrite(buf, 1, k, out) != k) rc = qmix_errf(err, "%s: write failed", b);
-    fclose(in);
-    if (fclose(out) && !rc) rc = qmix_errf(err, "%s: write failed", b);
-    return rc;
+    return qmix_copy_file(a, b, 1, err); /* absent side files are fine */
 }
 
 /* tokenizer.json and tokenizer_config.json: rebuilt from a GGUF's KVs, else copied. */
@@ -301,7 +279,7 @@ static int write_tokenizer(const qmix_model *m, const char *in, const char *dir,
     size_t len = 0, tlen = 0;
     if (qmix_tok_gguf_json(m->gguf, &json, &len, err)) return -1;
     snprintf(path, sizeof path, "%s/tokenizer.json", dir);
-    int rc = write_text(path, json, len, err);
+    int rc = qmix_write_file(path, json, len, err);
     qmix_tokenizer *tok = NULL;
     if (!rc) rc = qmix_tok_load_json(json, len, in, &tok, err);
     free(json);
@@ -321,9 +299,9 @@ static int write_tokenizer(const qmix_model *m, const char *in, const char *dir,
     free(tmpl);
     qmix_tok_free(tok);
     snprintf(path, sizeof path, "%s/tokenizer_config.json", dir);
-    rc = json_dump_file(tc, path, JSON_INDENT(2));
+    rc = qmix_write_json(path, tc, JSON_INDENT(2), err);
     json_decref(tc);
-    return rc ? qmix_errf(err, "%s: cannot write", path) : 0;
+    return rc;
 }
 
 /* A checkpoint is already there (so a rerun does not silently mix two). */
@@ -375,10 +353,16 @@ int qmix_hf_export(const char *in, const char *out_dir, const qmix_hf_export_opt
     if (dir_holds_checkpoint(out_dir) && !o->force)
         return qmix_errf(err, "%s: already holds a checkpoint (pass --force to overwrite)",
                          out_dir);
-    if (mkdir(out_dir, 0777) && errno != EEXIST)
-        return qmix_errf(err, "%s: cannot create: %s", out_dir, strerror(errno));
     qmix_model *m;
     if (qmix_model_open(in, &m, err)) return -1;
+    /* built in OUT.partial-PID, moved to out_dir when complete (util/fileio.h) */
+    const char *final_dir = out_dir;
+    qmix_outdir od;
+    if (qmix_outdir_begin(&od, out_dir, err)) {
+        qmix_model_close(m);
+        return -1;
+    }
+    out_dir = od.work;
     hplan p = {0};
     qmix_stw_tensor *specs = NULL;
     qmix_stw *w = NULL;
@@ -438,9 +422,12 @@ int qmix_hf_export(const char *in, const char *out_dir, const qmix_hf_export_opt
     rc = qmix_stw_close(w, err);
     w = NULL;
     rep->bytes = 2 * rep->params;
-    if (!rc) rc = write_config(m, out_dir, err);
+    /* config.json last: the file that makes the directory a model */
     if (!rc) rc = write_tokenizer(m, in, out_dir, err);
+    if (!rc) rc = write_config(m, out_dir, err);
+    if (!rc) rc = qmix_outdir_commit(&od, err);
 done:
+    qmix_outdir_abandon(&od);
     qmix_stw_discard(w);
     free(specs);
     free(p.t);
@@ -448,6 +435,6 @@ done:
     free(tmp);
     free(bf);
     qmix_model_close(m);
-    if (rc) qmix_err_prefix(err, "converting %s to %s", in, out_dir);
+    if (rc) qmix_err_prefix(err, "converting %s to %s", in, final_dir);
     return rc;
 }

@@ -260,7 +260,7 @@ static int load_gguf(const char *path, qmix_imatrix **out, qmix_err *err)
         for (int64_t m = 0; m < nm; m++) {
             float cn;
             memcpy(&cn, cnt + m, 4);
-            if (!isfinite(cn) || cn < 0) {
+            if (!isfinite(cn) || cn < 0 || cn >= 0x1p62f) { /* a row count: int64 holds it */
                 qmix_errf(err, "%s: %s[%lld] = %g", path, cname, (long long)m, cn);
                 goto fail;
             }
@@ -454,8 +454,9 @@ int qmix_imatrix_write(const char *path, const qmix_calib *c, const qmix_config 
         gw = NULL;
         goto done;
     }
-    f = fopen(path, "wb");
-    if (!f) { qmix_errf(err, "%s: %s", path, strerror(errno)); goto done; }
+    qmix_wfile out;
+    if (qmix_wfile_open(&out, path, err)) goto done;
+    f = out.f;
     int32_t n32 = n;
     int ok = fwrite(&n32, 4, 1, f) == 1;
     for (int i = 0; i < n && ok; i++) {
@@ -482,8 +483,12 @@ int qmix_imatrix_write(const char *path, const qmix_calib *c, const qmix_config 
         ok = fwrite(&chunks, 4, 1, f) == 1 && fwrite(&dl, 4, 1, f) == 1 &&
              fwrite(ds, 1, (size_t)dl, f) == (size_t)dl;
     }
-    if (fclose(f) || !ok) qmix_errf(err, "%s: write failed", path);
-    else rc = 0;
+    if (!ok) {
+        qmix_errf(err, "cannot write %s: %s", path, strerror(errno));
+        qmix_wfile_abandon(&out);
+    } else {
+        rc = qmix_wfile_commit(&out, err);
+    }
     f = NULL;
 done:
     if (gw) qmix_ggw_discard(gw);

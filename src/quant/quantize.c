@@ -26,6 +26,7 @@
 #include "quant/imatrix.h"
 #include "runtime/threadpool.h"
 #include "util/err.h"
+#include "util/fileio.h"
 
 /* ---- the quantization block of config.json ------------------------------------------------ */
 
@@ -596,24 +597,6 @@ static char *path_join(const char *a, const char *b)
     return s;
 }
 
-static int copy_file(const char *from, const char *to, qmix_err *err)
-{
-    FILE *in = fopen(from, "rb");
-    if (!in) return 0; /* absent side files are fine */
-    FILE *out = fopen(to, "wb");
-    if (!out) {
-        fclose(in);
-        return qmix_errf(err, "%s: cannot create: %s", to, strerror(errno));
-    }
-    char buf[65536];
-    size_t k;
-    int rc = 0;
-    while ((k = fread(buf, 1, sizeof buf, in)) > 0)
-        if (fwrite(buf, 1, k, out) != k) rc = qmix_errf(err, "%s: write failed", to);
-    fclose(in);
-    if (fclose(out) && !rc) rc = qmix_errf(err, "%s: write failed", to);
-    return rc;
-}
 
 /* Rows are converted in chunks of up to CHUNK_ELEMS elements, one row per pool task, then the
  * chunk is written in order: memory is a chunk plus the module's scales and biases. */
@@ -936,9 +919,7 @@ static int write_config(const char *in_dir, const char *out_dir, const plan *p, 
     }
     json_object_set_new(root, "quantization_config", json_deep_copy(q));
     json_object_set_new(root, "quantization", q);
-    if (json_dump_file(root, dst, JSON_INDENT(4) | JSON_SORT_KEYS))
-        qmix_errf(err, "%s: cannot write", dst);
-    else rc = 0;
+    if (!qmix_write_json(dst, root, JSON_INDENT(4) | JSON_SORT_KEYS, err)) rc = 0;
 out:
     json_decref(root);
     free(src);
@@ -1500,11 +1481,10 @@ static int write_gptq_config(const char *in_dir, const char *out_dir, json_t *qc
     json_object_del(root, "quantization");
     json_object_set(root, "quantization_config", qc);
     /* insertion order kept (no key sorting): `dynamic` rules are ordered, first match wins */
-    if (json_dump_file(root, dst, JSON_INDENT(2)))
-        qmix_errf(err, "%s: cannot write", dst);
-    else if (json_dump_file(qc, qdst, JSON_INDENT(2))) /* GPTQModel writes both (§2.5) */
-        qmix_errf(err, "%s: cannot write", qdst);
-    else rc = 0;
+    /* GPTQModel writes both; config.json last, the file that makes the directory a model */
+    if (!qmix_write_json(qdst, qc, JSON_INDENT(2), err) &&
+        !qmix_write_json(dst, root, JSON_INDENT(2), err))
+        rc = 0;
 out:
     json_decref(root);
     free(src);
@@ -1724,8 +1704,12 @@ int qmix_quantize(const char *in, const char *out_dir, const qmix_quant_opts *o,
     } else if (dir_nonempty(out_dir) && !o->force)
         return qmix_errf(err, "%s: exists and is not empty (pass --force to write into it)",
                          out_dir);
-    if (!o->dry_run && mkdir(out_dir, 0777) && errno != EEXIST)
-        return qmix_errf(err, "%s: cannot create: %s", out_dir, strerror(errno));
+    /* built in OUT.partial-PID and moved to out_dir when complete (util/fileio.h) */
+    qmix_outdir od = {0};
+    if (!o->dry_run) {
+        if (qmix_outdir_begin(&od, out_dir, err)) return -1;
+        out_dir = od.work;
+    }
 
     qmix_config cfg;
     qmix_st_store *st = NULL;
@@ -1850,6 +1834,21 @@ int qmix_quantize(const char *in, const char *out_dir, const qmix_quant_opts *o,
         goto done;
     }
     if (!o->dry_run && awq_prepass(&w, &p)) goto done;
+    if (!o->dry_run) { /* the side files first: config.json, written last, completes the model */
+        static const char *side[] = {"tokenizer.json", "tokenizer_config.json",
+                                     "generation_config.json", "chat_template.jinja",
+                                     "chat_template.json", "vocab.json", "merges.txt",
+                                     "special_tokens_map.json", "added_tokens.json",
+                                     "preprocessor_config.json", "processor_config.json",
+                                     "video_preprocessor_config.json"};
+        for (size_t i = 0; i < sizeof side / sizeof side[0]; i++) {
+            char *a = path_join(in, side[i]), *b = path_join(out_dir, side[i]);
+            int crc = !a || !b || qmix_copy_file(a, b, 1, err);
+            free(a);
+            free(b);
+            if (crc) goto done;
+        }
+    }
     w.t0 = w.last = now_s();
     if (gptq) {
         if (write_gptq(&w, &p, in, out_dir, &cfg, c.kept16, err)) goto done;
@@ -1857,7 +1856,7 @@ int qmix_quantize(const char *in, const char *out_dir, const qmix_quant_opts *o,
             rc = 0;
             goto done;
         }
-        goto side_files;
+        goto written;
     }
     mlx_shards ms = {.w = &w, .p = &p};
     shard_writer sw = {.n = p.n, .n_shards = n_shards, .format = "mlx", .describe = mlx_describe,
@@ -1865,20 +1864,8 @@ int qmix_quantize(const char *in, const char *out_dir, const qmix_quant_opts *o,
     if (write_shards(out_dir, &sw, rep, err)) goto done;
     progress(&w, 1);
     if (write_config(in, out_dir, &p, rep->default_bits, rep->default_group, err)) goto done;
-side_files:;
-    static const char *side[] = {"tokenizer.json", "tokenizer_config.json",
-                                 "generation_config.json", "chat_template.jinja",
-                                 "chat_template.json", "vocab.json", "merges.txt",
-                                 "special_tokens_map.json", "added_tokens.json",
-                                 "preprocessor_config.json", "processor_config.json",
-                                 "video_preprocessor_config.json"};
-    for (size_t i = 0; i < sizeof side / sizeof side[0]; i++) {
-        char *a = path_join(in, side[i]), *b = path_join(out_dir, side[i]);
-        int crc = !a || !b || copy_file(a, b, err);
-        free(a);
-        free(b);
-        if (crc) goto done;
-    }
+written:
+    if (!o->dry_run && qmix_outdir_commit(&od, err)) goto done;
     rep->input_bytes = w.total_bytes;
     rep->seconds = now_s() - t0;
     rc = 0;
@@ -1900,6 +1887,7 @@ done:
     free(cfg_path);
     qmix_qconfig_free(qin);
     qmix_st_close(st);
+    qmix_outdir_abandon(&od); /* what a failed run wrote; nothing after a commit */
     if (rc) qmix_err_prefix(err, "quantize %s", in);
     return rc;
 }

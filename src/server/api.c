@@ -23,6 +23,7 @@ typedef struct gen_state {
     char *text; /* completions, non-streaming: the generated text */
     size_t text_len, text_cap;
     int oom;
+    int cut_short; /* cancelled before it finished: answered as an error */
     /* logprobs: per generated token, OpenAI's entries; "pending" ones go out with the next
      * streamed chunk, "all" ones in the final body */
     int logprobs, top_logprobs;
@@ -525,7 +526,13 @@ static const char *finish_reason(srv_job *job)
     gen_state *g = job->user;
     if (job->res.finish == QMIX_FINISH_LENGTH) return "length";
     if (g->chat && qmix_toolcall_count(g->parser)) return "tool_calls";
-    return "stop"; /* also a cancelled generation: only a shutdown leaves a reader for it */
+    return "stop"; /* a cancelled generation is answered as an error (on_done) */
+}
+
+static const char *cancel_code(const srv_job *job)
+{
+    const gen_state *g = job->user;
+    return g->cut_short ? "cancelled" : NULL;
 }
 
 static json_t *usage(srv_job *job)
@@ -544,9 +551,16 @@ static void on_done(srv_job *job)
         job->failed = 1;
         snprintf(job->error, sizeof job->error, "out of memory");
     }
+    if (job->res.finish == QMIX_FINISH_CANCEL && !job->failed) {
+        /* a shutdown (or a client gone, who reads nothing): not a normal "stop" */
+        job->failed = g->cut_short = 1;
+        snprintf(job->error, sizeof job->error,
+                 "the request was cancelled (the server is shutting down) before the answer "
+                 "was complete");
+    }
     if (!g->stream) return; /* api_final builds the body */
     if (job->failed) {
-        char *e = api_error("server_error", NULL, NULL, "%s", job->error);
+        char *e = api_error("server_error", NULL, cancel_code(job), "%s", job->error);
         if (e) {
             srv_job_emit(job, "data: ", 6);
             srv_job_emit(job, e, strlen(e));
@@ -585,8 +599,8 @@ char *api_final(srv_job *job, int *status)
 {
     gen_state *g = job->user;
     if (job->failed) {
-        *status = 500;
-        return api_error("server_error", NULL, NULL, "%s", job->error);
+        *status = cancel_code(job) ? 503 : 500;
+        return api_error("server_error", NULL, cancel_code(job), "%s", job->error);
     }
     json_t *choice;
     if (g->chat) {
@@ -685,6 +699,11 @@ static void submit(const api_ctx *ctx, int chat, common_req *c, int32_t *prompt,
     if (g->chat && g->stream) /* the first chunk names the role, as OpenAI's does */
         emit_json(job, chunk(g, json_pack("{s:i, s:{s:s, s:s}, s:n}", "index", 0, "delta",
                                           "role", "assistant", "content", "", "finish_reason")));
+    if (!ctx->eng) { /* parse-only (fuzz/fuzz_api.c): the request was accepted, nothing runs */
+        srv_job_release(job);
+        r->status = 200;
+        return;
+    }
     if (srv_engine_submit(ctx->eng, job)) {
         srv_job_release(job);
         fail(r, 503, NULL, "server_busy", "every slot is busy and the queue is full; retry later");
@@ -725,7 +744,10 @@ static json_t *normalize_messages(json_t *messages, int allow_images, api_reply 
             fail(r, 400, "messages", "invalid_value", "messages[%zu]: unknown role '%s'", i, rs);
             goto bad;
         }
-        if (!strcmp(rs, "developer")) json_object_set_new(m, "role", json_string("system"));
+        if (!strcmp(rs, "developer")) { /* replacing the role frees the string rs points to */
+            json_object_set_new(m, "role", json_string("system"));
+            rs = "system";
+        }
         json_t *content = json_object_get(m, "content");
         if (!content || json_is_null(content)) {
             if (strcmp(rs, "assistant")) {

@@ -13,7 +13,7 @@
 #include "text/tokenizer.h"
 
 typedef struct api_ctx {
-    srv_engine *eng;
+    srv_engine *eng;         /* NULL: requests are checked and built, never run (fuzzing) */
     qmix_tokenizer *tok;
     pthread_mutex_t *tok_mu; /* encoding fills the tokenizer's word cache: one at a time */
     const char *model_id;    /* what /v1/models lists and requests must name */

@@ -11,6 +11,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/resource.h>
 #include <sys/socket.h>
 #include <time.h>
 #include <unistd.h>
@@ -20,6 +21,7 @@
 #include "model/vision.h"
 #include "server/api.h"
 #include "server/engine.h"
+#include "server/http_guard.h"
 #include "text/tokenizer.h"
 #include "util/err.h"
 
@@ -37,6 +39,8 @@ struct qmix_server {
     json_t *template_args;
     size_t max_body;
     int port;
+    http_guard *guard;
+    unsigned idle_timeout, busy_timeout; /* seconds of silence before a connection is closed */
     atomic_int active; /* requests between their first call and their completion */
 };
 
@@ -63,8 +67,8 @@ static int client_gone(struct MHD_Connection *conn)
     return poll(&p, 1, 0) > 0 && (p.revents & (POLLRDHUP | POLLHUP | POLLERR | POLLNVAL));
 }
 
-static enum MHD_Result send_body(struct MHD_Connection *conn, unsigned status, char *body,
-                                 int retry_after)
+static enum MHD_Result send_body(const qmix_server *s, struct MHD_Connection *conn,
+                                 unsigned status, char *body, int retry_after)
 {
     if (!body) { /* out of memory while building it */
         status = MHD_HTTP_INTERNAL_SERVER_ERROR;
@@ -79,6 +83,7 @@ static enum MHD_Result send_body(struct MHD_Connection *conn, unsigned status, c
         return MHD_NO;
     }
     MHD_add_response_header(resp, MHD_HTTP_HEADER_CONTENT_TYPE, "application/json");
+    http_guard_decorate(s->guard, conn, resp);
     if (status == MHD_HTTP_UNAUTHORIZED)
         MHD_add_response_header(resp, MHD_HTTP_HEADER_WWW_AUTHENTICATE, "Bearer");
     if (retry_after > 0) {
@@ -91,10 +96,11 @@ static enum MHD_Result send_body(struct MHD_Connection *conn, unsigned status, c
     return rc;
 }
 
-static enum MHD_Result send_error(struct MHD_Connection *conn, unsigned status, const char *type,
-                                  const char *code, const char *msg)
+static enum MHD_Result send_error(const qmix_server *s, struct MHD_Connection *conn,
+                                  unsigned status, const char *type, const char *code,
+                                  const char *msg)
 {
-    return send_body(conn, status, api_error(type, NULL, code, "%s", msg), 0);
+    return send_body(s, conn, status, api_error(type, NULL, code, "%s", msg), 0);
 }
 
 static ssize_t stream_read(void *cls, uint64_t pos, char *buf, size_t max)
@@ -124,7 +130,8 @@ static void stream_free(void *cls)
 }
 
 /* Runs a submitted job to its response: streamed as it is generated, or waited for. */
-static enum MHD_Result respond_job(struct MHD_Connection *conn, api_reply *r)
+static enum MHD_Result respond_job(const qmix_server *s, struct MHD_Connection *conn,
+                                   api_reply *r)
 {
     srv_job *job = r->job;
     if (r->stream) {
@@ -137,13 +144,14 @@ static enum MHD_Result respond_job(struct MHD_Connection *conn, api_reply *r)
             free(src);
             job->cancel = 1;
             srv_job_release(job);
-            return send_error(conn, MHD_HTTP_INTERNAL_SERVER_ERROR, "server_error", NULL,
+            return send_error(s, conn, MHD_HTTP_INTERNAL_SERVER_ERROR, "server_error", NULL,
                               "out of memory");
         }
         src->job = job;
         src->conn = conn;
         MHD_add_response_header(resp, MHD_HTTP_HEADER_CONTENT_TYPE, "text/event-stream");
         MHD_add_response_header(resp, MHD_HTTP_HEADER_CACHE_CONTROL, "no-cache");
+        http_guard_decorate(s->guard, conn, resp);
         enum MHD_Result rc = MHD_queue_response(conn, MHD_HTTP_OK, resp);
         MHD_destroy_response(resp);
         return rc;
@@ -161,13 +169,14 @@ static enum MHD_Result respond_job(struct MHD_Connection *conn, api_reply *r)
         free(body);
         return MHD_NO; /* close the connection: there is nobody to answer */
     }
-    return send_body(conn, (unsigned)status, body, 0);
+    return send_body(s, conn, (unsigned)status, body, 0);
 }
 
 /* Prometheus text exposition format. */
-static enum MHD_Result send_metrics(struct MHD_Connection *conn, char *text)
+static enum MHD_Result send_metrics(const qmix_server *s, struct MHD_Connection *conn,
+                                    char *text)
 {
-    if (!text) return send_body(conn, MHD_HTTP_INTERNAL_SERVER_ERROR, NULL, 0);
+    if (!text) return send_body(s, conn, MHD_HTTP_INTERNAL_SERVER_ERROR, NULL, 0);
     struct MHD_Response *resp =
         MHD_create_response_from_buffer(strlen(text), text, MHD_RESPMEM_MUST_FREE);
     if (!resp) {
@@ -175,18 +184,21 @@ static enum MHD_Result send_metrics(struct MHD_Connection *conn, char *text)
         return MHD_NO;
     }
     MHD_add_response_header(resp, MHD_HTTP_HEADER_CONTENT_TYPE, "text/plain; version=0.0.4");
+    http_guard_decorate(s->guard, conn, resp);
     enum MHD_Result ret = MHD_queue_response(conn, MHD_HTTP_OK, resp);
     MHD_destroy_response(resp);
     return ret;
 }
 
-/* Constant-time comparison, so the key cannot be guessed byte by byte from response times. */
-static int same_secret(const char *a, const char *b)
+/* A CORS preflight that --cors allows: no body, the CORS headers. */
+static enum MHD_Result send_preflight(const qmix_server *s, struct MHD_Connection *conn)
 {
-    size_t la = strlen(a), lb = strlen(b);
-    unsigned char d = la != lb;
-    for (size_t i = 0; i < la; i++) d |= (unsigned char)(a[i] ^ b[i % (lb ? lb : 1)]);
-    return d == 0;
+    struct MHD_Response *resp = MHD_create_response_from_buffer(0, NULL, MHD_RESPMEM_PERSISTENT);
+    if (!resp) return MHD_NO;
+    http_guard_decorate(s->guard, conn, resp);
+    enum MHD_Result rc = MHD_queue_response(conn, MHD_HTTP_NO_CONTENT, resp);
+    MHD_destroy_response(resp);
+    return rc;
 }
 
 static enum MHD_Result handle(void *cls, struct MHD_Connection *conn, const char *url,
@@ -202,42 +214,47 @@ static enum MHD_Result handle(void *cls, struct MHD_Connection *conn, const char
         if (!(rq = calloc(1, sizeof *rq))) return MHD_NO;
         *req_cls = rq;
         atomic_fetch_add(&s->active, 1);
+        http_refusal why;
+        int g = http_guard_check(s->guard, conn, method, &why);
+        if (g == 2) return send_preflight(s, conn);
+        if (g) return send_error(s, conn, why.status, "invalid_request_error", why.code,
+                                 why.message);
         if (!strcmp(url, "/health") || !strcmp(url, "/v1/health")) {
             if (!is_get)
-                return send_error(conn, MHD_HTTP_METHOD_NOT_ALLOWED, "invalid_request_error",
+                return send_error(s, conn, MHD_HTTP_METHOD_NOT_ALLOWED, "invalid_request_error",
                                   NULL, "use GET");
-            return send_body(conn, MHD_HTTP_OK, api_health(&s->api), 0);
+            return send_body(s, conn, MHD_HTTP_OK, api_health(&s->api), 0);
         }
         if (!strcmp(url, "/metrics")) { /* like /health, open to scrapers without the key */
             if (!is_get)
-                return send_error(conn, MHD_HTTP_METHOD_NOT_ALLOWED, "invalid_request_error",
+                return send_error(s, conn, MHD_HTTP_METHOD_NOT_ALLOWED, "invalid_request_error",
                                   NULL, "use GET");
-            return send_metrics(conn, srv_engine_metrics(s->eng));
+            return send_metrics(s, conn, srv_engine_metrics(s->eng));
         }
         if (s->api_key) {
             const char *auth = MHD_lookup_connection_value(conn, MHD_HEADER_KIND,
                                                            MHD_HTTP_HEADER_AUTHORIZATION);
-            if (!auth || strncmp(auth, "Bearer ", 7) || !same_secret(auth + 7, s->api_key))
-                return send_error(conn, MHD_HTTP_UNAUTHORIZED, "invalid_request_error",
+            if (!http_guard_bearer_ok(auth, s->api_key))
+                return send_error(s, conn, MHD_HTTP_UNAUTHORIZED, "invalid_request_error",
                                   "invalid_api_key",
                                   "missing or wrong API key (Authorization: Bearer KEY)");
         }
         if (!strcmp(url, "/v1/models")) {
             if (!is_get)
-                return send_error(conn, MHD_HTTP_METHOD_NOT_ALLOWED, "invalid_request_error",
+                return send_error(s, conn, MHD_HTTP_METHOD_NOT_ALLOWED, "invalid_request_error",
                                   NULL, "use GET");
-            return send_body(conn, MHD_HTTP_OK, api_models(&s->api), 0);
+            return send_body(s, conn, MHD_HTTP_OK, api_models(&s->api), 0);
         }
         if (!chat && !completions)
-            return send_error(conn, MHD_HTTP_NOT_FOUND, "invalid_request_error", "not_found",
+            return send_error(s, conn, MHD_HTTP_NOT_FOUND, "invalid_request_error", "not_found",
                               "no such endpoint");
         if (!is_post)
-            return send_error(conn, MHD_HTTP_METHOD_NOT_ALLOWED, "invalid_request_error", NULL,
+            return send_error(s, conn, MHD_HTTP_METHOD_NOT_ALLOWED, "invalid_request_error", NULL,
                               "use POST");
         const char *cl = MHD_lookup_connection_value(conn, MHD_HEADER_KIND,
                                                      MHD_HTTP_HEADER_CONTENT_LENGTH);
         if (cl && strtoull(cl, NULL, 10) > s->max_body) /* refused before it is read */
-            return send_error(conn, MHD_HTTP_CONTENT_TOO_LARGE, "invalid_request_error",
+            return send_error(s, conn, MHD_HTTP_CONTENT_TOO_LARGE, "invalid_request_error",
                               "request_too_large", "the request body is over the size limit");
         return MHD_YES;
     }
@@ -264,23 +281,28 @@ static enum MHD_Result handle(void *cls, struct MHD_Connection *conn, const char
         return MHD_YES;
     }
     if (rq->too_big)
-        return send_error(conn, MHD_HTTP_CONTENT_TOO_LARGE, "invalid_request_error",
+        return send_error(s, conn, MHD_HTTP_CONTENT_TOO_LARGE, "invalid_request_error",
                           "request_too_large", "the request body is over the size limit");
+    /* the request is complete: a generation may keep this connection silent for long (a long
+     * prompt's prefill, a non-streamed answer); completed() shortens it again */
+    MHD_set_connection_option(conn, MHD_CONNECTION_OPTION_TIMEOUT, s->busy_timeout);
     api_reply r;
     if (chat) api_chat_completions(&s->api, rq->body ? rq->body : "", rq->len, &r);
     else api_completions(&s->api, rq->body ? rq->body : "", rq->len, &r);
-    if (!r.job) return send_body(conn, (unsigned)r.status, r.body, r.retry_after);
+    if (!r.job) return send_body(s, conn, (unsigned)r.status, r.body, r.retry_after);
     free(r.body);
-    return respond_job(conn, &r);
+    return respond_job(s, conn, &r);
 }
 
 static void completed(void *cls, struct MHD_Connection *conn, void **req_cls,
                       enum MHD_RequestTerminationCode toe)
 {
     qmix_server *s = cls;
-    (void)conn, (void)toe;
+    (void)toe;
     request *rq = *req_cls;
     if (!rq) return;
+    if (conn) /* waiting for the next request on a kept-alive connection: the short timeout */
+        MHD_set_connection_option(conn, MHD_CONNECTION_OPTION_TIMEOUT, s->idle_timeout);
     atomic_fetch_sub(&s->active, 1);
     free(rq->body);
     free(rq);
@@ -345,15 +367,40 @@ int qmix_server_start(const qmix_server_opts *o, qmix_server **out, qmix_err *er
         qmix_errf(err, "cannot resolve --host %s: %s", o->host, gai_strerror(gai));
         goto fail;
     }
+    /* Room for many idle sockets: one descriptor each (plus a thread while it is open). */
+    unsigned max_conn = o->max_connections ? o->max_connections : 1024;
+    struct rlimit nofile;
+    if (!getrlimit(RLIMIT_NOFILE, &nofile)) {
+        if (nofile.rlim_cur < nofile.rlim_max && nofile.rlim_cur < (rlim_t)max_conn + 128) {
+            nofile.rlim_cur = nofile.rlim_max; /* the hard limit allows it: take it */
+            setrlimit(RLIMIT_NOFILE, &nofile);
+            getrlimit(RLIMIT_NOFILE, &nofile);
+        }
+        if (nofile.rlim_cur != RLIM_INFINITY && nofile.rlim_cur < (rlim_t)max_conn + 128)
+            max_conn = nofile.rlim_cur > 192 ? (unsigned)nofile.rlim_cur - 128 : 64;
+    }
+    s->idle_timeout = o->idle_timeout ? o->idle_timeout : 10;
+    s->busy_timeout = 600;
+    http_guard_opts go = {.bound = ai->ai_addr, .port = o->port, .cors_origin = o->cors_origin,
+                          .per_ip_limit = o->per_ip_limit};
+    if (http_guard_new(&go, &s->guard, err)) {
+        freeaddrinfo(ai);
+        goto fail;
+    }
     unsigned flags = MHD_USE_THREAD_PER_CONNECTION | MHD_USE_INTERNAL_POLLING_THREAD |
                      MHD_USE_POLL | MHD_USE_ITC | (ai->ai_family == AF_INET6 ? MHD_USE_IPv6 : 0);
     s->daemon = MHD_start_daemon(
-        flags, (uint16_t)o->port, NULL, NULL, handle, s, MHD_OPTION_SOCK_ADDR, ai->ai_addr,
-        MHD_OPTION_NOTIFY_COMPLETED, completed, s,
+        flags, (uint16_t)o->port, http_guard_accept, s->guard, handle, s, MHD_OPTION_SOCK_ADDR,
+        ai->ai_addr, MHD_OPTION_NOTIFY_COMPLETED, completed, s,
+        MHD_OPTION_NOTIFY_CONNECTION, http_guard_notify, s->guard,
         /* headers beyond this (and request lines) get 431 / 414 from libmicrohttpd */
         MHD_OPTION_CONNECTION_MEMORY_LIMIT, (size_t)(64 * 1024),
-        MHD_OPTION_CONNECTION_LIMIT, (unsigned)256,
-        MHD_OPTION_CONNECTION_TIMEOUT, (unsigned)600, MHD_OPTION_END);
+        /* Headroom: idle sockets cost a descriptor and a thread; a connection that is silent
+         * for idle_timeout while its request is incomplete (or between requests) is closed,
+         * so half-sent headers cannot hold a slot for long. Generating requests get
+         * busy_timeout (handle, completed). */
+        MHD_OPTION_CONNECTION_LIMIT, max_conn,
+        MHD_OPTION_CONNECTION_TIMEOUT, s->idle_timeout, MHD_OPTION_END);
     freeaddrinfo(ai);
     if (!s->daemon) {
         qmix_errf(err, "cannot listen on %s:%d (address in use, or not an address here?)",
@@ -362,6 +409,7 @@ int qmix_server_start(const qmix_server_opts *o, qmix_server **out, qmix_err *er
     }
     const union MHD_DaemonInfo *di = MHD_get_daemon_info(s->daemon, MHD_DAEMON_INFO_BIND_PORT);
     s->port = di ? di->port : o->port;
+    http_guard_set_port(s->guard, s->port);
     *out = s;
     return 0;
 fail:
@@ -398,5 +446,6 @@ void qmix_server_stop(qmix_server *s)
     free(s->model_id);
     free(s->model_path);
     free(s->api_key);
+    http_guard_free(s->guard);
     free(s);
 }

@@ -17,7 +17,12 @@ typedef struct qmix_server_opts {
     const char *model_id;    /* the name clients use; NULL: the directory's last component */
     const char *host;        /* address to bind (default 127.0.0.1) */
     int port;                /* 0: any free port (qmix_server_port tells which) */
-    const char *api_key;     /* NULL: no authentication */
+    const char *api_key;     /* NULL: no authentication (never ""; the CLI refuses it) */
+    const char *cors_origin; /* NULL: cross-origin requests refused; "*" or one origin */
+    unsigned max_connections; /* open connections at most (0: 1024) */
+    unsigned per_ip_limit;   /* connections per non-loopback client address (0: no limit) */
+    unsigned idle_timeout;   /* seconds a connection may stay silent before its request is
+                              * complete or between requests (0: 10) */
     int ctx;                 /* tokens per slot */
     int parallel;            /* slots: requests generated at the same time */
     int threads;             /* compute threads; 0: all cores */

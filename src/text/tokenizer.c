@@ -1016,7 +1016,8 @@ static int bpe_cached(qmix_tokenizer *t, const unsigned char *w, size_t n)
     }
     uint32_t key = (uint32_t)t->cache_bytes.n;
     if (buf_put(&t->cache_bytes, w, n)) return 0;
-    memcpy(t->cache_ids + t->cache_nids, t->out + start, nids * sizeof(int32_t));
+    /* a word of bytes without tokens yields no ids: cache_ids may still be NULL then */
+    if (nids) memcpy(t->cache_ids + t->cache_nids, t->out + start, nids * sizeof(int32_t));
     t->cache[i] = (cache_slot){key, (uint32_t)n, (uint32_t)t->cache_nids, (uint32_t)nids};
     t->cache_nids += nids;
     t->cache_entries++;

@@ -284,9 +284,15 @@ static int parse_call(qmix_toolcall_parser *p, const char *s, size_t len, const 
             *why = "a parameter given twice";
             goto bad;
         }
+        /* NULL or a refused key: bytes that are not UTF-8 text (jansson checks); a malformed
+         * call, not out of memory (which would stop the parser for good) */
         json_t *val = typed_value(p, fn, key, v, vn);
-        if (!val || json_object_set_new(args, key, val)) p->oom = 1;
+        int bad_text = !val || json_object_set_new(args, key, val); /* takes val either way */
         free(key);
+        if (bad_text) {
+            *why = "a parameter name or value that is not UTF-8 text";
+            goto bad;
+        }
         s = close + 12;
     }
     int known;
