@@ -277,6 +277,7 @@ static size_t ssm_floats(const qmix_config *c)
 {
     return (size_t)c->lin_n_v_heads * (size_t)c->lin_k_head_dim * (size_t)c->lin_v_head_dim;
 }
+size_t qmix_seq_layer_state_floats(const qmix_config *c) { return conv_floats(c) + ssm_floats(c); }
 static size_t kv_row_floats(const qmix_config *c) { return (size_t)c->n_kv_heads * (size_t)c->head_dim; }
 
 size_t qmix_seq_snapshot_bytes(const qmix_config *c, int n)
