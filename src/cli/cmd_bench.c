@@ -58,6 +58,11 @@ static void usage(FILE *out)
             "                    per verification pass, and whether the tokens equal plain greedy's\n"
             "  --draft LIST      draft lengths to run with --mtp, e.g. 1,2,3 (default %d; implies\n"
             "                    --mtp)\n"
+            "  --rollback snapshot|recompute\n"
+            "                    how --mtp restores the Gated DeltaNet state when a draft is\n"
+            "                    rejected: copy back the state recorded after the kept token\n"
+            "                    (default), or restore the state from before the verification\n"
+            "                    and run the kept tokens again (to compare their cost)\n"
             "  --json            print one JSON object instead of the table\n",
             QMIX_SPEC_DEFAULT_DRAFT);
 }
@@ -245,7 +250,8 @@ static int mtp_emit(void *user, int32_t id, const float *logits, qmix_err *err)
 
 /* Speculative greedy decoding of n_gen steps from the same context (a session of its own). */
 static int run_mtp(qmix_model *model, int threads, int ctx, const int32_t *prompt, int n_prompt,
-                   int n_gen, int draft, const int32_t *want, bench_run *r, int k, qmix_err *err)
+                   int n_gen, int draft, qmix_spec_rollback mode, const int32_t *want,
+                   bench_run *r, int k, qmix_err *err)
 {
     const qmix_config *cfg = qmix_model_config(model);
     qmix_session *sess = NULL;
@@ -261,6 +267,7 @@ static int run_mtp(qmix_model *model, int threads, int ctx, const int32_t *promp
     if (qmix_session_new(model, &opts, &sess, err) || qmix_spec_new(sess, draft, &spec, err) ||
         qmix_spec_prefill(spec, prompt, n_prompt, err))
         goto done;
+    qmix_spec_set_rollback(spec, mode);
     mtp_check c = {want, n_gen + 1, 0, 1};
     double t0 = cli_now();
     if (qmix_spec_generate(spec, smp, mtp_emit, &c, NULL, NULL, NULL, err)) goto done;
@@ -330,6 +337,7 @@ int qmix_cmd_bench(int argc, char **argv)
     int thread_list[MAX_RUNS] = {1, 2}, n_threads = 2, do_membw = 1, json = 0, prefault = 1;
     int ctx_list[MAX_RUNS] = {512}, n_ctx = 1, have_ctx = 0;
     int draft_list[MAX_RUNS] = {QMIX_SPEC_DEFAULT_DRAFT}, n_draft = 0;
+    qmix_spec_rollback rollback = QMIX_SPEC_SNAPSHOT;
     for (int i = 1; i < argc; i++) {
         const char *a = argv[i], *v;
         if (!strcmp(a, "--help") || !strcmp(a, "-h")) {
@@ -363,6 +371,15 @@ int qmix_cmd_bench(int argc, char **argv)
                 parse_list("--draft", "draft lengths", v, QMIX_SPEC_MAX_DRAFT, draft_list,
                            &n_draft))
                 return 2;
+        } else if (!strcmp(a, "--rollback")) {
+            if (!(v = cli_value("bench", argc, argv, &i))) return 2;
+            if (!strcmp(v, "snapshot")) rollback = QMIX_SPEC_SNAPSHOT;
+            else if (!strcmp(v, "recompute")) rollback = QMIX_SPEC_RECOMPUTE;
+            else {
+                fprintf(stderr, "qmix bench: --rollback expects snapshot or recompute, got '%s'\n",
+                        v);
+                return 2;
+            }
         } else if (!strcmp(a, "--no-prefault")) {
             prefault = 0;
         } else if (!strcmp(a, "--no-membw")) {
@@ -485,7 +502,7 @@ int qmix_cmd_bench(int argc, char **argv)
         }
         for (int k = 0; k < n_draft; k++)
             if (run_mtp(model, th, b->ctx + (int)n_gen, prompt, b->ctx, (int)n_gen, draft_list[k],
-                        plain_tokens, b, k, &err)) {
+                        rollback, plain_tokens, b, k, &err)) {
                 fprintf(stderr, "qmix bench: --mtp, %d threads, context %d: %s\n", th, b->ctx,
                         err.msg);
                 goto done;

@@ -16,7 +16,7 @@
 
 #define QMIX_SPEC_MAX_DRAFT 8
 /* Chosen by measurement on the demo model (README, "MTP speculative decoding"). */
-#define QMIX_SPEC_DEFAULT_DRAFT 2
+#define QMIX_SPEC_DEFAULT_DRAFT 1
 
 /* How a rejection restores the Gated DeltaNet state: SNAPSHOT records the state after every
  * verified row (token by token) and copies back the kept row's; RECOMPUTE saves the state before
