@@ -459,6 +459,80 @@ START_TEST(sampling_keeps_target_end_to_end)
 }
 END_TEST
 
+/* GGUF carries the MTP block as llama.cpp's converter writes it (block n_layers with nextn.*):
+ * qmix's GGUF writer emits it (kept 16-bit under a quantized --type) and the loader binds it, so
+ * the block computes what the Hugging Face checkpoint's does and drafts the same tokens. */
+START_TEST(gguf_keeps_mtp)
+{
+    char *dir = tu_tmpdir();
+    char args[1200], f32[1100], q8[1100];
+    snprintf(f32, sizeof f32, "%s/demo-f32.gguf", dir);
+    snprintf(q8, sizeof q8, "%s/demo-q8.gguf", dir);
+    snprintf(args, sizeof args, "convert testdata/demo '%s' --to gguf --type f32", f32);
+    tu_expect(args, 0, "blk.8.nextn.eh_proj.weight");
+    snprintf(args, sizeof args, "convert testdata/demo '%s' --to gguf --type q8_0", q8);
+    tu_expect(args, 0, NULL);
+    qmix_model *hf, *gg, *gq;
+    qmix_err err;
+    ck_assert_int_eq(qmix_model_open("testdata/demo", &hf, &err), 0);
+    ck_assert_msg(qmix_model_open(f32, &gg, &err) == 0, "%s", err.msg);
+    ck_assert_msg(qmix_model_open(q8, &gq, &err) == 0, "%s", err.msg);
+    ck_assert_ptr_nonnull(gg->mtp);
+    ck_assert_ptr_nonnull(gq->mtp);
+    ck_assert_int_eq(gq->mtp->fc.dtype, QMIX_BF16); /* kept 16-bit */
+    ck_assert_int_eq(gq->mtp->layer.experts[3].down.dtype, QMIX_BF16);
+    ck_assert_int_eq(gq->layers[0].experts[0].down.dtype, QMIX_U8); /* the trunk: Q8_0 */
+    const qmix_config *c = qmix_model_config(hf);
+    int V = c->vocab_size, D = c->hidden_size;
+    /* the MTP block's logits for the same pairs, HF vs GGUF f32 */
+    qmix_session_opts so = {.max_ctx = 32, .n_threads = 1};
+    float *lg[2], *hid = malloc(sizeof(float) * (size_t)D * 8);
+    float *cat = malloc(sizeof(float) * 2 * (size_t)D), *out = malloc(sizeof(float) * (size_t)D);
+    qmix_model *pair[2] = {hf, gg};
+    const int32_t toks[8] = {319, 507, 1936, 298, 262, 763, 558, 44};
+    for (int k = 0; k < 2; k++) {
+        qmix_session *s;
+        qmix_seq *mseq;
+        ck_assert_int_eq(qmix_session_new(pair[k], &so, &s, &err), 0);
+        ck_assert_int_eq(qmix_mtp_seq_new(pair[k], 32, &mseq, &err), 0);
+        float *all = malloc(sizeof(float) * 8 * (size_t)V);
+        ck_assert_int_eq(qmix_session_prefill(s, toks, 8, all, &err), 0);
+        memcpy(hid, s->h, sizeof(float) * 8 * (size_t)D);
+        lg[k] = malloc(sizeof(float) * 7 * (size_t)V);
+        for (int t = 0; t < 7; t++)
+            qmix_mtp_forward(s, mseq, hid + t * D, &toks[t + 1], 1, cat, out, lg[k] + t * V);
+        free(all);
+        qmix_seq_free(mseq);
+        qmix_session_free(s);
+    }
+    double e = rel_error(lg[1], lg[0], 7 * V);
+    ck_assert_msg(e < 1e-4, "GGUF MTP logits differ from HF by %g", e);
+    /* the same tokens and the same drafts accepted */
+    tu_run_result a = tu_run("generate testdata/demo --tokens '319 507 1936' -n 40 --draft 2");
+    snprintf(args, sizeof args, "generate '%s' --tokens '319 507 1936' -n 40 --draft 2", f32);
+    tu_run_result b = tu_run(args);
+    ck_assert_int_eq(a.status, 0);
+    ck_assert_int_eq(b.status, 0);
+    ck_assert_str_eq(a.out, b.out);
+    char *sa = strstr(a.err, "mtp: "), *sb = strstr(b.err, "mtp: ");
+    ck_assert(sa && sb);
+    char *ea = strstr(sa, "tokens per verification"), *eb = strstr(sb, "tokens per verification");
+    ck_assert(ea && eb && ea - sa == eb - sb && !memcmp(sa, sb, (size_t)(ea - sa)));
+    ck_assert(!strstr(sa, "acceptance 0.0 %"));
+    tu_run_free(&a);
+    tu_run_free(&b);
+    free(lg[0]);
+    free(lg[1]);
+    free(hid);
+    free(cat);
+    free(out);
+    qmix_model_close(hf);
+    qmix_model_close(gg);
+    qmix_model_close(gq);
+    tu_rmdir(dir);
+}
+END_TEST
+
 START_TEST(errors)
 {
     qmix_model *m;
@@ -517,6 +591,7 @@ static Suite *make_suite(void)
     tcase_add_test(tc, resume_equals_plain);
     tcase_add_test(tc, accept_rule_keeps_target);
     tcase_add_test(tc, sampling_keeps_target_end_to_end);
+    tcase_add_test(tc, gguf_keeps_mtp);
     tcase_add_test(tc, errors);
     suite_add_tcase(s, tc);
     return s;
