@@ -533,6 +533,41 @@ START_TEST(gguf_keeps_mtp)
 }
 END_TEST
 
+/* A GPTQ checkpoint (vLLM's layout) keeps the MTP block 16-bit beside the quantized experts, and
+ * --mtp on it gives plain greedy's tokens (float activations everywhere: QMIX_ACT_INT8=0, so
+ * single rows and verified batches run the same arithmetic). */
+START_TEST(gptq_keeps_mtp)
+{
+    char *dir = tu_tmpdir();
+    char args[1200], out[1100];
+    snprintf(out, sizeof out, "%s/gptq", dir);
+    snprintf(args, sizeof args, "quantize testdata/demo '%s' --recipe experts-4 --format gptq", out);
+    tu_expect(args, 0, NULL);
+    qmix_model *m;
+    qmix_err err;
+    ck_assert_msg(qmix_model_open(out, &m, &err) == 0, "%s", err.msg);
+    ck_assert_ptr_nonnull(m->mtp);
+    ck_assert_int_eq(m->mtp->fc.dtype, QMIX_BF16);
+    ck_assert_int_eq(m->mtp->layer.experts[0].gate.dtype, QMIX_BF16);
+    ck_assert_int_eq(m->layers[0].experts[0].gate.dtype, QMIX_U32); /* repacked GPTQ codes */
+    qmix_model_close(m);
+    setenv("QMIX_ACT_INT8", "0", 1);
+    snprintf(args, sizeof args, "generate '%s' --tokens '319 507 1936' -n 40", out);
+    tu_run_result a = tu_run(args);
+    snprintf(args, sizeof args, "generate '%s' --tokens '319 507 1936' -n 40 --draft 2", out);
+    tu_run_result b = tu_run(args);
+    unsetenv("QMIX_ACT_INT8");
+    ck_assert_int_eq(a.status, 0);
+    ck_assert_int_eq(b.status, 0);
+    ck_assert_str_eq(a.out, b.out);
+    ck_assert_ptr_nonnull(strstr(b.err, "tokens per verification"));
+    ck_assert_ptr_null(strstr(b.err, "acceptance 0.0 %"));
+    tu_run_free(&a);
+    tu_run_free(&b);
+    tu_rmdir(dir);
+}
+END_TEST
+
 START_TEST(errors)
 {
     qmix_model *m;
@@ -592,6 +627,7 @@ static Suite *make_suite(void)
     tcase_add_test(tc, accept_rule_keeps_target);
     tcase_add_test(tc, sampling_keeps_target_end_to_end);
     tcase_add_test(tc, gguf_keeps_mtp);
+    tcase_add_test(tc, gptq_keeps_mtp);
     tcase_add_test(tc, errors);
     suite_add_tcase(s, tc);
     return s;
