@@ -78,14 +78,15 @@ static int collect_emit(void *user, int32_t id, const float *logits, qmix_err *e
 
 /* Drafts replaced by the true greedy continuation, wrong from the ((pos / 3) % (n + 1))-th on:
  * every number of accepted drafts 0..n occurs. */
-typedef struct oracle { const int32_t *truth; int n_prompt, V; } oracle;
+typedef struct oracle { const int32_t *truth; int n_truth, n_prompt, V; } oracle;
 
 static void oracle_hook(void *user, int pos, int32_t *drafts, int n, float *q)
 {
     oracle *o = user;
     int wrong_from = (pos / 3) % (n + 1);
     for (int i = 0; i < n; i++) {
-        int32_t t = o->truth[pos + 1 + i - o->n_prompt];
+        int at = pos + 1 + i - o->n_prompt; /* past the known continuation: any token */
+        int32_t t = at < o->n_truth ? o->truth[at] : 0;
         drafts[i] = i < wrong_from ? t : (t + 1) % o->V;
         memset(q + (size_t)i * o->V, 0, sizeof(float) * (size_t)o->V);
         q[(size_t)i * o->V + drafts[i]] = 1;
@@ -117,7 +118,7 @@ static void check_greedy(qmix_model *m, const char *path, const int32_t *prompt,
     ck_assert_int_eq(qmix_session_new(m, &so, &s, &err), 0);
     ck_assert_msg(qmix_spec_new(s, n_draft, &sp, &err) == 0, "%s: %s", path, err.msg);
     qmix_spec_set_rollback(sp, mode);
-    oracle o = {want, n_prompt, V};
+    oracle o = {want, N_GEN + 1, n_prompt, V};
     if (use_oracle) qmix_spec_set_draft_hook(sp, oracle_hook, &o);
     qmix_sampling g = qmix_sampling_greedy();
     qmix_sampler *smp = qmix_sampler_new(&g, V);
