@@ -173,6 +173,9 @@ START_TEST(greedy_equals_plain)
     check_greedy(m, path, prompt, 9, want, after, 3, QMIX_SPEC_RECOMPUTE, 0);
     check_greedy(m, path, prompt, 9, want, after, 4, QMIX_SPEC_SNAPSHOT, 1);
     check_greedy(m, path, prompt, 9, want, after, 4, QMIX_SPEC_RECOMPUTE, 1);
+    /* 9 rows: past the chunked delta rule's threshold, still token by token */
+    check_greedy(m, path, prompt, 9, want, after, QMIX_SPEC_MAX_DRAFT, QMIX_SPEC_SNAPSHOT, 1);
+    check_greedy(m, path, prompt, 9, want, after, QMIX_SPEC_MAX_DRAFT, QMIX_SPEC_RECOMPUTE, 1);
     free(after);
     qmix_model_close(m);
 }

@@ -288,14 +288,12 @@ int qmix_spec_generate(qmix_spec *sp, qmix_sampler *smp, qmix_spec_emit_fn emit,
         if (sp->hook && n) sp->hook(sp->hook_user, P, sp->rows + 1, n, sp->q);
         double t1 = now();
 
-        /* verify [x, d1..dn] in one pass, recording the recurrent state after each row */
+        /* verify [x, d1..dn] in one pass, the delta rule token by token as in plain decoding,
+         * recording the recurrent state after each row (SNAPSHOT) */
         sp->rows[0] = x;
-        if (sp->mode == QMIX_SPEC_SNAPSHOT && n) {
-            s->seq.row_state = sp->row_state;
-            s->seq.row_state_rows = n;
-        } else if (n) {
-            copy_state(sp, sp->saved, sp->stride, 1);
-        }
+        s->seq.row_state = sp->row_state;
+        s->seq.row_state_rows = sp->mode == QMIX_SPEC_SNAPSHOT ? n : 0;
+        if (sp->mode == QMIX_SPEC_RECOMPUTE && n) copy_state(sp, sp->saved, sp->stride, 1);
         qmix_forward(s, sp->rows, n + 1, sp->vlogits);
         s->seq.row_state = NULL;
         s->seq.row_state_rows = 0;
@@ -330,7 +328,9 @@ int qmix_spec_generate(qmix_spec *sp, qmix_sampler *smp, qmix_spec_emit_fn emit,
             } else {
                 copy_state(sp, sp->saved, sp->stride, 0);
                 s->seq.pos = P;
+                s->seq.row_state = sp->row_state; /* token by token, nothing recorded */
                 qmix_forward(s, sp->rows, kept, NULL);
+                s->seq.row_state = NULL;
             }
             sp->stats.rollbacks++;
         }
