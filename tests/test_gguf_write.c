@@ -113,12 +113,16 @@ static int argmax(const float *x, int n)
 }
 
 /* The type the Q4KM recipe maps a GGUF tensor to, before fallbacks (written out here, not asked
- * of the exporter). */
-static int q4km_wanted(const char *name, int n_dims)
+ * of the exporter); mtp_block: the MTP block's block index (its `mtp keep` rule), or -1. */
+static int q4km_wanted(const char *name, int n_dims, int mtp_block)
 {
     static const char *const f32[] = {"norm", "ssm_dt", "ssm_conv1d", "ffn_gate_inp"};
     for (size_t i = 0; i < sizeof f32 / sizeof f32[0]; i++)
         if (strstr(name, f32[i])) return QMIX_GGML_F32;
+    char mtp_prefix[32];
+    snprintf(mtp_prefix, sizeof mtp_prefix, "blk.%d.", mtp_block);
+    if (mtp_block >= 0 && !strncmp(name, mtp_prefix, strlen(mtp_prefix)) && n_dims > 1)
+        return QMIX_GGML_BF16;
     size_t len = strlen(name);
     if (len > 6 && !strcmp(name + len - 6, ".ssm_a")) return QMIX_GGML_F32;
     if (n_dims == 1) return QMIX_GGML_F32;
@@ -133,7 +137,7 @@ static int q4km_wanted(const char *name, int n_dims)
 /* §5.7's fallback table, restated. */
 static int fallback(int type, int64_t ne0)
 {
-    if (type == QMIX_GGML_F32 || ne0 % 256 == 0) return type;
+    if (type == QMIX_GGML_F32 || type == QMIX_GGML_BF16 || ne0 % 256 == 0) return type;
     if (type == QMIX_GGML_Q6_K) return QMIX_GGML_Q8_0;
     if (type == QMIX_GGML_Q4_K) return QMIX_GGML_Q5_0;
     return -1;
@@ -155,15 +159,21 @@ START_TEST(q4km_fixture)
     qmix_gguf *g;
     qmix_err err;
     ck_assert_msg(!qmix_gguf_open(gg, &g, &err), "%s", err.msg);
-    int kquants = 0;
+    int kquants = 0, mtp_tensors = 0;
+    int64_t blocks, nextn;
+    ck_assert_int_eq(qmix_gguf_get_int(g, "qwen35moe.block_count", &blocks, &err), 1);
+    ck_assert_int_eq(qmix_gguf_get_int(g, "qwen35moe.nextn_predict_layers", &nextn, &err), 1);
+    ck_assert_int_eq(nextn, 1); /* the fixtures' MTP block is written */
     for (uint64_t i = 0; i < qmix_gguf_tensor_count(g); i++) {
         const qmix_gguf_tensor *t = qmix_gguf_tensor_at(g, i);
-        int want = fallback(q4km_wanted(t->name, t->n_dims), t->ne[0]);
+        int want = fallback(q4km_wanted(t->name, t->n_dims, (int)(blocks - 1)), t->ne[0]);
+        mtp_tensors += strstr(t->name, ".nextn.") != NULL;
         ck_assert_msg(t->type == want, "%s %s: %s, expected %s", fx, t->name,
                       qmix_ggml_type_name(t->type), qmix_ggml_type_name(want));
         kquants += t->type == QMIX_GGML_Q6_K;
     }
     ck_assert_int_ge(kquants, 1);
+    ck_assert_int_eq(mtp_tensors, 4);
     int64_t ft;
     ck_assert_int_eq(qmix_gguf_get_int(g, "general.file_type", &ft, &err), 1);
     ck_assert_int_eq(ft, rep.file_type);
@@ -259,7 +269,10 @@ START_TEST(imatrix_demo)
     qmix_imatrix *im;
     qmix_err err;
     ck_assert_msg(!qmix_imatrix_load(imf, &im, &err), "%s", err.msg);
-    const char *r3 = "default bits=3\nrouter keep\nshared_expert_gate keep\nembed,lm_head bits=6\n";
+    /* the MTP block kept as the presets keep it: calibration never runs it, so it has no
+     * importance to weight with */
+    const char *r3 = "default bits=3\nrouter keep\nshared_expert_gate keep\nembed,lm_head bits=6\n"
+                     "mtp keep\n";
     qmix_gguf_export_report rp, ri;
     char *plain = export_to("testdata/demo", r3, NULL, 0, &rp);
     char *withim = export_to("testdata/demo", r3, im, 0, &ri);

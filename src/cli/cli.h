@@ -4,6 +4,7 @@
 
 #include <signal.h>
 #include <stddef.h>
+#include <stdio.h>
 #include <stdint.h>
 
 #include "qmix.h"
@@ -25,6 +26,13 @@ extern const char cli_sampling_help[];
  * lines. */
 int cli_kv_option(const char *cmd, int argc, char **argv, int *i, qmix_kv_type *kv);
 extern const char cli_kv_help[];
+/* --mtp and --draft N (cli_mtp.c): 1 if argv[*i] was one (value consumed), 0 if not, -1 after
+ * printing an error. *draft is 0 until --mtp or --draft turns MTP speculative decoding on. */
+int cli_mtp_option(const char *cmd, int argc, char **argv, int *i, int *draft);
+extern const char cli_mtp_help[];
+/* One line of speculative decoding statistics (acceptance, tokens per verification, times). */
+struct qmix_spec;
+void cli_mtp_report(FILE *out, const struct qmix_spec *spec);
 /* The checkpoint directory of a model path (the path itself, or a weights file's directory; a
  * .gguf file stands for itself, the tokenizer and template loaders read it); prints an error and
  * returns -1 if it does not exist. */

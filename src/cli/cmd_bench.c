@@ -16,6 +16,8 @@
 #include "formats/gguf.h"
 #include "kernels/kernels.h"
 #include "model/model.h"
+#include "runtime/speculative.h"
+#include "util/err.h"
 
 #define MAX_RUNS 64
 
@@ -50,9 +52,20 @@ static void usage(FILE *out)
             "                    matrix the forward pass can read is prefaulted, untimed, so the\n"
             "                    first row does not pay page faults / disk reads the others skip)\n"
             "  --no-membw        skip the memory-bandwidth measurement (and the %% column)\n"
+            "  --mtp             also decode with MTP speculative decoding (the model's MTP block\n"
+            "                    drafts, one batched pass verifies) from the same context, per\n"
+            "                    row: tok/s, speed-up over plain decoding, acceptance rate, tokens\n"
+            "                    per verification pass, and whether the tokens equal plain greedy's\n"
+            "  --draft LIST      draft lengths to run with --mtp, e.g. 1,2,3 (default %d; implies\n"
+            "                    --mtp)\n"
+            "  --rollback snapshot|recompute\n"
+            "                    how --mtp restores the Gated DeltaNet state when a draft is\n"
+            "                    rejected: copy back the state recorded after the kept token\n"
+            "                    (default), or restore the state from before the verification\n"
+            "                    and run the kept tokens again (to compare their cost)\n"
             "  --json            print one JSON object instead of the table\n"
             "%s",
-            cli_kv_help);
+            QMIX_SPEC_DEFAULT_DRAFT, cli_kv_help);
 }
 
 /* --kv-bits / --kv-type: the cache every row's session uses */
@@ -66,6 +79,11 @@ typedef struct bench_run {
     int bw_unstable;
     int decode_steps;
     uint64_t peak_rss;
+    /* --mtp: per draft length */
+    double mtp_s[MAX_RUNS], mtp_draft_s[MAX_RUNS], mtp_verify_s[MAX_RUNS];
+    double mtp_acceptance[MAX_RUNS], mtp_per_step[MAX_RUNS];
+    int64_t mtp_steps[MAX_RUNS], mtp_drafted[MAX_RUNS];
+    int mtp_same[MAX_RUNS];
 } bench_run;
 
 /* "1,2" / "1024,4096": up to MAX_RUNS integers in [1, hi], each digits only, no empty items. */
@@ -222,8 +240,60 @@ static double probe_membw(int threads)
     return got == sizeof gbs ? gbs : -1;
 }
 
+typedef struct mtp_check { const int32_t *want; int n, at, same; } mtp_check;
+
+/* Greedy tokens of the speculative run, compared with plain decoding's as they come. */
+static int mtp_emit(void *user, int32_t id, const float *logits, qmix_err *err)
+{
+    (void)logits;
+    (void)err;
+    mtp_check *c = user;
+    if (c->at < c->n && id != c->want[c->at]) c->same = 0;
+    return ++c->at >= c->n;
+}
+
+/* Speculative greedy decoding of n_gen steps from the same context (a session of its own). */
+static int run_mtp(qmix_model *model, int threads, int ctx, const int32_t *prompt, int n_prompt,
+                   int n_gen, int draft, qmix_spec_rollback mode, const int32_t *want,
+                   bench_run *r, int k, qmix_err *err)
+{
+    const qmix_config *cfg = qmix_model_config(model);
+    qmix_session *sess = NULL;
+    qmix_spec *spec = NULL;
+    qmix_sampling g = qmix_sampling_greedy();
+    qmix_sampler *smp = qmix_sampler_new(&g, cfg->vocab_size);
+    qmix_session_opts opts = {.max_ctx = ctx, .n_threads = threads};
+    int rc = -1;
+    if (!smp) {
+        qmix_errf(err, "out of memory");
+        goto done;
+    }
+    if (qmix_session_new(model, &opts, &sess, err) || qmix_spec_new(sess, draft, &spec, err) ||
+        qmix_spec_prefill(spec, prompt, n_prompt, err))
+        goto done;
+    qmix_spec_set_rollback(spec, mode);
+    mtp_check c = {want, n_gen + 1, 0, 1};
+    double t0 = cli_now();
+    if (qmix_spec_generate(spec, smp, mtp_emit, &c, NULL, NULL, NULL, err)) goto done;
+    r->mtp_s[k] = cli_now() - t0;
+    const qmix_spec_stats *st = qmix_spec_get_stats(spec);
+    r->mtp_same[k] = c.same && c.at == n_gen + 1;
+    r->mtp_acceptance[k] = st->drafted ? (double)st->accepted / (double)st->drafted : 0;
+    r->mtp_per_step[k] = st->steps ? (double)st->kept / (double)st->steps : 0;
+    r->mtp_draft_s[k] = st->draft_s;
+    r->mtp_verify_s[k] = st->verify_s;
+    r->mtp_steps[k] = st->steps;
+    r->mtp_drafted[k] = st->drafted;
+    rc = 0;
+done:
+    qmix_sampler_free(smp);
+    qmix_spec_free(spec);
+    qmix_session_free(sess);
+    return rc;
+}
+
 static int run_one(qmix_model *model, int threads, int ctx, const int32_t *prompt, int n_prompt,
-                   int n_gen, double *steps, bench_run *r, qmix_err *err)
+                   int n_gen, double *steps, bench_run *r, int32_t *tokens, qmix_err *err)
 {
     const qmix_config *cfg = qmix_model_config(model);
     qmix_session *sess = NULL;
@@ -234,11 +304,13 @@ static int run_one(qmix_model *model, int threads, int ctx, const int32_t *promp
     if (qmix_session_prefill(sess, prompt, n_prompt, NULL, err)) goto fail;
     r->prefill_s = cli_now() - t0;
     int32_t next = qmix_argmax(qmix_session_logits(sess), cfg->vocab_size);
+    tokens[0] = next;
     double total = 0;
     for (int i = 0; i < n_gen; i++) {
         double s0 = cli_now();
         if (qmix_session_decode(sess, next, err)) goto fail;
         next = qmix_argmax(qmix_session_logits(sess), cfg->vocab_size);
+        tokens[i + 1] = next;
         steps[i] = cli_now() - s0;
         total += steps[i];
     }
@@ -268,6 +340,8 @@ int qmix_cmd_bench(int argc, char **argv)
     long n_prompt = 0, n_gen = -1, seed = 1;
     int thread_list[MAX_RUNS] = {1, 2}, n_threads = 2, do_membw = 1, json = 0, prefault = 1;
     int ctx_list[MAX_RUNS] = {512}, n_ctx = 1, have_ctx = 0;
+    int draft_list[MAX_RUNS] = {QMIX_SPEC_DEFAULT_DRAFT}, n_draft = 0;
+    qmix_spec_rollback rollback = QMIX_SPEC_SNAPSHOT;
     for (int i = 1; i < argc; i++) {
         const char *a = argv[i], *v;
         int handled;
@@ -297,6 +371,22 @@ int qmix_cmd_bench(int argc, char **argv)
             if (!(v = cli_value("bench", argc, argv, &i)) ||
                 parse_list("--threads", "thread counts", v, 1024, thread_list, &n_threads))
                 return 2;
+        } else if (!strcmp(a, "--mtp")) {
+            if (!n_draft) n_draft = 1;
+        } else if (!strcmp(a, "--draft")) {
+            if (!(v = cli_value("bench", argc, argv, &i)) ||
+                parse_list("--draft", "draft lengths", v, QMIX_SPEC_MAX_DRAFT, draft_list,
+                           &n_draft))
+                return 2;
+        } else if (!strcmp(a, "--rollback")) {
+            if (!(v = cli_value("bench", argc, argv, &i))) return 2;
+            if (!strcmp(v, "snapshot")) rollback = QMIX_SPEC_SNAPSHOT;
+            else if (!strcmp(v, "recompute")) rollback = QMIX_SPEC_RECOMPUTE;
+            else {
+                fprintf(stderr, "qmix bench: --rollback expects snapshot or recompute, got '%s'\n",
+                        v);
+                return 2;
+            }
         } else if (!strcmp(a, "--no-prefault")) {
             prefault = 0;
         } else if (!strcmp(a, "--no-membw")) {
@@ -341,9 +431,10 @@ int qmix_cmd_bench(int argc, char **argv)
     const qmix_config *c = qmix_model_config(model);
     int32_t *prompt = malloc((size_t)n_prompt * sizeof *prompt);
     double *steps = malloc(((size_t)n_gen + 1) * sizeof *steps);
+    int32_t *plain_tokens = malloc(((size_t)n_gen + 1) * sizeof *plain_tokens);
     bench_run *runs = calloc((size_t)n_runs, sizeof *runs);
     int rc = 1;
-    if (!prompt || !steps || !runs) {
+    if (!prompt || !steps || !runs || !plain_tokens) {
         fprintf(stderr, "qmix bench: out of memory\n");
         goto done;
     }
@@ -408,10 +499,18 @@ int qmix_cmd_bench(int argc, char **argv)
         /* after the probe (its child's memory is not ours anyway) and after the previous row's
          * session was freed: the mark restarts from the mapped weights */
         b->peak_is_row = reset_peak_rss() == 0;
-        if (run_one(model, th, b->ctx + (int)n_gen, prompt, b->ctx, (int)n_gen, steps, b, &err)) {
+        if (run_one(model, th, b->ctx + (int)n_gen, prompt, b->ctx, (int)n_gen, steps, b,
+                    plain_tokens, &err)) {
             fprintf(stderr, "qmix bench: %d threads, context %d: %s\n", th, b->ctx, err.msg);
             goto done;
         }
+        for (int k = 0; k < n_draft; k++)
+            if (run_mtp(model, th, b->ctx + (int)n_gen, prompt, b->ctx, (int)n_gen, draft_list[k],
+                        rollback, plain_tokens, b, k, &err)) {
+                fprintf(stderr, "qmix bench: --mtp, %d threads, context %d: %s\n", th, b->ctx,
+                        err.msg);
+                goto done;
+            }
         if (do_membw) b->bw_after = probe_membw(b->threads);
         b->membw_gbs = b->bw_before > 0 && b->bw_after > 0 ? 0.5 * (b->bw_before + b->bw_after)
                        : b->bw_before > 0                  ? b->bw_before
@@ -458,9 +557,25 @@ int qmix_cmd_bench(int argc, char **argv)
             json_num("read_bw_gb_s", b->membw_gbs, 3);
             json_num("decode_pct_of_read_bw",
                      b->membw_gbs > 0 && b->decode_steps ? 100 * gbs / b->membw_gbs : -1, 2);
-            printf("\"read_bw_unstable\": %s, \"peak_rss_bytes\": %llu, \"peak_rss_is_row\": %s}",
+            printf("\"read_bw_unstable\": %s, \"peak_rss_bytes\": %llu, \"peak_rss_is_row\": %s",
                    b->bw_unstable ? "true" : "false", (unsigned long long)b->peak_rss,
                    b->peak_is_row ? "true" : "false");
+            if (n_draft) {
+                printf(", \"mtp\": [");
+                for (int k = 0; k < n_draft; k++)
+                    printf("%s{\"draft\": %d, \"decode_s\": %.6f, \"decode_tok_s\": %.3f, "
+                           "\"speedup\": %.4f, \"acceptance\": %.4f, "
+                           "\"tokens_per_verification\": %.4f, \"draft_s\": %.6f, "
+                           "\"verify_s\": %.6f, \"verifications\": %lld, \"drafted\": %lld, "
+                           "\"same_tokens\": %s}", k ? ", " : "",
+                           draft_list[k], b->mtp_s[k], b->mtp_s[k] > 0 ? n_gen / b->mtp_s[k] : 0,
+                           b->mtp_s[k] > 0 ? b->decode_s / b->mtp_s[k] : 0,
+                           b->mtp_acceptance[k], b->mtp_per_step[k], b->mtp_draft_s[k],
+                           b->mtp_verify_s[k], (long long)b->mtp_steps[k],
+                           (long long)b->mtp_drafted[k], b->mtp_same[k] ? "true" : "false");
+                printf("]");
+            }
+            printf("}");
         }
         printf("]}\n");
     } else {
@@ -511,12 +626,34 @@ int qmix_cmd_bench(int argc, char **argv)
         if (any_unstable)
             printf("  !: the read bandwidth changed by more than 15%% during the row (a shared "
                    "or virtual machine);\n  rerun it.\n");
+        if (n_draft) {
+            printf("\nMTP speculative decoding (greedy, the same %ld steps from the same context; "
+                   "speed-up over the plain row above;\nverify ms/pass vs the plain median step: "
+                   "the cost of checking the drafts):\n\n", n_gen);
+            printf("| Threads | Context Window | Draft | Generation (tok/s) | Speed-up | "
+                   "Acceptance | Tokens/verification | Draft ms/token | Verify ms/pass | "
+                   "Same tokens |\n");
+            printf("|---|---|---|---|---|---|---|---|---|---|\n");
+            for (int r = 0; r < n_runs; r++)
+                for (int k = 0; k < n_draft; k++) {
+                    const bench_run *b = &runs[r];
+                    double t = b->mtp_s[k];
+                    printf("| %d | %d tokens | %d | %.2f | %.2fx | %.1f%% | %.2f | %.2f | %.2f | "
+                           "%s |\n", b->threads, b->ctx, draft_list[k], t > 0 ? n_gen / t : 0,
+                           t > 0 ? b->decode_s / t : 0, 100 * b->mtp_acceptance[k],
+                           b->mtp_per_step[k],
+                           b->mtp_drafted[k] ? 1e3 * b->mtp_draft_s[k] / (double)b->mtp_drafted[k] : 0,
+                           b->mtp_steps[k] ? 1e3 * b->mtp_verify_s[k] / (double)b->mtp_steps[k] : 0,
+                           b->mtp_same[k] ? "yes" : "NO");
+                }
+        }
     }
     rc = 0;
 done:
     free(runs);
     free(prompt);
     free(steps);
+    free(plain_tokens);
     qmix_model_close(model);
     return rc;
 }

@@ -18,6 +18,7 @@
 #include "runtime/session.h"
 #include "runtime/generate.h"
 #include "runtime/sampler.h"
+#include "runtime/speculative.h"
 #include "text/chat.h"
 #include "text/tokenizer.h"
 #include "text/toolcall.h"
@@ -38,9 +39,10 @@ static void usage(FILE *out)
             "  --ctx N             context size (default 8192)\n"
             "  --threads N         worker threads (default: all cores)\n"
             "  --seed S            random seed (default 0)\n"
-            "%s%s"
+            "  --verbose           after each answer, speculative decoding statistics (--mtp)\n"
+            "%s%s%s"
             "Sampling defaults come from the model's generation_config.json.\n",
-            cli_kv_help, cli_sampling_help);
+            cli_kv_help, cli_sampling_help, cli_mtp_help);
 }
 
 static volatile sig_atomic_t interrupted;
@@ -114,7 +116,7 @@ int qmix_cmd_chat(int argc, char **argv)
 {
     const char *model_path = NULL, *system_text = NULL, *mmproj = NULL;
     long max_tokens = 4096, ctx = 8192, threads = 0, seed = 0;
-    int thinking = 1, sampling_given = 0, ignore_eos = 0;
+    int thinking = 1, sampling_given = 0, ignore_eos = 0, draft = 0, verbose = 0;
     qmix_sampling sp = qmix_sampling_greedy();
     qmix_kv_type kv_type = QMIX_KV_DEFAULT;
     for (int i = 1; i < argc; i++) {
@@ -130,6 +132,10 @@ int qmix_cmd_chat(int argc, char **argv)
             sampling_given = 1;
         } else if (!strcmp(a, "--mmproj")) {
             if (!(mmproj = cli_value("chat", argc, argv, &i))) return 2;
+        } else if ((handled = cli_mtp_option("chat", argc, argv, &i, &draft)) != 0) {
+            if (handled < 0) return 2;
+        } else if (!strcmp(a, "--verbose")) {
+            verbose = 1;
         } else if (!strcmp(a, "--system")) {
             if (!(system_text = cli_value("chat", argc, argv, &i))) return 2;
         } else if (!strcmp(a, "--no-think")) {
@@ -159,6 +165,7 @@ int qmix_cmd_chat(int argc, char **argv)
     qmix_err err;
     qmix_model *model = NULL;
     qmix_session *sess = NULL;
+    qmix_spec *spec = NULL;
     qmix_sampler *sampler = NULL;
     qmix_tokenizer *tok = NULL;
     json_t *messages = json_array(), *pending = json_array(); /* pending: image parts */
@@ -184,6 +191,7 @@ int qmix_cmd_chat(int argc, char **argv)
 
     qmix_session_opts opts = {.max_ctx = (int)ctx, .n_threads = (int)threads, .kv_type = kv_type};
     if (qmix_session_new(model, &opts, &sess, &err)) goto fail;
+    if (draft && qmix_spec_new(sess, draft, &spec, &err)) goto fail;
     sampler = qmix_sampler_new(&sp, qmix_model_config(model)->vocab_size);
     history = malloc(sizeof *history * (size_t)ctx);
     if (!sampler || !history || !messages) {
@@ -282,7 +290,7 @@ int qmix_cmd_chat(int argc, char **argv)
         qmix_gen_opts go = {.max_tokens = (int)(max_tokens < ctx - (long)n_prompt
                                                      ? max_tokens : ctx - (long)n_prompt),
                             .stop_ids = stop_ids, .n_stop_ids = ignore_eos ? 0 : n_stop,
-                            .cancel = &interrupted};
+                            .cancel = &interrupted, .spec = spec};
         qmix_gen_result res;
         interrupted = 0;
         qmix_sampler_reset(sampler);
@@ -311,6 +319,10 @@ int qmix_cmd_chat(int argc, char **argv)
             fprintf(stderr, "\n[%d tokens, %.1f tok/s]", res.n_generated,
                     res.decode_s > 0 ? res.n_generated / res.decode_s : 0.0);
         }
+        if (verbose && spec) {
+            fprintf(stderr, "\n[since the start] ");
+            cli_mtp_report(stderr, spec);
+        }
         printf("\n");
         qmix_toolcall_parser_free(v.parser);
     }
@@ -325,6 +337,7 @@ done:
     free(history);
     qmix_tok_free(tok);
     qmix_sampler_free(sampler);
+    qmix_spec_free(spec);
     qmix_session_free(sess);
     qmix_model_close(model);
     return rc;

@@ -10,6 +10,7 @@
 #include "runtime/generate.h"
 #include "runtime/sampler.h"
 #include "runtime/session.h"
+#include "runtime/speculative.h"
 #include "text/tokenizer.h"
 #include "util/fileio.h"
 
@@ -44,8 +45,8 @@ static void usage(FILE *out)
             "  --threads N         worker threads (default: all cores)\n"
             "  --ctx N             context size (default: prompt + n)\n"
             "  --stop-at-eos       stop at the model's end-of-generation tokens (always with -p)\n"
-            "%s",
-            cli_sampling_help, cli_kv_help);
+            "%s%s",
+            cli_sampling_help, cli_kv_help, cli_mtp_help);
 }
 
 /* --kv-bits / --kv-type, for both paths */
@@ -63,11 +64,12 @@ static void print_text(void *user, const char *text, size_t len)
 /* -p: text in, streamed text out, stopping at the model's end-of-generation tokens. */
 static int generate_text(const char *model_path, const char *text, const char *const *stops,
                          int n_stops, qmix_sampling sp, int sampling_given, long n_gen, long seed,
-                         long threads, long ctx)
+                         long threads, long ctx, int draft)
 {
     qmix_err err;
     qmix_model *model = NULL;
     qmix_session *sess = NULL;
+    qmix_spec *spec = NULL;
     qmix_sampler *sampler = NULL;
     qmix_tokenizer *tok = NULL;
     char *owned = NULL, dir[4096];
@@ -93,6 +95,7 @@ static int generate_text(const char *model_path, const char *text, const char *c
     if (!sampling_given) qmix_gen_sampling_defaults(&sp, &gen); /* the model's own defaults */
     sp.seed = (uint64_t)seed;
     if (qmix_session_new(model, &opts, &sess, &err)) goto fail;
+    if (draft && qmix_spec_new(sess, draft, &spec, &err)) goto fail;
     sampler = qmix_sampler_new(&sp, qmix_model_config(model)->vocab_size);
     history = malloc(sizeof *history * (size_t)ctx);
     if (!sampler || !history) {
@@ -101,7 +104,7 @@ static int generate_text(const char *model_path, const char *text, const char *c
     }
     int n_history = 0, ends_line = 1;
     qmix_gen_opts go = {.max_tokens = (int)n_gen, .stop_ids = gen.eos, .n_stop_ids = gen.n_eos,
-                        .stop_strings = stops, .n_stop_strings = n_stops};
+                        .stop_strings = stops, .n_stop_strings = n_stops, .spec = spec};
     qmix_gen_result res;
     if (qmix_generate(sess, sampler, tok, prompt, (int)n_prompt, history, &n_history, &go,
                       print_text, &ends_line, &res, &err))
@@ -113,6 +116,7 @@ static int generate_text(const char *model_path, const char *text, const char *c
             "%.3f s (%.1f tok/s)\n", finish[res.finish], res.n_prompt, res.prefill_s,
             res.n_prompt / res.prefill_s, res.n_generated, res.decode_s,
             res.decode_s > 0 ? res.n_generated / res.decode_s : 0.0);
+    if (spec) cli_mtp_report(stderr, spec);
     rc = 0;
     goto done;
 usage_fail:
@@ -126,6 +130,7 @@ done:
     free(history);
     qmix_tok_free(tok);
     qmix_sampler_free(sampler);
+    qmix_spec_free(spec);
     qmix_session_free(sess);
     qmix_model_close(model);
     return rc;
@@ -220,6 +225,27 @@ done:
     return rc;
 }
 
+/* --tokens with --mtp: each generated id printed as it is decided. */
+typedef struct ids_out {
+    qmix_sampler *sampler;
+    long n_gen, generated;
+    int stop_at_eos, eos;
+} ids_out;
+
+static int emit_id(void *user, int32_t id, const float *logits, qmix_err *err)
+{
+    (void)logits;
+    (void)err;
+    ids_out *o = user;
+    if (o->generated >= o->n_gen) return 1;
+    qmix_sampler_accept(o->sampler, id);
+    printf("%d\n", id);
+    fflush(stdout);
+    o->generated++;
+    if (o->stop_at_eos && id == o->eos) return 1;
+    return o->generated >= o->n_gen;
+}
+
 int qmix_cmd_generate(int argc, char **argv)
 {
     const char *model_path = NULL, *tokens_spec = NULL, *prompt_text = NULL;
@@ -227,7 +253,7 @@ int qmix_cmd_generate(int argc, char **argv)
     int n_stops = 0, n_images = 0, ignore_eos = 0, print_ids = 0, think = 1;
     long n_gen = 16, threads = 0, seed = 0, ctx = 0;
     qmix_sampling sp = qmix_sampling_greedy();
-    int stop_at_eos = 0, sampling_given = 0;
+    int stop_at_eos = 0, sampling_given = 0, draft = 0;
     for (int i = 1; i < argc; i++) {
         const char *a = argv[i], *v;
         int handled;
@@ -257,6 +283,8 @@ int qmix_cmd_generate(int argc, char **argv)
         } else if ((handled = cli_sampling_option("generate", argc, argv, &i, &sp)) != 0) {
             if (handled < 0) return 2;
             sampling_given = 1;
+        } else if ((handled = cli_mtp_option("generate", argc, argv, &i, &draft)) != 0) {
+            if (handled < 0) return 2;
         } else if (!strcmp(a, "-p") || !strcmp(a, "--prompt")) {
             if (!(prompt_text = cli_value("generate", argc, argv, &i))) return 2;
         } else if (!strcmp(a, "--stop")) {
@@ -312,7 +340,7 @@ int qmix_cmd_generate(int argc, char **argv)
     }
     if (prompt_text)
         return generate_text(model_path, prompt_text, stops, n_stops, sp, sampling_given, n_gen,
-                             seed, threads, ctx);
+                             seed, threads, ctx, draft);
     int32_t *prompt;
     int n_prompt;
     if (cli_tokens("generate", tokens_spec, &prompt, &n_prompt)) return 2;
@@ -328,6 +356,7 @@ int qmix_cmd_generate(int argc, char **argv)
     qmix_model *model = NULL;
     qmix_session *sess = NULL;
     qmix_sampler *sampler = NULL;
+    qmix_spec *spec = NULL;
     int rc = 1;
     if (qmix_model_open(model_path, &model, &err)) goto fail;
     const qmix_config *cfg = qmix_model_config(model);
@@ -341,11 +370,22 @@ int qmix_cmd_generate(int argc, char **argv)
     }
     qmix_sampler_add_prompt(sampler, prompt, n_prompt);
 
-    double t0 = cli_now();
-    if (qmix_session_prefill(sess, prompt, n_prompt, NULL, &err)) goto fail;
-    double t1 = cli_now();
+    double t0 = cli_now(), t1;
     int generated = 0;
-    for (; generated < n_gen; generated++) {
+    if (draft) {
+        if (qmix_spec_new(sess, draft, &spec, &err) ||
+            qmix_spec_prefill(spec, prompt, n_prompt, &err))
+            goto fail;
+        t1 = cli_now();
+        ids_out o = {sampler, n_gen, 0, stop_at_eos, cfg->eos_token_id};
+        if (n_gen && qmix_spec_generate(spec, sampler, emit_id, &o, NULL, NULL, NULL, &err))
+            goto fail;
+        generated = (int)o.generated;
+    } else {
+        if (qmix_session_prefill(sess, prompt, n_prompt, NULL, &err)) goto fail;
+        t1 = cli_now();
+    }
+    for (; !draft && generated < n_gen; generated++) {
         int32_t next = qmix_sampler_sample(sampler, qmix_session_logits(sess));
         qmix_sampler_accept(sampler, next);
         printf("%d\n", next);
@@ -364,6 +404,7 @@ int qmix_cmd_generate(int argc, char **argv)
             n_prompt, t1 - t0, n_prompt / (t1 - t0), steps, t2 - t1,
             steps ? steps / (t2 - t1) : 0.0, qmix_session_threads(sess),
             qk_isa_name(qk_isa_active()), qmix_kv_type_name(kv_type), cli_peak_rss() / 1048576.0);
+    if (spec) cli_mtp_report(stderr, spec);
     rc = 0;
     goto done;
 fail:
@@ -371,6 +412,7 @@ fail:
 done:
     free(prompt);
     qmix_sampler_free(sampler);
+    qmix_spec_free(spec);
     qmix_session_free(sess);
     qmix_model_close(model);
     return rc;

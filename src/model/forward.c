@@ -17,7 +17,7 @@ typedef struct batch {
     const int32_t *mpos; /* [rows][3] M-RoPE (t, h, w) positions, or NULL: pos + rope_delta */
 } batch;
 
-typedef struct gdn_ctx { qmix_session *s; const qmix_layer *ly; const batch *b; } gdn_ctx;
+typedef struct gdn_ctx { qmix_session *s; const qmix_layer *ly; const batch *b; int lin; } gdn_ctx;
 
 static qmix_layer_state *seg_state(const batch *b, int seg) { return &b->seqs[seg]->state[b->layer]; }
 
@@ -57,9 +57,19 @@ static qmix_mm_job job(const qk_mat *w, const float *x, int n, int64_t ldx, floa
 
 /* ---- Gated DeltaNet ---------------------------------------------------------------------- */
 
+/* Where a sequence that records its per-row state (qmix_seq.row_state) keeps row 0 of the l-th
+ * linear-attention layer, or NULL. */
+static float *row_state_at(const qmix_seq *seq, const qmix_config *c, int lin)
+{
+    if (!seq->row_state) return NULL;
+    return seq->row_state + (size_t)lin * (size_t)seq->row_state_rows * qmix_seq_layer_state_floats(c);
+}
+
 /* Causal depthwise convolution over time with the carried last Kc-1 inputs, then SiLU, in place
- * on qkv[n][C]. */
-static void causal_conv_silu(float *qkv, float *conv_state, const float *w, int n, int64_t C, int Kc)
+ * on qkv[n][C]. rows (or NULL): the conv window after each of the first n_rows tokens, stride
+ * floats apart. */
+static void causal_conv_silu(float *qkv, float *conv_state, const float *w, int n, int64_t C, int Kc,
+                             float *rows, int n_rows, size_t stride)
 {
     for (int t = 0; t < n; t++) {
         float *u = qkv + t * C;
@@ -71,6 +81,8 @@ static void causal_conv_silu(float *qkv, float *conv_state, const float *w, int 
             conv_state[(Kc - 2) * C + ch] = u[ch];
             u[ch] = qk_silu(acc);
         }
+        if (rows && t < n_rows)
+            memcpy(rows + t * stride, conv_state, (size_t)(Kc - 1) * (size_t)C * sizeof(float));
     }
 }
 
@@ -100,7 +112,17 @@ static void gdn_head(void *arg, int task, int thread)
     const float *q = qkv + key_head * dk, *k = qkv + nk * dk + key_head * dk,
                 *v = qkv + 2 * nk * dk + j * dv;
     float *o = s->gdn_o + row0 * nv * dv + j * dv, *S = seg_state(g->b, seg)->ssm + j * dk * dv;
-    if (n >= QMIX_GDN_CHUNK_MIN)
+    const qmix_seq *seq = g->b->seqs[seg];
+    float *rows = row_state_at(seq, c, g->lin);
+    if (rows) { /* token by token, keeping this head's state after each recorded row */
+        size_t stride = qmix_seq_layer_state_floats(c), conv = (size_t)(c->conv_kernel - 1) * C;
+        for (int t = 0; t < n; t++) {
+            qk_delta_rule_recurrent(S, (int)dk, (int)dv, 1, q + t * C, k + t * C, v + t * C, C, C,
+                                    log_decay + t, beta + t, o + t * nv * dv, nv * dv, scratch);
+            if (t < seq->row_state_rows)
+                memcpy(rows + t * stride + conv + j * dk * dv, S, (size_t)(dk * dv) * sizeof *S);
+        }
+    } else if (n >= QMIX_GDN_CHUNK_MIN)
         qk_delta_rule_chunked(S, (int)dk, (int)dv, n, q, k, v, C, C, log_decay, beta, o,
                               nv * dv, QMIX_GDN_CHUNK, scratch);
     else
@@ -127,9 +149,12 @@ static void linear_attention(qmix_session *s, const qmix_layer *ly, const batch 
                          job(&ly->in_a, s->h, n, D, s->gdn_a, nv)};
     qmix_run_matmuls(s, in, 4);
 
+    int lin = 0; /* this layer's index among the linear-attention layers */
+    for (int i = 0; i < b->layer; i++) lin += !c->layer_is_full[i];
     for (int seg = 0; seg < b->n_seqs; seg++)
         causal_conv_silu(s->qkv + s->seg_row[seg] * C, seg_state(b, seg)->conv, ly->conv_w,
-                         b->n_tokens[seg], C, c->conv_kernel);
+                         b->n_tokens[seg], C, c->conv_kernel, row_state_at(b->seqs[seg], c, lin),
+                         b->seqs[seg]->row_state_rows, qmix_seq_layer_state_floats(c));
     float q_scale = 1.0f / sqrtf((float)dk);
     for (int t = 0; t < n; t++)
         for (int64_t hd = 0; hd < nk; hd++) {
@@ -138,7 +163,7 @@ static void linear_attention(qmix_session *s, const qmix_layer *ly, const batch 
             qk_l2norm(k, dk, 1e-6f);
             for (int64_t i = 0; i < dk; i++) q[i] *= q_scale;
         }
-    gdn_ctx g = {s, ly, b};
+    gdn_ctx g = {s, ly, b, lin};
     qmix_pool_run(s->pool, gdn_head, &g, b->n_seqs * (int)nv);
 
     qmix_mm_job out = job(&ly->out_proj, s->gdn_o, n, nv * dv, s->out, D);
@@ -351,22 +376,39 @@ static void moe(qmix_session *s, const qmix_layer *ly, int n)
 
 /* ---- top level --------------------------------------------------------------------------- */
 
-/* Decoder layers [lo, hi) over the batch's n rows of the residual stream s->x. */
-static void run_layers(qmix_session *s, batch *b, int lo, int hi, int n)
+/* One decoder layer over the batch's n rows of the residual stream s->x (state: b->layer). */
+static void run_layer(qmix_session *s, const qmix_layer *ly, batch *b, int n)
 {
     const qmix_config *c = &s->model->cfg;
     int64_t D = c->hidden_size;
+    rmsnorm_rows(s->h, s->x, ly->input_norm, n, D, c->rms_eps);
+    if (ly->is_full) full_attention(s, ly, b);
+    else linear_attention(s, ly, b);
+    add_rows(s->x, s->out, n * D);
+    rmsnorm_rows(s->h, s->x, ly->post_norm, n, D, c->rms_eps);
+    moe(s, ly, n);
+    add_rows(s->x, s->out, n * D);
+}
+
+/* Decoder layers [lo, hi) over the batch's n rows of the residual stream s->x. */
+static void run_layers(qmix_session *s, batch *b, int lo, int hi, int n)
+{
     for (int i = lo; i < hi; i++) {
-        const qmix_layer *ly = &s->model->layers[i];
         b->layer = i;
-        rmsnorm_rows(s->h, s->x, ly->input_norm, n, D, c->rms_eps);
-        if (ly->is_full) full_attention(s, ly, b);
-        else linear_attention(s, ly, b);
-        add_rows(s->x, s->out, n * D);
-        rmsnorm_rows(s->h, s->x, ly->post_norm, n, D, c->rms_eps);
-        moe(s, ly, n);
-        add_rows(s->x, s->out, n * D);
+        run_layer(s, &s->model->layers[i], b, n);
     }
+}
+
+void qmix_forward_layer(qmix_session *s, const qmix_layer *ly, qmix_seq *const *seqs,
+                        const int *n_tokens, int n_seqs)
+{
+    batch b = {.seqs = seqs, .n_tokens = n_tokens, .n_seqs = n_seqs, .layer = 0};
+    for (int seg = 0; seg < n_seqs; seg++) {
+        s->seg_row[seg] = b.rows;
+        for (int t = 0; t < n_tokens[seg]; t++) s->row_seg[b.rows++] = seg;
+    }
+    run_layer(s, ly, &b, b.rows);
+    for (int seg = 0; seg < n_seqs; seg++) seqs[seg]->pos += n_tokens[seg];
 }
 
 void qmix_forward_batch_mm(qmix_session *s, qmix_seq *const *seqs, const int *n_tokens, int n_seqs,

@@ -17,6 +17,14 @@ void qmix_forward(qmix_session *s, const int32_t *tokens, int n, float *all_logi
  * n_tokens[i]. The result for a sequence is that of running it alone, up to float rounding. */
 void qmix_forward_batch(qmix_session *s, qmix_seq *const *seqs, const int *n_tokens, int n_seqs,
                         const int32_t *tokens, float *logits, float *all_logits);
+/* After qmix_forward_batch / qmix_forward with all_logits, s->h[rows][hidden] holds every row's
+ * final-normed hidden state (what the lm_head read; the MTP block's input). */
+
+/* One decoder layer ly (a full-attention one, e.g. the MTP block's) over rows s->x[rows][hidden]
+ * of the residual stream, updated in place; segments as in qmix_forward_batch, each sequence's
+ * state[0] holding the layer's KV cache. Each sequence advances by n_tokens[i]. */
+void qmix_forward_layer(qmix_session *s, const qmix_layer *ly, qmix_seq *const *seqs,
+                        const int *n_tokens, int n_seqs);
 
 /* The same with image rows: embeds NULL or [rows] (a non-NULL entry replaces that row's token
  * embedding), mpos NULL or [rows][3] M-RoPE (t, h, w) positions of every row. With mpos, each

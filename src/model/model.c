@@ -267,13 +267,15 @@ size_t qmix_model_heap_bytes(const qmix_config *c)
            (size_t)c->n_layers * (size_t)c->n_experts * sizeof(qmix_expert);
 }
 
-static int bind_experts(binder *b, qmix_layer *ly, int i, qmix_expert *experts)
+/* Layer i's routed experts under prefix p, stored as MLX switch_mlp (sw), fused 3-D tensors
+ * (fused) or one module per expert. */
+static int bind_experts(binder *b, qmix_layer *ly, const char *p, int i, qmix_expert *experts,
+                        int fused, int sw)
 {
     const qmix_config *c = &b->m->cfg;
-    const char *p = b->m->prefix;
     int64_t E = c->n_experts, F = c->moe_ffn, D = c->hidden_size;
     ly->experts = experts;
-    if (b->m->experts_switch) {
+    if (sw) {
         static const char *proj[3] = {"gate_proj", "up_proj", "down_proj"};
         qk_mat *tmp = malloc((size_t)E * sizeof *tmp);
         if (!tmp) return qmix_errf(b->err, "out of memory");
@@ -293,7 +295,7 @@ static int bind_experts(binder *b, qmix_layer *ly, int i, qmix_expert *experts)
         free(tmp);
         return 0;
     }
-    if (b->m->experts_fused) {
+    if (fused) {
         const qmix_tensor *gu = find(b, "%slayers.%d.mlp.experts.gate_up_proj", p, i);
         int64_t gu_dims[3] = {E, 2 * F, D};
         if (check_shape(b, gu, 3, gu_dims)) return -1;
@@ -321,15 +323,15 @@ static int bind_experts(binder *b, qmix_layer *ly, int i, qmix_expert *experts)
     return 0;
 }
 
-static int bind_layer(binder *b, int i)
+/* Decoder layer i under prefix p (the trunk's, or "mtp." for the MTP block's layer 0) into ly. */
+static int bind_layer_at(binder *b, qmix_layer *ly, const char *p, int i, int is_full,
+                         qmix_expert *experts, int fused, int sw)
 {
     qmix_model *m = b->m;
     const int ONE_PLUS_ = m->norms_shifted ? AS_IS : ONE_PLUS;
     const qmix_config *c = &m->cfg;
-    qmix_layer *ly = &m->layers[i];
-    const char *p = m->prefix;
     int64_t D = c->hidden_size;
-    ly->is_full = c->layer_is_full[i];
+    ly->is_full = is_full;
     if (bind_1d(b, &ly->input_norm, D, ONE_PLUS_, "%slayers.%d.input_layernorm.weight", p, i) ||
         bind_1d(b, &ly->post_norm, D, ONE_PLUS_, "%slayers.%d.post_attention_layernorm.weight", p, i))
         return -1;
@@ -376,7 +378,55 @@ static int bind_layer(binder *b, int i)
         bind_mat(b, &ly->shared_expert_gate, 1, D, "%slayers.%d.mlp.shared_expert_gate.weight", p,
                  i))
         return -1;
-    return bind_experts(b, ly, i, m->expert_pool + (size_t)i * E);
+    return bind_experts(b, ly, p, i, experts, fused, sw);
+}
+
+static int bind_layer(binder *b, int i)
+{
+    qmix_model *m = b->m;
+    return bind_layer_at(b, &m->layers[i], m->prefix, i, m->cfg.layer_is_full[i],
+                         m->expert_pool + (size_t)i * m->cfg.n_experts, m->experts_fused,
+                         m->experts_switch);
+}
+
+/* The MTP block, if the checkpoint has one (mtp.fc.weight): its layer is a full-attention MoE
+ * layer named like the trunk's, its experts per expert in the releases (fused or MLX-stacked
+ * accepted too). Norms follow the trunk's convention (1 + w unless stored shifted). */
+static int bind_mtp(binder *b)
+{
+    qmix_model *m = b->m;
+    const qmix_config *c = &m->cfg;
+    if (!qmix_st_find(m->store, "mtp.fc.weight") &&
+        !(m->gptq && qmix_st_find(m->store, "mtp.fc.qweight")))
+        return 0;
+    int64_t D = c->hidden_size, hd = c->head_dim;
+    qmix_mtp *mtp = calloc(1, sizeof *mtp);
+    if (!mtp) return qmix_errf(b->err, "out of memory");
+    m->mtp = mtp;
+    mtp->experts = calloc((size_t)c->n_experts, sizeof *mtp->experts);
+    mtp->f32_pool = malloc((size_t)(5 * D + 2 * hd) * sizeof(float));
+    if (!mtp->experts || !mtp->f32_pool) return qmix_errf(b->err, "out of memory");
+    float *saved = b->f32_next;
+    b->f32_next = mtp->f32_pool;
+    const int ONE_PLUS_ = m->norms_shifted ? AS_IS : ONE_PLUS;
+    int fused = qmix_st_find(m->store, "mtp.layers.0.mlp.experts.gate_up_proj") != NULL;
+    int sw = qmix_st_find(m->store, "mtp.layers.0.mlp.switch_mlp.gate_proj.weight") != NULL;
+    int rc = bind_mat(b, &mtp->fc, D, 2 * D, "mtp.fc.weight") ||
+             bind_1d(b, &mtp->norm_embed, D, ONE_PLUS_, "mtp.pre_fc_norm_embedding.weight") ||
+             bind_1d(b, &mtp->norm_hidden, D, ONE_PLUS_, "mtp.pre_fc_norm_hidden.weight") ||
+             bind_1d(b, &mtp->norm, D, ONE_PLUS_, "mtp.norm.weight") ||
+             bind_layer_at(b, &mtp->layer, "mtp.", 0, 1, mtp->experts, fused, sw);
+    b->f32_next = saved;
+    if (rc) qmix_err_prefix(b->err, "MTP block");
+    return rc ? -1 : 0;
+}
+
+static void mtp_free(qmix_mtp *mtp)
+{
+    if (!mtp) return;
+    free(mtp->experts);
+    free(mtp->f32_pool);
+    free(mtp);
 }
 
 static int bind_model(qmix_model *m, qmix_err *err)
@@ -453,12 +503,13 @@ static int bind_model(qmix_model *m, qmix_err *err)
     else if (bind_mat(&b, &m->lm_head, V, D, "%s", lm_head)) return -1;
     for (int i = 0; i < c->n_layers; i++)
         if (bind_layer(&b, i)) return -1;
-    return 0;
+    return bind_mtp(&b);
 }
 
 void qmix_model_close(qmix_model *m)
 {
     if (!m) return;
+    mtp_free(m->mtp);
     qmix_st_close(m->store);
     qmix_gguf_close(m->gguf);
     qmix_qconfig_free(m->qconfig);

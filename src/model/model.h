@@ -29,6 +29,18 @@ typedef struct qmix_layer {
     qk_mat shared_gate, shared_up, shared_down, shared_expert_gate; /* last: [1, D] */
 } qmix_layer;
 
+/* The Multi-Token Prediction block (mtp.*), used only for speculative decoding: from the trunk's
+ * final-normed hidden state at t and the embedding of token t+1 it predicts token t+2 through
+ * u = fc · [norm_embed(embed); norm_hidden(h)], one gated full-attention MoE layer (its own KV
+ * cache), norm and the shared lm_head. */
+typedef struct qmix_mtp {
+    qk_mat fc;                           /* [D, 2D] */
+    float *norm_embed, *norm_hidden, *norm; /* [D], stored as 1 + w */
+    qmix_layer layer;                    /* is_full = 1 */
+    qmix_expert *experts;                /* [E], layer.experts */
+    float *f32_pool;                     /* its widened norms */
+} qmix_mtp;
+
 struct qmix_model {
     qmix_config cfg;
     char *dir;
@@ -49,6 +61,7 @@ struct qmix_model {
     struct qmix_gptq_info *gptq;         /* GPTQ quantization_config, or NULL */
     void **repacked;                     /* GPTQ modules repacked at load (codes, scales, biases) */
     size_t n_repacked, cap_repacked;
+    qmix_mtp *mtp;                       /* the MTP block, or NULL if the checkpoint has none */
 };
 
 /* Opens path as a qwen35moe GGUF and binds every weight (model_gguf.c); fills m->cfg. */

@@ -108,13 +108,12 @@ static int gvec(gbinder *b, float **out, int64_t n, const char *fmt, ...)
     return 0;
 }
 
-static int bind_layer(gbinder *b, int i)
+/* Block i into ly (a trunk layer, or the MTP block's layer at block n_layers). */
+static int bind_block(gbinder *b, qmix_layer *ly, int i, int is_full, qmix_expert *experts)
 {
-    qmix_model *m = b->m;
-    const qmix_config *c = &m->cfg;
-    qmix_layer *ly = &m->layers[i];
+    const qmix_config *c = &b->m->cfg;
     int64_t D = c->hidden_size, E = c->n_experts, F = c->moe_ffn, Fs = c->shared_ffn;
-    ly->is_full = c->layer_is_full[i];
+    ly->is_full = is_full;
     if (gvec(b, &ly->input_norm, D, "blk.%d.attn_norm.weight", i) ||
         gvec(b, &ly->post_norm, D, "blk.%d.post_attention_norm.weight", i))
         return -1;
@@ -155,7 +154,7 @@ static int bind_layer(gbinder *b, int i)
         gmat(b, &ly->shared_down, D, Fs, "blk.%d.ffn_down_shexp.weight", i) ||
         gmat(b, &ly->shared_expert_gate, 1, D, "blk.%d.ffn_gate_inp_shexp.weight", i))
         return -1;
-    ly->experts = m->expert_pool + (size_t)i * (size_t)E;
+    ly->experts = experts;
     const qmix_gguf_tensor *gate = gfind(b, "blk.%d.ffn_gate_exps.weight", i);
     if (gate) {
         const qmix_gguf_tensor *up;
@@ -186,6 +185,43 @@ static int bind_layer(gbinder *b, int i)
     if (check(b, down, F, D, E)) return -1;
     for (int64_t e = 0; e < E; e++) ly->experts[e].down = view(down, D, F, e);
     return 0;
+}
+
+static int bind_layer(gbinder *b, int i)
+{
+    qmix_model *m = b->m;
+    return bind_block(b, &m->layers[i], i, m->cfg.layer_is_full[i],
+                      m->expert_pool + (size_t)i * (size_t)m->cfg.n_experts);
+}
+
+/* The MTP block (nextn_predict_layers 1): block n_layers is a full-attention MoE layer plus
+ * nextn.eh_proj (mtp.fc), nextn.enorm / hnorm / shared_head_norm (the MTP norms, stored 1 + w
+ * like every GGUF norm); embeddings and lm_head are the trunk's. */
+static int bind_nextn(gbinder *b)
+{
+    qmix_model *m = b->m;
+    const qmix_config *c = &m->cfg;
+    if (c->mtp_layers < 1) return 0;
+    int L = c->n_layers;
+    int64_t D = c->hidden_size, hd = c->head_dim;
+    qmix_mtp *mtp = calloc(1, sizeof *mtp);
+    if (!mtp) return qmix_errf(b->err, "out of memory");
+    m->mtp = mtp;
+    mtp->experts = calloc((size_t)c->n_experts, sizeof *mtp->experts);
+    mtp->f32_pool = malloc((size_t)(5 * D + 2 * hd) * sizeof(float));
+    if (!mtp->experts || !mtp->f32_pool) return qmix_errf(b->err, "out of memory");
+    float *next = b->f32_next, *end = b->f32_end;
+    b->f32_next = mtp->f32_pool;
+    b->f32_end = mtp->f32_pool + 5 * D + 2 * hd;
+    int rc = gmat(b, &mtp->fc, D, 2 * D, "blk.%d.nextn.eh_proj.weight", L) ||
+             gvec(b, &mtp->norm_embed, D, "blk.%d.nextn.enorm.weight", L) ||
+             gvec(b, &mtp->norm_hidden, D, "blk.%d.nextn.hnorm.weight", L) ||
+             gvec(b, &mtp->norm, D, "blk.%d.nextn.shared_head_norm.weight", L) ||
+             bind_block(b, &mtp->layer, L, 1, mtp->experts);
+    b->f32_next = next;
+    b->f32_end = end;
+    if (rc) qmix_err_prefix(b->err, "MTP block");
+    return rc ? -1 : 0;
 }
 
 /* Reads a required positive integer KV "qwen35moe.<key>" into the JSON config being built. */
@@ -363,5 +399,5 @@ int qmix_model_bind_gguf(qmix_model *m, const char *path, qmix_err *err)
     else if (gmat(&b, &m->lm_head, V, D, "output.weight")) return -1;
     for (int i = 0; i < c->n_layers; i++)
         if (bind_layer(&b, i)) return -1;
-    return 0;
+    return bind_nextn(&b);
 }

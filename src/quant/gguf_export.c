@@ -104,23 +104,31 @@ static item *add_vec(plan *p, const char *name, const float *v, int64_t n)
     return it;
 }
 
-static void build_plan(const qmix_model *m, plan *p)
+/* The HF name of a block's tensor: the trunk's layer i, or the MTP block's layer (mtp.layers.0.,
+ * outside the layer numbering, so recipes see its own role). */
+static void block_hf(item *it, int i, int mtp, const char *suffix)
+{
+    if (!mtp) {
+        hf_name(it, i, suffix);
+        return;
+    }
+    if (!it) return;
+    it->layer = -1;
+    snprintf(it->hf, sizeof it->hf, "mtp.layers.0.%s", suffix);
+}
+
+/* Decoder layer ly as GGUF block i (the MTP block's layer is block n_layers, as llama.cpp's
+ * converter writes it). */
+static void add_block(plan *p, const qmix_model *m, const qmix_layer *ly, int i, int mtp)
 {
     const qmix_config *c = &m->cfg;
     int64_t nk = c->lin_n_k_heads, nv = c->lin_n_v_heads, dv = c->lin_v_head_dim;
     /* a GGUF source is already tiled; an HF/MLX one is grouped and gets the reorder */
     int reorder = !m->gdn_v_tiled && nk != nv;
     char n[QMIX_GGUF_MAX_NAME];
-    hf_name(add(p, "token_embd.weight", &m->embed, 1, 0, 0), -1,
-            "model.language_model.embed_tokens.weight");
-    hf_name(add_vec(p, "output_norm.weight", m->final_norm, c->hidden_size), -1,
-            "model.language_model.norm.weight");
-    if (m->lm_head.data != m->embed.data)
-        hf_name(add(p, "output.weight", &m->lm_head, 1, 0, 0), -1, "lm_head.weight");
-    for (int i = 0; i < c->n_layers && !p->oom; i++) {
-        const qmix_layer *ly = &m->layers[i];
+    {
 #define NAME(s) (snprintf(n, sizeof n, "blk.%d." s, i), n)
-#define HF(x, s) hf_name((x), i, s)
+#define HF(x, s) block_hf((x), i, mtp, s)
         HF(add_vec(p, NAME("attn_norm.weight"), ly->input_norm, c->hidden_size),
            "input_layernorm.weight");
         HF(add_vec(p, NAME("post_attention_norm.weight"), ly->post_norm, c->hidden_size),
@@ -204,6 +212,32 @@ static void build_plan(const qmix_model *m, plan *p)
     }
 }
 
+static void build_plan(const qmix_model *m, plan *p)
+{
+    const qmix_config *c = &m->cfg;
+    hf_name(add(p, "token_embd.weight", &m->embed, 1, 0, 0), -1,
+            "model.language_model.embed_tokens.weight");
+    hf_name(add_vec(p, "output_norm.weight", m->final_norm, c->hidden_size), -1,
+            "model.language_model.norm.weight");
+    if (m->lm_head.data != m->embed.data)
+        hf_name(add(p, "output.weight", &m->lm_head, 1, 0, 0), -1, "lm_head.weight");
+    for (int i = 0; i < c->n_layers && !p->oom; i++) add_block(p, m, &m->layers[i], i, 0);
+    const qmix_mtp *mtp = m->mtp;
+    if (!mtp || p->oom) return;
+    char n[QMIX_GGUF_MAX_NAME];
+    int L = c->n_layers;
+#define NAME(s) (snprintf(n, sizeof n, "blk.%d.nextn." s, L), n)
+    hf_name(add(p, NAME("eh_proj.weight"), &mtp->fc, 1, 0, 0), -1, "mtp.fc.weight");
+    hf_name(add_vec(p, NAME("enorm.weight"), mtp->norm_embed, c->hidden_size), -1,
+            "mtp.pre_fc_norm_embedding.weight");
+    hf_name(add_vec(p, NAME("hnorm.weight"), mtp->norm_hidden, c->hidden_size), -1,
+            "mtp.pre_fc_norm_hidden.weight");
+    hf_name(add_vec(p, NAME("shared_head_norm.weight"), mtp->norm, c->hidden_size), -1,
+            "mtp.norm.weight");
+#undef NAME
+    add_block(p, m, &mtp->layer, L, 1);
+}
+
 int qmix_gguf_type_for_bits(int bits, int keep_type)
 {
     switch (bits) {
@@ -276,6 +310,9 @@ static int decide_types(plan *p, const qmix_config *c, const qmix_gguf_export_op
     for (size_t i = 0; i < p->n; i++) {
         item *it = &p->items[i];
         int want = o->type;
+        if (!o->recipe && !strncmp(it->hf, "mtp.", 4) && want != QMIX_GGML_F32 &&
+            want != QMIX_GGML_F16)
+            want = o->keep_type ? o->keep_type : QMIX_GGML_BF16; /* MTP kept 16-bit */
         if (o->recipe) {
             int experts = it->n_dims == 3;
             /* GGUF ignores group sizes, so the decision is asked for a row width every group
@@ -429,7 +466,8 @@ static void declare_model(qmix_ggw *w, const qmix_model *m, const char *in, uint
     qmix_ggw_kv_u32(w, "general.file_type", ft);
     qmix_ggw_kv_u32(w, "general.quantization_version", 2);
 #define A(k) "qwen35moe." k
-    qmix_ggw_kv_u32(w, A("block_count"), (uint32_t)c->n_layers);
+    qmix_ggw_kv_u32(w, A("block_count"), (uint32_t)(c->n_layers + (m->mtp ? 1 : 0)));
+    if (m->mtp) qmix_ggw_kv_u32(w, A("nextn_predict_layers"), 1);
     qmix_ggw_kv_u32(w, A("context_length"), (uint32_t)c->max_position_embeddings);
     qmix_ggw_kv_u32(w, A("embedding_length"), (uint32_t)c->hidden_size);
     qmix_ggw_kv_u32(w, A("attention.head_count"), (uint32_t)c->n_heads);

@@ -5,6 +5,7 @@
 #include <time.h>
 
 #include "runtime/session.h"
+#include "runtime/speculative.h"
 #include "util/err.h"
 
 static double now(void)
@@ -93,6 +94,16 @@ int qmix_gen_stream_next(qmix_gen_stream *g, const float *logits, int32_t *id_ou
     }
     int32_t id = qmix_sampler_sample(g->sampler, logits);
     *id_out = id;
+    return qmix_gen_stream_push(g, id, logits, err);
+}
+
+int qmix_gen_stream_push(qmix_gen_stream *g, int32_t id, const float *logits, qmix_err *err)
+{
+    const qmix_gen_opts *o = g->opts;
+    if (g->n_generated >= o->max_tokens) {
+        g->finish = QMIX_FINISH_LENGTH;
+        return 1;
+    }
     for (int i = 0; i < o->n_stop_ids; i++)
         if (id == o->stop_ids[i]) {
             g->finish = QMIX_FINISH_STOP;
@@ -127,6 +138,11 @@ void qmix_gen_stream_end(qmix_gen_stream *g, int flush)
     g->piece = g->pending = NULL;
 }
 
+static int spec_emit(void *user, int32_t id, const float *logits, qmix_err *err)
+{
+    return qmix_gen_stream_push(user, id, logits, err);
+}
+
 int qmix_generate(qmix_session *s, qmix_sampler *smp, const qmix_tokenizer *tok,
                   const int32_t *prompt, int n_prompt, int32_t *history, int *n_history,
                   const qmix_gen_opts *o, qmix_gen_text_fn on_text, void *user,
@@ -149,18 +165,21 @@ int qmix_generate_mm(qmix_session *s, qmix_sampler *smp, const qmix_tokenizer *t
     int common = 0;
     while (common < *n_history && common < n_prompt && history[common] == prompt[common]) common++;
     if (common < *n_history || common == n_prompt) {
-        qmix_session_reset(s);
+        if (o->spec) qmix_spec_reset(o->spec);
+        else qmix_session_reset(s);
         common = 0;
     }
     res->n_prompt_reused = common;
     double t0 = now();
-    int failed = pos3 ? qmix_session_prefill_mm(s, prompt + common, n_prompt - common,
-                                                embeds ? embeds + common : NULL,
-                                                pos3 + 3 * (int64_t)common, NULL, err)
-                      : qmix_session_prefill(s, prompt + common, n_prompt - common, NULL, err);
+    int failed = o->spec ? qmix_spec_prefill(o->spec, prompt + common, n_prompt - common, err)
+                 : pos3  ? qmix_session_prefill_mm(s, prompt + common, n_prompt - common,
+                                                   embeds ? embeds + common : NULL,
+                                                   pos3 + 3 * (int64_t)common, NULL, err)
+                         : qmix_session_prefill(s, prompt + common, n_prompt - common, NULL, err);
     if (failed) {
         *n_history = 0;
-        qmix_session_reset(s);
+        if (o->spec) qmix_spec_reset(o->spec);
+        else qmix_session_reset(s);
         return -1;
     }
     memcpy(history, prompt, sizeof *history * (size_t)n_prompt);
@@ -171,7 +190,12 @@ int qmix_generate_mm(qmix_session *s, qmix_sampler *smp, const qmix_tokenizer *t
     qmix_gen_stream g;
     if (qmix_gen_stream_init(&g, smp, tok, prompt, n_prompt, o, on_text, user, err)) return -1;
     int rc = 0, cancelled = 0;
-    for (;;) {
+    if (o->spec) {
+        rc = qmix_spec_generate(o->spec, smp, spec_emit, &g, o->cancel, history, n_history, err);
+        cancelled = rc == 0 && o->cancel && *o->cancel && g.n_generated < o->max_tokens &&
+                    g.finish == QMIX_FINISH_LENGTH;
+    }
+    for (; !o->spec;) {
         if (o->cancel && *o->cancel) {
             cancelled = 1;
             break;

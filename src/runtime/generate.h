@@ -19,6 +19,8 @@ typedef struct qmix_gen_opts {
     const char *const *stop_strings;  /* the text stops before any of these (not emitted) */
     int n_stop_strings;
     volatile sig_atomic_t *cancel;    /* set (e.g. by SIGINT) to stop after the current token */
+    struct qmix_spec *spec;           /* NULL, or MTP speculative decoding over the session
+                                         (runtime/speculative.h), which then drives it */
 } qmix_gen_opts;
 
 typedef enum qmix_finish { QMIX_FINISH_STOP, QMIX_FINISH_LENGTH, QMIX_FINISH_CANCEL } qmix_finish;
@@ -60,6 +62,9 @@ int qmix_gen_stream_init(qmix_gen_stream *g, qmix_sampler *sampler, const qmix_t
  * model next, 1 when the generation is over (g->finish says why; a stop token is not fed, nor the
  * max_tokens-th), -1 on error. */
 int qmix_gen_stream_next(qmix_gen_stream *g, const float *logits, int32_t *id, qmix_err *err);
+/* The same for a token chosen by the caller (speculative decoding): stop ids, max_tokens,
+ * sampler history, text. Returns 0 when id is to be fed, 1 when the generation is over. */
+int qmix_gen_stream_push(qmix_gen_stream *g, int32_t id, const float *logits, qmix_err *err);
 /* Emits what was held back (unless a stop string or an error ended it) and frees. */
 void qmix_gen_stream_end(qmix_gen_stream *g, int flush);
 

@@ -144,6 +144,8 @@ static double uniform01(qmix_sampler *s)
     return (double)((s->rng * 2685821657736338717ull) >> 11) * 0x1.0p-53;
 }
 
+double qmix_sampler_uniform(qmix_sampler *s) { return uniform01(s); }
+
 int32_t qmix_argmax(const float *logits, int n)
 {
     int32_t best = 0;

@@ -46,6 +46,10 @@ int32_t qmix_sampler_sample(qmix_sampler *s, const float *logits);
  * greedy, 1 at the argmax). */
 void qmix_sampler_distribution(qmix_sampler *s, const float *logits, float *probs);
 
+/* A uniform draw in [0, 1) from the sampler's seeded stream (speculative sampling's acceptance
+ * test and residual draws use the same stream as the sampler). */
+double qmix_sampler_uniform(qmix_sampler *s);
+
 int32_t qmix_argmax(const float *logits, int n);
 
 #endif

@@ -316,6 +316,10 @@ static size_t ssm_bytes(const qmix_config *c)
     return sizeof(float) * (size_t)c->lin_n_v_heads * (size_t)c->lin_k_head_dim *
            (size_t)c->lin_v_head_dim;
 }
+size_t qmix_seq_layer_state_floats(const qmix_config *c)
+{
+    return (conv_bytes(c) + ssm_bytes(c)) / sizeof(float);
+}
 
 size_t qmix_seq_snapshot_bytes(const qmix_config *c, qmix_kv_type kv, int n)
 {

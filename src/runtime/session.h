@@ -31,6 +31,13 @@ typedef struct qmix_seq {
                                 take fewer positions than tokens: M-RoPE) */
     qmix_layer_state *state; /* [n_layers] */
     void *arena;             /* owned buffers (NULL for a session's own sequence) */
+    /* Optional (speculative decoding's rollback; NULL normally): a forward pass over this
+     * sequence then runs the delta rule token by token and saves every linear-attention layer's
+     * conv window and delta-rule state after each of its first row_state_rows rows: for the
+     * l-th linear-attention layer (counting only those) at
+     * row_state + (l * row_state_rows + row) * qmix_seq_layer_state_floats(cfg), conv first. */
+    float *row_state;
+    int row_state_rows;
 } qmix_seq;
 
 /* One matmul of a batched step: y = W·x for n tokens. */
@@ -142,5 +149,7 @@ size_t qmix_seq_snapshot_bytes(const qmix_config *cfg, qmix_kv_type kv, int n);
  * positions. */
 void qmix_seq_save(const qmix_seq *seq, const qmix_config *cfg, void *buf);
 void qmix_seq_restore(qmix_seq *seq, const qmix_config *cfg, const void *buf, int n);
+/* Floats of one linear-attention layer's conv window plus delta-rule state. */
+size_t qmix_seq_layer_state_floats(const qmix_config *cfg);
 
 #endif
