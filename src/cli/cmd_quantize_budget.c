@@ -297,7 +297,7 @@ typedef qmix_sens_saved_row sens_row; /* eval/sens_json.h */
 static int load_sensitivity_json(const char *path, int gguf, sens_row **rows, int *n,
                                  int *layers_seen, variant *v)
 {
-    char *text;
+    char *text = NULL;
     size_t len;
     qmix_err err;
     int file_gguf = 0;
@@ -315,7 +315,6 @@ static int load_sensitivity_json(const char *path, int gguf, sens_row **rows, in
                      : "measured with GGUF blocks, for --format gguf");
         return -1;
     }
-    free(text);
     return 0;
 }
 
