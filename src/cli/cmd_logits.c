@@ -99,15 +99,12 @@ int qmix_cmd_logits(int argc, char **argv)
             cli_mm_request(model, dir, mmproj, messages, (int)threads, think, &tok, &req, &err))
             goto fail;
         n = req.prompt.n;
-        if (tokens_out) {
-            f = fopen(tokens_out, "w");
-            for (int i = 0; f && i < n; i++) fprintf(f, i ? " %d" : "%d", req.prompt.tokens[i]);
-            if (!f || fprintf(f, "\n") < 0 || fclose(f)) {
-                f = NULL;
-                snprintf(err.msg, sizeof err.msg, "%s: write failed", tokens_out);
-                goto fail;
-            }
-            f = NULL;
+        if (tokens_out) { /* written whole under a temporary name, like every output */
+            qmix_wfile tw;
+            if (qmix_wfile_open(&tw, tokens_out, &err)) goto fail;
+            for (int i = 0; i < n; i++) fprintf(tw.f, i ? " %d" : "%d", req.prompt.tokens[i]);
+            fputc('\n', tw.f);
+            if (qmix_wfile_commit(&tw, &err)) goto fail;
         }
     }
     int64_t V = qmix_model_config(model)->vocab_size;

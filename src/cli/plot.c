@@ -2,13 +2,13 @@
  * picture of where a quant hurts, viewable in any browser, with no plotting dependency. */
 #include "cli/plot.h"
 
-#include <errno.h>
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
 #include "util/err.h"
+#include "util/fileio.h"
 
 #define W 760
 #define PAD_L 150
@@ -32,13 +32,12 @@ static void esc(FILE *f, const char *s)
     }
 }
 
-static FILE *open_svg(const char *path, int height, const char *title, qmix_err *err)
+/* Pictures are outputs like any other: written under a temporary name, renamed when complete. */
+static FILE *open_svg(qmix_wfile *w, const char *path, int height, const char *title,
+                      qmix_err *err)
 {
-    FILE *f = fopen(path, "w");
-    if (!f) {
-        qmix_errf(err, "cannot write %s: %s", path, strerror(errno));
-        return NULL;
-    }
+    if (qmix_wfile_open(w, path, err)) return NULL;
+    FILE *f = w->f;
     fprintf(f, "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"%d\" height=\"%d\" "
                "font-family=\"sans-serif\" font-size=\"12\">\n"
                "<rect width=\"100%%\" height=\"100%%\" fill=\"white\"/>\n"
@@ -48,12 +47,10 @@ static FILE *open_svg(const char *path, int height, const char *title, qmix_err 
     return f;
 }
 
-static int close_svg(FILE *f, const char *path, qmix_err *err)
+static int close_svg(qmix_wfile *w, qmix_err *err)
 {
-    fputs("</svg>\n", f);
-    int bad = ferror(f);
-    if (fclose(f) || bad) return qmix_errf(err, "cannot write %s: %s", path, strerror(errno));
-    return 0;
+    fputs("</svg>\n", w->f);
+    return qmix_wfile_commit(w, err);
 }
 
 int cli_plot_kld_histogram(const char *path, const char *title, const double *kld, int64_t n,
@@ -80,7 +77,8 @@ int cli_plot_kld_histogram(const char *path, const char *title, const double *kl
         if (b < 0) b = 0;
         if (++count[b] > max_count) max_count = count[b];
     }
-    FILE *f = open_svg(path, h, title, err);
+    qmix_wfile w;
+    FILE *f = open_svg(&w, path, h, title, err);
     if (!f) return -1;
     fprintf(f, "<text x=\"%d\" y=\"40\" fill=\"#555\">%lld tokens; %lld with KLD below 1e-6 "
                "not drawn</text>\n", PAD_L, (long long)n, (long long)zero);
@@ -115,7 +113,7 @@ int cli_plot_kld_histogram(const char *path, const char *title, const double *kl
                 x, PAD_T, x, PAD_T + plot_h, marks[m].color, x + 3, PAD_T + 12 + 14 * m,
                 marks[m].color, marks[m].name, marks[m].v);
     }
-    return close_svg(f, path, err);
+    return close_svg(&w, err);
 }
 
 int cli_plot_bars(const char *path, const char *title, const char *x_label,
@@ -136,7 +134,8 @@ int cli_plot_bars(const char *path, const char *title, const char *x_label,
         }
     double hi = vmax > 0 ? ceil(log10(vmax)) : 0, lo = vmax > 0 ? floor(log10(vmin)) : -1;
     if (hi - lo < 1) lo = hi - 1;
-    FILE *f = open_svg(path, h, title, err);
+    qmix_wfile w;
+    FILE *f = open_svg(&w, path, h, title, err);
     if (!f) return -1;
     for (int r = 0; r < n_rows; r++) {
         int y0 = PAD_T + r * row_h;
@@ -171,5 +170,5 @@ int cli_plot_bars(const char *path, const char *title, const char *x_label,
         esc(f, series[s]);
         fputs("</text>\n", f);
     }
-    return close_svg(f, path, err);
+    return close_svg(&w, err);
 }
