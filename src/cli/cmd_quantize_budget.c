@@ -517,6 +517,27 @@ typedef struct alloc_job {
     uint64_t weights_budget;
 } alloc_job;
 
+/* The recipe of g's current choices: as text (with the --fixed rules after the allocation's),
+ * parsed, and sized by a dry run. */
+static int chosen_recipe(const alloc_job *j, const qmix_alloc_group *g, int n, char *text,
+                         qmix_recipe *recipe, qmix_quant_report *final)
+{
+    qmix_err err;
+    if (qmix_alloc_recipe(g, n, j->default_group, j->header, text, RECIPE_BYTES, &err)) {
+        fprintf(stderr, "qmix %s: %s\n", CMD, err.msg);
+        return -1;
+    }
+    if (j->fixed) {
+        size_t len = strlen(text);
+        snprintf(text + len, RECIPE_BYTES - len, "# --fixed %s\n%s\n", j->b->fixed, j->fixed);
+    }
+    if (qmix_recipe_parse(text, "allocation", recipe, &err)) {
+        fprintf(stderr, "qmix %s: %s\n", CMD, err.msg);
+        return -1;
+    }
+    return dry_run(j->in, text, j->qo, j->b->gguf, final);
+}
+
 /* Allocates g for target; the recipe's real size comes from one more dry run (bands split a
  * role's bytes by parameters, which can round differently): shrink and retry if it overshoots.
  * The recipe as text and parsed, and its sizes. */
@@ -525,20 +546,11 @@ static int allocate_recipe(const alloc_job *j, qmix_alloc_group *g, int n, uint6
 {
     qmix_err err;
     for (int attempt = 0;; attempt++) {
-        if (qmix_allocate(g, n, target, &err) ||
-            qmix_alloc_recipe(g, n, j->default_group, j->header, text, RECIPE_BYTES, &err)) {
+        if (qmix_allocate(g, n, target, &err)) {
             if (!quiet) fprintf(stderr, "qmix %s: %s\n", CMD, err.msg);
             return -1;
         }
-        if (j->fixed) {
-            size_t len = strlen(text);
-            snprintf(text + len, RECIPE_BYTES - len, "# --fixed %s\n%s\n", j->b->fixed, j->fixed);
-        }
-        if (qmix_recipe_parse(text, "allocation", recipe, &err)) {
-            fprintf(stderr, "qmix %s: %s\n", CMD, err.msg);
-            return -1;
-        }
-        if (dry_run(j->in, text, j->qo, j->b->gguf, final)) return -1;
+        if (chosen_recipe(j, g, n, text, recipe, final)) return -1;
         if (final->bytes <= j->weights_budget || j->fixed || attempt == 4) return 0;
         uint64_t over = final->bytes - j->weights_budget;
         target = target > over ? target - over : 0;
@@ -712,21 +724,8 @@ static int cmp_rank(const void *a, const void *b)
 static int choice_recipe(const alloc_job *j, qmix_alloc_group *g, int n, const int *ch,
                          char *text, qmix_recipe *recipe, qmix_quant_report *final)
 {
-    qmix_err err;
     for (int i = 0; i < n; i++) g[i].choice = ch[i];
-    if (qmix_alloc_recipe(g, n, j->default_group, j->header, text, RECIPE_BYTES, &err)) {
-        fprintf(stderr, "qmix %s: %s\n", CMD, err.msg);
-        return -1;
-    }
-    if (j->fixed) {
-        size_t len = strlen(text);
-        snprintf(text + len, RECIPE_BYTES - len, "# --fixed %s\n%s\n", j->b->fixed, j->fixed);
-    }
-    if (qmix_recipe_parse(text, "allocation", recipe, &err)) {
-        fprintf(stderr, "qmix %s: %s\n", CMD, err.msg);
-        return -1;
-    }
-    return dry_run(j->in, text, j->qo, j->b->gguf, final);
+    return chosen_recipe(j, g, n, text, recipe, final);
 }
 
 /* See step 5b of quantize_with_budget. Candidates are written to out (each overwriting the

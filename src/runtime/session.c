@@ -361,7 +361,7 @@ void qmix_seq_restore(qmix_seq *seq, const qmix_config *c, const void *buf, int 
     seq->pos = n;
 }
 
-static int check_tokens(const qmix_session *s, const int32_t *tokens, int n, qmix_err *err)
+int qmix_session_check_tokens(const qmix_session *s, const int32_t *tokens, int n, qmix_err *err)
 {
     const qmix_config *c = &s->model->cfg;
     if (n <= 0) return qmix_errf(err, "no tokens to process");
@@ -378,7 +378,7 @@ static int check_tokens(const qmix_session *s, const int32_t *tokens, int n, qmi
 int qmix_session_prefill(qmix_session *s, const int32_t *tokens, int n, float *all_logits,
                          qmix_err *err)
 {
-    if (check_tokens(s, tokens, n, err)) return -1;
+    if (qmix_session_check_tokens(s, tokens, n, err)) return -1;
     int64_t V = s->model->cfg.vocab_size;
     for (int at = 0; at < n; at += s->max_batch) {
         int len = n - at < s->max_batch ? n - at : s->max_batch;
@@ -390,7 +390,7 @@ int qmix_session_prefill(qmix_session *s, const int32_t *tokens, int n, float *a
 int qmix_session_prefill_mm(qmix_session *s, const int32_t *tokens, int n, const float *const *embeds,
                             const int32_t *pos3, float *all_logits, qmix_err *err)
 {
-    if (check_tokens(s, tokens, n, err)) return -1;
+    if (qmix_session_check_tokens(s, tokens, n, err)) return -1;
     int64_t V = s->model->cfg.vocab_size;
     qmix_seq *self = &s->seq;
     for (int at = 0; at < n; at += s->max_batch) {
@@ -404,7 +404,7 @@ int qmix_session_prefill_mm(qmix_session *s, const int32_t *tokens, int n, const
 
 int qmix_session_decode(qmix_session *s, int32_t token, qmix_err *err)
 {
-    if (check_tokens(s, &token, 1, err)) return -1;
+    if (qmix_session_check_tokens(s, &token, 1, err)) return -1;
     qmix_forward(s, &token, 1, NULL);
     return 0;
 }

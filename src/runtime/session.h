@@ -124,6 +124,10 @@ int qmix_kv_check(const qmix_config *cfg, qmix_kv_type kv, qmix_err *err);
 int qmix_session_prefill_mm(qmix_session *s, const int32_t *tokens, int n, const float *const *embeds,
                             const int32_t *pos3, float *all_logits, qmix_err *err);
 
+/* Whether n tokens can be fed to the session's own sequence next: at least one, room for them in
+ * max_ctx, every id inside the vocabulary; -1 with err saying which does not hold. */
+int qmix_session_check_tokens(const qmix_session *s, const int32_t *tokens, int n, qmix_err *err);
+
 /* Runs n_jobs matmuls as one parallel step over the pool. */
 void qmix_run_matmuls(qmix_session *s, const qmix_mm_job *jobs, int n_jobs);
 

@@ -157,14 +157,7 @@ int qmix_spec_prefill(qmix_spec *sp, const int32_t *tokens, int n, qmix_err *err
     const qmix_model *m = s->model;
     const qmix_config *c = &m->cfg;
     int64_t D = sp->D;
-    if (n <= 0) return qmix_errf(err, "no tokens to process");
-    if ((int64_t)s->seq.pos + n > s->max_ctx)
-        return qmix_errf(err, "context full: %d tokens held + %d new exceed max_ctx %d",
-                         s->seq.pos, n, s->max_ctx);
-    for (int i = 0; i < n; i++)
-        if (tokens[i] < 0 || tokens[i] >= c->vocab_size)
-            return qmix_errf(err, "token id %d at index %d is outside the vocabulary [0, %d)",
-                             tokens[i], i, c->vocab_size);
+    if (qmix_session_check_tokens(s, tokens, n, err)) return -1;
     for (int at = 0; at < n; at += sp->B) {
         int len = n - at < sp->B ? n - at : sp->B;
         /* the trunk over the batch, keeping every row's hidden state (qmix_forward's floats) */
