@@ -20,6 +20,11 @@ SIZES = [(64, 64), (64, 96), (96, 64), (96, 96), (64, 128), (128, 64), (96, 128)
          (128, 128)]
 
 
+def art(word, capital=False):
+    a = "an" if word[0] in "aeiou" else "a"
+    return a.capitalize() if capital else a
+
+
 def draw(img, shape, color, cy, cx, r):
     """Fills a shape of half-size r centred at (cy, cx) (pixel centres at +0.5)."""
     H, W, _ = img.shape
@@ -51,7 +56,7 @@ def sample(rng, size=None):
         cy = H / 2 + rng.uniform(-0.1, 0.1) * H
         cx = W / 2 + rng.uniform(-0.1, 0.1) * W
         draw(img, s, COLORS[c], cy, cx, r)
-        return img, f"A {c} {s} on a {bg} background.", \
+        return img, f"{art(c, True)} {c} {s} on a {bg} background.", \
             {"n": 1, "layout": "single", "shapes": (s,), "colors": (c,), "bg": bg}
     # two shapes side by side (along the longer side, or either way for a square image)
     if W > H:
@@ -74,11 +79,11 @@ def sample(rng, size=None):
     if layout == "h":
         draw(img, s1, COLORS[c1], b1, a1, r)
         draw(img, s2, COLORS[c2], b2, a2, r)
-        cap = f"A {c1} {s1} on the left of a {c2} {s2}."
+        cap = f"{art(c1, True)} {c1} {s1} on the left of {art(c2)} {c2} {s2}."
     else:
         draw(img, s1, COLORS[c1], a1, b1, r)
         draw(img, s2, COLORS[c2], a2, b2, r)
-        cap = f"A {c1} {s1} above a {c2} {s2}."
+        cap = f"{art(c1, True)} {c1} {s1} above {art(c2)} {c2} {s2}."
     return img, cap, {"n": 2, "layout": layout, "shapes": (s1, s2), "colors": (c1, c2),
                       "bg": None}
 
@@ -87,10 +92,10 @@ def parse(caption):
     """Inverse of the caption grammar: attributes dict, or None if the caption does not parse."""
     import re
     w = r"(\w+)"
-    m = re.fullmatch(rf"A {w} {w} on a {w} background\.", caption.strip())
+    m = re.fullmatch(rf"An? {w} {w} on an? {w} background\.", caption.strip())
     if m:
         return {"n": 1, "layout": "single", "shapes": (m[2],), "colors": (m[1],), "bg": m[3]}
-    m = re.fullmatch(rf"A {w} {w} (on the left of|above) a {w} {w}\.", caption.strip())
+    m = re.fullmatch(rf"An? {w} {w} (on the left of|above) an? {w} {w}\.", caption.strip())
     if m:
         return {"n": 2, "layout": "h" if m[3] == "on the left of" else "v",
                 "shapes": (m[2], m[5]), "colors": (m[1], m[4]), "bg": None}
