@@ -1,6 +1,6 @@
 """Synthetic image-caption pairs: one or two flat coloured shapes (circle, square, triangle) on a
 plain background, rendered with numpy into uint8 RGB arrays, and the caption that describes them.
-Deterministic: everything is drawn from a random.Random(seed). Also a minimal PNG writer/reader
+Deterministic: everything is drawn from a random.Random(n) stream. Also a minimal PNG writer/reader
 (zlib + struct; 8-bit RGB, no interlace)."""
 
 import random
@@ -25,8 +25,9 @@ def art(word, capital=False):
     return a.capitalize() if capital else a
 
 
-def draw(img, shape, color, cy, cx, r):
-    """Fills a shape of half-size r centred at (cy, cx) (pixel centres at +0.5)."""
+def draw(img, shape, color, cy, cx, r, lab=None, lab_val=None):
+    """Fills a shape of half-size r centred at (cy, cx) (pixel centres at +0.5); lab, if given,
+    is an int label map [H, W, 2] that gets lab_val (colour class, shape class) there."""
     H, W, _ = img.shape
     y, x = np.mgrid[0:H, 0:W].astype(np.float64) + 0.5
     dy, dx = y - cy, x - cx
@@ -40,14 +41,27 @@ def draw(img, shape, color, cy, cx, r):
         t = (y - top) / (bot - top)
         m = (t >= 0) & (t <= 1) & (np.abs(dx) <= t * r)
     img[m] = color
+    if lab is not None:
+        lab[m] = lab_val
 
 
-def sample(rng, size=None):
-    """Returns (uint8 [H, W, 3], caption, attributes dict)."""
+COLOR_CLASSES = sorted(COLORS) + sorted(BACKGROUNDS)   # per-pixel colour labels
+SHAPE_CLASSES = ("none",) + SHAPES
+
+
+def sample(rng, size=None, labels=False):
+    """Returns (uint8 [H, W, 3], caption, attributes dict); with labels=True the attributes also
+    hold "labels": int [H, W, 2] (colour class, shape class) per pixel."""
     H, W = size if size else rng.choice(SIZES)
     bg = rng.choice(sorted(BACKGROUNDS))
     img = np.empty((H, W, 3), np.uint8)
     img[:] = BACKGROUNDS[bg]
+    lab = np.zeros((H, W, 2), np.int64)
+    lab[..., 0] = COLOR_CLASSES.index(bg)
+
+    def put(s_, c_, y_, x_, r_):
+        draw(img, s_, COLORS[c_], y_, x_, r_, lab,
+             (COLOR_CLASSES.index(c_), SHAPE_CLASSES.index(s_)))
     n = rng.choice((1, 2))
     colors = sorted(COLORS)
     if n == 1:
@@ -55,9 +69,11 @@ def sample(rng, size=None):
         r = rng.uniform(0.22, 0.38) * min(H, W)
         cy = H / 2 + rng.uniform(-0.1, 0.1) * H
         cx = W / 2 + rng.uniform(-0.1, 0.1) * W
-        draw(img, s, COLORS[c], cy, cx, r)
-        return img, f"{art(c, True)} {c} {s} on a {bg} background.", \
-            {"n": 1, "layout": "single", "shapes": (s,), "colors": (c,), "bg": bg}
+        put(s, c, cy, cx, r)
+        a = {"n": 1, "layout": "single", "shapes": (s,), "colors": (c,), "bg": bg}
+        if labels:
+            a["labels"] = lab
+        return img, f"{art(c, True)} {c} {s} on a {bg} background.", a
     # two shapes side by side (along the longer side, or either way for a square image)
     if W > H:
         layout = "h"
@@ -77,15 +93,36 @@ def sample(rng, size=None):
     b1 = S / 2 + rng.uniform(-0.08, 0.08) * S
     b2 = S / 2 + rng.uniform(-0.08, 0.08) * S
     if layout == "h":
-        draw(img, s1, COLORS[c1], b1, a1, r)
-        draw(img, s2, COLORS[c2], b2, a2, r)
+        put(s1, c1, b1, a1, r)
+        put(s2, c2, b2, a2, r)
         cap = f"{art(c1, True)} {c1} {s1} on the left of {art(c2)} {c2} {s2}."
     else:
-        draw(img, s1, COLORS[c1], a1, b1, r)
-        draw(img, s2, COLORS[c2], a2, b2, r)
+        put(s1, c1, a1, b1, r)
+        put(s2, c2, a2, b2, r)
         cap = f"{art(c1, True)} {c1} {s1} above {art(c2)} {c2} {s2}."
-    return img, cap, {"n": 2, "layout": layout, "shapes": (s1, s2), "colors": (c1, c2),
-                      "bg": None}
+    a = {"n": 2, "layout": layout, "shapes": (s1, s2), "colors": (c1, c2), "bg": None}
+    if labels:
+        a["labels"] = lab
+    return img, cap, a
+
+
+def cell_labels(lab, cell=32):
+    """Majority (colour, shape) label of each cell x cell block, raster order: int [n, 2]."""
+    H, W, _ = lab.shape
+    out = []
+    for y in range(0, H, cell):
+        for x in range(0, W, cell):
+            blk = lab[y:y + cell, x:x + cell].reshape(-1, 2)
+            sh = blk[:, 1]
+            # the shape wins the cell if it covers at least a quarter of it
+            fg = sh > 0
+            if fg.mean() >= 0.25:
+                out.append(np.bincount(blk[fg, 0]).argmax())
+                out.append(np.bincount(sh[fg]).argmax())
+            else:
+                out.append(np.bincount(blk[:, 0]).argmax())
+                out.append(0)
+    return np.array(out, np.int64).reshape(-1, 2)
 
 
 def parse(caption):

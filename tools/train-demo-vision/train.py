@@ -48,7 +48,7 @@ PREPROCESSOR = {
 QUESTIONS = ["Describe this image.", "What is in this picture?", "Describe the picture.",
              "What do you see?"]
 GOLDEN_QUESTION = "Describe this image."
-# golden images: (name, seed, size); the last one is resized by the preprocessing
+# golden images: (name, stream number, size); the last one is resized by the preprocessing
 GOLDEN = [("shapes_64x96", 11, (64, 96)), ("shapes_128x128", 12, (128, 128)),
           ("shapes_100x150", 13, (100, 150))]
 EXAMPLES = [("example_%d" % i, 100 + i, None) for i in range(5)]
@@ -93,10 +93,10 @@ class Prompter:
         return self.tok.encode(("\n</think>\n\n" if thinking else "") + caption) + [self.im_end]
 
 
-def image_batch(rng, B, size, pp):
+def image_batch(rng, B, size, pp, labels=False):
     imgs, caps, attrs = [], [], []
     for _ in range(B):
-        img, cap, a = shapes.sample(rng, size)
+        img, cap, a = shapes.sample(rng, size, labels)
         imgs.append(img)
         caps.append(cap)
         attrs.append(a)
@@ -166,8 +166,8 @@ def score(pred, attrs):
     return r
 
 
-def evaluate(m, P, pp, n_per_size, seed, sizes, thinking=True):
-    rng = random.Random(seed)
+def evaluate(m, P, pp, n_per_size, stream, sizes, thinking=True):
+    rng = random.Random(stream)
     tot = {"exact": 0, "parses": 0, "count_layout": 0, "shapes": [0, 0], "colors": [0, 0],
            "bg": [0, 0], "n": 0}
     examples = []
@@ -256,8 +256,8 @@ def write_goldens(out, m, P, pp):
     greedy ids; float64 forward on the bf16 weights, stored float32."""
     md = m.double()
     info = []
-    for name, seed, size in GOLDEN:
-        img, cap, _ = shapes.sample(random.Random(seed), size)
+    for name, stream, size in GOLDEN:
+        img, cap, _ = shapes.sample(random.Random(stream), size)
         shapes.write_png(os.path.join(out, "images", name + ".png"), img)
         g = os.path.join(out, "golden", name)
         os.makedirs(g, exist_ok=True)
@@ -312,13 +312,18 @@ def main():
     ap.add_argument("--text-seq", type=int, default=128)
     ap.add_argument("--lr-vision", type=float, default=3e-3)
     ap.add_argument("--lr-text", type=float, default=5e-4)
-    ap.add_argument("--seed", type=int, default=4321)
+    ap.add_argument("--rng", type=int, default=4321,
+                    help="initial state of the random streams (data, initialisation)")
+    ap.add_argument("--init", default=None,
+                    help="start from the weights of an earlier run's output directory")
+    ap.add_argument("--aux", type=float, default=0.5,
+                    help="weight of the per-cell colour/shape loss on the tower output")
     ap.add_argument("--eval-per-size", type=int, default=6)
     ap.add_argument("--text-blocks", type=int, default=160)
     args = ap.parse_args()
 
     torch.set_num_threads(1)
-    torch.manual_seed(args.seed)
+    torch.manual_seed(args.rng)
     t0 = time.time()
     tok = load_tokenizer()
     P = Prompter(tok)
@@ -344,12 +349,19 @@ def main():
     nll0 = text_nll(m, held)
     log(f"held-out text perplexity before (first 4096 tokens): {math.exp(nll0):.2f}"
         + (f"; training text {len(text_ids)} tokens" if text_ids is not None else ""))
+    if args.init:
+        m.load_hf_state_dict(X.read_safetensors(os.path.join(args.init, "model.safetensors")))
+        log(f"continuing from {args.init}")
     m.train()
 
     # the MTP block is not used here: freeze it (exported unchanged)
     for p in m.lm.mtp.parameters():
         p.requires_grad_(False)
-    vis = list(m.visual.parameters())
+    # auxiliary per-token heads on the merger output (colour and shape of each 32x32 cell):
+    # a direct training signal for the tower; not exported
+    aux_head = torch.nn.Linear(VISION_CONFIG["out_hidden_size"],
+                               len(shapes.COLOR_CLASSES) + len(shapes.SHAPE_CLASSES))
+    vis = list(m.visual.parameters()) + list(aux_head.parameters())
     lm_decay = [p for n, p in m.lm.named_parameters()
                 if p.requires_grad and p.dim() >= 2 and "conv1d" not in n]
     lm_other = [p for n, p in m.lm.named_parameters()
@@ -367,8 +379,8 @@ def main():
         p = (s - warm) / max(1, args.steps - warm)
         return 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * p))
 
-    rng = random.Random(args.seed)
-    gen = torch.Generator().manual_seed(args.seed)
+    rng = random.Random(args.rng)
+    gen = torch.Generator().manual_seed(args.rng)
     coef = cfg["text_config"]["router_aux_loss_coef"]
     t_train = time.time()
     ema = None
@@ -376,12 +388,20 @@ def main():
         for g in opt.param_groups:
             g["lr"] = g["base"] * lr_scale(step)
         size = rng.choice(shapes.SIZES)
-        pv, grid, caps, _ = image_batch(rng, args.batch, size, pp)
+        pv, grid, caps, attrs = image_batch(rng, args.batch, size, pp, args.aux > 0)
         ids, mask = make_rows(P, caps, grid[0] * grid[1] // 4, rng)
         pos = V.mrope_positions(ids[0].tolist(), P.pad, [grid])
         logits, aux = m(ids, pos, pv, grid)
         loss_img = F.cross_entropy(logits[:, :-1][mask[:, :-1]], ids[:, 1:][mask[:, :-1]])
         total = loss_img + coef * aux
+        loss_aux = torch.tensor(0.0)
+        if args.aux > 0:
+            lab = torch.from_numpy(np.stack([shapes.cell_labels(a["labels"]) for a in attrs]))
+            o = aux_head(m.last_image_embeds)
+            nc = len(shapes.COLOR_CLASSES)
+            loss_aux = F.cross_entropy(o[..., :nc].reshape(-1, nc), lab[..., 0].reshape(-1)) + \
+                F.cross_entropy(o[..., nc:].reshape(-1, o.shape[-1] - nc), lab[..., 1].reshape(-1))
+            total = total + args.aux * loss_aux
         loss_txt = torch.tensor(0.0)
         if text_ids is not None and args.text_batch > 0:
             T = args.text_seq
@@ -398,7 +418,7 @@ def main():
         if step % 20 == 0 or step == args.steps - 1:
             el = time.time() - t_train
             log(f"step {step}/{args.steps} caption loss {loss_img.item():.3f} (ema {ema:.3f}) "
-                f"text loss {loss_txt.item():.3f} {el:.0f}s ({el / (step + 1):.2f} s/step)")
+                f"text loss {loss_txt.item():.3f} aux {loss_aux.item():.3f} {el:.0f}s ({el / (step + 1):.2f} s/step)")
     train_secs = time.time() - t_train
     log(f"training done in {train_secs:.0f} s")
 
@@ -418,8 +438,8 @@ def main():
                                False)
     log("held-out captions (thinking off): " + json.dumps(res_off))
 
-    for name, seed, size in EXAMPLES:
-        img, cap, _ = shapes.sample(random.Random(seed), size)
+    for name, stream, size in EXAMPLES:
+        img, cap, _ = shapes.sample(random.Random(stream), size)
         shapes.write_png(os.path.join(out, "images", name + ".png"), img)
     golden = write_goldens(out, m, P, pp)
     for gi in golden:
@@ -428,13 +448,20 @@ def main():
         "vision_parameters": n_vis, "steps": args.steps, "batch": args.batch,
         "text_batch": args.text_batch if text_ids is not None else 0,
         "text_seq": args.text_seq, "lr_vision": args.lr_vision, "lr_text": args.lr_text,
-        "seed": args.seed, "train_seconds": round(train_secs),
+        "rng": args.rng, "aux": args.aux,
+        "init": os.path.relpath(args.init, REPO) if args.init else None, "train_seconds": round(train_secs),
         "total_seconds": round(time.time() - t0),
         "heldout_text_ppl_before": math.exp(nll0), "heldout_text_ppl_after": math.exp(nll1),
         "captions_thinking_on": res_on, "captions_thinking_off": res_off,
         "caption_examples": ex_on, "golden": golden, "torch": torch.__version__,
         "final_caption_loss_ema": ema,
     }
+    prev = os.path.join(args.init or "", "golden", "train_summary.json")
+    if args.init and os.path.exists(prev):
+        ps = json.load(open(prev))
+        summary["previous_stages"] = ps.get("previous_stages", []) + [
+            {k: ps[k] for k in ("steps", "batch", "text_batch", "lr_vision", "lr_text", "rng",
+                                "aux", "train_seconds", "captions_thinking_on") if k in ps}]
     with open(os.path.join(out, "golden", "train_summary.json"), "w") as f:
         json.dump(summary, f, indent=2)
     try:

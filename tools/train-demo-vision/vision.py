@@ -278,6 +278,7 @@ class VLModel(nn.Module):
         x = lm.embed_tokens(ids)
         if pv is not None:
             img = self.visual(pv, *grid)
+            self.last_image_embeds = img          # for auxiliary losses in training
             mask = ids == self.image_pad
             x = x.clone()
             x[mask] = img.reshape(-1, img.shape[-1]).to(x.dtype)
