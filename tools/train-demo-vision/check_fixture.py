@@ -35,7 +35,8 @@ def main():
         pv, (t, gh, gw), resized = V.preprocess(img, pp)
         want_grid = [int(x) for x in open(os.path.join(g, "grid_thw.txt")).read().split()]
         ref_pv = np.fromfile(os.path.join(g, "pixel_values.f32"), "<f4").reshape(pv.shape)
-        ref_rs = shapes.read_png(os.path.join(g, "resized.png"))
+        rp = os.path.join(g, "resized.png")     # absent where no resize happens
+        ref_rs = shapes.read_png(rp) if os.path.exists(rp) else img
         with torch.no_grad():
             emb = tower(torch.from_numpy(pv).double()[None], gh, gw)[0].numpy()
         ref_emb = np.fromfile(os.path.join(g, "image_embeds.f32"), "<f4").reshape(emb.shape)
