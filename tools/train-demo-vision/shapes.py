@@ -27,7 +27,7 @@ def art(word, capital=False):
 
 def draw(img, shape, color, cy, cx, r, lab=None, lab_val=None):
     """Fills a shape of half-size r centred at (cy, cx) (pixel centres at +0.5); lab, if given,
-    is an int label map [H, W, 2] that gets lab_val (colour class, shape class) there."""
+    is an int label map [H, W, 3] that gets lab_val (colour class, shape class, role) there."""
     H, W, _ = img.shape
     y, x = np.mgrid[0:H, 0:W].astype(np.float64) + 0.5
     dy, dx = y - cy, x - cx
@@ -47,21 +47,23 @@ def draw(img, shape, color, cy, cx, r, lab=None, lab_val=None):
 
 COLOR_CLASSES = sorted(COLORS) + sorted(BACKGROUNDS)   # per-pixel colour labels
 SHAPE_CLASSES = ("none",) + SHAPES
+N_ROLES = 4
 
 
 def sample(rng, size=None, labels=False):
     """Returns (uint8 [H, W, 3], caption, attributes dict); with labels=True the attributes also
-    hold "labels": int [H, W, 2] (colour class, shape class) per pixel."""
+    hold "labels": int [H, W, 3] per pixel: colour class, shape class, and role (0 background,
+    1 the first-named of two shapes, 2 the second, 3 a lone shape)."""
     H, W = size if size else rng.choice(SIZES)
     bg = rng.choice(sorted(BACKGROUNDS))
     img = np.empty((H, W, 3), np.uint8)
     img[:] = BACKGROUNDS[bg]
-    lab = np.zeros((H, W, 2), np.int64)
+    lab = np.zeros((H, W, 3), np.int64)
     lab[..., 0] = COLOR_CLASSES.index(bg)
 
-    def put(s_, c_, y_, x_, r_):
+    def put(s_, c_, y_, x_, r_, role):
         draw(img, s_, COLORS[c_], y_, x_, r_, lab,
-             (COLOR_CLASSES.index(c_), SHAPE_CLASSES.index(s_)))
+             (COLOR_CLASSES.index(c_), SHAPE_CLASSES.index(s_), role))
     n = rng.choice((1, 2))
     colors = sorted(COLORS)
     if n == 1:
@@ -69,7 +71,7 @@ def sample(rng, size=None, labels=False):
         r = rng.uniform(0.22, 0.38) * min(H, W)
         cy = H / 2 + rng.uniform(-0.1, 0.1) * H
         cx = W / 2 + rng.uniform(-0.1, 0.1) * W
-        put(s, c, cy, cx, r)
+        put(s, c, cy, cx, r, 3)
         a = {"n": 1, "layout": "single", "shapes": (s,), "colors": (c,), "bg": bg}
         if labels:
             a["labels"] = lab
@@ -93,12 +95,12 @@ def sample(rng, size=None, labels=False):
     b1 = S / 2 + rng.uniform(-0.08, 0.08) * S
     b2 = S / 2 + rng.uniform(-0.08, 0.08) * S
     if layout == "h":
-        put(s1, c1, b1, a1, r)
-        put(s2, c2, b2, a2, r)
+        put(s1, c1, b1, a1, r, 1)
+        put(s2, c2, b2, a2, r, 2)
         cap = f"{art(c1, True)} {c1} {s1} on the left of {art(c2)} {c2} {s2}."
     else:
-        put(s1, c1, a1, b1, r)
-        put(s2, c2, a2, b2, r)
+        put(s1, c1, a1, b1, r, 1)
+        put(s2, c2, a2, b2, r, 2)
         cap = f"{art(c1, True)} {c1} {s1} above {art(c2)} {c2} {s2}."
     a = {"n": 2, "layout": layout, "shapes": (s1, s2), "colors": (c1, c2), "bg": None}
     if labels:
@@ -107,22 +109,24 @@ def sample(rng, size=None, labels=False):
 
 
 def cell_labels(lab, cell=32):
-    """Majority (colour, shape) label of each cell x cell block, raster order: int [n, 2]."""
+    """Majority (colour, shape, role) label of each cell x cell block, raster order: int [n, 3]."""
     H, W, _ = lab.shape
     out = []
     for y in range(0, H, cell):
         for x in range(0, W, cell):
-            blk = lab[y:y + cell, x:x + cell].reshape(-1, 2)
+            blk = lab[y:y + cell, x:x + cell].reshape(-1, 3)
             sh = blk[:, 1]
             # the shape wins the cell if it covers at least a quarter of it
             fg = sh > 0
             if fg.mean() >= 0.25:
                 out.append(np.bincount(blk[fg, 0]).argmax())
                 out.append(np.bincount(sh[fg]).argmax())
+                out.append(np.bincount(blk[fg, 2]).argmax())
             else:
                 out.append(np.bincount(blk[:, 0]).argmax())
                 out.append(0)
-    return np.array(out, np.int64).reshape(-1, 2)
+                out.append(0)
+    return np.array(out, np.int64).reshape(-1, 3)
 
 
 def parse(caption):

@@ -357,10 +357,11 @@ def main():
     # the MTP block is not used here: freeze it (exported unchanged)
     for p in m.lm.mtp.parameters():
         p.requires_grad_(False)
-    # auxiliary per-token heads on the merger output (colour and shape of each 32x32 cell):
-    # a direct training signal for the tower; not exported
-    aux_head = torch.nn.Linear(VISION_CONFIG["out_hidden_size"],
-                               len(shapes.COLOR_CLASSES) + len(shapes.SHAPE_CLASSES))
+    # auxiliary per-token heads on the merger output (colour, shape and role -- first or second
+    # of two shapes, or a lone one -- of each 32x32 cell): a direct training signal for the
+    # tower; not exported
+    aux_head = torch.nn.Linear(VISION_CONFIG["out_hidden_size"], len(shapes.COLOR_CLASSES) +
+                               len(shapes.SHAPE_CLASSES) + shapes.N_ROLES)
     vis = list(m.visual.parameters()) + list(aux_head.parameters())
     lm_decay = [p for n, p in m.lm.named_parameters()
                 if p.requires_grad and p.dim() >= 2 and "conv1d" not in n]
@@ -398,9 +399,11 @@ def main():
         if args.aux > 0:
             lab = torch.from_numpy(np.stack([shapes.cell_labels(a["labels"]) for a in attrs]))
             o = aux_head(m.last_image_embeds)
-            nc = len(shapes.COLOR_CLASSES)
-            loss_aux = F.cross_entropy(o[..., :nc].reshape(-1, nc), lab[..., 0].reshape(-1)) + \
-                F.cross_entropy(o[..., nc:].reshape(-1, o.shape[-1] - nc), lab[..., 1].reshape(-1))
+            nc, ns = len(shapes.COLOR_CLASSES), len(shapes.SHAPE_CLASSES)
+            loss_aux = \
+                F.cross_entropy(o[..., :nc].reshape(-1, nc), lab[..., 0].reshape(-1)) + \
+                F.cross_entropy(o[..., nc:nc + ns].reshape(-1, ns), lab[..., 1].reshape(-1)) + \
+                F.cross_entropy(o[..., nc + ns:].reshape(-1, shapes.N_ROLES), lab[..., 2].reshape(-1))
             total = total + args.aux * loss_aux
         loss_txt = torch.tensor(0.0)
         if text_ids is not None and args.text_batch > 0:
@@ -448,7 +451,7 @@ def main():
         "vision_parameters": n_vis, "steps": args.steps, "batch": args.batch,
         "text_batch": args.text_batch if text_ids is not None else 0,
         "text_seq": args.text_seq, "lr_vision": args.lr_vision, "lr_text": args.lr_text,
-        "rng": args.rng, "aux": args.aux,
+        "rng": args.rng, "aux": args.aux, "aux_targets": "colour, shape, role",
         "init": os.path.relpath(args.init, REPO) if args.init else None, "train_seconds": round(train_secs),
         "total_seconds": round(time.time() - t0),
         "heldout_text_ppl_before": math.exp(nll0), "heldout_text_ppl_after": math.exp(nll1),
@@ -461,7 +464,7 @@ def main():
         ps = json.load(open(prev))
         summary["previous_stages"] = ps.get("previous_stages", []) + [
             {k: ps[k] for k in ("steps", "batch", "text_batch", "lr_vision", "lr_text", "rng",
-                                "aux", "train_seconds", "captions_thinking_on") if k in ps}]
+                                "aux", "aux_targets", "train_seconds", "captions_thinking_on") if k in ps}]
     with open(os.path.join(out, "golden", "train_summary.json"), "w") as f:
         json.dump(summary, f, indent=2)
     try:

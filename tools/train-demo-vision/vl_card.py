@@ -28,12 +28,15 @@ def write(out):
         f"{g['min_greedy_gap']:.3f} |" for g in s["golden"])
     stages = s.get("previous_stages", [])
     if stages:
-        st = "; ".join(f"{p['steps']} steps of {p['batch']} images, lr {p['lr_vision']} / "
-                       f"{p['lr_text']}, random state {p['rng']}, {p['train_seconds']} s (exact captions "
-                       f"after it: {pct(p['captions_thinking_on']['exact'])})" for p in stages)
-        stage_text = (f"\n* Before this, the same recipe ran from the demo model's weights "
-                      f"({st}); the run described above continued from its bf16 export "
-                      f"(`--init`).")
+        st = "; ".join(f"{i + 1}: {p['steps']} steps of {p['batch']} images, lr {p['lr_vision']} / "
+                       f"{p['lr_text']}, random state {p['rng']}, auxiliary targets "
+                       f"{p.get('aux_targets', 'colour, shape')}, {p['train_seconds']} s, exact "
+                       f"captions after it {pct(p['captions_thinking_on']['exact'])}"
+                       for i, p in enumerate(stages))
+        stage_text = (f"\n* Training ran in {len(stages) + 1} stages, each continuing from the "
+                      f"previous one's bf16 export (`--init`), the first from the demo model's "
+                      f"weights; the numbers above are those of the last stage. Earlier stages "
+                      f"({st}).")
         total_train = s["train_seconds"] + sum(p["train_seconds"] for p in stages)
     else:
         stage_text, total_train = "", s["train_seconds"]
@@ -92,9 +95,9 @@ Trained questions: "Describe this image.", "What is in this picture?", "Describe
   keeps its text ability.
 * {s['steps']} steps of {s['batch']} images; AdamW, lr {s['lr_vision']} for the tower and
   {s['lr_text']} for the text model (MTP frozen), warm-up 5 %, cosine to 5 %; clipping 1.0;
-  float32; random state {s['rng']}. An auxiliary loss (weight {s.get('aux', 0)}) trains two linear
-  heads on the merger output to predict the colour and the shape of each 32×32 cell; the heads
-  are not exported.{stage_text}
+  float32; random state {s['rng']}. An auxiliary loss (weight {s.get('aux', 0)}) trains linear heads
+  on the merger output to predict, for each 32×32 cell, its {s.get('aux_targets', 'colour, shape')}
+  (role: first or second of two shapes, a lone shape, background); the heads are not exported.{stage_text}
 * Time: {total_train} s of training in all stages, {s['total_seconds']} s for the last run including evaluation and export, on one thread of a
   busy shared 2-core VM (PyTorch {s['torch']} from Debian).
 * Export: bf16 (round to nearest even); everything below was measured on the bf16 weights.
