@@ -49,7 +49,7 @@ QUESTIONS = ["Describe this image.", "What is in this picture?", "Describe the p
              "What do you see?"]
 GOLDEN_QUESTION = "Describe this image."
 # golden images: (name, stream number, size); the last one is resized by the preprocessing
-GOLDEN = [("shapes_64x96", 11, (64, 96)), ("shapes_128x128", 12, (128, 128)),
+GOLDEN = [("shapes_64x96", 11, (64, 96)), ("shapes_128x128", 15, (128, 128)),
           ("shapes_100x150", 13, (100, 150))]
 EXAMPLES = [("example_%d" % i, 100 + i, None) for i in range(5)]
 
