@@ -95,8 +95,9 @@ $(BUILD)/bench/%: bench/%.c bench/benchutil.h $(BUILD)/libqmix.a
 test: $(BUILD)/qmix $(TEST_BIN)
 	@QMIX_BIN=$(BUILD)/qmix QMIX_TEST_LIGHT=$(SAN) tools/run-tests.sh $(TEST_BIN)
 
-# The bundled trained model (testdata/demo): quantized with seed 002's preset, then what it cost
-# (bpw and size by role, perplexity of both, KLD) and what it writes.
+# The bundled trained model (testdata/demo): quantized with the 16 GB dynamic 2/3-bit preset, then
+# what it cost (bpw and size by role, perplexity of both, KLD) and what it writes; then the same
+# model with its small trained vision tower (testdata/demo-vl) describing an image.
 DEMO_Q := $(BUILD)/demo-dynamic-2.6
 DEMO_EVAL := --text testdata/demo/heldout.txt --ctx 512 --windows 16
 demo: $(BUILD)/qmix
@@ -106,6 +107,8 @@ demo: $(BUILD)/qmix
 	$(BUILD)/qmix ppl $(DEMO_Q) $(DEMO_EVAL)
 	$(BUILD)/qmix kld testdata/demo $(DEMO_Q) $(DEMO_EVAL)
 	$(BUILD)/qmix generate $(DEMO_Q) -p "The package manager" -n 40 --temp 0
+	$(BUILD)/qmix generate testdata/demo-vl --image testdata/demo-vl/images/shapes_128x128.png \
+	    -p "Describe this image." -n 40 --temp 0
 
 # libFuzzer harnesses (clang, ASan + UBSan, into build-fuzz/), FUZZ_TIME seconds per fuzzer.
 FUZZ_TIME ?= 30
