@@ -56,6 +56,17 @@ static void gib(uint64_t bytes, char *buf, size_t len)
     else snprintf(buf, len, "%llu B", (unsigned long long)bytes);
 }
 
+/* A size as the flags take it back: "16G", "3.5G", "512M", "0". */
+static const char *size_arg(uint64_t bytes, char *buf, size_t len)
+{
+    if (bytes % (1ull << 30) == 0 || bytes >= (1ull << 30))
+        snprintf(buf, len, "%.4gG", (double)bytes / (1ull << 30));
+    else
+        snprintf(buf, len, "%.4gM", (double)bytes / (1ull << 20));
+    if (!bytes) snprintf(buf, len, "0");
+    return buf;
+}
+
 static void ctx_label(int ctx, char *buf, size_t len)
 {
     if (ctx % 1024 == 0) snprintf(buf, len, "%dK", ctx / 1024);
@@ -369,15 +380,21 @@ int qmix_cmd_plan(int argc, char **argv)
     } else {
         print_tables(source, &p, &o, rname);
         if (!p.fits && fit_name) {
-            char b1[32];
+            char b1[32], m1[32], m2[32], extra[64] = "";
+            if (o.ctx > 0 && o.ctx != 4096)
+                snprintf(extra, sizeof extra, " --ctx %d", o.ctx);
+            if (o.kv_bits && o.kv_bits != 32)
+                snprintf(extra + strlen(extra), sizeof extra - strlen(extra), " --kv-bits %d",
+                         o.kv_bits);
             gib(fit_plan.peak_bytes, b1, sizeof b1);
             printf("\nDoes not fit as it is. The built-in recipe with the most bits that fits is %s "
                    "(%.2f bpw): peak %s at %d tokens, longest context %lld tokens (%d-bit KV).\n"
-                   "  qmix plan %s%s --memory %.4gG --reserve %.4gG --recipe %s   (qmix presets "
+                   "  qmix plan %s%s --memory %s --reserve %s%s --recipe %s   (qmix presets "
                    "describes it)\n",
                    fit_name, fit_plan.bpw, b1, o.ctx > 0 ? o.ctx : 4096,
                    (long long)fit_plan.max_context, o.kv_bits ? o.kv_bits : 32, like ? "--like " : "",
-                   source, o.memory / 1073741824.0, o.reserve / 1073741824.0, fit_name);
+                   source, size_arg(o.memory, m1, sizeof m1), size_arg(o.reserve, m2, sizeof m2),
+                   extra, fit_name);
         } else if (!p.fits) {
             printf("\nDoes not fit, and no built-in recipe fits either: more memory, a smaller "
                    "--reserve or --ctx, or a recipe with fewer bits.\n");
