@@ -61,6 +61,21 @@ static void print_text(void *user, const char *text, size_t len)
     if (len && ends_line) *ends_line = text[len - 1] == '\n';
 }
 
+/* After streamed text: the output ends a line, as any text file does; then how the generation
+ * ended and its speed, on stderr. */
+static void end_text(const qmix_gen_result *res, int ends_line, int n_images)
+{
+    static const char *finish[] = {"stop", "length", "cancelled"};
+    if (!ends_line) putchar('\n');
+    fflush(stdout);
+    char images[32] = "";
+    if (n_images) snprintf(images, sizeof images, " (%d image%s)", n_images, n_images > 1 ? "s" : "");
+    fprintf(stderr, "[%s] prefill: %d tokens%s in %.3f s (%.1f tok/s); decode: %d tokens in "
+            "%.3f s (%.1f tok/s)\n", finish[res->finish], res->n_prompt, images, res->prefill_s,
+            res->prefill_s > 0 ? res->n_prompt / res->prefill_s : 0.0, res->n_generated,
+            res->decode_s, res->decode_s > 0 ? res->n_generated / res->decode_s : 0.0);
+}
+
 /* -p: text in, streamed text out, stopping at the model's end-of-generation tokens. */
 static int generate_text(const char *model_path, const char *text, const char *const *stops,
                          int n_stops, qmix_sampling sp, int sampling_given, long n_gen, long seed,
@@ -109,13 +124,7 @@ static int generate_text(const char *model_path, const char *text, const char *c
     if (qmix_generate(sess, sampler, tok, prompt, (int)n_prompt, history, &n_history, &go,
                       print_text, &ends_line, &res, &err))
         goto fail;
-    if (!ends_line) putchar('\n'); /* the output ends a line, as any text file does */
-    fflush(stdout);
-    static const char *finish[] = {"stop", "length", "cancelled"};
-    fprintf(stderr, "[%s] prefill: %d tokens in %.3f s (%.1f tok/s); decode: %d tokens in "
-            "%.3f s (%.1f tok/s)\n", finish[res.finish], res.n_prompt, res.prefill_s,
-            res.n_prompt / res.prefill_s, res.n_generated, res.decode_s,
-            res.decode_s > 0 ? res.n_generated / res.decode_s : 0.0);
+    end_text(&res, ends_line, 0);
     if (spec) cli_mtp_report(stderr, spec);
     rc = 0;
     goto done;
@@ -135,8 +144,6 @@ done:
     qmix_model_close(model);
     return rc;
 }
-
-static void print_piece(void *user, const char *text, size_t len) { print_text(user, text, len); }
 
 /* --messages / --image: a chat-formatted prompt, with images through the vision tower. */
 static int generate_messages(const char *model_path, const char *messages_path,
@@ -200,15 +207,9 @@ static int generate_messages(const char *model_path, const char *messages_path,
         qmix_gen_opts go = {.max_tokens = (int)n_gen, .stop_ids = stop, .n_stop_ids = n_stop};
         qmix_gen_result res;
         if (qmix_generate_mm(sess, sampler, tok, mp->tokens, mp->embeds, mp->pos3, mp->n, history,
-                             &n_history, &go, print_piece, &ends_line, &res, &err))
+                             &n_history, &go, print_text, &ends_line, &res, &err))
             goto fail;
-        if (!ends_line) putchar('\n');
-        fflush(stdout);
-        static const char *finish[] = {"stop", "length", "cancelled"};
-        fprintf(stderr, "[%s] prefill: %d tokens (%d images) in %.3f s; decode: %d tokens in "
-                "%.3f s (%.1f tok/s)\n", finish[res.finish], res.n_prompt, req.n_images,
-                res.prefill_s, res.n_generated, res.decode_s,
-                res.decode_s > 0 ? res.n_generated / res.decode_s : 0.0);
+        end_text(&res, ends_line, req.n_images);
     }
     rc = 0;
     goto done;
