@@ -82,7 +82,7 @@ $(BUILD)/libqmix.a: $(LIB_OBJ)
 $(BUILD)/qmix: $(CLI_OBJ) $(BUILD)/libqmix.a
 	$(CC) $(LDFLAGS) -o $@ $^ $(LDLIBS)
 
-$(BUILD)/tests/%: tests/%.c tests/testutil.h $(BUILD)/libqmix.a
+$(BUILD)/tests/%: tests/%.c tests/testutil.h tests/serverutil.h $(BUILD)/libqmix.a
 	@mkdir -p $(dir $@)
 	$(CC) $(CFLAGS_BASE) $(CFLAGS) $(shell pkg-config --cflags check) -o $@ $< $(BUILD)/libqmix.a \
 	    $(LDFLAGS) $(shell pkg-config --libs check) $(LDLIBS)

@@ -7,78 +7,14 @@
 #include <sys/prctl.h>
 #include <time.h>
 
+#include "serverutil.h"
 #include "testutil.h"
 
 #define MODEL "testdata/fixtures/tiny-vl-a"
 #define TEXT "Describe this image in one sentence."
 
-typedef struct server { pid_t pid; int port; char *dir; } server;
-
-static double now(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return ts.tv_sec + ts.tv_nsec * 1e-9;
-}
-
-static void start(server *s, const char *const *extra)
-{
-    memset(s, 0, sizeof *s);
-    s->dir = tu_tmpdir();
-    char log[1024];
-    snprintf(log, sizeof log, "%s/server.log", s->dir);
-    const char *argv[32] = {tu_qmix_bin(), "serve", MODEL, "--port", "0", "--threads", "1"};
-    int n = 7;
-    for (int i = 0; extra && extra[i]; i++) argv[n++] = extra[i];
-    argv[n] = NULL;
-    s->pid = fork();
-    ck_assert_int_ge(s->pid, 0);
-    if (s->pid == 0) {
-        prctl(PR_SET_PDEATHSIG, SIGKILL);
-        FILE *f = fopen(log, "w");
-        if (!f) _exit(127);
-        dup2(fileno(f), 2);
-        dup2(fileno(f), 1);
-        execv(argv[0], (char *const *)argv);
-        _exit(127);
-    }
-    double end = now() + 30;
-    while (now() < end) {
-        FILE *f = fopen(log, "rb");
-        if (f) {
-            fclose(f);
-            char *text = tu_read(log, NULL), *at = strstr(text, "http://127.0.0.1:");
-            if (at && strchr(at, '\n')) {
-                s->port = atoi(at + strlen("http://127.0.0.1:"));
-                free(text);
-                return;
-            }
-            free(text);
-        }
-        int st;
-        ck_assert_msg(waitpid(s->pid, &st, WNOHANG) == 0, "the server exited at start");
-        usleep(20000);
-    }
-    ck_abort_msg("the server did not start");
-}
-
-static int stop(server *s)
-{
-    kill(s->pid, SIGTERM);
-    int status = 0;
-    double end = now() + 20;
-    while (waitpid(s->pid, &status, WNOHANG) == 0) {
-        if (now() > end) {
-            kill(s->pid, SIGKILL);
-            waitpid(s->pid, &status, 0);
-            status = -1;
-            break;
-        }
-        usleep(20000);
-    }
-    tu_rmdir(s->dir);
-    return status == -1 ? -1 : WIFEXITED(status) ? WEXITSTATUS(status) : -1;
-}
+/* qmix serve on the tiny-vl-a fixture (tests/serverutil.h) */
+static void start(server *s, const char *const *extra) { tu_serve(s, MODEL, extra); }
 
 static char *b64_file(const char *path)
 {
