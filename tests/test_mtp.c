@@ -24,21 +24,7 @@
 static char models[16][320];
 static int n_models;
 
-static void discover(void)
-{
-    DIR *d = opendir("testdata/fixtures");
-    struct dirent *e;
-    while (d && (e = readdir(d)) && n_models < 15) {
-        char path[600];
-        struct stat st;
-        if (e->d_name[0] == '.') continue;
-        snprintf(path, sizeof path, "testdata/fixtures/%s/config.json", e->d_name);
-        if (stat(path, &st)) continue;
-        snprintf(models[n_models++], sizeof models[0], "testdata/fixtures/%s", e->d_name);
-    }
-    if (d) closedir(d);
-    snprintf(models[n_models++], sizeof models[0], "testdata/demo");
-}
+static void discover(void) { n_models = tu_model_dirs(models, 16); }
 
 /* Plain greedy: n tokens after the prompt, the way qmix generate --tokens does it. */
 static void plain_greedy(qmix_model *m, const int32_t *prompt, int n_prompt, int n, int32_t *out,

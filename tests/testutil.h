@@ -4,12 +4,14 @@
 #define QMIX_TESTUTIL_H
 
 #include <check.h>
+#include <dirent.h>
 #include <jansson.h>
 #include <stdarg.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -30,6 +32,26 @@ static inline int tu_selected(const TTest *t)
     do {                                                                                           \
         if (tu_selected(tf)) _tcase_add_test((tc), (tf), 0, 0, (s), (e));                          \
     } while (0)
+
+/* The checkpoints the model-level suites run on: every fixture (a directory of testdata/fixtures
+ * with a config.json), then the demo model. Fills dirs, returns how many (at most max). */
+static inline int tu_model_dirs(char (*dirs)[320], int max)
+{
+    int n = 0;
+    DIR *d = opendir("testdata/fixtures");
+    struct dirent *e;
+    while (d && (e = readdir(d)) && n < max - 1) {
+        char path[600];
+        struct stat st;
+        if (e->d_name[0] == '.') continue;
+        snprintf(path, sizeof path, "testdata/fixtures/%s/config.json", e->d_name);
+        if (stat(path, &st)) continue;
+        snprintf(dirs[n++], 320, "testdata/fixtures/%s", e->d_name);
+    }
+    if (d) closedir(d);
+    snprintf(dirs[n++], 320, "testdata/demo");
+    return n;
+}
 
 /* Reads a whole binary file; returns a malloc'd buffer (NUL-terminated) and its size. */
 static inline void *tu_read(const char *path, size_t *size)
