@@ -113,6 +113,16 @@ typedef struct qjob {
     int64_t scratch_per_thread;
 } qjob;
 
+/* Adds a row's squared quantization error and squared norm to the task's sums. */
+static void add_error(const float *w, const float *deq, int64_t cols, double *e2, double *n2)
+{
+    for (int64_t c = 0; c < cols; c++) {
+        double d = (double)w[c] - deq[c];
+        *e2 += d * d;
+        *n2 += (double)w[c] * w[c];
+    }
+}
+
 /* The GGUF block variant of quant_task: rows encoded as the GGUF writer encodes them (from the
  * float32 widening of the source row, importance-weighted when given) and decoded back for the
  * error. */
@@ -130,11 +140,7 @@ static void ggml_task(void *arg, int task, int thread)
         qk_mat_row_f32(&t->orig, r, w);
         qmix_ggml_quantize_row(t->ggml_type, w, cols, q->imp, row);
         qmix_ggml_dequant_row(t->ggml_type, row, cols, deq);
-        for (int64_t c = 0; c < cols; c++) {
-            double d = (double)w[c] - deq[c];
-            e2 += d * d;
-            n2 += (double)w[c] * w[c];
-        }
+        add_error(w, deq, cols, &e2, &n2);
     }
     q->err2[task] = e2;
     q->norm2[task] = n2;
@@ -168,11 +174,7 @@ static void quant_task(void *arg, int task, int thread)
             b16[g] = qk_f32_to_bf16(bi[g]);
         }
         qmix_affine_dequantize_row(codes, s16, b16, QMIX_BF16, cols, bits, group, deq);
-        for (int64_t c = 0; c < cols; c++) {
-            double d = (double)w[c] - deq[c];
-            e2 += d * d;
-            n2 += (double)w[c] * w[c];
-        }
+        add_error(w, deq, cols, &e2, &n2);
     }
     q->err2[task] = e2;
     q->norm2[task] = n2;
