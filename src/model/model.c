@@ -392,6 +392,24 @@ static int bind_layer(binder *b, int i)
 /* The MTP block, if the checkpoint has one (mtp.fc.weight): its layer is a full-attention MoE
  * layer named like the trunk's, its experts per expert in the releases (fused or MLX-stacked
  * accepted too). Norms follow the trunk's convention (1 + w unless stored shifted). */
+qmix_mtp *qmix_mtp_alloc(qmix_model *m, qmix_err *err)
+{
+    const qmix_config *c = &m->cfg;
+    qmix_mtp *mtp = calloc(1, sizeof *mtp);
+    if (!mtp) {
+        qmix_errf(err, "out of memory");
+        return NULL;
+    }
+    m->mtp = mtp; /* freed with the model from here on, whatever fails next */
+    mtp->experts = calloc((size_t)c->n_experts, sizeof *mtp->experts);
+    mtp->f32_pool = malloc(qmix_mtp_f32_floats(c) * sizeof(float));
+    if (!mtp->experts || !mtp->f32_pool) {
+        qmix_errf(err, "out of memory");
+        return NULL;
+    }
+    return mtp;
+}
+
 static int bind_mtp(binder *b)
 {
     qmix_model *m = b->m;
@@ -399,13 +417,9 @@ static int bind_mtp(binder *b)
     if (!qmix_st_find(m->store, "mtp.fc.weight") &&
         !(m->gptq && qmix_st_find(m->store, "mtp.fc.qweight")))
         return 0;
-    int64_t D = c->hidden_size, hd = c->head_dim;
-    qmix_mtp *mtp = calloc(1, sizeof *mtp);
-    if (!mtp) return qmix_errf(b->err, "out of memory");
-    m->mtp = mtp;
-    mtp->experts = calloc((size_t)c->n_experts, sizeof *mtp->experts);
-    mtp->f32_pool = malloc((size_t)(5 * D + 2 * hd) * sizeof(float));
-    if (!mtp->experts || !mtp->f32_pool) return qmix_errf(b->err, "out of memory");
+    int64_t D = c->hidden_size;
+    qmix_mtp *mtp = qmix_mtp_alloc(m, b->err);
+    if (!mtp) return -1;
     float *saved = b->f32_next;
     b->f32_next = mtp->f32_pool;
     const int ONE_PLUS_ = m->norms_shifted ? AS_IS : ONE_PLUS;

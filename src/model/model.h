@@ -41,6 +41,15 @@ typedef struct qmix_mtp {
     float *f32_pool;                     /* its widened norms */
 } qmix_mtp;
 
+/* Floats of the MTP block's widened 1-D parameters (its norms and the layer's). */
+static inline size_t qmix_mtp_f32_floats(const qmix_config *c)
+{
+    return (size_t)(5 * c->hidden_size + 2 * c->head_dim);
+}
+/* A zeroed MTP block with its expert views and 1-D parameter pool, set as m->mtp (freed with the
+ * model); NULL with err when out of memory. */
+qmix_mtp *qmix_mtp_alloc(qmix_model *m, qmix_err *err);
+
 struct qmix_model {
     qmix_config cfg;
     char *dir;

@@ -203,16 +203,12 @@ static int bind_nextn(gbinder *b)
     const qmix_config *c = &m->cfg;
     if (c->mtp_layers < 1) return 0;
     int L = c->n_layers;
-    int64_t D = c->hidden_size, hd = c->head_dim;
-    qmix_mtp *mtp = calloc(1, sizeof *mtp);
-    if (!mtp) return qmix_errf(b->err, "out of memory");
-    m->mtp = mtp;
-    mtp->experts = calloc((size_t)c->n_experts, sizeof *mtp->experts);
-    mtp->f32_pool = malloc((size_t)(5 * D + 2 * hd) * sizeof(float));
-    if (!mtp->experts || !mtp->f32_pool) return qmix_errf(b->err, "out of memory");
+    int64_t D = c->hidden_size;
+    qmix_mtp *mtp = qmix_mtp_alloc(m, b->err);
+    if (!mtp) return -1;
     float *next = b->f32_next, *end = b->f32_end;
     b->f32_next = mtp->f32_pool;
-    b->f32_end = mtp->f32_pool + 5 * D + 2 * hd;
+    b->f32_end = mtp->f32_pool + qmix_mtp_f32_floats(c);
     int rc = gmat(b, &mtp->fc, D, 2 * D, "blk.%d.nextn.eh_proj.weight", L) ||
              gvec(b, &mtp->norm_embed, D, "blk.%d.nextn.enorm.weight", L) ||
              gvec(b, &mtp->norm_hidden, D, "blk.%d.nextn.hnorm.weight", L) ||
