@@ -335,13 +335,13 @@ int qmix_cmd_plan(int argc, char **argv)
         o.recipe = &recipe;
     }
     qmix_plan p;
+    char dir[4096] = ""; /* the checkpoint's directory (not with --like) */
     if (like) {
         if (qmix_plan_like(like, &o, &p, &err)) {
             fprintf(stderr, "qmix plan: %s\n", err.msg);
             return 1;
         }
     } else {
-        char dir[4096];
         if (cli_model_dir(model_path, dir, sizeof dir)) return 1;
         if (qmix_plan_checkpoint(dir, &o, &p, &err)) {
             fprintf(stderr, "qmix plan: %s\n", err.msg);
@@ -362,9 +362,7 @@ int qmix_cmd_plan(int argc, char **argv)
             qmix_plan_opts po = o;
             if (qmix_recipe_preset(qmix_recipe_preset_names[i], &pr, &err)) continue;
             po.recipe = &pr;
-            char dir[4096];
             int prc = like ? qmix_plan_like(like, &po, &pp, &err)
-                           : cli_model_dir(model_path, dir, sizeof dir) ? -1
                            : qmix_plan_checkpoint(dir, &po, &pp, &err);
             if (prc || !pp.fits || pp.bpw <= best_bpw) continue;
             best_bpw = pp.bpw;
